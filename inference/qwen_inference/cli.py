@@ -1,0 +1,143 @@
+"""Console scripts: `qwen-serve` and `qwen-model`. Nothing is parsed or loaded at import time."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
+
+log = logging.getLogger("qwen_inference.cli")
+
+DEMO_BANNER = """\
+qwen-serve: serving the built-in demo model. It has RANDOM weights: its replies are random text.
+qwen-serve: to serve a real model, fetch it once and point --model at it:
+qwen-serve:   qwen-model download Qwen/Qwen2.5-0.5B-Instruct --cache-dir {cache}
+qwen-serve:   qwen-serve --model Qwen/Qwen2.5-0.5B-Instruct --model-cache-dir {cache}
+"""
+
+
+def _settings_error(prog: str, exc: ValidationError) -> int:
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        print(f"{prog}: {loc.replace('_', '-') + ': ' if loc else ''}{err.get('msg')}", file=sys.stderr)
+    return 2
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    from .settings import ServeSettings
+
+    try:
+        settings = CliApp.run(ServeSettings, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        return _settings_error("qwen-serve", exc)
+    return serve(settings)
+
+
+def serve(settings) -> int:
+    import uvicorn
+
+    from . import logs
+    from .app import create_app
+
+    if settings.model == "demo":
+        print(DEMO_BANNER.format(cache=settings.model_cache_dir), file=sys.stderr, end="", flush=True)
+    logs.setup(settings.log_level)
+    app = create_app(settings)
+    state = app.state.qwen
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: fail readiness at once, then drain
+            state.shutting_down = True
+            log.info("shutting down: finishing running requests", extra={"grace_seconds": settings.shutdown_grace})
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace) if settings.shutdown_grace else None,
+        timeout_keep_alive=5,
+    )
+    Server(config).run()
+    return 0
+
+
+# ---- qwen-model ------------------------------------------------------------------------------------
+
+
+class Download(BaseModel):
+    """Fetch a model into the cache: resumable, atomic, under a file lock."""
+
+    model: CliPositionalArg[str] = Field(description="Hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    cache_dir: Path = Field(description="The cache folder")
+    revision: str = Field("main", description="Branch, tag or commit")
+    source: Literal["huggingface", "modelscope"] = Field("huggingface", description="Where to fetch from")
+    stall_timeout: float = Field(300.0, gt=0, description="Give up when no data arrives for this many seconds")
+    lock_timeout: float = Field(6 * 3600.0, gt=0, description="Wait this long for another download's lock")
+
+    def cli_cmd(self) -> None:
+        from .modelcache import DownloadOptions, download
+
+        download(self.model, self.cache_dir, DownloadOptions(
+            source=self.source, revision=self.revision, stall_timeout=self.stall_timeout,
+            lock_timeout=self.lock_timeout))
+
+
+class Verify(BaseModel):
+    """Check that a model folder is complete and readable."""
+
+    folder: CliPositionalArg[Path] = Field(description="The model folder")
+
+    def cli_cmd(self) -> None:
+        from .modelcache import verify
+
+        files = verify(self.folder)
+        print(f"ok: {self.folder} ({len(files)} weight file{'s' if len(files) != 1 else ''})")
+
+
+class MakeRandom(BaseModel):
+    """Write a random-weight model of a Qwen2.5 architecture, with a Qwen-compatible tokenizer."""
+
+    preset: Literal["tiny", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"] = Field(description="Architecture")
+    out: Path = Field(description="Folder to write (must not exist, or be empty)")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Weight dtype")
+    seed: int = Field(0, description="Random seed")
+
+    def cli_cmd(self) -> None:
+        from .random_model import make_random_model
+
+        make_random_model(self.preset, self.out, self.dtype, self.seed)
+        print(f"ok: {self.out}")
+
+
+class ModelCLI(BaseSettings):
+    """Fetch, check and make models for qwen-serve."""
+
+    model_config = SettingsConfigDict(cli_prog_name="qwen-model", cli_kebab_case=True, env_prefix="QWEN_MODEL_",
+                                      cli_exit_on_error=True)
+    download: CliSubCommand[Download]
+    verify: CliSubCommand[Verify]
+    make_random: CliSubCommand[MakeRandom]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
+def model_main(argv: list[str] | None = None) -> int:
+    from .modelcache import ModelCacheError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        CliApp.run(ModelCLI, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        return _settings_error("qwen-model", exc)
+    except (ModelCacheError, FileExistsError, ValueError) as exc:
+        print(f"qwen-model: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,127 @@
+"""Loading a model into an engine: resolve the folder, pick device, dtype and threads, size the KV cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .settings import ServeSettings
+
+log = logging.getLogger("qwen_inference.loader")
+
+DEFAULT_MAX_MODEL_LEN = 8192
+CPU_KV_SHARE = 0.25  # of the memory left after the weights
+GPU_KV_SHARE = 0.80
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    tokenizer: Any
+    engine: Any
+    max_model_len: int
+    dtype: str
+    device: str
+    eos_token_ids: set[int]
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def _generation_config(path: Path) -> dict[str, Any]:
+    p = path / "generation_config.json"
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable %s", p)
+        return {}
+
+
+def _ids(value: Any) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+def load(settings: ServeSettings, metrics=None) -> LoadedModel:
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    from .engine import Engine
+    from .engine.kv_cache import KVCache
+    from .engine.model_runner import ModelRunner, resolve_devices, resolve_dtype
+    from .modelcache import resolve
+    from .sysinfo import available_memory
+
+    threads = settings.effective_threads
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set in this process
+    path = resolve(settings.model, settings.model_cache_dir, settings.revision)
+    devices = resolve_devices(settings.device)
+    device_kind = devices[0].type
+    dtype = resolve_dtype(settings.dtype, device_kind)
+    log.info("loading %s from %s on %s (%s, %d threads)", settings.model, path,
+             ",".join(str(d) for d in devices), dtype, threads)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if not getattr(tokenizer, "chat_template", None):
+        from .templates import QWEN25_CHAT_TEMPLATE
+
+        log.warning("the tokenizer has no chat template; using Qwen2.5's ChatML template")
+        tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
+    runner = ModelRunner(path, dtype, devices)
+    model_max = int(getattr(runner.config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
+    if settings.max_model_len is not None and settings.max_model_len > model_max:
+        raise ValueError(f"--max-model-len {settings.max_model_len} exceeds the model's {model_max} positions")
+    max_model_len = settings.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN)
+
+    per_token = KVCache.bytes_per_token(runner.num_layers, runner.kv_heads, runner.head_dim, dtype)
+    if settings.kv_cache_tokens:
+        kv_tokens = settings.kv_cache_tokens
+    else:
+        if device_kind == "cuda":
+            free = min(torch.cuda.mem_get_info(d)[0] for d in devices) * len(devices)
+            budget = int(free * GPU_KV_SHARE)
+        else:
+            budget = int(available_memory() * CPU_KV_SHARE)
+        kv_tokens = min(settings.max_concurrency * max_model_len, max(budget // per_token, max_model_len))
+    log.info("KV cache: %d tokens (%.1f MiB)", kv_tokens, kv_tokens * per_token / 2**20)
+
+    gen = _generation_config(path)
+    eos = _ids(gen.get("eos_token_id")) | _ids(tokenizer.eos_token_id)
+    defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in gen}
+    if gen.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    engine = Engine(
+        runner,
+        max_concurrency=settings.max_concurrency,
+        max_queue=settings.max_queue,
+        max_model_len=max_model_len,
+        kv_cache_tokens=kv_tokens,
+        prefill_chunk=settings.prefill_chunk,
+        eos_token_ids=eos,
+        suppress_token_ids=gen.get("suppress_tokens") or None,
+        default_seed=settings.seed,
+        metrics=metrics,
+    )
+    engine.start()
+    return LoadedModel(
+        path=path,
+        tokenizer=tokenizer,
+        engine=engine,
+        max_model_len=max_model_len,
+        dtype=str(dtype).removeprefix("torch."),
+        device=device_kind if len(devices) == 1 else f"{device_kind}x{len(devices)}",
+        eos_token_ids=eos,
+        generation_defaults=defaults,
+    )

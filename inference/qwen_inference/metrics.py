@@ -1,0 +1,99 @@
+"""Prometheus metrics of one server: HTTP metrics operators expect, and `qwen_*` engine metrics.
+
+Each server has its own registry, so two servers in one process (as in tests) never share series.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from .engine.engine import EngineMetrics
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+                   90.0, 120.0, 180.0, 300.0, 600.0)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+
+ERROR_REASONS = ("validation", "auth", "queue_full", "timeout", "cancelled", "generation", "not_ready",
+                 "context_length", "not_found", "internal")
+
+
+class ServerMetrics(EngineMetrics):
+    def __init__(self, model: str) -> None:
+        disable_created_metrics()  # no *_created series: they double the scrape for nothing here
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.http_requests = Counter(
+            "http_requests_total", "HTTP requests by method, route template and status code.",
+            ["method", "endpoint", "status_code"], registry=r,
+        )
+        self.http_duration = Histogram(
+            "http_request_duration_seconds", "HTTP request duration, until the last byte of the response.",
+            ["method", "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.active_connections = Gauge("active_connections", "HTTP requests being served now.", registry=r)
+        self.inference = Histogram(
+            "model_inference_duration_seconds", "Time a request spends in the engine after leaving the queue.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram("qwen_time_to_first_token_seconds", "Time from arrival to the first generated token.",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("qwen_time_per_output_token_seconds", "Mean time between generated tokens of a request.",
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("qwen_e2e_request_latency_seconds", "Time from arrival to the end of generation.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("qwen_request_queue_seconds", "Time requests wait for a slot.",
+                               buckets=QUEUE_BUCKETS, registry=r)
+        self.running = Gauge("qwen_requests_running", "Sequences in the running batch.", registry=r)
+        self.waiting = Gauge("qwen_requests_waiting", "Requests waiting for a slot.", registry=r)
+        self.kv_usage = Gauge("qwen_kv_cache_usage_ratio", "Share of KV cache blocks in use (0 to 1).", registry=r)
+        self.prompt_tokens = Counter("qwen_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generation_tokens = Counter("qwen_generation_tokens", "Tokens generated.", registry=r)
+        self.success = Counter("qwen_request_success", "Requests that finished, by finish reason.",
+                               ["finish_reason"], registry=r)
+        self.errors = Counter("qwen_request_errors", "Requests that failed, by reason.", ["reason"], registry=r)
+        self.model_loaded = Gauge("qwen_model_loaded", "1 when the model is loaded and the engine runs.", registry=r)
+        self.info = Gauge("qwen_model_info", "The served model.", ["model", "dtype", "device"], registry=r)
+        for reason in ("stop", "length"):
+            self.success.labels(reason)
+        for reason in ERROR_REASONS:
+            self.errors.labels(reason)
+
+    # engine callbacks (called from the engine thread; prometheus_client is thread-safe)
+    def on_admit(self, queue_seconds: float) -> None:
+        self.queue.observe(queue_seconds)
+
+    def on_first_token(self, ttft_seconds: float) -> None:
+        self.ttft.observe(ttft_seconds)
+
+    def on_tokens(self, prompt: int, generated: int) -> None:
+        if prompt:
+            self.prompt_tokens.inc(prompt)
+        if generated:
+            self.generation_tokens.inc(generated)
+
+    def on_finish(self, reason: str, e2e: float, tpot: float | None, inference: float) -> None:
+        if reason in ("stop", "length"):
+            self.e2e.observe(e2e)
+            self.inference.observe(inference)
+            if tpot is not None:
+                self.tpot.observe(tpot)
+
+    def on_step(self, running: int, waiting: int, kv_usage: float) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(kv_usage)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

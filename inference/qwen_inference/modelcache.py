@@ -1,0 +1,349 @@
+"""The model cache: where models live on disk, how they get there, and how a folder is proven complete.
+
+Layout under a cache folder (a PVC in the cluster):
+
+    <cache>/<org>--<name>/<revision>/      a complete model, renamed into place only when complete
+    <cache>/.partial/<org>--<name>--<revision>/   a download in progress (resumed by the next run)
+    <cache>/.locks/<org>--<name>--<revision>.lock  held while downloading, so two pods never both write
+    <cache>/demo/                           the built-in demo model (random weights)
+
+A folder is complete when `verify` accepts it: config, tokenizer and every weight shard the index names are
+present and readable. Nothing half-written is ever at a final path, because only a finished, verified
+download is renamed there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("qwen_inference.modelcache")
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+MARKER = ".qwen-model.json"
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.md"]
+DEMO = "demo"
+
+
+class ModelCacheError(Exception):
+    """A model that cannot be found, fetched or verified; the message says what to do."""
+
+
+def is_hub_id(name: str) -> bool:
+    return bool(HUB_ID.match(name)) and ".." not in name
+
+
+def folder_name(model_id: str) -> str:
+    if not is_hub_id(model_id):
+        raise ModelCacheError(f"{model_id!r} is not a hub id of the form org/name")
+    return model_id.replace("/", "--")
+
+
+def _check_revision(revision: str) -> str:
+    if not REVISION.match(revision) or ".." in revision:
+        raise ModelCacheError(f"{revision!r} is not a valid revision")
+    return revision
+
+
+def model_path(cache_dir: Path, model_id: str, revision: str = "main") -> Path:
+    return Path(cache_dir) / folder_name(model_id) / _check_revision(revision).replace("/", "--")
+
+
+# ---------------------------------------------------------------------------------------------------
+# verify
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ModelCacheError(f"{path.name}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or n > 100 * 1024 * 1024 or 8 + n > size:
+            raise ModelCacheError(f"{path.name}: corrupt safetensors header")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as exc:
+            raise ModelCacheError(f"{path.name}: corrupt safetensors header ({exc})") from None
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise ModelCacheError(f"{path.name}: corrupt entry for tensor {name}") from None
+    if 8 + n + end != size:
+        raise ModelCacheError(
+            f"{path.name}: truncated or padded ({size} bytes on disk, {8 + n + end} expected)"
+        )
+    return header
+
+
+def verify(folder: Path) -> list[str]:
+    """Check a model folder; returns the weight files it holds, raises ModelCacheError naming what is wrong."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelCacheError(f"{folder} is not a folder")
+    cfg = folder / "config.json"
+    try:
+        config = json.loads(cfg.read_text())
+    except FileNotFoundError:
+        raise ModelCacheError(f"{folder}: config.json is missing") from None
+    except (OSError, ValueError) as exc:
+        raise ModelCacheError(f"{folder}: config.json is unreadable ({exc})") from None
+    if "model_type" not in config:
+        raise ModelCacheError(f"{folder}: config.json has no model_type")
+    if not (folder / "tokenizer.json").is_file() and not (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    ):
+        raise ModelCacheError(f"{folder}: no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        p = folder / name
+        if p.is_file():
+            try:
+                json.loads(p.read_text())
+            except (OSError, ValueError) as exc:
+                raise ModelCacheError(f"{folder}: {name} is unreadable ({exc})") from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelCacheError(f"{folder}: model.safetensors.index.json is unreadable ({exc})") from None
+        shards: dict[str, set[str]] = {}
+        for tensor, shard in weight_map.items():
+            shards.setdefault(shard, set()).add(tensor)
+        for shard, tensors in sorted(shards.items()):
+            p = folder / shard
+            if "/" in shard or not p.is_file():
+                raise ModelCacheError(f"{folder}: weight shard {shard} is missing")
+            header = _read_safetensors_header(p)
+            missing = tensors - header.keys()
+            if missing:
+                raise ModelCacheError(f"{folder}: {shard} lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        return sorted(shards)
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise ModelCacheError(f"{folder}: no weights (model.safetensors or model.safetensors.index.json)")
+    _read_safetensors_header(single)
+    return ["model.safetensors"]
+
+
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# download
+
+
+@dataclass
+class DownloadOptions:
+    source: str = "huggingface"
+    revision: str = "main"
+    token: str | None = None
+    endpoint: str | None = None
+    stall_timeout: float = 300.0
+    lock_timeout: float = 6 * 3600.0
+    progress_interval: float = 10.0
+
+
+class _Progress(threading.Thread):
+    """Prints bytes fetched so far and stops the process when nothing arrives for `stall_timeout` seconds."""
+
+    def __init__(self, folder: Path, opts: DownloadOptions, on_stall: Callable[[], None], out=sys.stderr) -> None:
+        super().__init__(daemon=True, name="download-progress")
+        self.folder, self.opts, self.on_stall, self.out = folder, opts, on_stall, out
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        last_bytes, last_change, started = -1, time.monotonic(), time.monotonic()
+        while not self.done.wait(min(self.opts.progress_interval, max(1.0, self.opts.stall_timeout / 4))):
+            now = time.monotonic()
+            current = folder_bytes(self.folder)
+            if current != last_bytes:
+                last_bytes, last_change = current, now
+                rate = current / max(1e-9, now - started)
+                print(f"progress: {current / 1e6:.1f} MB fetched ({rate / 1e6:.1f} MB/s)", file=self.out, flush=True)
+            elif now - last_change > self.opts.stall_timeout:
+                print(f"error: no data arrived for {self.opts.stall_timeout:.0f}s; giving up (the next run resumes)",
+                      file=self.out, flush=True)
+                self.on_stall()
+                return
+
+
+def _fetch_huggingface(model_id: str, dest: Path, opts: DownloadOptions) -> str | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    snapshot_download(
+        model_id,
+        revision=opts.revision,
+        local_dir=str(dest),
+        token=opts.token or os.environ.get("HF_TOKEN") or False,
+        endpoint=opts.endpoint or os.environ.get("HF_ENDPOINT") or None,
+        allow_patterns=ALLOW_PATTERNS,
+        max_workers=4,
+    )
+    commit = None
+    meta = dest / ".cache" / "huggingface"
+    if meta.is_dir():
+        shutil.rmtree(meta, ignore_errors=True)
+        try:
+            (dest / ".cache").rmdir()
+        except OSError:
+            pass
+    return commit
+
+
+def _fetch_modelscope(model_id: str, dest: Path, opts: DownloadOptions) -> str | None:
+    try:
+        from modelscope.hub.snapshot_download import snapshot_download
+    except ImportError:
+        raise ModelCacheError(
+            "the modelscope source needs the `modelscope` package (pip install 'qwen-operator[modelscope]')"
+        ) from None
+    revision = None if opts.revision == "main" else opts.revision
+    snapshot_download(model_id, revision=revision, local_dir=str(dest), allow_patterns=ALLOW_PATTERNS)
+    return None
+
+
+FETCHERS: dict[str, Callable[[str, Path, DownloadOptions], str | None]] = {
+    "huggingface": _fetch_huggingface,
+    "modelscope": _fetch_modelscope,
+}
+
+
+def download(model_id: str, cache_dir: Path, opts: DownloadOptions, out=sys.stderr) -> Path:
+    """Fetch `model_id` into the cache (resumable, atomic, under a file lock); returns the final folder."""
+    from filelock import FileLock, Timeout
+
+    if opts.source not in FETCHERS:
+        raise ModelCacheError(f"unknown source {opts.source!r}; choose one of {', '.join(FETCHERS)}")
+    cache_dir = Path(cache_dir)
+    final = model_path(cache_dir, model_id, opts.revision)
+    key = f"{final.parent.name}--{final.name}"
+    (cache_dir / ".locks").mkdir(parents=True, exist_ok=True)
+    partial = cache_dir / ".partial" / key
+    lock = FileLock(str(cache_dir / ".locks" / f"{key}.lock"))
+    try:
+        lock.acquire(timeout=opts.lock_timeout, poll_interval=1.0)
+    except Timeout:
+        raise ModelCacheError(f"another download of {model_id} holds the cache lock for over {opts.lock_timeout:.0f}s") from None
+    try:
+        if final.is_dir():
+            verify(final)
+            print(f"{model_id}@{opts.revision} is already in the cache at {final}", file=out, flush=True)
+            return final
+        partial.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {model_id}@{opts.revision} from {opts.source} into {final}", file=out, flush=True)
+        progress = _Progress(partial, opts, on_stall=lambda: os._exit(75), out=out)
+        progress.start()
+        started = time.monotonic()
+        try:
+            commit = FETCHERS[opts.source](model_id, partial, opts)
+        except ModelCacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001: every hub error becomes one clear line
+            raise ModelCacheError(f"downloading {model_id}@{opts.revision} failed: {_describe(exc)}") from exc
+        finally:
+            progress.done.set()
+        verify(partial)
+        (partial / MARKER).write_text(
+            json.dumps({"model": model_id, "revision": opts.revision, "source": opts.source, "commit": commit,
+                        "bytes": folder_bytes(partial), "completed": int(time.time())})
+        )
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _make_readable(partial)
+        os.rename(partial, final)
+        seconds = time.monotonic() - started
+        print(f"done: {model_id}@{opts.revision} is at {final} ({folder_bytes(final) / 1e6:.1f} MB in {seconds:.1f}s)",
+              file=out, flush=True)
+        return final
+    finally:
+        lock.release()
+
+
+def _make_readable(folder: Path) -> None:
+    """Other users (the server's non-root uid) read what the download wrote."""
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+    os.chmod(folder, 0o755)
+
+
+def _describe(exc: BaseException) -> str:
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    hints = {
+        "RepositoryNotFoundError": "the model does not exist, or it is private and no valid token was given",
+        "GatedRepoError": "the model is gated: accept its terms on the hub and give a token (HF_TOKEN)",
+        "RevisionNotFoundError": "the revision does not exist",
+    }
+    hint = hints.get(name)
+    return f"{name}: {hint}" if hint else f"{name}: {first}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# resolve
+
+
+def ensure_demo(cache_dir: Path) -> Path:
+    """The demo model (the tiny preset), made on first use under a file lock."""
+    from filelock import FileLock
+
+    from .random_model import make_random_model
+
+    cache_dir = Path(cache_dir)
+    folder = cache_dir / DEMO
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / ".locks").mkdir(exist_ok=True)
+    with FileLock(str(cache_dir / ".locks" / "demo.lock")):
+        if not folder.is_dir():
+            log.info("making the demo model (random weights) in %s", folder)
+            make_random_model("tiny", folder)
+    return folder
+
+
+def resolve(model: str, cache_dir: Path, revision: str = "main") -> Path:
+    """A local folder, `demo`, or a hub id already in the cache."""
+    if model == DEMO:
+        return ensure_demo(cache_dir)
+    p = Path(model).expanduser()
+    if p.is_dir():
+        verify(p)
+        return p
+    if is_hub_id(model):
+        folder = model_path(cache_dir, model, revision)
+        if folder.is_dir():
+            verify(folder)
+            return folder
+        raise ModelCacheError(
+            f"{model}@{revision} is not in the cache {cache_dir}; fetch it first with "
+            f"`qwen-model download {model} --cache-dir {cache_dir} --revision {revision}`"
+        )
+    raise ModelCacheError(f"--model {model!r} is neither a folder, `demo`, nor a hub id (org/name)")

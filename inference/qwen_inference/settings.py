@@ -1,0 +1,109 @@
+"""The inference server's settings: one pydantic-settings object, filled from flags and `QWEN_*` env vars.
+
+A flag wins over its env var (`--max-queue 8` over `QWEN_MAX_QUEUE=16`), an env var over the default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .sysinfo import cgroup_cpu_limit
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qwen-operator" / "models"
+
+
+class ServeSettings(BaseSettings):
+    """Settings of `qwen-serve`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QWEN_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="qwen-serve",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    model: str = Field(
+        "demo",
+        description="A local model folder, a hub id looked up in --model-cache-dir, or `demo` "
+        "(a tiny random-weight Qwen2 model made on first use).",
+    )
+    model_cache_dir: Path = Field(default_factory=default_cache_dir, description="Where hub models are cached.")
+    revision: str = Field("main", description="Revision of a hub model to look up in the cache.")
+    served_model_name: str | None = Field(None, description="Model name in the API (default: --model).")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Longest prompt plus reply, in tokens (default: the model's, at most 8192)."
+    )
+    max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none.")
+    max_concurrency: int = Field(16, ge=1, le=1024, description="Sequences decoded together in one batch.")
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a slot before new ones get 429.")
+    request_timeout: float = Field(600.0, gt=0, description="Seconds a request may take, queue included.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for the model (default: the cgroup CPU limit, not the host's cores)."
+    )
+    kv_cache_tokens: int | None = Field(
+        None, ge=16, description="Tokens the KV cache holds across all sequences (default: sized from memory)."
+    )
+    prefill_chunk: int = Field(256, ge=16, description="Prompt tokens prefilled per engine step.")
+    api_key: SecretStr | None = Field(None, description="A key clients must send as `Authorization: Bearer`.")
+    api_key_file: Path | None = Field(
+        None, description="A file of keys, one per line (for example mounted from a Secret)."
+    )
+    auth_open_routes: bool = Field(
+        True, description="Keep /health, /livez and /metrics open when an API key is set."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_prompts: bool = Field(False, description="Log prompts and replies (off by default).")
+    shutdown_grace: float = Field(
+        25.0, ge=0, description="Seconds running requests get to finish after SIGTERM."
+    )
+    seed: int = Field(0, description="Seed for requests that give none.")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeSettings":
+        if self.default_max_tokens > self.max_tokens_cap:
+            self.default_max_tokens = self.max_tokens_cap
+        if self.api_key_file is not None and not self.api_key_file.is_file():
+            raise ValueError(f"--api-key-file {self.api_key_file} is not a readable file")
+        return self
+
+    @property
+    def effective_threads(self) -> int:
+        return self.threads or cgroup_cpu_limit()
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def api_keys(self) -> list[str]:
+        """Every key that is accepted; empty when the API is open."""
+        keys: list[str] = []
+        if self.api_key is not None:
+            keys.append(self.api_key.get_secret_value())
+        if self.api_key_file is not None:
+            for line in self.api_key_file.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys

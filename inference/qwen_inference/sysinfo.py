@@ -1,0 +1,91 @@
+"""Facts about the machine the server runs on: CPU limit, CPU features, memory limit."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may use: the cgroup quota (v2 or v1) and the affinity mask, whichever is smaller."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        available = os.cpu_count() or 1
+    quota = _cgroup_quota(root)
+    if quota is not None:
+        return max(1, min(available, math.ceil(quota)))
+    return max(1, available)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    v2 = root / "cpu.max"
+    try:
+        if v2.is_file():
+            text = v2.read_text().split()
+            if text and text[0] != "max":
+                return int(text[0]) / int(text[1])
+            return None
+        q, p = root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"
+        if q.is_file() and p.is_file():
+            quota, period = int(q.read_text()), int(p.read_text())
+            if quota > 0 and period > 0:
+                return quota / period
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cgroup_memory_limit(root: Path = CGROUP_ROOT) -> int | None:
+    """Bytes of memory this cgroup may use, or None when unlimited."""
+    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        if value >= 1 << 60:  # v1 reports "unlimited" as a huge number
+            return None
+        return value
+    return None
+
+
+def available_memory() -> int:
+    """Bytes still free for this process: the smaller of the cgroup's headroom and the host's."""
+    import psutil
+
+    host = psutil.virtual_memory().available
+    limit = cgroup_memory_limit()
+    if limit is None:
+        return host
+    used = 0
+    try:
+        used = int((CGROUP_ROOT / "memory.current").read_text())
+    except (OSError, ValueError):
+        pass
+    return max(0, min(host, limit - used))
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: CPUs where bfloat16 matmuls beat float32."""
+    flags = cpu_flags()
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
