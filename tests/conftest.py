@@ -1,0 +1,122 @@
+"""Shared fixtures: a random tiny model made once per machine, and real servers on loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-operator" / "test-models"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model(preset: str, dtype: str | None = None) -> Path:
+    """A random model, made once per machine and reused (tests never change it)."""
+    from filelock import FileLock
+
+    from qwen_inference.random_model import make_random_model
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    out = CACHE / f"{preset}-{dtype or 'default'}"
+    with FileLock(str(CACHE / f".{out.name}.lock")):
+        if not out.is_dir():
+            make_random_model(preset, out, dtype)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return make_model("tiny", "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+class ServerThread:
+    """A real qwen-serve app under uvicorn, in this process, on a loopback port."""
+
+    def __init__(self, settings, *, load: bool = True) -> None:
+        import uvicorn
+
+        from qwen_inference.app import create_app
+
+        self.settings = settings
+        self.app = create_app(settings, load=load)
+        self.state = self.app.state.qwen
+        self.port = settings.port
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, wait_ready: bool = True) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("the server did not start")
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.state.health()[0]:
+                return
+            if self.state.status == "failed":
+                raise RuntimeError(self.state.reason)
+            time.sleep(0.1)
+        raise RuntimeError("the server did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@contextlib.contextmanager
+def running_server(model: Path, **overrides):
+    from qwen_inference.settings import ServeSettings
+
+    values = dict(model=str(model), port=free_port(), dtype="float32", device="cpu", max_concurrency=16,
+                  max_queue=64, request_timeout=120, served_model_name="tiny")
+    values.update(overrides)
+    load = values.pop("_load", True)
+    server = ServerThread(ServeSettings(**values), load=load).start(wait_ready=load)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model):
+    """The shared server: tiny model, float32, 16 slots."""
+    with running_server(tiny_model) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c

@@ -1,0 +1,74 @@
+"""Metrics move as requests succeed and fail; one JSON log line per request, without prompts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import httpx
+
+from qwen_inference.logs import JsonFormatter
+
+
+def sample(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_metrics_move_with_success_and_failure(client):
+    before = client.get("/metrics").text
+    ok = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                   "max_tokens": 5, "temperature": 0})
+    assert ok.status_code == 200
+    bad = client.post("/v1/chat/completions", json={"messages": []})
+    assert bad.status_code == 400
+    after = client.get("/metrics").text
+    route = '{endpoint="/v1/chat/completions",method="POST",status_code="%s"}'
+    assert sample(after, "http_requests_total", route % 200) == sample(before, "http_requests_total", route % 200) + 1
+    assert sample(after, "http_requests_total", route % 400) == sample(before, "http_requests_total", route % 400) + 1
+    assert sample(after, "qwen_generation_tokens_total") >= sample(before, "qwen_generation_tokens_total") + 5
+    prompt = ok.json()["usage"]["prompt_tokens"]
+    assert sample(after, "qwen_prompt_tokens_total") >= sample(before, "qwen_prompt_tokens_total") + prompt
+    assert sample(after, "qwen_request_success_total", '{finish_reason="length"}') == \
+        sample(before, "qwen_request_success_total", '{finish_reason="length"}') + 1
+    assert sample(after, "qwen_request_errors_total", '{reason="validation"}') == \
+        sample(before, "qwen_request_errors_total", '{reason="validation"}') + 1
+    for hist in ("qwen_time_to_first_token_seconds", "qwen_time_per_output_token_seconds",
+                 "qwen_e2e_request_latency_seconds", "qwen_request_queue_seconds",
+                 "model_inference_duration_seconds"):
+        assert sample(after, hist + "_count") == sample(before, hist + "_count") + 1, hist
+    assert sample(after, "http_request_duration_seconds_count", '{endpoint="/v1/chat/completions",method="POST"}') >= 2
+    for gauge in ("qwen_requests_running", "qwen_requests_waiting", "qwen_kv_cache_usage_ratio",
+                  "active_connections", "process_resident_memory_bytes", "process_cpu_seconds_total"):
+        assert re.search(rf"^{gauge} ", after, re.M), gauge
+    assert sample(after, "qwen_model_loaded") == 1.0
+
+
+def test_unknown_paths_share_one_label(client):
+    client.get("/no/such/path/1")
+    client.get("/no/such/path/2")
+    text = client.get("/metrics").text
+    assert "/no/such/path" not in text
+    assert 'endpoint="other"' in text
+
+
+def test_one_json_log_line_per_request_without_prompt(client, caplog):
+    secret = "my secret prompt text"
+    with caplog.at_level(logging.INFO, logger="qwen_inference.access"):
+        r = client.post("/v1/chat/completions", headers={"X-Request-ID": "log-check-1"},
+                        json={"messages": [{"role": "user", "content": secret}], "max_tokens": 3})
+    assert r.status_code == 200
+    records = [rec for rec in caplog.records if getattr(rec, "request_id", None) == "log-check-1"]
+    assert len(records) == 1
+    line = JsonFormatter().format(records[0])
+    assert "\n" not in line
+    entry = json.loads(line)
+    for key in ("timestamp", "request_id", "method", "path", "status", "input_tokens", "output_tokens",
+                "queue_time_ms", "inference_time_ms", "total_time_ms"):
+        assert key in entry, key
+    assert entry["status"] == 200 and entry["output_tokens"] == 3
+    assert entry["input_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert entry["path"] == "/v1/chat/completions"
+    assert secret not in line
+    assert not any(secret in JsonFormatter().format(rec) for rec in caplog.records)
