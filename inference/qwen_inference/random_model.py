@@ -257,8 +257,12 @@ def _write_weights(out: Path, preset: Preset, dtype: str, seed: int) -> None:
             shape = shape_of[name]
             if name.endswith("norm.weight"):
                 t = torch.ones(shape, dtype=torch.float32)
-            else:
+            elif name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight") or name.endswith(".bias"):
                 t = torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02
+            else:
+                # projections at 1/sqrt(fan_in): every layer moves the residual stream, so a random model's
+                # next token depends on the whole context instead of echoing the last embedding
+                t = torch.randn(shape, generator=gen, dtype=torch.float32) * shape[-1] ** -0.5
             tensors[name] = t.to(tdtype)
             weight_map[name] = fname
         save_file(tensors, str(out / fname), metadata={"format": "pt"})

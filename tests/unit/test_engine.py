@@ -1,0 +1,206 @@
+"""The engine's forward against transformers' own, and the scheduler's promises, on pure torch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from qwen_inference.engine import Engine, QueueFull, SamplingParams
+from qwen_inference.engine.engine import FinishEvent, TokenEvent
+from qwen_inference.engine.kv_cache import BlockAllocator
+from qwen_inference.engine.model_runner import ModelRunner
+from qwen_inference.engine.sampling import apply_penalties, new_state, sample_row
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model):
+    return ModelRunner(tiny_model, torch.float32, [torch.device("cpu")])
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+
+
+def make_engine(runner, **kw):
+    args = dict(max_concurrency=8, max_queue=8, max_model_len=512, kv_cache_tokens=4096, prefill_chunk=32)
+    args.update(kw)
+    e = Engine(runner, **args)
+    e.start()
+    return e
+
+
+async def run(engine, prompt, params, rid="r", timeout=60.0):
+    h = engine.submit(rid, prompt, params, timeout)
+    toks, fin = [], None
+    async for ev in h.events():
+        if isinstance(ev, TokenEvent):
+            toks.append(ev.token_id)
+        else:
+            fin = ev
+    return toks, fin
+
+
+def test_allocator_reserves_and_releases():
+    a = BlockAllocator(num_blocks=5, block_size=16)
+    assert a.usable_blocks == 4
+    assert a.reserve(3) and not a.reserve(2) and a.reserve(1)
+    blocks = [a.take(), a.take()]
+    assert 0 not in blocks  # the padding block is never handed out
+    a.release(blocks, unused_reservation=2)
+    assert a.free_blocks == 4 and a.reserved == 0
+    with pytest.raises(RuntimeError):
+        a.take()
+
+
+async def test_greedy_matches_transformers_generate(runner, hf_model):
+    engine = make_engine(runner)
+    try:
+        prompts = [[151644] + list(range(1000 + 37 * i, 1000 + 37 * i + 5 + 13 * i)) for i in range(6)]
+        results = await asyncio.gather(*(run(engine, p, SamplingParams(max_tokens=12, temperature=0)) for p in prompts))
+        for p, (toks, fin) in zip(prompts, results):
+            ref = hf_model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
+            assert toks == ref
+            assert fin.reason == "length" and fin.completion_tokens == 12 and fin.prompt_tokens == len(p)
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_logits_match_transformers(tiny_model, dtype):
+    from transformers import AutoModelForCausalLM
+
+    from qwen_inference.engine.kv_cache import KVCache
+    from qwen_inference.engine.model_runner import PrefillSegment, StepInput
+
+    r = ModelRunner(tiny_model, dtype, [torch.device("cpu")])
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=dtype).eval()
+    ids = list(range(500, 540))
+    cache = KVCache(8, 16, r.kv_heads, r.head_dim, dtype, r.layer_devices)
+    slots = torch.arange(16, 16 + len(ids))
+    mask = torch.ones(len(ids), len(ids), dtype=torch.bool).tril().repeat(r.groups, 1)
+    step = StepInput(torch.tensor(ids), torch.arange(len(ids)), slots, 0, None, None,
+                     [PrefillSegment(0, len(ids), slots, mask)], torch.arange(len(ids)))
+    ours = r.forward(step, cache)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(ours, ref, atol=tol, rtol=tol), (ours - ref).abs().max()
+
+
+async def test_chunked_prefill_equals_one_shot(runner):
+    prompt = list(range(2000, 2150))
+    one = make_engine(runner, prefill_chunk=512)
+    chunked = make_engine(runner, prefill_chunk=16)
+    try:
+        a, _ = await run(one, prompt, SamplingParams(max_tokens=8, temperature=0))
+        b, _ = await run(chunked, prompt, SamplingParams(max_tokens=8, temperature=0))
+        assert a == b
+    finally:
+        one.stop()
+        chunked.stop()
+
+
+async def test_per_request_sampling_inside_one_batch(runner):
+    engine = make_engine(runner)
+    try:
+        prompt = list(range(3000, 3020))
+        greedy = SamplingParams(max_tokens=10, temperature=0)
+        seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=7)
+        topk1 = SamplingParams(max_tokens=10, temperature=1.5, top_k=1)
+        r = await asyncio.gather(run(engine, prompt, greedy), run(engine, prompt, seeded),
+                                 run(engine, prompt, topk1), run(engine, prompt, seeded))
+        assert r[0][0] == r[2][0]  # top_k=1 is greedy whatever the temperature
+        assert r[1][0] == r[3][0]  # the same seed gives the same tokens, even in one batch
+        assert r[1][0] != r[0][0]
+    finally:
+        engine.stop()
+
+
+def test_sampling_rules():
+    logits = torch.tensor([0.0, 5.0, 4.0, -1.0, 3.0])
+    state = new_state(SamplingParams(temperature=1.0, seed=1), 0)
+    picks = {sample_row(logits.clone(), SamplingParams(temperature=1.0, top_k=2, seed=1), state) for _ in range(200)}
+    assert picks == {1, 2}
+    picks = {sample_row(logits.clone(), SamplingParams(temperature=1.0, top_p=0.5), state) for _ in range(100)}
+    assert picks == {1}  # token 1 alone has more than half the mass
+    assert sample_row(logits.clone(), SamplingParams(temperature=0), state) == 1
+
+
+def test_penalties():
+    logits = torch.tensor([1.0, 2.0, -2.0, 0.5])
+    p = SamplingParams(repetition_penalty=2.0)
+    apply_penalties(logits, p, prompt_ids=[1], output_ids=[2])
+    assert logits.tolist() == [1.0, 1.0, -4.0, 0.5]
+    logits = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [0], [1, 1, 3])
+    assert logits.tolist() == [1.0, 1.0 - 0.5 - 0.5, 1.0, 1.0 - 0.5 - 0.25]
+
+
+async def test_eos_ends_with_stop(runner):
+    engine = make_engine(runner)
+    try:
+        prompt = [151644, 77, 1200, 8800, 15, 6021, 930]
+        toks, _ = await run(engine, prompt, SamplingParams(max_tokens=12, temperature=0))
+        k = next(i for i in range(1, len(toks)) if toks[i] not in toks[:i])
+        engine.eos_token_ids = {toks[k]}
+        toks2, fin = await run(engine, prompt, SamplingParams(max_tokens=12, temperature=0))
+        assert toks2 == toks[:k] and fin.reason == "stop" and fin.completion_tokens == k + 1
+        toks3, fin = await run(engine, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        assert toks3 == toks and fin.reason == "length"
+    finally:
+        engine.stop()
+
+
+async def test_cancel_frees_slot_and_blocks(runner):
+    engine = make_engine(runner, max_concurrency=1)
+    try:
+        h = engine.submit("long", list(range(10)), SamplingParams(max_tokens=400, temperature=0), 60)
+        seen = 0
+        async for ev in h.events():
+            if isinstance(ev, TokenEvent):
+                seen += 1
+                if seen == 3:
+                    h.cancel()
+            else:
+                assert ev.reason == "cancelled"
+                break
+        assert seen < 400
+        assert engine.allocator.used_blocks == 0 and engine.allocator.reserved == 0
+        toks, fin = await run(engine, list(range(10)), SamplingParams(max_tokens=3, temperature=0))
+        assert len(toks) == 3
+    finally:
+        engine.stop()
+
+
+async def test_queue_bound(runner):
+    engine = make_engine(runner, max_concurrency=1, max_queue=1)
+    try:
+        handles = [engine.submit(f"q{i}", [1, 2, 3], SamplingParams(max_tokens=50), 60) for i in range(2)]
+        with pytest.raises(QueueFull) as exc:
+            engine.submit("q2", [1, 2, 3], SamplingParams(max_tokens=50), 60)
+        assert exc.value.retry_after >= 1
+        for h in handles:
+            async for ev in h.events():
+                last = ev
+            assert isinstance(last, FinishEvent) and last.reason == "length"
+    finally:
+        engine.stop()
+
+
+async def test_idle_engine_does_not_spin(runner):
+    import time
+
+    engine = make_engine(runner)
+    try:
+        await run(engine, [1, 2, 3], SamplingParams(max_tokens=2))
+        steps = engine.stats()["steps"]
+        cpu = time.thread_time()
+        await asyncio.sleep(0.5)
+        assert engine.stats()["steps"] == steps
+    finally:
+        engine.stop()
