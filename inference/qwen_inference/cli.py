@@ -133,6 +133,8 @@ def model_main(argv: list[str] | None = None) -> int:
     from .modelcache import ModelCacheError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "httpcore", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         CliApp.run(ModelCLI, cli_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:

@@ -193,28 +193,86 @@ class _Progress(threading.Thread):
 
 
 def _fetch_huggingface(model_id: str, dest: Path, opts: DownloadOptions) -> str | None:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import disable_progress_bars
+    """Every file of the repo at one commit, each resumed byte-for-byte from a `.part` file left by an
+    earlier run (a killed pod, a dropped connection), checked against the hub's size and sha256."""
+    import fnmatch
 
-    disable_progress_bars()
-    snapshot_download(
-        model_id,
-        revision=opts.revision,
-        local_dir=str(dest),
-        token=opts.token or os.environ.get("HF_TOKEN") or False,
-        endpoint=opts.endpoint or os.environ.get("HF_ENDPOINT") or None,
-        allow_patterns=ALLOW_PATTERNS,
-        max_workers=4,
-    )
-    commit = None
-    meta = dest / ".cache" / "huggingface"
-    if meta.is_dir():
-        shutil.rmtree(meta, ignore_errors=True)
-        try:
-            (dest / ".cache").rmdir()
-        except OSError:
-            pass
+    import httpx
+    from huggingface_hub import HfApi, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    token = opts.token or os.environ.get("HF_TOKEN") or None
+    endpoint = (opts.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    info = HfApi(endpoint=endpoint, token=token or False).model_info(model_id, revision=opts.revision,
+                                                                     files_metadata=True)
+    commit = info.sha
+    files = [s for s in info.siblings or [] if any(fnmatch.fnmatch(s.rfilename, pat) for pat in ALLOW_PATTERNS)]
+    if not any(s.rfilename == "config.json" for s in files):
+        raise ModelCacheError(f"{model_id}@{opts.revision} has no config.json: is it a transformers model?")
+    headers = build_hf_headers(token=token or False, library_name="qwen-operator")
+    timeout = httpx.Timeout(30.0, read=max(60.0, opts.stall_timeout * 2))
+    with httpx.Client(headers=headers, timeout=timeout, follow_redirects=True) as client:
+        for n, sib in enumerate(files, 1):
+            size = sib.lfs.size if sib.lfs else sib.size
+            url = hf_hub_url(model_id, sib.rfilename, revision=commit, endpoint=endpoint)
+            _fetch_file(client, url, dest / sib.rfilename, size, sib.lfs.sha256 if sib.lfs else None)
+            print(f"[{n}/{len(files)}] {sib.rfilename} ({(size or 0) / 1e6:.1f} MB)", file=sys.stderr, flush=True)
     return commit
+
+
+RETRIES = 6
+
+
+def _fetch_file(client, url: str, dest: Path, size: int | None, sha256: str | None) -> None:
+    import hashlib
+
+    import httpx
+
+    if dest.is_file() and (size is None or dest.stat().st_size == size):
+        return  # fetched by an earlier run
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(RETRIES):
+        have = part.stat().st_size if part.exists() else 0
+        if size is not None and have > size:
+            part.unlink()
+            have = 0
+        if size is not None and have == size:
+            break
+        try:
+            with client.stream("GET", url, headers={"Range": f"bytes={have}-"} if have else {}) as r:
+                if r.status_code == 416 and have:
+                    break  # nothing left to fetch
+                if r.status_code in (401, 403):
+                    raise ModelCacheError(f"{dest.name}: the hub refused access ({r.status_code}); give a token (HF_TOKEN)")
+                if r.status_code == 404:
+                    raise ModelCacheError(f"{dest.name}: not found on the hub")
+                r.raise_for_status()
+                append = have and r.status_code == 206
+                with part.open("ab" if append else "wb") as f:
+                    for chunk in r.iter_bytes(1 << 20):
+                        f.write(chunk)
+            break
+        except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+            if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code < 500:
+                raise ModelCacheError(f"{dest.name}: the hub answered {exc.response.status_code}") from None
+            wait = min(30.0, 2.0 ** attempt)
+            print(f"{dest.name}: {type(exc).__name__}: {exc}; resuming in {wait:.0f}s", file=sys.stderr, flush=True)
+            time.sleep(wait)
+    else:
+        raise ModelCacheError(f"{dest.name}: the download kept failing after {RETRIES} attempts (run again to resume)")
+    got = part.stat().st_size
+    if size is not None and got != size:
+        raise ModelCacheError(f"{dest.name}: got {got} bytes, expected {size} (run again to resume)")
+    if sha256:
+        h = hashlib.sha256()
+        with part.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        if h.hexdigest() != sha256:
+            part.unlink()
+            raise ModelCacheError(f"{dest.name}: sha256 mismatch; the partial file was removed, run again")
+    os.replace(part, dest)
 
 
 def _fetch_modelscope(model_id: str, dest: Path, opts: DownloadOptions) -> str | None:
