@@ -107,8 +107,8 @@ def test_resume_after_a_cut(hub, sharded_model, tmp_path):
 def test_sigkill_at_any_point_never_leaves_an_accepted_folder(hub, sharded_model, tmp_path):
     cache = tmp_path / "cache"
     final = model_path(cache, REPO, "main")
-    hub.state.bytes_per_second = 8 * 1024 * 1024
-    for delay in (0.5, 1.5, 3.0):
+    hub.state.bytes_per_second = 4 * 1024 * 1024
+    for delay in (0.5, 2.0):
         p = qwen_model("download", REPO, "--cache-dir", str(cache), hub=hub, tmp_path=tmp_path, wait=False)
         time.sleep(delay + 2.0)  # the interpreter and its imports take about two seconds
         p.send_signal(signal.SIGKILL)
