@@ -1,0 +1,134 @@
+"""The chat page in headless Chromium (Debian's): type, send, watch the reply stream, stop, see errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from ..conftest import running_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.browser
+ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.fail("Chromium is missing: `make test` installs it (scripts/system-deps)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+    yield pg
+    ctx.close()
+
+
+def send(page, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def test_type_send_and_see_a_streamed_reply(server, page):
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
+    page.fill("#max-tokens", "12")
+    page.fill("#temperature", "0")
+    send(page, "Hello there")
+    page.wait_for_selector(".msg.user")
+    assert page.inner_text(".msg.user") == "Hello there"
+    page.wait_for_function("document.getElementById('status').textContent.includes('tokens/s')", timeout=60000)
+    reply = page.inner_text(".msg.assistant")
+    assert reply.strip()
+    status = page.inner_text("#status")
+    assert status.startswith("12 tokens") and "finished: length" in status
+    # the reply equals what the API gives for the same conversation
+    import httpx
+
+    api = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 12, "temperature": 0}).json()
+    assert reply == api["choices"][0]["message"]["content"]
+    # a second turn carries the history
+    send(page, "And then?")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant').length == 2 && "
+                           "!document.querySelector('.streaming')", timeout=60000)
+    assert page.locator(".msg.user").count() == 2
+
+
+def test_stop_button_cancels_the_request(server, page):
+    engine = server.state.model.engine
+    page.goto(server.url + "/")
+    page.fill("#max-tokens", "1800")
+    send(page, "Write forever")
+    page.wait_for_function("document.querySelector('.msg.assistant') && "
+                           "document.querySelector('.msg.assistant').textContent.length > 10", timeout=60000)
+    assert engine.stats()["running"] == 1
+    page.click("#stop")
+    page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
+    import time
+
+    deadline = time.monotonic() + 10
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stats()["running"] == 0
+    assert page.is_enabled("#send") and not page.is_enabled("#stop")
+
+
+def test_errors_are_shown(server, page):
+    page.goto(server.url + "/")
+    page.fill("#max-tokens", "999999")
+    send(page, "too many tokens")
+    page.wait_for_selector(".msg.error")
+    text = page.inner_text(".msg.error")
+    assert text.startswith("400:") and "max_tokens" in text
+
+
+def test_401_asks_for_the_key_and_then_works(tiny_model, page):
+    with running_server(tiny_model, api_key="sesame") as s:
+        page.goto(s.url + "/")
+        assert not page.is_visible("#api-key")
+        page.fill("#max-tokens", "3")
+        send(page, "hi")
+        page.wait_for_selector(".msg.error")
+        assert page.inner_text(".msg.error").startswith("401:")
+        assert page.is_visible("#api-key")
+        page.fill("#api-key", "sesame")
+        send(page, "hi again")
+        page.wait_for_function("document.getElementById('status').textContent.includes('tokens/s')",
+                               timeout=60000)
+        assert page.locator(".msg.assistant").count() == 1
+
+
+def test_429_is_explained(tiny_model, page):
+    import threading
+
+    import httpx
+
+    with running_server(tiny_model, max_concurrency=1, max_queue=0) as s:
+        busy = threading.Thread(target=lambda: httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 1500}))
+        busy.start()
+        engine = s.state.model.engine
+        import time
+
+        deadline = time.monotonic() + 30
+        while not engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        page.goto(s.url + "/")
+        send(page, "am I let in?")
+        page.wait_for_selector(".msg.error")
+        text = page.inner_text(".msg.error")
+        assert text.startswith("429:") and "retry in" in text
+        for h in list(engine._running):
+            h.handle.cancel()
+        busy.join(60)

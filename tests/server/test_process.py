@@ -1,0 +1,136 @@
+"""qwen-serve as users run it: a process with flags, JSON logs, 503 while loading, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from ..conftest import free_port
+
+
+def start(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    e = dict(os.environ, PYTHONUNBUFFERED="1")
+    e.update(env or {})
+    cmd = [sys.executable, "-c", "from qwen_inference.cli import serve_main; raise SystemExit(serve_main())",
+           "--port", str(port), *args]
+    p = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return p, f"http://127.0.0.1:{port}"
+
+
+def wait_health(url: str, p: subprocess.Popen, timeout: float = 120) -> list[int]:
+    codes = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert p.poll() is None, p.stderr.read()
+        try:
+            r = httpx.get(url + "/health", timeout=2)
+            codes.append(r.status_code)
+            if r.status_code == 200:
+                return codes
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"not healthy: {codes[-5:]}")
+
+
+def stop(p: subprocess.Popen) -> str:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    return err
+
+
+def test_flags_env_logs_and_health_across_loading(tiny_model):
+    p, url = start("--model", str(tiny_model), "--dtype", "float32", "--served-model-name", "from-flag",
+                   env={"QWEN_SERVED_MODEL_NAME": "from-env", "QWEN_MAX_TOKENS_CAP": "9"})
+    try:
+        codes = wait_health(url, p)
+        assert 503 in codes and codes[-1] == 200  # 503 while the model loads, then 200
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "from-flag"
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                           "max_tokens": 10})
+        assert r.status_code == 400 and "(9)" in r.json()["error"]["message"]  # the env var set the cap
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                           "max_tokens": 4})
+        assert r.status_code == 200
+    finally:
+        err = stop(p)
+    lines = [line for line in err.splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line on stderr is one JSON object
+    access = [e for e in entries if e["logger"] == "qwen_inference.access"]
+    # /v1/models, then the two chats; probes (/health) are not logged
+    assert [(e["path"], e["status"]) for e in access] == [("/v1/models", 200), ("/v1/chat/completions", 400),
+                                                          ("/v1/chat/completions", 200)]
+    ready = [e for e in entries if e["message"] == "model ready"]
+    assert ready and ready[0]["dtype"] == "float32"
+    assert p.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+    assert any(e["message"].startswith("shutting down") for e in entries)
+
+
+def test_sigterm_finishes_running_requests_and_refuses_new_ones(tiny_model):
+    p, url = start("--model", str(tiny_model), "--dtype", "float32", "--shutdown-grace", "30")
+    try:
+        wait_health(url, p)
+        result = {}
+
+        def long_request():
+            result["r"] = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": "x"}], "max_tokens": 300, "temperature": 0})
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=2)
+        t.join(120)
+        assert result["r"].status_code == 200
+        assert result["r"].json()["usage"]["completion_tokens"] == 300
+    finally:
+        stop(p)
+    assert p.returncode in (0, -signal.SIGTERM)
+
+
+def test_demo_model_banner_and_first_use(tmp_path):
+    p, url = start("--model-cache-dir", str(tmp_path))
+    try:
+        wait_health(url, p, timeout=180)
+        assert (tmp_path / "demo" / "RANDOM_WEIGHTS.md").is_file()
+        assert httpx.get(url + "/").text.startswith("<!doctype html>")
+    finally:
+        err = stop(p)
+    head = err.splitlines()[:4]
+    assert "RANDOM weights" in head[0]
+    assert any("qwen-model download Qwen/Qwen2.5-0.5B-Instruct" in line for line in head)
+
+
+def test_bad_model_is_reported_and_health_says_why(tmp_path):
+    p, url = start("--model", str(tmp_path / "missing"))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(url + "/health", timeout=2)
+                if "failed" in r.json().get("reason", ""):
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        assert r.status_code == 503 and "neither a folder" in r.json()["reason"]
+    finally:
+        stop(p)
