@@ -71,6 +71,19 @@ def serve(settings) -> int:
 # ---- qwen-model ------------------------------------------------------------------------------------
 
 
+def _report(folder: Path) -> None:
+    """On Kubernetes, leave the result where the operator reads it: the container's termination message."""
+    import json
+    import os
+
+    from .modelcache import folder_bytes
+
+    path = os.environ.get("QWEN_TERMINATION_LOG", "/dev/termination-log")
+    if os.path.exists(path) and os.access(path, os.W_OK):
+        with open(path, "w") as f:
+            json.dump({"path": str(folder), "bytes": folder_bytes(folder)}, f)
+
+
 class Download(BaseModel):
     """Fetch a model into the cache: resumable, atomic, under a file lock."""
 
@@ -84,9 +97,10 @@ class Download(BaseModel):
     def cli_cmd(self) -> None:
         from .modelcache import DownloadOptions, download
 
-        download(self.model, self.cache_dir, DownloadOptions(
+        folder = download(self.model, self.cache_dir, DownloadOptions(
             source=self.source, revision=self.revision, stall_timeout=self.stall_timeout,
             lock_timeout=self.lock_timeout))
+        _report(folder)
 
 
 class Verify(BaseModel):
@@ -99,6 +113,21 @@ class Verify(BaseModel):
 
         files = verify(self.folder)
         print(f"ok: {self.folder} ({len(files)} weight file{'s' if len(files) != 1 else ''})")
+        _report(self.folder)
+
+
+class MakeDemo(BaseModel):
+    """Make the built-in demo model (random weights) in a cache folder, unless it is there already."""
+
+    cache_dir: Path = Field(description="The cache folder")
+
+    def cli_cmd(self) -> None:
+        from .modelcache import ensure_demo, verify
+
+        folder = ensure_demo(self.cache_dir)
+        verify(folder)
+        print(f"ok: {folder}")
+        _report(folder)
 
 
 class MakeRandom(BaseModel):
@@ -124,6 +153,7 @@ class ModelCLI(BaseSettings):
     download: CliSubCommand[Download]
     verify: CliSubCommand[Verify]
     make_random: CliSubCommand[MakeRandom]
+    make_demo: CliSubCommand[MakeDemo]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

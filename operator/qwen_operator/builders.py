@@ -1,0 +1,418 @@
+"""Pure functions from a validated spec to every Kubernetes object the operator owns.
+
+Nothing here talks to the API server: handlers pass in what they observed and apply what comes out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from . import API_VERSION, KIND
+from . import sizing
+from .rules import prometheus_rule_groups
+from .spec import QwenDeploymentSpec
+
+APP = "qwen-inference"
+MANAGED_BY = "qwen-operator"
+ANNOTATION_MODEL_KEY = "qwen-operator.io/model-key"
+ANNOTATION_SPEC_HASH = "qwen-operator.io/spec-hash"
+LABEL_FETCH_HASH = "qwen-operator.io/fetch"
+CACHE_MOUNT = "/cache"
+SERVER_PORT = 8000
+UID = 1000
+PRESTOP_SECONDS = 5
+SHUTDOWN_GRACE = 25
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class Owner:
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class OperatorDefaults:
+    image: str = "ghcr.io/qwen-operator/qwen-inference:0.1.0"
+    image_gpu: str | None = None  # an image for device gpu, when different
+
+
+def labels(name: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": APP,
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/component": component,
+    }
+
+
+def selector(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": APP, "app.kubernetes.io/instance": name,
+            "app.kubernetes.io/component": "server"}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector(name).items())
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name, "uid": owner.uid, "controller": True,
+            "blockOwnerDeletion": True}
+
+
+def _meta(owner: Owner, name: str, component: str, owned: bool = True, **extra) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": owner.namespace, "labels": labels(owner.name, component)}
+    if owned:
+        meta["ownerReferences"] = [owner_reference(owner)]
+    meta.update(extra)
+    return meta
+
+
+def _hash(data: Any, n: int = 10) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+# ---- the model in the cache -------------------------------------------------------------------------
+
+
+def model_key(spec: QwenDeploymentSpec) -> str:
+    """Identifies what the cache must hold: a new key means a new fetch Job."""
+    m = spec.model
+    if m.source == "pvc":
+        return f"pvc:{m.path or m.name}"
+    if m.source == "demo":
+        return "demo"
+    return f"{m.source}:{m.name}@{m.revision}"
+
+
+def fetch_hash(key: str) -> str:
+    return _hash(key)
+
+
+def model_path(key: str) -> str:
+    """Where a model key lives inside the cache volume."""
+    if key == "demo":
+        return f"{CACHE_MOUNT}/demo"
+    if key.startswith("pvc:"):
+        return f"{CACHE_MOUNT}/{key[4:]}"
+    _source, rest = key.split(":", 1)
+    name, revision = rest.rsplit("@", 1)
+    return f"{CACHE_MOUNT}/{name.replace('/', '--')}/{revision.replace('/', '--')}"
+
+
+def claim_name(owner: Owner, spec: QwenDeploymentSpec) -> str:
+    return spec.cache.existing_claim or f"{owner.name}-cache"
+
+
+def job_name(owner: Owner, key: str) -> str:
+    return f"{owner.name}-fetch-{fetch_hash(key)}"
+
+
+def image(spec: QwenDeploymentSpec, defaults: OperatorDefaults) -> str:
+    if spec.image:
+        return spec.image
+    if spec.device == "gpu" and defaults.image_gpu:
+        return defaults.image_gpu
+    return defaults.image
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _hub_env(spec: QwenDeploymentSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf"}]
+    ref = spec.model.token_secret_ref
+    if ref is not None:
+        for var in ("HF_TOKEN", "MODELSCOPE_API_TOKEN"):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if spec.model.hub_endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": spec.model.hub_endpoint})
+        env.append({"name": "MODELSCOPE_DOMAIN", "value": spec.model.hub_endpoint})
+    return env
+
+
+def _same_node_as_servers(owner: Owner, weight: int | None) -> dict[str, Any]:
+    term = {"labelSelector": {"matchLabels": selector(owner.name)}, "topologyKey": "kubernetes.io/hostname"}
+    if weight is None:
+        return {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
+    return {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": weight, "podAffinityTerm": term}]}}
+
+
+# ---- objects ----------------------------------------------------------------------------------------
+
+
+def build_pvc(owner: Owner, spec: QwenDeploymentSpec) -> dict[str, Any] | None:
+    if spec.cache.existing_claim:
+        return None
+    size = spec.cache.size or sizing.default_cache_size(spec.model.name, spec.model.source)
+    pvc: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(owner, claim_name(owner, spec), "cache", owned=not spec.cache.retain_on_delete),
+        "spec": {"accessModes": [spec.cache.access_mode], "resources": {"requests": {"storage": size}}},
+    }
+    if spec.cache.storage_class_name:
+        pvc["spec"]["storageClassName"] = spec.cache.storage_class_name
+    return pvc
+
+
+def fetch_args(spec: QwenDeploymentSpec, key: str) -> list[str]:
+    m = spec.model
+    if m.source == "demo":
+        return ["make-demo", "--cache-dir", CACHE_MOUNT]
+    if m.source == "pvc":
+        return ["verify", model_path(key)]
+    return ["download", m.name, "--cache-dir", CACHE_MOUNT, "--revision", m.revision, "--source", m.source,
+            "--stall-timeout", "300"]
+
+
+def build_fetch_job(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorDefaults) -> dict[str, Any]:
+    key = model_key(spec)
+    h = fetch_hash(key)
+    meta = _meta(owner, job_name(owner, key), "fetch", annotations={ANNOTATION_MODEL_KEY: key})
+    meta["labels"][LABEL_FETCH_HASH] = h
+    pod_labels = {**labels(owner.name, "fetch"), LABEL_FETCH_HASH: h}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(),
+        "containers": [{
+            "name": "fetch",
+            "image": image(spec, defaults),
+            "imagePullPolicy": spec.image_pull_policy,
+            "command": ["qwen-model"],
+            "args": fetch_args(spec, key),
+            "env": _hub_env(spec),
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+            "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
+            "securityContext": container_security_context(),
+            "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}],
+        }],
+        "volumes": [
+            {"name": "cache", "persistentVolumeClaim": {"claimName": claim_name(owner, spec)}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
+        ],
+    }
+    _placement(pod_spec, spec, gpu=False)
+    if spec.cache.access_mode != "ReadWriteMany":
+        # a single-node volume: fetch where the servers already have it mounted
+        pod_spec["affinity"] = {**pod_spec.get("affinity", {}), **_same_node_as_servers(owner, weight=100)}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "backoffLimit": 3,
+            "activeDeadlineSeconds": spec.cache.download_timeout_seconds,
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        },
+    }
+
+
+def _placement(pod_spec: dict[str, Any], spec: QwenDeploymentSpec, gpu: bool) -> None:
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations or []]
+    if gpu and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if spec.affinity:
+        pod_spec["affinity"] = dict(spec.affinity)
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+
+
+def resources(spec: QwenDeploymentSpec) -> dict[str, Any]:
+    if spec.resources is not None:
+        out = spec.resources.model_dump(by_alias=True, exclude_none=True)
+        out = {k: {r: str(q) for r, q in v.items()} for k, v in out.items()}
+        if spec.device == "gpu":
+            out.setdefault("limits", {})[GPU_RESOURCE] = str(spec.gpu_count)
+        return out
+    return sizing.default_resources(spec.model.name, spec.model.source, spec.device, spec.dtype, spec.gpu_count)
+
+
+def server_env(spec: QwenDeploymentSpec, key: str) -> list[dict[str, Any]]:
+    e = spec.engine
+    env: list[dict[str, Any]] = [
+        {"name": "QWEN_MODEL", "value": model_path(key)},
+        {"name": "QWEN_SERVED_MODEL_NAME", "value": spec.served_model_name},
+        {"name": "QWEN_HOST", "value": "0.0.0.0"},
+        {"name": "QWEN_PORT", "value": str(SERVER_PORT)},
+        {"name": "QWEN_DEVICE", "value": "cuda" if spec.device == "gpu" else "cpu"},
+        {"name": "QWEN_DTYPE", "value": spec.dtype},
+        {"name": "QWEN_MAX_CONCURRENCY", "value": str(e.max_concurrency)},
+        {"name": "QWEN_MAX_QUEUE", "value": str(e.max_queue)},
+        {"name": "QWEN_MAX_TOKENS_CAP", "value": str(e.max_tokens)},
+        {"name": "QWEN_REQUEST_TIMEOUT", "value": str(e.request_timeout_seconds)},
+        {"name": "QWEN_SHUTDOWN_GRACE", "value": str(SHUTDOWN_GRACE)},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
+    ]
+    if e.max_model_len is not None:
+        env.append({"name": "QWEN_MAX_MODEL_LEN", "value": str(e.max_model_len)})
+    if e.kv_cache_tokens is not None:
+        env.append({"name": "QWEN_KV_CACHE_TOKENS", "value": str(e.kv_cache_tokens)})
+    if e.threads is not None:
+        env.append({"name": "QWEN_THREADS", "value": str(e.threads)})
+    else:  # threads from the container's CPU limit, rounded up, as the downward API gives it
+        env.append({"name": "QWEN_THREADS", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu",
+                                                                              "divisor": "1"}}})
+    if spec.auth.api_key_secret_ref is not None:
+        env.append({"name": "QWEN_API_KEY_FILE",
+                    "value": f"/etc/qwen/api-keys/{spec.auth.api_key_secret_ref.key}"})
+    for var in spec.env or []:
+        env.append(var.model_dump(by_alias=True, exclude_none=True))
+    return env
+
+
+def spec_hash(spec: QwenDeploymentSpec, key: str) -> str:
+    return _hash({"spec": spec.model_dump(mode="json", by_alias=True), "key": key})
+
+
+def build_deployment(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorDefaults,
+                     serving_key: str) -> dict[str, Any]:
+    """The inference pods, serving the model at `serving_key` (the newest one complete in the cache)."""
+    gpu = spec.device == "gpu"
+    startup = sizing.startup_seconds(spec.model.name, spec.model.source, spec.device, spec.dtype)
+    period = 10
+    container: dict[str, Any] = {
+        "name": "server",
+        "image": image(spec, defaults),
+        "imagePullPolicy": spec.image_pull_policy,
+        "env": server_env(spec, serving_key),
+        "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
+        "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": period,
+                         "timeoutSeconds": 5, "failureThreshold": -(-startup // period)},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5,
+                           "timeoutSeconds": 3, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/livez", "port": "http"}, "periodSeconds": 10,
+                          "timeoutSeconds": 5, "failureThreshold": 6},
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
+        "resources": resources(spec),
+        "securityContext": container_security_context(),
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT, "readOnly": True},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    volumes: list[dict[str, Any]] = [
+        {"name": "cache", "persistentVolumeClaim": {"claimName": claim_name(owner, spec), "readOnly": True}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    if gpu:
+        container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
+    if spec.auth.api_key_secret_ref is not None:
+        container["volumeMounts"].append({"name": "api-keys", "mountPath": "/etc/qwen/api-keys", "readOnly": True})
+        volumes.append({"name": "api-keys", "secret": {"secretName": spec.auth.api_key_secret_ref.name}})
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "terminationGracePeriodSeconds": PRESTOP_SECONDS + SHUTDOWN_GRACE + 5,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    _placement(pod_spec, spec, gpu=gpu)
+    rwx = spec.cache.access_mode == "ReadWriteMany"
+    if not rwx and spec.replicas > 1 and not spec.affinity:
+        pod_spec["affinity"] = _same_node_as_servers(owner, weight=None)  # one node holds a single-node volume
+    annotations = {ANNOTATION_SPEC_HASH: spec_hash(spec, serving_key), ANNOTATION_MODEL_KEY: serving_key}
+    annotations.update(spec.pod_annotations or {})
+    strategy: dict[str, Any] = (
+        {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}} if rwx
+        # a single-node volume: replace pods instead of surging, so a new pod never waits on a volume
+        # an old pod holds on another node
+        else {"type": "Recreate"}
+    )
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(owner, owner.name, "server", annotations={ANNOTATION_MODEL_KEY: serving_key}),
+        "spec": {
+            "replicas": spec.replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector(owner.name)},
+            "strategy": strategy,
+            "template": {"metadata": {"labels": labels(owner.name, "server"), "annotations": annotations},
+                         "spec": pod_spec},
+        },
+    }
+
+
+def build_service(owner: Owner, spec: QwenDeploymentSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(owner, owner.name, "server"),
+        "spec": {
+            "type": spec.service.type,
+            "selector": selector(owner.name),
+            "ports": [{"name": "http", "port": spec.service.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def build_pdb(owner: Owner, spec: QwenDeploymentSpec) -> dict[str, Any] | None:
+    if spec.replicas <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(owner, owner.name, "server"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(owner.name)}},
+    }
+
+
+def build_service_monitor(owner: Owner, spec: QwenDeploymentSpec) -> dict[str, Any] | None:
+    sm = spec.monitoring.service_monitor
+    if not sm.enabled:
+        return None
+    meta = _meta(owner, owner.name, "monitoring")
+    meta["labels"].update(sm.labels or {})
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": selector(owner.name)},
+            "namespaceSelector": {"matchNames": [owner.namespace]},
+            # honorLabels keeps the server's own `endpoint` label (the route) instead of renaming it
+            "endpoints": [{"port": "http", "path": "/metrics", "interval": sm.interval, "scheme": "http",
+                           "honorLabels": True}],
+        },
+    }
+
+
+def build_prometheus_rule(owner: Owner, spec: QwenDeploymentSpec) -> dict[str, Any] | None:
+    pr = spec.monitoring.prometheus_rule
+    if not pr.enabled:
+        return None
+    meta = _meta(owner, owner.name, "monitoring")
+    meta["labels"].update(pr.labels or {})
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": meta,
+        "spec": {"groups": prometheus_rule_groups(owner.namespace, owner.name, pr.thresholds)},
+    }
+
+
+def endpoint(owner: Owner, spec: QwenDeploymentSpec) -> str:
+    return f"http://{owner.name}.{owner.namespace}.svc:{spec.service.port}/v1"

@@ -1,0 +1,265 @@
+"""The status of a QwenDeployment, derived from its children every time: the same cluster state always gives
+the same status. Nothing is remembered but each condition's lastTransitionTime, kept while it holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import builders
+from .builders import Owner
+from .spec import QwenDeploymentSpec
+
+POD_PROBLEMS = ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+                "CreateContainerConfigError", "CreateContainerError")
+
+
+@dataclass
+class Observed:
+    generation: int
+    spec: QwenDeploymentSpec | None
+    spec_error: str | None = None
+    pvc: dict | None = None
+    pvc_expected: bool = True
+    jobs: list[dict] = field(default_factory=list)
+    job_pods: list[dict] = field(default_factory=list)
+    deployment: dict | None = None
+    pods: list[dict] = field(default_factory=list)
+    service: dict | None = None
+    monitoring: str = "disabled"  # applied | missing | disabled
+    previous: dict[str, Any] = field(default_factory=dict)  # the status as it was
+    now: str = ""
+
+
+@dataclass
+class Verdict:
+    phase: str
+    reason: str
+    message: str
+
+
+def job_state(job: dict | None) -> str:
+    if job is None:
+        return "absent"
+    st = job.get("status") or {}
+    for c in st.get("conditions") or []:
+        if c.get("status") == "True" and c.get("type") in ("Complete", "SuccessCriteriaMet"):
+            return "succeeded"
+        if c.get("status") == "True" and c.get("type") in ("Failed", "FailureTarget"):
+            return "failed"
+    if (st.get("succeeded") or 0) >= 1:
+        return "succeeded"
+    return "running"
+
+
+def _terminated(pod: dict) -> dict | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+        if term:
+            return term
+    return None
+
+
+def last_log_line(job_pods: list[dict]) -> str | None:
+    """The last line a failed fetch pod wrote (the kubelet keeps it as the termination message)."""
+    failed = [p for p in job_pods if (p.get("status") or {}).get("phase") == "Failed"]
+    failed.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+    for pod in reversed(failed):
+        term = _terminated(pod)
+        if term and term.get("message"):
+            lines = [ln.strip() for ln in term["message"].strip().splitlines() if ln.strip()]
+            if lines:
+                return lines[-1]
+        if term and term.get("reason"):
+            return f"the container ended with {term['reason']} (exit code {term.get('exitCode')})"
+    return None
+
+
+def cached_bytes(job_pods: list[dict]) -> int | None:
+    import json
+
+    for pod in job_pods:
+        term = _terminated(pod)
+        if term and term.get("exitCode") == 0 and term.get("message"):
+            try:
+                return int(json.loads(term["message"])["bytes"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return None
+
+
+def pod_problem(pods: list[dict]) -> tuple[str, str] | None:
+    """The first reason a person can act on, from the pods' scheduling and container states."""
+    for pod in pods:
+        st = pod.get("status") or {}
+        name = (pod.get("metadata") or {}).get("name", "?")
+        for c in st.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return "Unschedulable", f"pod {name} cannot be scheduled: {c.get('message', '')}".strip()
+        for cs in st.get("containerStatuses") or []:
+            last = (cs.get("lastState") or {}).get("terminated") or {}
+            if last.get("reason") == "OOMKilled":
+                return "OOMKilled", (f"pod {name} ran out of memory; raise resources.limits.memory or lower "
+                                     "engine.kvCacheTokens")
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in POD_PROBLEMS:
+                key = "ImagePullBackOff" if reason in ("ErrImagePull", "InvalidImageName") else reason
+                return key, f"pod {name}: {reason}: {waiting.get('message', '')}".strip().rstrip(":")
+    return None
+
+
+def _deployment_counts(dep: dict) -> tuple[int, int, int, bool]:
+    st = dep.get("status") or {}
+    meta = dep.get("metadata") or {}
+    desired = (dep.get("spec") or {}).get("replicas", 1)
+    settled = st.get("observedGeneration", 0) >= meta.get("generation", 0)
+    return desired, st.get("readyReplicas") or 0, st.get("updatedReplicas") or 0, settled
+
+
+def verdict(owner: Owner, obs: Observed) -> tuple[Verdict, dict[str, tuple[str, str, str]]]:
+    """The phase, and each condition as (status, reason, message)."""
+    spec = obs.spec
+    cond: dict[str, tuple[str, str, str]] = {}
+    if spec is None or obs.spec_error:
+        msg = obs.spec_error or "the spec is invalid"
+        cond = {"CacheReady": ("Unknown", "InvalidSpec", msg), "Available": ("False", "InvalidSpec", msg),
+                "Progressing": ("False", "InvalidSpec", msg), "Degraded": ("True", "InvalidSpec", msg)}
+        return Verdict("Failed", "InvalidSpec", msg), cond
+
+    key = builders.model_key(spec)
+    claim = builders.claim_name(owner, spec)
+    job = next((j for j in obs.jobs if (j.get("metadata") or {}).get("name") == builders.job_name(owner, key)), None)
+    jstate = job_state(job)
+    dep = obs.deployment
+    serving_key = ((dep or {}).get("metadata") or {}).get("annotations", {}).get(builders.ANNOTATION_MODEL_KEY)
+    desired, ready, updated, settled = _deployment_counts(dep) if dep else (spec.replicas, 0, 0, True)
+    serving = dep is not None and ready > 0
+
+    # monitoring
+    if obs.monitoring == "missing":
+        cond["Monitoring"] = ("False", "MonitoringCRDsMissing",
+                              "the Prometheus Operator's ServiceMonitor/PrometheusRule CRDs are not installed; "
+                              "everything else works")
+    elif obs.monitoring == "applied":
+        cond["Monitoring"] = ("True", "Applied", "ServiceMonitor and PrometheusRule are in place")
+    else:
+        cond["Monitoring"] = ("False", "Disabled", "monitoring is disabled in the spec")
+
+    # cache
+    pvc_phase = ((obs.pvc or {}).get("status") or {}).get("phase")
+    if obs.pvc is None and spec.cache.existing_claim:
+        v = Verdict("Pending", "ClaimNotFound", f"the PersistentVolumeClaim {claim} (cache.existingClaim) does not exist")
+        cache = ("False", v.reason, v.message)
+    elif obs.pvc is None or pvc_phase != "Bound":
+        v = Verdict("Pending", "CachePending", f"waiting for the PersistentVolumeClaim {claim} to be bound"
+                    + (f" (it is {pvc_phase})" if pvc_phase else ""))
+        cache = ("False", v.reason, v.message)
+    elif jstate == "succeeded":
+        v = None
+        cache = ("True", "Cached", f"{_describe_key(key)} is complete in {claim}")
+    elif jstate == "failed":
+        line = last_log_line(obs.job_pods) or "no log line was kept"
+        msg = f"fetching {_describe_key(key)} failed: {line}"
+        v = Verdict("Degraded" if serving else "Failed", "DownloadFailed",
+                    msg + (f"; still serving {_describe_key(serving_key)}" if serving and serving_key else ""))
+        cache = ("False", "DownloadFailed", msg)
+    else:
+        problem = pod_problem(obs.job_pods)
+        reason, msg = problem if problem else ("Downloading", f"fetching {_describe_key(key)} into {claim}")
+        v = Verdict("Downloading", reason, msg + (f"; still serving {_describe_key(serving_key)}"
+                                                  if serving and serving_key else ""))
+        cache = ("False", "Downloading" if not problem else reason, msg)
+    cond["CacheReady"] = cache
+
+    # pods
+    if v is None or (v.phase in ("Downloading",) and serving):
+        pods_problem = pod_problem(obs.pods) if dep is not None else None
+        if dep is None:
+            pv = Verdict("Starting", "Starting", "the cache is ready; creating the inference pods")
+        elif pods_problem is not None:
+            pv = Verdict("Degraded", pods_problem[0], pods_problem[1])
+        elif desired == 0:
+            pv = Verdict("Ready", "ScaledToZero", "scaled to zero replicas")
+        elif settled and ready >= desired and updated >= desired:
+            pv = Verdict("Ready", "Ready", f"{ready}/{desired} replicas ready")
+        elif not settled or updated < desired:
+            pv = Verdict("Starting", "RollingOut", f"rolling out: {updated}/{desired} updated, {ready} ready")
+        elif ready == 0:
+            pv = Verdict("Starting", "Starting", f"0/{desired} replicas ready: the model is loading")
+        else:
+            pv = Verdict("Degraded", "ReplicasUnavailable", f"only {ready}/{desired} replicas are ready")
+        if v is None:
+            v = pv
+        elif pv.phase == "Degraded":
+            v = pv
+    assert v is not None
+
+    if serving:
+        cond["Available"] = ("True", "MinimumReplicasAvailable", f"{ready}/{desired} replicas ready")
+    elif dep is not None and desired == 0:
+        cond["Available"] = ("False", "ScaledToZero", "scaled to zero replicas")
+    else:
+        cond["Available"] = ("False", "NoReplicasReady", v.message)
+    progressing = v.phase in ("Pending", "Downloading", "Starting")
+    cond["Progressing"] = ("True", v.reason, v.message) if progressing else ("False", v.reason, v.message)
+    bad = v.phase in ("Degraded", "Failed")
+    cond["Degraded"] = ("True", v.reason, v.message) if bad else ("False", "AsExpected", "nothing is wrong")
+    return v, cond
+
+
+def _describe_key(key: str | None) -> str:
+    if key is None:
+        return "the model"
+    if key == "demo":
+        return "the demo model"
+    if key.startswith("pvc:"):
+        return f"the model at {key[4:]} in the volume"
+    src, rest = key.split(":", 1)
+    return f"{rest} from {src}"
+
+
+ORDER = ["CacheReady", "Available", "Progressing", "Degraded", "Monitoring"]
+
+
+def derive_status(owner: Owner, obs: Observed) -> dict[str, Any]:
+    v, conds = verdict(owner, obs)
+    previous = {c["type"]: c for c in obs.previous.get("conditions") or []}
+    conditions = []
+    for ctype in ORDER:
+        if ctype not in conds:
+            continue
+        status, reason, message = conds[ctype]
+        old = previous.get(ctype)
+        since = old.get("lastTransitionTime") if old and old.get("status") == status else None
+        conditions.append({"type": ctype, "status": status, "reason": reason, "message": message,
+                           "lastTransitionTime": since or obs.now, "observedGeneration": obs.generation})
+    out: dict[str, Any] = {"phase": v.phase, "reason": v.reason, "message": v.message,
+                           "observedGeneration": obs.generation, "conditions": conditions,
+                           "selector": builders.selector_string(owner.name)}
+    spec = obs.spec
+    if spec is not None and not obs.spec_error:
+        dep_status = (obs.deployment or {}).get("status") or {}
+        key = builders.model_key(spec)
+        out["replicas"] = dep_status.get("replicas") or 0
+        out["readyReplicas"] = dep_status.get("readyReplicas") or 0
+        out["model"] = spec.served_model_name
+        out["endpoint"] = builders.endpoint(owner, spec) if obs.service is not None else None
+        cache_ready = conds["CacheReady"][0] == "True"
+        out["cache"] = {"claim": builders.claim_name(owner, spec), "ready": cache_ready,
+                        "bytes": cached_bytes(obs.job_pods) if cache_ready else None,
+                        "modelPath": builders.model_path(key)}
+    else:
+        out["replicas"] = 0
+        out["readyReplicas"] = 0
+    return out
+
+
+def comparable(status: dict[str, Any]) -> dict[str, Any]:
+    """A status without timestamps, to tell a real change from a re-derivation of the same state."""
+    out = {k: v for k, v in status.items() if k != "conditions"}
+    out["conditions"] = [{k: v for k, v in c.items() if k != "lastTransitionTime"}
+                         for c in status.get("conditions") or []]
+    if out.get("cache") and out["cache"].get("bytes") is None:
+        out["cache"] = {k: v for k, v in out["cache"].items() if k != "bytes"}
+    return out

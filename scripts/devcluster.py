@@ -1,0 +1,518 @@
+"""A local Kubernetes control plane without containers: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and kwok's simulated nodes, on loopback ports, from binaries `scripts/k8s-bin` builds.
+
+The API server is real (schema and CEL validation, RBAC, admission with Pod Security, garbage collection),
+so are the Deployment, Job, ReplicaSet, PV and garbage-collector controllers and the scheduler. kwok plays
+the kubelets: it marks scheduled pods running and ready and Job pods succeeded. There is no volume
+provisioner, so a default StorageClass and a pool of pre-made PersistentVolumes stand in for one, bound by
+the real PV controller.
+
+Used by `scripts/dev-cluster up|down|env` (and `make dev-cluster`) and by the cluster tests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KWOK_VERSION = "v0.8.0"
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+SIMULATE = "qwen-test.io/simulate"  # pod annotation the test stages react to (what a kubelet would report)
+UNFETCHABLE = "qwen-test/unfetchable"  # a model whose fetch Job fails, as a missing hub repo would
+
+NODES = [
+    {"name": "cpu-node-1", "cpu": "8", "memory": "32Gi", "gpu": None},
+    {"name": "cpu-node-2", "cpu": "8", "memory": "32Gi", "gpu": None},
+    {"name": "gpu-node-1", "cpu": "16", "memory": "64Gi", "gpu": "2"},
+]
+PV_POOL = 80
+
+
+def bin_dir() -> Path:
+    out = subprocess.run([str(ROOT / "scripts" / "k8s-bin"), "dir"], capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StartError(RuntimeError):
+    pass
+
+
+def wait_for(what: str, check, timeout: float, interval: float = 0.2, logs: Path | None = None):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001: keep the last reason for the error message
+            last = exc
+        time.sleep(interval)
+    tail = ""
+    if logs is not None and logs.exists():
+        tail = "\n--- last log lines ---\n" + "\n".join(logs.read_text(errors="replace").splitlines()[-25:])
+    raise StartError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last}){tail}")
+
+
+# ---- certificates ------------------------------------------------------------------------------------
+
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _write_key(path: Path, key) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
+def _write_cert(path: Path, cert) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def make_pki(pki: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    pki.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    later = now + dt.timedelta(days=365)
+    ca_key = _key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qwen-dev-cluster-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(later)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    _write_key(pki / "ca.key", ca_key)
+    _write_cert(pki / "ca.crt", ca)
+
+    def issue(name: str, cn: str, orgs: list[str], server: bool) -> None:
+        key = _key()
+        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)] + [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
+        b = (x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(ca_name)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now).not_valid_after(later)
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+        if server:
+            sans = [x509.DNSName(n) for n in ("localhost", "kubernetes", "kubernetes.default",
+                                              "kubernetes.default.svc", "kubernetes.default.svc.cluster.local")]
+            sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "10.0.0.1")]
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        else:
+            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        _write_key(pki / f"{name}.key", key)
+        _write_cert(pki / f"{name}.crt", b.sign(ca_key, hashes.SHA256()))
+
+    issue("apiserver", "kube-apiserver", [], server=True)
+    issue("admin", "qwen-dev-admin", ["system:masters"], server=False)
+    issue("controller-manager", "system:kube-controller-manager", [], server=False)
+    issue("scheduler", "system:kube-scheduler", [], server=False)
+    sa = _key()
+    _write_key(pki / "sa.key", sa)
+    (pki / "sa.pub").write_bytes(sa.public_key().public_bytes(serialization.Encoding.PEM,
+                                                              serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def kubeconfig(path: Path, server: str, pki: Path, user: str, token: str | None = None) -> None:
+    entry = {"token": token} if token else {"client-certificate": str(pki / f"{user}.crt"),
+                                           "client-key": str(pki / f"{user}.key")}
+    cfg = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "qwen-dev",
+        "clusters": [{"name": "qwen-dev", "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")}}],
+        "users": [{"name": user, "user": entry}],
+        "contexts": [{"name": "qwen-dev", "context": {"cluster": "qwen-dev", "user": user}}],
+    }
+    path.write_text(json.dumps(cfg, indent=2))
+    path.chmod(0o600)
+
+
+# ---- kwok stages -------------------------------------------------------------------------------------
+
+
+def _kwok_stage_dir() -> Path:
+    out = subprocess.run(["go", "mod", "download", "-json", f"sigs.k8s.io/kwok@{KWOK_VERSION}"],
+                         capture_output=True, text=True, env={**os.environ, "GOFLAGS": ""}, cwd="/")
+    if out.returncode != 0:
+        raise StartError(f"cannot fetch kwok's stages: {out.stderr.strip()}")
+    return Path(json.loads(out.stdout)["Dir"]) / "kustomize" / "stage"
+
+
+def kwok_config() -> str:
+    """kwok's own fast stages, plus stages that play what a kubelet would report for the tests: a fetch that
+    fails, an OOM-killed server, a crash loop."""
+    import yaml
+
+    stage_dir = _kwok_stage_dir()
+    docs = []
+    for rel in ("node/fast/node-initialize.yaml", "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+                "pod/fast/pod-ready.yaml", "pod/fast/pod-complete.yaml", "pod/fast/pod-delete.yaml"):
+        docs.extend(d for d in yaml.safe_load_all((stage_dir / rel).read_text()) if d)
+    not_simulated = {"key": f'.metadata.annotations["{SIMULATE}"]', "operator": "DoesNotExist"}
+    not_unfetchable = {"key": ".spec.containers.[0].args.[1]", "operator": "NotIn", "values": [UNFETCHABLE]}
+    for d in docs:
+        if d["metadata"]["name"] == "pod-ready":
+            d["spec"]["selector"]["matchExpressions"].append(not_simulated)
+        if d["metadata"]["name"] == "pod-complete":
+            d["spec"]["selector"]["matchExpressions"].append(not_unfetchable)
+    docs.append(_stage("pod-fetch-fails", [
+        {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"},
+        {"key": ".status.phase", "operator": "In", "values": ["Running"]},
+        {"key": ".spec.containers.[0].args.[1]", "operator": "In", "values": [UNFETCHABLE]},
+    ], """\
+{{ $now := Now }}
+phase: Failed
+containerStatuses:
+{{ range .spec.containers }}
+- name: {{ .name | Quote }}
+  image: {{ .image | Quote }}
+  ready: false
+  restartCount: 0
+  started: false
+  state:
+    terminated:
+      exitCode: 1
+      reason: Error
+      startedAt: {{ $now | Quote }}
+      finishedAt: {{ $now | Quote }}
+      message: "downloading qwen-test/unfetchable@main from huggingface\\nqwen-model: error: downloading \
+qwen-test/unfetchable@main failed: RepositoryNotFoundError: the model does not exist, or it is private and no \
+valid token was given"
+{{ end }}
+"""))
+    for mode, waiting, last in (("oom", "CrashLoopBackOff", "OOMKilled"), ("crashloop", "CrashLoopBackOff", "Error")):
+        docs.append(_stage(f"pod-{mode}", [
+            {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"},
+            {"key": ".status.phase", "operator": "In", "values": ["Pending"]},
+            {"key": f'.metadata.annotations["{SIMULATE}"]', "operator": "In", "values": [mode]},
+        ], f"""\
+{{{{ $now := Now }}}}
+phase: Running
+conditions:
+- type: Initialized
+  status: "True"
+  lastTransitionTime: {{{{ $now | Quote }}}}
+- type: Ready
+  status: "False"
+  reason: ContainersNotReady
+  lastTransitionTime: {{{{ $now | Quote }}}}
+- type: ContainersReady
+  status: "False"
+  lastTransitionTime: {{{{ $now | Quote }}}}
+- type: PodScheduled
+  status: "True"
+  lastTransitionTime: {{{{ $now | Quote }}}}
+containerStatuses:
+{{{{ range .spec.containers }}}}
+- name: {{{{ .name | Quote }}}}
+  image: {{{{ .image | Quote }}}}
+  ready: false
+  restartCount: 3
+  started: false
+  state:
+    waiting:
+      reason: {waiting}
+      message: "back-off restarting failed container"
+  lastState:
+    terminated:
+      exitCode: 137
+      reason: {last}
+      startedAt: {{{{ $now | Quote }}}}
+      finishedAt: {{{{ $now | Quote }}}}
+{{{{ end }}}}
+"""))
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def _stage(name: str, exprs: list[dict], template: str) -> dict:
+    return {"apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Stage", "metadata": {"name": name},
+            "spec": {"resourceRef": {"apiGroup": "v1", "kind": "Pod"}, "selector": {"matchExpressions": exprs},
+                     "next": {"statusTemplate": template}}}
+
+
+# ---- the cluster ---------------------------------------------------------------------------------------
+
+
+class DevCluster:
+    def __init__(self, state: Path, bins: Path | None = None) -> None:
+        self.state = Path(state)
+        self.bins = bins or bin_dir()
+        self.pki = self.state / "pki"
+        self.logs = self.state / "logs"
+        self.run = self.state / "run"
+        self.ports_file = self.state / "ports.json"
+
+    # paths and addresses
+    @property
+    def kubeconfig_path(self) -> Path:
+        return self.state / "admin.kubeconfig"
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return json.loads(self.ports_file.read_text())
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig_path)}
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60,
+                kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
+        cmd = [str(self.bins / "kubectl"), "--kubeconfig", str(kubeconfig or self.kubeconfig_path), *args]
+        r = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed: {r.stderr.strip()}")
+        return r
+
+    # processes
+    def _pidfile(self, name: str) -> Path:
+        return self.run / f"{name}.pid"
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.run.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")
+        binary = str(self.bins / ("etcd" if name == "etcd" else name))
+        p = subprocess.Popen([binary, *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+        self._pidfile(name).write_text(str(p.pid))
+        return p
+
+    def _alive(self, name: str) -> bool:
+        pf = self._pidfile(name)
+        if not pf.exists():
+            return False
+        try:
+            os.kill(int(pf.read_text()), 0)
+            return True
+        except (ProcessLookupError, ValueError):
+            return False
+
+    def stop_component(self, name: str, timeout: float = 20) -> None:
+        pf = self._pidfile(name)
+        if not pf.exists():
+            return
+        try:
+            pid = int(pf.read_text())
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+        pf.unlink(missing_ok=True)
+
+    def _ssl(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+        ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
+        return ctx
+
+    def _get(self, url: str, ctx: ssl.SSLContext | None = None) -> str:
+        with urllib.request.urlopen(url, context=ctx, timeout=5) as r:
+            return r.read().decode()
+
+    def _insecure(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    # lifecycle
+    def up(self, timeout: float = 180) -> "DevCluster":
+        if self.ports_file.exists() and all(self._alive(c) for c in COMPONENTS):
+            return self
+        self.down()
+        started = time.monotonic()
+        for binary in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kubectl"):
+            if not (self.bins / binary).exists():
+                raise StartError(f"{self.bins / binary} is missing: run scripts/k8s-bin first")
+        self.state.mkdir(parents=True, exist_ok=True)
+        if not (self.pki / "sa.key").exists():
+            make_pki(self.pki)
+        ports = {k: free_port() for k in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler",
+                                          "kwok")}
+        self.ports_file.write_text(json.dumps(ports))
+        kubeconfig(self.kubeconfig_path, self.server, self.pki, "admin")
+        kubeconfig(self.state / "controller-manager.kubeconfig", self.server, self.pki, "controller-manager")
+        kubeconfig(self.state / "scheduler.kubeconfig", self.server, self.pki, "scheduler")
+
+        self._start("etcd", [
+            "--name=qwen-dev", f"--data-dir={self.state / 'etcd'}",
+            f"--listen-client-urls=http://127.0.0.1:{ports['etcd']}",
+            f"--advertise-client-urls=http://127.0.0.1:{ports['etcd']}",
+            f"--listen-peer-urls=http://127.0.0.1:{ports['etcd_peer']}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{ports['etcd_peer']}",
+            f"--initial-cluster=qwen-dev=http://127.0.0.1:{ports['etcd_peer']}",
+            "--unsafe-no-fsync", "--quota-backend-bytes=4294967296", "--log-level=warn",
+        ])
+        wait_for("etcd", lambda: "true" in self._get(f"http://127.0.0.1:{ports['etcd']}/health"), 30,
+                 logs=self.logs / "etcd.log")
+        self.start_apiserver()
+        self._start("kube-controller-manager", [
+            f"--kubeconfig={self.state / 'controller-manager.kubeconfig'}",
+            f"--authentication-kubeconfig={self.state / 'controller-manager.kubeconfig'}",
+            f"--authorization-kubeconfig={self.state / 'controller-manager.kubeconfig'}",
+            "--bind-address=127.0.0.1", f"--secure-port={ports['controller_manager']}",
+            f"--service-account-private-key-file={self.pki / 'sa.key'}",
+            f"--root-ca-file={self.pki / 'ca.crt'}",
+            f"--cluster-signing-cert-file={self.pki / 'ca.crt'}", f"--cluster-signing-key-file={self.pki / 'ca.key'}",
+            "--use-service-account-credentials=true", "--leader-elect=false",
+            "--controllers=*,-node-ipam-controller",
+            "--concurrent-deployment-syncs=10", "--concurrent-job-syncs=10", "--concurrent-gc-syncs=40",
+            "--v=1",
+        ])
+        self._start("kube-scheduler", [
+            f"--kubeconfig={self.state / 'scheduler.kubeconfig'}",
+            f"--authentication-kubeconfig={self.state / 'scheduler.kubeconfig'}",
+            f"--authorization-kubeconfig={self.state / 'scheduler.kubeconfig'}",
+            "--bind-address=127.0.0.1", f"--secure-port={ports['scheduler']}", "--leader-elect=false", "--v=1",
+        ])
+        (self.state / "kwok.yaml").write_text(kwok_config())
+        self._start("kwok", [
+            f"--kubeconfig={self.kubeconfig_path}", f"--config={self.state / 'kwok.yaml'}",
+            "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            "--cidr=10.244.0.0/16", "--node-ip=127.0.0.1", f"--server-address=127.0.0.1:{ports['kwok']}",
+        ])
+        insecure = self._insecure()
+        for comp, port in (("kube-controller-manager", ports["controller_manager"]),
+                           ("kube-scheduler", ports["scheduler"])):
+            wait_for(comp, lambda port=port: self._get(f"https://127.0.0.1:{port}/healthz", insecure) == "ok", 60,
+                     logs=self.logs / f"{comp}.log")
+        self._seed()
+        wait_for("the default ServiceAccount", lambda: self.kubectl(
+            "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0, 60)
+        wait_for("kwok nodes to be Ready", self._nodes_ready, 60, logs=self.logs / "kwok.log")
+        print(f"dev-cluster: up in {time.monotonic() - started:.1f}s; export KUBECONFIG={self.kubeconfig_path}",
+              file=sys.stderr)
+        return self
+
+    def start_apiserver(self) -> None:
+        ports = self.ports
+        self._start("kube-apiserver", [
+            f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
+            f"--tls-cert-file={self.pki / 'apiserver.crt'}", f"--tls-private-key-file={self.pki / 'apiserver.key'}",
+            f"--client-ca-file={self.pki / 'ca.crt'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={self.pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={self.pki / 'sa.key'}",
+            "--service-cluster-ip-range=10.0.0.0/24", "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction", "--allow-privileged=true", "--anonymous-auth=false",
+            "--endpoint-reconciler-type=none", "--v=1",
+        ])
+        ctx = self._ssl()
+        wait_for("kube-apiserver", lambda: self._get(f"{self.server}/readyz", ctx) == "ok", 90,
+                 logs=self.logs / "kube-apiserver.log")
+
+    def stop_apiserver(self) -> None:
+        self.stop_component("kube-apiserver")
+
+    def _nodes_ready(self) -> bool:
+        out = json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)
+        ready = [n for n in out["items"] if any(c["type"] == "Ready" and c["status"] == "True"
+                                                for c in n["status"].get("conditions", []))]
+        return len(ready) == len(NODES)
+
+    def _seed(self) -> None:
+        """Nodes, a default StorageClass and a pool of PersistentVolumes."""
+        docs = []
+        for n in NODES:
+            capacity = {"cpu": n["cpu"], "memory": n["memory"], "pods": "110"}
+            node = {
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": n["name"], "annotations": {"kwok.x-k8s.io/node": "fake",
+                                                                "node.alpha.kubernetes.io/ttl": "0"},
+                             "labels": {"kubernetes.io/hostname": n["name"], "kubernetes.io/os": "linux",
+                                        "kubernetes.io/arch": "amd64", "type": "kwok"}},
+                "spec": {},
+                "status": {"capacity": capacity, "allocatable": dict(capacity)},
+            }
+            if n["gpu"]:
+                node["status"]["capacity"]["nvidia.com/gpu"] = n["gpu"]
+                node["status"]["allocatable"]["nvidia.com/gpu"] = n["gpu"]
+                node["metadata"]["labels"]["nvidia.com/gpu.present"] = "true"
+                node["spec"]["taints"] = [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+            docs.append(node)
+        docs.append({
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": "standard", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+            "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "Immediate",
+            "reclaimPolicy": "Retain", "allowVolumeExpansion": True,
+        })
+        for i in range(PV_POOL):
+            docs.append({
+                "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": f"pool-{i:03d}", "labels": {"pool": "qwen-dev"}},
+                "spec": {"capacity": {"storage": "200Gi"}, "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+                         "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "standard",
+                         "hostPath": {"path": f"/tmp/qwen-dev-pv/{i:03d}", "type": "DirectoryOrCreate"}},
+            })
+        self.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs), timeout=120)
+
+    def down(self) -> None:
+        for name in reversed(COMPONENTS):
+            self.stop_component(name)
+
+    def destroy(self) -> None:
+        self.down()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    state = Path(os.environ.get("QWEN_DEV_CLUSTER_STATE", ROOT / ".state" / "dev-cluster"))
+    cmd = argv[0] if argv else "up"
+    if cmd == "up":
+        DevCluster(state).up()
+        print(f"export KUBECONFIG={state / 'admin.kubeconfig'}")
+    elif cmd == "down":
+        DevCluster(state, bins=Path(".")).down()
+    elif cmd == "destroy":
+        DevCluster(state, bins=Path(".")).destroy()
+    elif cmd == "env":
+        print(f"export KUBECONFIG={state / 'admin.kubeconfig'}")
+    elif cmd == "kubeconfig":
+        print(state / "admin.kubeconfig")
+    else:
+        print("usage: dev-cluster up|down|destroy|env|kubeconfig", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
