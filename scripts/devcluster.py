@@ -199,7 +199,7 @@ containerStatuses:
   started: false
   state:
     terminated:
-      exitCode: 1
+      exitCode: 3
       reason: Error
       startedAt: {{ $now | Quote }}
       finishedAt: {{ $now | Quote }}
@@ -318,7 +318,7 @@ class DevCluster:
         except (ProcessLookupError, ValueError):
             return False
 
-    def stop_component(self, name: str, timeout: float = 20) -> None:
+    def stop_component(self, name: str, timeout: float = 5) -> None:
         pf = self._pidfile(name)
         if not pf.exists():
             return

@@ -109,9 +109,13 @@ class Verify(BaseModel):
     folder: CliPositionalArg[Path] = Field(description="The model folder")
 
     def cli_cmd(self) -> None:
-        from .modelcache import verify
+        from .modelcache import ModelCacheError, verify
 
-        files = verify(self.folder)
+        try:
+            files = verify(self.folder)
+        except ModelCacheError as exc:
+            exc.permanent = True
+            raise
         print(f"ok: {self.folder} ({len(files)} weight file{'s' if len(files) != 1 else ''})")
         _report(self.folder)
 
@@ -159,6 +163,12 @@ class ModelCLI(BaseSettings):
         CliApp.run_subcommand(self)
 
 
+# Exit codes of qwen-model: 0 done, 1 failed (worth retrying), 2 bad arguments, 3 failed for good (no such
+# model, no access, a broken folder), 75 stalled (the next run resumes). The fetch Job's podFailurePolicy
+# retries 1 and 75 and gives up at once on 2 and 3.
+EXIT_PERMANENT = 3
+
+
 def model_main(argv: list[str] | None = None) -> int:
     from .modelcache import ModelCacheError
 
@@ -169,7 +179,10 @@ def model_main(argv: list[str] | None = None) -> int:
         CliApp.run(ModelCLI, cli_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
         return _settings_error("qwen-model", exc)
-    except (ModelCacheError, FileExistsError, ValueError) as exc:
+    except ModelCacheError as exc:
         print(f"qwen-model: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_PERMANENT if exc.permanent else 1
+    except (FileExistsError, ValueError) as exc:
+        print(f"qwen-model: error: {exc}", file=sys.stderr)
+        return EXIT_PERMANENT
     return 0

@@ -37,7 +37,12 @@ DEMO = "demo"
 
 
 class ModelCacheError(Exception):
-    """A model that cannot be found, fetched or verified; the message says what to do."""
+    """A model that cannot be found, fetched or verified; the message says what to do. `permanent` when
+    trying again cannot help (no such model, no access, a broken folder)."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def is_hub_id(name: str) -> bool:
@@ -46,13 +51,13 @@ def is_hub_id(name: str) -> bool:
 
 def folder_name(model_id: str) -> str:
     if not is_hub_id(model_id):
-        raise ModelCacheError(f"{model_id!r} is not a hub id of the form org/name")
+        raise ModelCacheError(f"{model_id!r} is not a hub id of the form org/name", permanent=True)
     return model_id.replace("/", "--")
 
 
 def _check_revision(revision: str) -> str:
     if not REVISION.match(revision) or ".." in revision:
-        raise ModelCacheError(f"{revision!r} is not a valid revision")
+        raise ModelCacheError(f"{revision!r} is not a valid revision", permanent=True)
     return revision
 
 
@@ -244,9 +249,10 @@ def _fetch_file(client, url: str, dest: Path, size: int | None, sha256: str | No
                 if r.status_code == 416 and have:
                     break  # nothing left to fetch
                 if r.status_code in (401, 403):
-                    raise ModelCacheError(f"{dest.name}: the hub refused access ({r.status_code}); give a token (HF_TOKEN)")
+                    raise ModelCacheError(f"{dest.name}: the hub refused access ({r.status_code}); give a token "
+                                          "(HF_TOKEN)", permanent=True)
                 if r.status_code == 404:
-                    raise ModelCacheError(f"{dest.name}: not found on the hub")
+                    raise ModelCacheError(f"{dest.name}: not found on the hub", permanent=True)
                 r.raise_for_status()
                 append = have and r.status_code == 206
                 with part.open("ab" if append else "wb") as f:
@@ -324,7 +330,8 @@ def download(model_id: str, cache_dir: Path, opts: DownloadOptions, out=sys.stde
         except ModelCacheError:
             raise
         except Exception as exc:  # noqa: BLE001: every hub error becomes one clear line
-            raise ModelCacheError(f"downloading {model_id}@{opts.revision} failed: {_describe(exc)}") from exc
+            raise ModelCacheError(f"downloading {model_id}@{opts.revision} failed: {_describe(exc)}",
+                                  permanent=type(exc).__name__ in PERMANENT_HUB_ERRORS) from exc
         finally:
             progress.done.set()
         verify(partial)
@@ -351,6 +358,9 @@ def _make_readable(folder: Path) -> None:
         for f in files:
             os.chmod(os.path.join(root, f), 0o644)
     os.chmod(folder, 0o755)
+
+
+PERMANENT_HUB_ERRORS = {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"}
 
 
 def _describe(exc: BaseException) -> str:

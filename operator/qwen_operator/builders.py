@@ -205,7 +205,9 @@ def build_fetch_job(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorDe
             {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
         ],
     }
-    _placement(pod_spec, spec, gpu=False)
+    # placed like the servers (GPU nodes tolerated, not requested), so a single-node volume is fetched where
+    # the servers will mount it
+    _placement(pod_spec, spec, gpu=spec.device == "gpu")
     if spec.cache.access_mode != "ReadWriteMany":
         # a single-node volume: fetch where the servers already have it mounted
         pod_spec["affinity"] = {**pod_spec.get("affinity", {}), **_same_node_as_servers(owner, weight=100)}
@@ -216,6 +218,10 @@ def build_fetch_job(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorDe
         "spec": {
             "backoffLimit": 3,
             "activeDeadlineSeconds": spec.cache.download_timeout_seconds,
+            # qwen-model exits 2 (bad arguments) or 3 (no such model, no access): retrying cannot help
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": "fetch", "operator": "In", "values": [2, 3]}},
+            ]},
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }
@@ -237,21 +243,22 @@ def _placement(pod_spec: dict[str, Any], spec: QwenDeploymentSpec, gpu: bool) ->
         pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
 
 
-def resources(spec: QwenDeploymentSpec) -> dict[str, Any]:
+def resources(spec: QwenDeploymentSpec, key: str | None = None) -> dict[str, Any]:
     if spec.resources is not None:
         out = spec.resources.model_dump(by_alias=True, exclude_none=True)
         out = {k: {r: str(q) for r, q in v.items()} for k, v in out.items()}
         if spec.device == "gpu":
             out.setdefault("limits", {})[GPU_RESOURCE] = str(spec.gpu_count)
         return out
-    return sizing.default_resources(spec.model.name, spec.model.source, spec.device, spec.dtype, spec.gpu_count)
+    name, source = served_model(spec, key) if key else (spec.model.name, spec.model.source)
+    return sizing.default_resources(name, source, spec.device, spec.dtype, spec.gpu_count)
 
 
 def server_env(spec: QwenDeploymentSpec, key: str) -> list[dict[str, Any]]:
     e = spec.engine
     env: list[dict[str, Any]] = [
         {"name": "QWEN_MODEL", "value": model_path(key)},
-        {"name": "QWEN_SERVED_MODEL_NAME", "value": spec.served_model_name},
+        {"name": "QWEN_SERVED_MODEL_NAME", "value": spec.model.served_model_name or served_model(spec, key)[0]},
         {"name": "QWEN_HOST", "value": "0.0.0.0"},
         {"name": "QWEN_PORT", "value": str(SERVER_PORT)},
         {"name": "QWEN_DEVICE", "value": "cuda" if spec.device == "gpu" else "cpu"},
@@ -283,15 +290,30 @@ def server_env(spec: QwenDeploymentSpec, key: str) -> list[dict[str, Any]]:
     return env
 
 
+def served_model(spec: QwenDeploymentSpec, key: str) -> tuple[str, str]:
+    """(name, source) of the model at `key`: while a new model downloads, pods keep the old one's name,
+    size and probes, so nothing about them changes until the new cache is complete."""
+    if key == "demo":
+        return "demo", "demo"
+    if key.startswith("pvc:"):
+        return spec.model.name, "pvc"
+    source, rest = key.split(":", 1)
+    return rest.rsplit("@", 1)[0], source
+
+
 def spec_hash(spec: QwenDeploymentSpec, key: str) -> str:
-    return _hash({"spec": spec.model_dump(mode="json", by_alias=True), "key": key})
+    """Changes exactly when the pods must change: the spec apart from the model to fetch, and the served key."""
+    data = spec.model_dump(mode="json", by_alias=True)
+    data.pop("model")
+    return _hash({"spec": data, "key": key, "servedModelName": spec.model.served_model_name})
 
 
 def build_deployment(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorDefaults,
                      serving_key: str) -> dict[str, Any]:
     """The inference pods, serving the model at `serving_key` (the newest one complete in the cache)."""
     gpu = spec.device == "gpu"
-    startup = sizing.startup_seconds(spec.model.name, spec.model.source, spec.device, spec.dtype)
+    name, source = served_model(spec, serving_key)
+    startup = sizing.startup_seconds(name, source, spec.device, spec.dtype)
     period = 10
     container: dict[str, Any] = {
         "name": "server",
@@ -306,7 +328,7 @@ def build_deployment(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorD
         "livenessProbe": {"httpGet": {"path": "/livez", "port": "http"}, "periodSeconds": 10,
                           "timeoutSeconds": 5, "failureThreshold": 6},
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
-        "resources": resources(spec),
+        "resources": resources(spec, serving_key),
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT, "readOnly": True},
                          {"name": "tmp", "mountPath": "/tmp"}],

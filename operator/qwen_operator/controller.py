@@ -39,6 +39,7 @@ class ControllerConfig:
     resync_seconds: float = 30.0
     workers: int = 4
     force_apply_seconds: float = 300.0  # re-apply unchanged children anyway, to undo hand edits
+    monitoring_check_seconds: float = 60.0
 
 
 class Controller:
@@ -128,7 +129,7 @@ class Controller:
     # ---- one reconcile -------------------------------------------------------------------------------
     async def monitoring_available(self) -> bool:
         checked, value = self._monitoring
-        if time.monotonic() - checked < 30:
+        if time.monotonic() - checked < self.config.monitoring_check_seconds:
             return value
         sm = await asyncio.to_thread(self.kube.has_api, MONITORING_GV, "servicemonitors")
         pr = await asyncio.to_thread(self.kube.has_api, MONITORING_GV, "prometheusrules")
@@ -229,6 +230,15 @@ class Controller:
         if live is not None and not force:
             if (live.get("metadata") or {}).get("annotations", {}).get(APPLIED_HASH) == digest:
                 return live
+        if live is not None and force:
+            # server-side apply merges keyed lists: an item someone else changed (a Service port edited by
+            # hand) would stay beside ours. Put drifted spec fields back whole first, with a merge patch.
+            have = live.get("spec") or {}
+            drift = {k: v for k, v in (desired.get("spec") or {}).items() if not subset(v, have.get(k))}
+            if drift:
+                log.info("%s %s/%s drifted in %s; restoring", desired["kind"], desired["metadata"]["namespace"],
+                         desired["metadata"]["name"], ", ".join(sorted(drift)))
+                await asyncio.to_thread(self.kube.merge_patch, desired, {"spec": drift})
         metrics.APPLIES.labels(desired["kind"]).inc()
         return await asyncio.to_thread(self.kube.apply, desired)
 
@@ -272,6 +282,17 @@ class Controller:
             counts[p] = counts.get(p, 0) + 1
         for phase in ("Pending", "Downloading", "Starting", "Ready", "Degraded", "Failed"):
             metrics.PHASES.labels(phase).set(counts.get(phase, 0))
+
+
+def subset(want: Any, have: Any) -> bool:
+    """Whether the live value `have` holds everything of `want` (the server adds defaults, never removes)."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(subset(v, have.get(k)) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and len(want) == len(have) and all(subset(w, h) for w, h in zip(want, have))
+    if want is None:
+        return have is None
+    return want == have or str(want) == str(have)
 
 
 def _owned_by(obj: dict, owner: Owner) -> bool:

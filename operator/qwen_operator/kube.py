@@ -93,6 +93,12 @@ class Kube:
         return self._call("PATCH", path, body=obj, query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
                           content_type="application/apply-patch+yaml")
 
+    def merge_patch(self, obj: dict, patch: dict) -> dict:
+        meta = obj["metadata"]
+        path = self.path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        return self._call("PATCH", path, body=patch, query=[("fieldManager", FIELD_MANAGER)],
+                          content_type="application/merge-patch+json")
+
     def delete(self, api_version: str, kind: str, namespace: str, name: str, propagation: str = "Background") -> bool:
         try:
             self._call("DELETE", self.path(api_version, kind, namespace, name),

@@ -22,6 +22,8 @@ class OperatorSettings(BaseSettings):
     resync_seconds: float = Field(30.0, gt=0, description="Every QwenDeployment is reconciled at least this often.")
     force_apply_seconds: float = Field(300.0, gt=0, description="Children are re-applied at least this often, "
                                        "undoing hand edits.")
+    monitoring_check_seconds: float = Field(60.0, gt=0, description="How often to look for the Prometheus "
+                                            "Operator's CRDs.")
     workers: int = Field(4, ge=1, le=64, description="QwenDeployments reconciled at once.")
     watch_server_timeout: int = Field(300, ge=1, description="Seconds the API server keeps one watch open.")
     watch_client_timeout: int = Field(330, ge=1, description="Seconds before the operator drops a silent watch.")

@@ -149,7 +149,7 @@ def test_two_concurrent_downloads_leave_one_good_copy(hub, sharded_model, tmp_pa
 
 def test_unknown_model_fails_clearly(hub, tmp_path):
     r = qwen_model("download", "Qwen/Does-Not-Exist", "--cache-dir", str(tmp_path / "c"), hub=hub, tmp_path=tmp_path)
-    assert r.returncode == 1
+    assert r.returncode == 3  # for good: the fetch Job does not retry it
     assert "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -157,7 +157,7 @@ def test_gated_model_needs_a_token(hub, sharded_model, tmp_path):
     hub.state.token = "hf_secret"
     cache = tmp_path / "c"
     r = qwen_model("download", REPO, "--cache-dir", str(cache), hub=hub, tmp_path=tmp_path)
-    assert r.returncode == 1 and "token" in r.stderr.lower()
+    assert r.returncode == 3 and "token" in r.stderr.lower()
     r = qwen_model("download", REPO, "--cache-dir", str(cache), hub=hub, tmp_path=tmp_path, HF_TOKEN="hf_secret")
     assert r.returncode == 0, r.stderr
     same_files(sharded_model, model_path(cache, REPO, "main"))
@@ -175,9 +175,9 @@ def test_a_stalled_download_gives_up(hub, sharded_model, tmp_path):
 
 def test_bad_arguments(hub, tmp_path):
     r = qwen_model("download", "not a repo id", "--cache-dir", str(tmp_path), hub=hub, tmp_path=tmp_path)
-    assert r.returncode == 1 and "org/name" in r.stderr
+    assert r.returncode == 3 and "org/name" in r.stderr
     r = qwen_model("download", REPO, "--cache-dir", str(tmp_path), "--revision", "../x", hub=hub, tmp_path=tmp_path)
-    assert r.returncode == 1 and "revision" in r.stderr
+    assert r.returncode == 3 and "revision" in r.stderr
     r = qwen_model("download", REPO, "--cache-dir", str(tmp_path), "--source", "ftp", hub=hub, tmp_path=tmp_path)
     assert r.returncode == 2
 
@@ -241,7 +241,7 @@ def test_verify_refuses_missing_metadata(copy, missing, message):
 def test_verify_cli_exit_code(copy, tmp_path, hub):
     (copy / "config.json").write_text("{not json")
     r = qwen_model("verify", str(copy), hub=hub, tmp_path=tmp_path)
-    assert r.returncode == 1 and "config.json is unreadable" in r.stderr
+    assert r.returncode == 3 and "config.json is unreadable" in r.stderr
 
 
 def test_resolve_errors(tmp_path):
