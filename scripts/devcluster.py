@@ -33,11 +33,11 @@ SIMULATE = "qwen-test.io/simulate"  # pod annotation the test stages react to (w
 UNFETCHABLE = "qwen-test/unfetchable"  # a model whose fetch Job fails, as a missing hub repo would
 
 NODES = [
-    {"name": "cpu-node-1", "cpu": "8", "memory": "32Gi", "gpu": None},
-    {"name": "cpu-node-2", "cpu": "8", "memory": "32Gi", "gpu": None},
-    {"name": "gpu-node-1", "cpu": "16", "memory": "64Gi", "gpu": "2"},
+    {"name": "cpu-node-1", "cpu": "32", "memory": "128Gi", "gpu": None},
+    {"name": "cpu-node-2", "cpu": "32", "memory": "128Gi", "gpu": None},
+    {"name": "gpu-node-1", "cpu": "32", "memory": "256Gi", "gpu": "2"},
 ]
-PV_POOL = 80
+PV_POOL = 160
 
 
 def bin_dir() -> Path:
@@ -435,10 +435,23 @@ class DevCluster:
             "--service-cluster-ip-range=10.0.0.0/24", "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NodeRestriction", "--allow-privileged=true", "--anonymous-auth=false",
             "--endpoint-reconciler-type=none", "--v=1",
+            f"--audit-policy-file={self._audit_policy()}", f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json", "--audit-log-maxsize=200",
         ])
         ctx = self._ssl()
         wait_for("kube-apiserver", lambda: self._get(f"{self.server}/readyz", ctx) == "ok", 90,
                  logs=self.logs / "kube-apiserver.log")
+
+    @property
+    def audit_log(self) -> Path:
+        return self.logs / "audit.log"
+
+    def _audit_policy(self) -> Path:
+        """Every request at Metadata level: who did what to which resource (the RBAC test reads it)."""
+        path = self.state / "audit-policy.yaml"
+        path.write_text(json.dumps({"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+                                    "omitStages": ["RequestReceived"], "rules": [{"level": "Metadata"}]}))
+        return path
 
     def stop_apiserver(self) -> None:
         self.stop_component("kube-apiserver")

@@ -205,14 +205,14 @@ class Controller:
 
         sm = builders.build_service_monitor(owner, spec)
         pr = builders.build_prometheus_rule(owner, spec)
-        if sm is None and pr is None:
-            obs.monitoring = "disabled"
-        elif not await self.monitoring_available():
-            obs.monitoring = "missing"
-        else:
+        available = await self.monitoring_available()
+        if available:  # also when disabled: what an earlier spec made goes
             await self._optional(sm, MONITORING_GV, "ServiceMonitor", owner, force)
             await self._optional(pr, MONITORING_GV, "PrometheusRule", owner, force)
-            obs.monitoring = "applied"
+        if sm is None and pr is None:
+            obs.monitoring = "disabled"
+        else:
+            obs.monitoring = "applied" if available else "missing"
 
     async def _optional(self, desired: dict | None, api_version: str, kind: str, owner: Owner, force: bool) -> None:
         live = await asyncio.to_thread(self.kube.get, api_version, kind, owner.namespace, owner.name)
@@ -303,7 +303,7 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-MAX_NAME = 42
+from .crd import MAX_NAME  # noqa: E402
 
 
 def parse_spec(raw: dict[str, Any], name: str) -> tuple[QwenDeploymentSpec | None, str | None]:

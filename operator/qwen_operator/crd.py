@@ -18,6 +18,7 @@ from . import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from .spec import QwenDeploymentSpec, QwenDeploymentStatus
 
 DROP = {"title"}
+MAX_NAME = 42
 
 
 def _inline(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +114,10 @@ def build_crd() -> dict[str, Any]:
         "description": "A chat model served by qwen-serve: a model cache, a download Job, inference pods, a "
                        "Service and, with the Prometheus Operator, a ServiceMonitor and a PrometheusRule.",
         "required": ["spec"],
+        "x-kubernetes-validations": [{
+            "rule": f"size(self.metadata.name) <= {MAX_NAME}",
+            "message": f"metadata.name must be at most {MAX_NAME} characters: it names the Service, the pods and the Jobs",
+        }],
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},

@@ -36,6 +36,7 @@ class Cluster:
     def __init__(self, dc: devcluster.DevCluster) -> None:
         self.dc = dc
         self.bins = dc.bins
+        self.made: list[str] = []  # namespaces made by the running test, deleted after it
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60,
                 kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
@@ -69,6 +70,7 @@ class Cluster:
         if labels:
             meta["labels"] = labels
         self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": meta})
+        self.made.append(name)
         return name
 
     def wait(self, what: str, check, timeout: float = 90, interval: float = 0.5):
@@ -216,6 +218,17 @@ def operator(cluster, tmp_path_factory) -> Operator:
     op.start()
     yield op
     op.stop()
+
+
+@pytest.fixture(autouse=True)
+def _clean_namespaces(request):
+    """Each test's namespaces go when it ends, so the fake nodes never fill up."""
+    yield
+    if "cluster" in request.fixturenames:
+        c = request.getfixturevalue("cluster")
+        if c.made:
+            c.kubectl("delete", "namespace", *c.made, "--wait=false", check=False)
+            c.made.clear()
 
 
 def example(name: str) -> dict:

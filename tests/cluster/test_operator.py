@@ -273,7 +273,7 @@ def test_failing_pods_make_it_degraded_with_the_reason(cluster, operator, simula
 
 def test_unschedulable_pods_are_reported(cluster, operator):
     ns = cluster.namespace("sched")
-    cluster.apply(demo(resources={"requests": {"cpu": "64", "memory": "1Gi"}, "limits": {"cpu": "64", "memory": "1Gi"}}), ns)
+    cluster.apply(demo(resources={"requests": {"cpu": "500", "memory": "1Gi"}, "limits": {"cpu": "500", "memory": "1Gi"}}), ns)
     degraded = cluster.wait_phase("demo", ns, "Degraded")
     assert degraded["status"]["reason"] == "Unschedulable"
     assert "Insufficient cpu" in degraded["status"]["message"]
