@@ -269,6 +269,7 @@ class DevCluster:
         self.logs = self.state / "logs"
         self.run = self.state / "run"
         self.ports_file = self.state / "ports.json"
+        self.apiserver_starts: list[float] = []  # wall-clock times the API server became ready
 
     # paths and addresses
     @property
@@ -441,6 +442,7 @@ class DevCluster:
         ctx = self._ssl()
         wait_for("kube-apiserver", lambda: self._get(f"{self.server}/readyz", ctx) == "ok", 90,
                  logs=self.logs / "kube-apiserver.log")
+        self.apiserver_starts.append(time.time())
 
     @property
     def audit_log(self) -> Path:

@@ -214,6 +214,7 @@ def operator(cluster, tmp_path_factory) -> Operator:
             ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
     cluster.apply(docs)
     op = Operator(cluster, tmp_path_factory.mktemp("operator"))
+    op.rbac_applied_at = time.time()
     op.credentials()
     op.start()
     yield op
