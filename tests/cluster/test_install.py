@@ -59,6 +59,13 @@ def test_namespaced_mode_uses_roles_not_a_cluster_role():
     assert env["QWEN_OPERATOR_NAMESPACES"] == "a,b"
 
 
+def test_install_bundle_is_accepted_by_the_api_server(cluster):
+    r = cluster.kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts", "-f",
+                        str(ROOT / "manifests" / "install.yaml"), check=False)
+    assert r.returncode == 0, r.stderr
+    assert "customresourcedefinition.apiextensions.k8s.io/qwendeployments.qwen-operator.io" in r.stdout
+
+
 def test_helm_install_brings_up_a_model(cluster):
     ns = cluster.namespace("helm")
     helm(cluster, "install", "qwen-install", str(CHART), "--namespace", ns, "--wait", "--timeout", "120s",
