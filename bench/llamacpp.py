@@ -1,0 +1,92 @@
+"""llama.cpp's own llama-server, built from the sources vendored in the llama-cpp-python sdist from PyPI, and
+the benchmark model converted to GGUF with that tree's convert_hf_to_gguf.py. Built once and cached in
+${XDG_CACHE_HOME:-~/.cache}/qwen-operator/llama.cpp/<version>/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+VERSION = "0.3.36"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-operator" / "llama.cpp" / VERSION
+
+
+def log(msg: str) -> None:
+    print(f"llama.cpp: {msg}", file=sys.stderr, flush=True)
+
+
+def source_dir() -> Path:
+    src = CACHE / "src"
+    if (src / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
+        return src / "vendor" / "llama.cpp"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    dl = CACHE / "sdist"
+    subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={VERSION}", "--no-binary", ":all:",
+                    "--no-deps", "--no-build-isolation", "-d", str(dl)], check=True, capture_output=True)
+    archive = next(dl.glob("llama_cpp_python-*.tar.gz"))
+    tmp = CACHE / "src.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(archive) as tf:
+        tf.extractall(tmp, filter="data")
+    inner = next(tmp.iterdir())
+    shutil.rmtree(src, ignore_errors=True)
+    inner.rename(src)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return src / "vendor" / "llama.cpp"
+
+
+def binaries() -> Path:
+    build = CACHE / "build"
+    server, bench = build / "bin" / "llama-server", build / "bin" / "llama-bench"
+    if server.exists() and bench.exists():
+        return build / "bin"
+    src = source_dir()
+    started = time.monotonic()
+    log(f"building llama-server from {src} (several minutes, once)")
+    subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                    "-DGGML_NATIVE=ON"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "llama-bench", "-j2"], check=True,
+                   capture_output=True)
+    log(f"built in {time.monotonic() - started:.0f}s")
+    return build / "bin"
+
+
+CONVERT = """
+import sys
+sys.path.insert(0, {gguf_py!r})
+sys.path.insert(0, {src!r})
+import convert_hf_to_gguf as c
+# the random model's tokenizer is Qwen2's design with a vocabulary llama.cpp does not know by hash
+for name in dir(c):
+    cls = getattr(c, name)
+    if isinstance(cls, type) and hasattr(cls, "get_vocab_base_pre"):
+        orig = cls.get_vocab_base_pre
+        def patched(self, tokenizer, _orig=orig):
+            try:
+                return _orig(self, tokenizer)
+            except NotImplementedError:
+                return "qwen2"
+        cls.get_vocab_base_pre = patched
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[1:]
+c.main()
+"""
+
+
+def convert(model_dir: Path, outtype: str) -> Path:
+    out = CACHE / "models" / f"{model_dir.name}-{outtype}.gguf"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    src = source_dir()
+    log(f"converting {model_dir} to {outtype}")
+    tmp = out.with_suffix(".tmp")
+    subprocess.run([sys.executable, "-c", CONVERT.format(gguf_py=str(src / "gguf-py"), src=str(src)), str(model_dir),
+                    "--outtype", outtype, "--outfile", str(tmp)], check=True, capture_output=True)
+    tmp.rename(out)
+    return out
