@@ -269,7 +269,7 @@ class DevCluster:
         self.logs = self.state / "logs"
         self.run = self.state / "run"
         self.ports_file = self.state / "ports.json"
-        self.apiserver_starts: list[float] = []  # wall-clock times the API server became ready
+        self.apiserver_starts: list[float] = []  # wall-clock times the API server was (re)started
 
     # paths and addresses
     @property
@@ -425,6 +425,7 @@ class DevCluster:
 
     def start_apiserver(self) -> None:
         ports = self.ports
+        self.apiserver_starts.append(time.time())
         self._start("kube-apiserver", [
             f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
@@ -442,7 +443,6 @@ class DevCluster:
         ctx = self._ssl()
         wait_for("kube-apiserver", lambda: self._get(f"{self.server}/readyz", ctx) == "ok", 90,
                  logs=self.logs / "kube-apiserver.log")
-        self.apiserver_starts.append(time.time())
 
     @property
     def audit_log(self) -> Path:

@@ -68,8 +68,8 @@ def live(tiny_model, tmp_path_factory):
             proc.wait(20)
 
 
-def traffic(server) -> None:
-    """Successes, client errors and server errors, over a few scrapes."""
+def traffic_round(server, i: int) -> None:
+    """One success, one server error (an injected generation failure) and one client error."""
     engine = server.state.model.engine
 
     def poison(seqs):
@@ -78,21 +78,23 @@ def traffic(server) -> None:
 
     engine.fault_hook = poison
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
-    try:
-        with httpx.Client(base_url=server.url, timeout=60) as c:
-            for i in range(12):
-                threads = [threading.Thread(target=c.post, args=("/v1/chat/completions",),
-                                            kwargs={"json": {**body, "stream": i % 2 == 0}})]
-                threads.append(threading.Thread(target=c.post, args=("/v1/chat/completions",),
-                                                kwargs={"json": body, "headers": {"X-Request-ID": f"fail-{i}"}}))
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                c.post("/v1/chat/completions", json={"messages": []})
-                time.sleep(0.4)
-    finally:
-        engine.fault_hook = None
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        threads = [threading.Thread(target=c.post, args=("/v1/chat/completions",),
+                                    kwargs={"json": {**body, "stream": i % 2 == 0}}),
+                   threading.Thread(target=c.post, args=("/v1/chat/completions",),
+                                    kwargs={"json": body, "headers": {"X-Request-ID": f"fail-{i}"}})]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        c.post("/v1/chat/completions", json={"messages": []})
+
+
+def traffic(server) -> None:
+    """Successes, client errors and server errors, over a few scrapes."""
+    for i in range(12):
+        traffic_round(server, i)
+        time.sleep(0.4)
 
 
 def query(url: str, expr: str) -> list[dict]:
@@ -186,12 +188,26 @@ def test_recording_rules_produce_series(live):
 
 
 def test_the_error_rate_alert_fires(live):
-    _, url = live
+    server, url = live
 
     def firing():
         alerts = httpx.get(url + "/api/v1/alerts").json()["data"]["alerts"]
         return [a for a in alerts if a["labels"]["alertname"] == "QwenHighErrorRate" and a["state"] == "firing"]
-    alerts = eventually(firing, timeout=60)
+
+    stop = threading.Event()
+
+    def keep_failing():  # errors keep coming while Prometheus evaluates, as in an incident
+        while not stop.is_set():
+            traffic_round(server, 0)
+            time.sleep(0.3)
+
+    t = threading.Thread(target=keep_failing, daemon=True)
+    t.start()
+    try:
+        alerts = eventually(firing, timeout=90)
+    finally:
+        stop.set()
+        t.join(30)
     assert alerts, httpx.get(url + "/api/v1/alerts").json()
     a = alerts[0]
     assert a["labels"]["namespace"] == NS and a["labels"]["service"] == SVC and a["labels"]["severity"] == "critical"

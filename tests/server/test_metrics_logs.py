@@ -53,13 +53,31 @@ def test_unknown_paths_share_one_label(client):
     assert 'endpoint="other"' in text
 
 
-def test_one_json_log_line_per_request_without_prompt(client, caplog):
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_one_json_log_line_per_request_without_prompt(client):
     secret = "my secret prompt text"
-    with caplog.at_level(logging.INFO, logger="qwen_inference.access"):
+    access = logging.getLogger("qwen_inference.access")
+    access.disabled = False  # a library's logging.config call elsewhere in the session may have disabled it
+    collect = Collect()
+    access.addHandler(collect)
+    old_level = access.level
+    access.setLevel(logging.INFO)
+    try:
         r = client.post("/v1/chat/completions", headers={"X-Request-ID": "log-check-1"},
                         json={"messages": [{"role": "user", "content": secret}], "max_tokens": 3})
+    finally:
+        access.removeHandler(collect)
+        access.setLevel(old_level)
     assert r.status_code == 200
-    records = [rec for rec in caplog.records if getattr(rec, "request_id", None) == "log-check-1"]
+    records = [rec for rec in collect.records if getattr(rec, "request_id", None) == "log-check-1"]
     assert len(records) == 1
     line = JsonFormatter().format(records[0])
     assert "\n" not in line
@@ -71,4 +89,4 @@ def test_one_json_log_line_per_request_without_prompt(client, caplog):
     assert entry["input_tokens"] == r.json()["usage"]["prompt_tokens"]
     assert entry["path"] == "/v1/chat/completions"
     assert secret not in line
-    assert not any(secret in JsonFormatter().format(rec) for rec in caplog.records)
+    assert not any(secret in JsonFormatter().format(rec) for rec in collect.records)

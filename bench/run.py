@@ -1,0 +1,209 @@
+"""`make bench`: qwen-serve, the seeds' design and llama.cpp's llama-server, side by side in one run on the same
+random-weight model of Qwen2.5-0.5B's architecture; writes bench/results/<date>.json, .png and .md.
+
+    python -m bench.run                  # the full comparison (builds llama.cpp once, about 8 minutes)
+    python -m bench.run --smoke          # the harness on the tiny model: what CI runs
+    python -m bench.run --skip-llamacpp  # qwen-serve and the baseline only
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-operator"
+PROMPT_TOKENS = 70
+LONG_PROMPT_TOKENS = 256
+OUTPUT_TOKENS = 48
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_dir(smoke: bool) -> Path:
+    from qwen_inference.random_model import make_random_model
+
+    preset, dtype = ("tiny", "float32") if smoke else ("qwen2.5-0.5b", "bfloat16")
+    out = CACHE / "bench-models" / f"{preset}-{dtype}"
+    if not out.is_dir():
+        log(f"making the random {preset} model in {out}")
+        make_random_model(preset, out, dtype)
+    return out
+
+
+def words_for(tokens: int, model: Path) -> int:
+    """How many prompt words give about `tokens` prompt tokens, chat template included."""
+    from transformers import AutoTokenizer
+
+    from qwen_inference.bench.load import prompt_text
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+
+    def count(n: int) -> int:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt_text(n, 1)}], tokenize=False,
+                                       add_generation_prompt=True)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    lo, hi = 1, tokens
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count(mid) < tokens:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+class Server:
+    def __init__(self, label: str, cmd: list[str], port: int, health: str, env: dict | None = None) -> None:
+        self.label, self.cmd, self.port, self.health = label, cmd, port, health
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log = CACHE / "bench-logs" / f"{label}.log"
+
+    def __enter__(self) -> "Server":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label} exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}{self.health}", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.label} did not become healthy")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+async def measure(server: Server, levels: list[int], words: int, long_words: int, smoke: bool) -> dict:
+    from qwen_inference.bench.load import run_level, summary_line
+
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    pid = server.proc.pid
+    # a warm-up request, not counted
+    await run_level(url, None, 1, 1, words, 4, seed=10**6, pid=None)
+    out = {"label": server.label, "levels": []}
+    for i, c in enumerate(levels):
+        n = 2 if smoke else (3 if c == 1 else c)
+        level = await run_level(url, None, c, n, words, OUTPUT_TOKENS if not smoke else 8, seed=1000 * (i + 1),
+                                pid=pid)
+        log(f"{server.label}: {summary_line(level)}")
+        out["levels"].append(asdict(level))
+    long = await run_level(url, None, 1, 1 if smoke else 3, long_words, 4, seed=777000, pid=pid)
+    log(f"{server.label}: {LONG_PROMPT_TOKENS}-token prompt alone: ttft p50 {long.ttft_p50:.2f}s")
+    out["ttft_long_prompt_p50"] = long.ttft_p50
+    out["peak_rss_bytes"] = max([lv["peak_rss_bytes"] or 0 for lv in out["levels"]] + [long.peak_rss_bytes or 0])
+    return out
+
+
+def servers(model: Path, smoke: bool, skip_llamacpp: bool) -> list[Server]:
+    py = sys.executable
+    bin_dir = Path(py).parent
+    dtype = "float32" if smoke else "auto"
+    p = free_port()
+    out = [Server("qwen-serve", [str(bin_dir / "qwen-serve"), "--model", str(model), "--port", str(p),
+                                 "--dtype", dtype, "--max-concurrency", "16", "--log-level", "warning"], p, "/health")]
+    p = free_port()
+    out.append(Server("seeds-design", [py, "-m", "bench.baselines.seed_server", "--model", str(model), "--port", str(p)],
+                      p, "/health", env={"PYTHONPATH": str(ROOT)}))
+    if not smoke and not skip_llamacpp:
+        from . import llamacpp
+
+        bins = llamacpp.binaries()
+        for outtype in ("bf16", "q8_0"):
+            gguf = llamacpp.convert(model, outtype)
+            p = free_port()
+            out.append(Server(f"llama.cpp-{outtype}", [str(bins / "llama-server"), "-m", str(gguf), "--port", str(p),
+                                                      "--host", "127.0.0.1", "-np", "16", "-c", str(16 * 512),
+                                                      "-t", "2", "--no-webui"], p, "/health"))
+    return out
+
+
+def table(runs: list[dict], baseline: str = "seeds-design") -> str:
+    base = next((r for r in runs if r["label"] == baseline), None)
+
+    def level(run, c):
+        return next((lv for lv in run["levels"] if lv["concurrency"] == c), None)
+
+    top = max(lv["concurrency"] for lv in runs[0]["levels"])
+    rows = ["| server | 1 stream: tok/s | ×baseline | " + f"{top} streams: tok/s | ×baseline | TTFT p50 @{top} | "
+            f"TTFT, {LONG_PROMPT_TOKENS}-token prompt alone | peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        one, many = level(r, 1), level(r, top)
+        b1, bm = (level(base, 1), level(base, top)) if base else (None, None)
+        ratio = lambda x, y: f"{x['tokens_per_second'] / y['tokens_per_second']:.1f}×" if x and y and y["tokens_per_second"] else "–"  # noqa: E731
+        rows.append(f"| {r['label']} | {one['tokens_per_second']:.1f} | {ratio(one, b1)} | "
+                    f"{many['tokens_per_second']:.1f} | {ratio(many, bm)} | {many['ttft_p50']:.2f} s | "
+                    f"{r['ttft_long_prompt_p50']:.2f} s | {r['peak_rss_bytes'] / 2**30:.2f} GiB |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="make bench")
+    ap.add_argument("--smoke", action="store_true", help="the harness on the tiny model (CI)")
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--levels", default=None, help="concurrency levels, e.g. 1,4,16")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--only", default=None, help="comma-separated server labels to run")
+    a = ap.parse_args(argv)
+    levels = [int(x) for x in (a.levels or ("1,2" if a.smoke else "1,4,16")).split(",")]
+    model = model_dir(a.smoke)
+    words = words_for(PROMPT_TOKENS, model)
+    long_words = words_for(LONG_PROMPT_TOKENS, model)
+    log(f"model {model}; {words} words ≈ {PROMPT_TOKENS} prompt tokens; {long_words} ≈ {LONG_PROMPT_TOKENS}")
+    runs = []
+    for server in servers(model, a.smoke, a.skip_llamacpp):
+        if a.only and server.label not in a.only.split(","):
+            continue
+        log(f"starting {server.label}")
+        with server:
+            runs.append(asyncio.run(measure(server, levels, words, long_words, a.smoke)))
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = "smoke" if a.smoke else dt.date.today().isoformat()
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": model.name,
+            "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS, "levels": levels,
+            "cpus": os.cpu_count(), "command": "python -m bench.run " + " ".join(argv or sys.argv[1:])}
+    (a.out_dir / f"{stamp}.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
+    from qwen_inference.bench.cli import chart
+
+    chart(runs, a.out_dir / f"{stamp}.png", title=f"{model.name}, {PROMPT_TOKENS}-token prompts, "
+                                                  f"{OUTPUT_TOKENS} tokens out")
+    md = f"Run {meta['date']} on {meta['cpus']} CPUs, model {model.name}: `{meta['command']}`\n\n" + table(runs) + "\n"
+    (a.out_dir / f"{stamp}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
