@@ -59,6 +59,7 @@ class ServerState:
         return True, "ok"
 
     def load(self) -> None:
+        """Load the model (the engine loop is started by the caller)."""
         from .loader import load
 
         started = time.monotonic()
@@ -77,7 +78,14 @@ class ServerState:
                                        "load_seconds": round(time.monotonic() - started, 2)})
 
     def start_loading(self) -> None:
-        self.load_thread = threading.Thread(target=self.load, name="qwen-load", daemon=True)
+        """One thread loads the model and then runs the engine loop: all model work stays on one thread."""
+
+        def load_and_run() -> None:
+            self.load()
+            if self.model is not None:
+                self.model.engine.run()
+
+        self.load_thread = threading.Thread(target=load_and_run, name="qwen-engine", daemon=True)
         self.load_thread.start()
 
     def stop(self) -> None:

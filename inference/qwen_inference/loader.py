@@ -114,7 +114,6 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
         default_seed=settings.seed,
         metrics=metrics,
     )
-    engine.start()
     return LoadedModel(
         path=path,
         tokenizer=tokenizer,

@@ -325,7 +325,8 @@ def test_health_503_while_loading_then_200(tiny_model):
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
         assert r.headers["retry-after"]
         assert "qwen_model_loaded 0.0" in httpx.get(s.url + "/metrics").text
-        s.state.load()
+        s.state.start_loading()
+        s.wait_ready()
         assert httpx.get(s.url + "/health").status_code == 200
         assert "qwen_model_loaded 1.0" in httpx.get(s.url + "/metrics").text
 
@@ -333,7 +334,8 @@ def test_health_503_while_loading_then_200(tiny_model):
 def test_health_503_when_loading_fails(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with running_server(tmp_path / "nothing-here", _load=False) as s:
-        s.state.load()
+        s.state.start_loading()
+        s.state.load_thread.join(60)
         r = httpx.get(s.url + "/health")
         assert r.status_code == 503 and "loading the model failed" in r.json()["reason"]
 

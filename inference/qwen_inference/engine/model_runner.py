@@ -20,6 +20,19 @@ from .kv_cache import KVCache
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = {"qwen2", "qwen3", "llama"}
+UPCAST_MIN_TOKENS = 48
+
+
+def _release_memory() -> None:
+    """Hand freed heap memory back to the OS after loading, so the resident size is the weights' size."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 class UnsupportedModel(ValueError):
@@ -110,16 +123,25 @@ class ModelRunner:
         self.layer_devices = [devices[min(i // per, n_dev - 1)] for i in range(self.num_layers)]
         self.first_device, self.last_device = devices[0], self.layer_devices[-1]
         inner = model.model
-        self.embed = inner.embed_tokens.weight.detach().to(self.first_device)
         self.layers: list[LayerWeights] = []
         with torch.no_grad():
             for i, layer in enumerate(inner.layers):
                 self.layers.append(self._fuse(layer, self.layer_devices[i]))
                 inner.layers[i] = torch.nn.Identity()  # let the original weights go
-        self.norm = inner.norm.weight.detach().to(self.last_device)
-        self.lm_head = model.lm_head.weight.detach().to(self.last_device)
+        # owned copies: nothing may keep the checkpoint's memory map (or its pages) alive
+        tied = model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
+        self.embed = inner.embed_tokens.weight.detach().to(self.first_device, copy=True)
+        self.norm = inner.norm.weight.detach().to(self.last_device, copy=True)
+        if tied and self.last_device == self.first_device:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = model.lm_head.weight.detach().to(self.last_device, copy=True)
         self.rotary = {d: self._rotary_for(inner.rotary_emb, d) for d in set(self.layer_devices)}
-        del model
+        del model, inner
+        _release_memory()
+        # On CPUs, bfloat16 matmuls win while memory-bound (decode) but lose to float32 once compute-bound:
+        # on big steps (prompt chunks), weights are widened to float32 one layer at a time.
+        self.upcast_min_tokens = UPCAST_MIN_TOKENS if (dtype == torch.bfloat16 and devices[0].type == "cpu") else None
 
     def _fuse(self, layer, device: torch.device) -> LayerWeights:
         att, mlp = layer.self_attn, layer.mlp
@@ -192,45 +214,54 @@ class ModelRunner:
 
         x = F.embedding(step.token_ids.to(self.first_device), self.embed)
         T = x.shape[0]
+        wide = self.upcast_min_tokens is not None and T >= self.upcast_min_tokens
+        if wide:
+            x = x.float()
+        act = x.dtype
+
+        def w(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.float() if wide and t is not None else t
+
         H, KV, D, G = self.num_heads, self.kv_heads, self.head_dim, self.groups
         B = step.num_decode
         for li, lw in enumerate(self.layers):
             if x.device != lw.device:
                 x = x.to(lw.device)
             m = on(lw.device)
-            h = self._rms(x, lw.ln1)
-            qkv = F.linear(h, lw.wqkv, lw.bqkv)
+            h = self._rms(x, w(lw.ln1))
+            qkv = F.linear(h, w(lw.wqkv), w(lw.bqkv))
             q = qkv[:, : H * D].view(T, H, D)
             k = qkv[:, H * D : (H + KV) * D].view(T, KV, D)
             v = qkv[:, (H + KV) * D :].view(T, KV, D)
             if lw.q_norm is not None:
-                q = self._rms(q, lw.q_norm)
-                k = self._rms(k, lw.k_norm)
-            q = self._rotate(q, m["cos"], m["sin"])
-            k = self._rotate(k, m["cos"], m["sin"])
+                q = self._rms(q, w(lw.q_norm))
+                k = self._rms(k, w(lw.k_norm))
+            cos, sin = (m["cos"].to(act), m["sin"].to(act)) if wide else (m["cos"], m["sin"])
+            q = self._rotate(q, cos, sin)
+            k = self._rotate(k, cos, sin)
             kc, vc = cache.k[li], cache.v[li]
-            kc.index_copy_(0, m["slots"], k)
-            vc.index_copy_(0, m["slots"], v)
-            out = torch.empty(T, H * D, dtype=x.dtype, device=x.device)
+            kc.index_copy_(0, m["slots"], k.to(kc.dtype))
+            vc.index_copy_(0, m["slots"], v.to(vc.dtype))
+            out = torch.empty(T, H * D, dtype=act, device=x.device)
             if B:
                 g = m["dgather"]
                 qd = q[:B].view(B, KV, G, D)
-                kd = kc[g].transpose(1, 2)
-                vd = vc[g].transpose(1, 2)
+                kd = kc[g].to(act).transpose(1, 2)
+                vd = vc[g].to(act).transpose(1, 2)
                 od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=m["dmask"])
                 out[:B] = od.reshape(B, H * D)
             for start, n, gather, mask in m["prefills"]:
                 qs = q[start : start + n].view(n, KV, G, D).permute(1, 2, 0, 3).reshape(1, KV, G * n, D)
-                ks = kc[gather].transpose(0, 1)[None]
-                vs = vc[gather].transpose(0, 1)[None]
+                ks = kc[gather].to(act).transpose(0, 1)[None]
+                vs = vc[gather].to(act).transpose(0, 1)[None]
                 os_ = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
                 out[start : start + n] = os_.view(KV, G, n, D).permute(2, 0, 1, 3).reshape(n, H * D)
-            x = x + F.linear(out, lw.wo)
-            h = self._rms(x, lw.ln2)
-            gu = F.linear(h, lw.w_gate_up)
+            x = x + F.linear(out, w(lw.wo))
+            h = self._rms(x, w(lw.ln2))
+            gu = F.linear(h, w(lw.w_gate_up))
             inter = gu.shape[-1] // 2
-            x = x + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], lw.w_down)
+            x = x + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w(lw.w_down))
         x = x.to(self.last_device)
         rows = step.logit_rows.to(self.last_device)
-        h = self._rms(x[rows], self.norm)
+        h = self._rms(x[rows].to(self.dtype), self.norm)
         return F.linear(h, self.lm_head).float()
