@@ -79,7 +79,7 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
 
         log.warning("the tokenizer has no chat template; using Qwen2.5's ChatML template")
         tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
-    runner = ModelRunner(path, dtype, devices)
+    runner = ModelRunner(path, dtype, devices, quantize=settings.quantize)
     model_max = int(getattr(runner.config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
     if settings.max_model_len is not None and settings.max_model_len > model_max:
         raise ValueError(f"--max-model-len {settings.max_model_len} exceeds the model's {model_max} positions")
@@ -119,7 +119,7 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
         tokenizer=tokenizer,
         engine=engine,
         max_model_len=max_model_len,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch.") + ("+int8" if settings.quantize == "int8" else ""),
         device=device_kind if len(devices) == 1 else f"{device_kind}x{len(devices)}",
         eos_token_ids=eos,
         generation_defaults=defaults,

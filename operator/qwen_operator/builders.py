@@ -263,6 +263,7 @@ def server_env(spec: QwenDeploymentSpec, key: str) -> list[dict[str, Any]]:
         {"name": "QWEN_PORT", "value": str(SERVER_PORT)},
         {"name": "QWEN_DEVICE", "value": "cuda" if spec.device == "gpu" else "cpu"},
         {"name": "QWEN_DTYPE", "value": spec.dtype},
+        {"name": "QWEN_QUANTIZE", "value": e.quantize},
         {"name": "QWEN_MAX_CONCURRENCY", "value": str(e.max_concurrency)},
         {"name": "QWEN_MAX_QUEUE", "value": str(e.max_queue)},
         {"name": "QWEN_MAX_TOKENS_CAP", "value": str(e.max_tokens)},

@@ -145,3 +145,13 @@ async def test_kv_cache_full_makes_requests_wait_not_fail(tiny_model):
         async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
             r = await c.post("/v1/chat/completions", json={**body, "max_tokens": 500})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_int8_streams_in_a_batch_equal_their_solo_runs(tiny_model):
+    """int8 activations are quantized per token, so a sequence's output does not depend on its batch."""
+    with running_server(tiny_model, quantize="int8") as s:
+        async with httpx.AsyncClient(base_url=s.url, timeout=300) as c:
+            alone = [await stream_text(c, p, 16) for p in PROMPTS[:8]]
+            together = await asyncio.gather(*(stream_text(c, p, 16) for p in PROMPTS[:8]))
+        assert together == alone
+        assert "+int8" in httpx.get(s.url + "/metrics").text

@@ -204,3 +204,37 @@ async def test_idle_engine_does_not_spin(runner):
         assert engine.stats()["steps"] == steps
     finally:
         engine.stop()
+
+
+def test_int8_logits_track_the_float_model(tiny_model):
+    """Per-token int8 activations and per-channel int8 weights: the next-token distribution barely moves."""
+    from qwen_inference.engine.kv_cache import KVCache
+    from qwen_inference.engine.model_runner import PrefillSegment, StepInput
+
+    ids = list(range(700, 764))
+    outs = {}
+    for q in ("none", "int8"):
+        r = ModelRunner(tiny_model, torch.float32, [torch.device("cpu")], quantize=q)
+        cache = KVCache(8, 16, r.kv_heads, r.head_dim, torch.float32, r.layer_devices)
+        slots = torch.arange(16, 16 + len(ids))
+        mask = torch.ones(len(ids), len(ids), dtype=torch.bool).tril().repeat(r.groups, 1)
+        step = StepInput(torch.tensor(ids), torch.arange(len(ids)), slots, 0, None, None,
+                         [PrefillSegment(0, len(ids), slots, mask)], torch.arange(len(ids)))
+        with torch.inference_mode():
+            outs[q] = r.forward(step, cache)
+        if q == "int8":
+            assert r.weight_bytes() < 0.3 * fp_bytes
+        else:
+            fp_bytes = r.weight_bytes()
+    a, b = outs["none"], outs["int8"]
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert cos.min() > 0.99, cos.min()
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean()
+    assert agree > 0.9, agree
+
+
+def test_int8_refuses_gpus_and_unknown_schemes(tiny_model):
+    with pytest.raises(ValueError, match="CPU only"):
+        ModelRunner(tiny_model, torch.float32, [torch.device("cuda", 0)], quantize="int8")
+    with pytest.raises(ValueError, match="unknown quantization"):
+        ModelRunner(tiny_model, torch.float32, [torch.device("cpu")], quantize="int4")
