@@ -27,7 +27,7 @@ def source_dir() -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     dl = CACHE / "sdist"
     subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={VERSION}", "--no-binary", ":all:",
-                    "--no-deps", "--no-build-isolation", "-d", str(dl)], check=True, capture_output=True)
+                    "--no-deps", "-d", str(dl)], check=True, capture_output=True)
     archive = next(dl.glob("llama_cpp_python-*.tar.gz"))
     tmp = CACHE / "src.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

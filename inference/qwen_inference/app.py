@@ -233,14 +233,28 @@ def create_app(settings: ServeSettings | None = None, *, load: bool = True) -> F
             raise APIError(503, f"The model is not ready: {reason}", "service_unavailable", None, "model_not_ready",
                            reason="not_ready", headers={"Retry-After": "5"})
 
-    chat_schema = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")}},
-        }
-    }
+    def openapi() -> dict[str, Any]:
+        """The default schema, plus the chat request body (the route parses its body itself, to turn every
+        malformed body into a 400 in OpenAI's shape)."""
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)], openapi_extra=chat_schema,
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(body.pop("$defs", {}))
+        components["ChatCompletionRequest"] = body
+        schema["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
+        }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)],
               responses={400: {"description": "invalid request"}, 401: {"description": "bad key"},
                          429: {"description": "queue full"}, 503: {"description": "not ready"}})
     async def chat_completions(request: Request):

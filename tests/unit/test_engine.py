@@ -129,6 +129,12 @@ def test_sampling_rules():
     picks = {sample_row(logits.clone(), SamplingParams(temperature=1.0, top_p=0.5), state) for _ in range(100)}
     assert picks == {1}  # token 1 alone has more than half the mass
     assert sample_row(logits.clone(), SamplingParams(temperature=0), state) == 1
+    # overflowing temperatures and penalties sample from the ranking, never from inf or nan
+    huge = torch.tensor([1e38, 3e38, -1e38, float("nan")])
+    assert sample_row(huge.clone(), SamplingParams(temperature=1e-4, seed=1), state) == 1
+    # a top_p below float32's smallest number still keeps the most likely token (found by the fuzzer)
+    assert sample_row(logits.clone(), SamplingParams(temperature=1.0, top_p=5e-324), state) == 1
+    assert sample_row(logits.clone(), SamplingParams(temperature=1.0, top_k=3, top_p=5e-324), state) == 1
 
 
 def test_penalties():

@@ -62,7 +62,10 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, state: SamplerState
     """Pick the next token from one row of float32 logits (already penalised and suppressed)."""
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    # extreme temperatures and penalties can overflow: keep the ranking, never sample from inf or nan
+    logits = torch.nan_to_num(logits / params.temperature, nan=float("-inf"), posinf=3e38)
+    if not torch.isfinite(logits).any():
+        return int(torch.argmax(logits))
     vocab = logits.shape[-1]
     if params.top_k and params.top_k < vocab:
         values, indices = torch.topk(logits, params.top_k)
@@ -76,6 +79,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, state: SamplerState
         cum = torch.cumsum(probs, dim=-1)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         keep = (cum - probs) < params.top_p
+        keep[0] = True  # the most likely token always stays, however small top_p is
         probs = torch.where(keep, probs, torch.zeros_like(probs))
     choice = int(torch.multinomial(probs, 1, generator=state.generator))
     return int(indices[choice])
