@@ -134,6 +134,11 @@ def servers(model: Path, smoke: bool, skip_llamacpp: bool) -> list[Server]:
     p = free_port()
     out = [Server("qwen-serve", [str(bin_dir / "qwen-serve"), "--model", str(model), "--port", str(p),
                                  "--dtype", dtype, "--max-concurrency", "16", "--log-level", "warning"], p, "/health")]
+    if not smoke:
+        p = free_port()
+        out.append(Server("qwen-serve-int8", [str(bin_dir / "qwen-serve"), "--model", str(model), "--port", str(p),
+                                              "--dtype", dtype, "--quantize", "int8", "--max-concurrency", "16",
+                                              "--log-level", "warning"], p, "/health"))
     p = free_port()
     out.append(Server("seeds-design", [py, "-m", "bench.baselines.seed_server", "--model", str(model), "--port", str(p)],
                       p, "/health", env={"PYTHONPATH": str(ROOT)}))
