@@ -63,10 +63,9 @@ sys.path.insert(0, {gguf_py!r})
 sys.path.insert(0, {src!r})
 import convert_hf_to_gguf as c
 # the random model's tokenizer is Qwen2's design with a vocabulary llama.cpp does not know by hash
-for name in dir(c):
-    cls = getattr(c, name)
-    if isinstance(cls, type) and hasattr(cls, "get_vocab_base_pre"):
-        orig = cls.get_vocab_base_pre
+for mod in [m for n, m in list(sys.modules.items()) if n == "convert_hf_to_gguf" or n.startswith("conversion")]:
+    for cls in [v for v in vars(mod).values() if isinstance(v, type) and "get_vocab_base_pre" in vars(v)]:
+        orig = vars(cls)["get_vocab_base_pre"]
         def patched(self, tokenizer, _orig=orig):
             try:
                 return _orig(self, tokenizer)

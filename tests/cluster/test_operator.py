@@ -48,6 +48,8 @@ def test_crd_is_structural_and_established(cluster):
     ({"model": {"name": "Qwen/X"}, "cache": {"size": "ten gigs"}}, "spec.cache.size"),
     ({"model": {"name": "bad name!"}}, "spec.model.name"),
     ({}, "spec.model: Required value"),
+    ({"model": {"name": "Qwen/X"}, "device": "gpu", "engine": {"quantize": "int8"}},
+     "engine.quantize int8 runs on device 'cpu' only"),
 ])
 def test_api_server_rejects_invalid_specs(cluster, spec, message):
     obj = {"apiVersion": "qwen-operator.io/v1alpha1", "kind": "QwenDeployment",

@@ -36,7 +36,7 @@ SPECS = {
     "full": spec(model={"name": "Qwen/Qwen2.5-1.5B-Instruct", "revision": "v1.0", "servedModelName": "chat",
                         "tokenSecretRef": {"name": "hf"}, "hubEndpoint": "https://hf-mirror.example"},
                  replicas=2, dtype="bfloat16", engine={"maxConcurrency": 8, "threads": 3, "maxModelLen": 4096,
-                                                       "kvCacheTokens": 32768},
+                                                       "kvCacheTokens": 32768, "quantize": "int8"},
                  resources={"requests": {"cpu": 2, "memory": "6Gi"}, "limits": {"cpu": "3", "memory": "6Gi"}},
                  imagePullSecrets=[{"name": "regcred"}], nodeSelector={"pool": "cpu"}, priorityClassName="high",
                  env=[{"name": "X", "value": "1"}, {"name": "Y", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
@@ -268,6 +268,8 @@ def test_full_spec_reaches_the_pods():
     pod = dep["spec"]["template"]["spec"]
     e = env(dep)
     assert e["QWEN_SERVED_MODEL_NAME"] == "chat" and e["QWEN_MAX_CONCURRENCY"] == "8"
+    assert e["QWEN_QUANTIZE"] == "int8" and env(builders.build_deployment(OWNER, SPECS["cpu"], DEFAULTS, builders.model_key(
+        SPECS["cpu"])))["QWEN_QUANTIZE"] == "none"
     assert e["QWEN_THREADS"] == "3" and e["QWEN_MAX_MODEL_LEN"] == "4096" and e["QWEN_KV_CACHE_TOKENS"] == "32768"
     assert e["QWEN_API_KEY_FILE"] == "/etc/qwen/api-keys/api-keys"
     assert e["X"] == "1" and e["Y"] == {"secretKeyRef": {"name": "s", "key": "k"}}

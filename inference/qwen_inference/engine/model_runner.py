@@ -100,8 +100,8 @@ class QuantWeight:
 def int8_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ w.T with x quantized per row (token) on the fly: int8 products, int32 sums, float32 out."""
     xf = x.float()
-    sx = (xf.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
-    xq = torch.round(xf / sx).clamp(-127, 127).to(torch.int8)
+    sx = xf.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)
+    xq = (xf / sx).round_().to(torch.int8)  # |x| / (max|x| / 127) never rounds past 127
     out = torch._int_mm(xq, w.q.t()).float()
     out.mul_(sx).mul_(w.scale)
     if bias is not None:
@@ -295,13 +295,15 @@ class ModelRunner:
         return total
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)  # one fused op
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * w
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """x·cos + rotate_half(x)·sin, with the sign of rotate_half folded into `sin_signed`."""
         half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin_signed)
 
     @torch.inference_mode()
     def forward(self, step: StepInput, cache: KVCache) -> torch.Tensor:
@@ -313,9 +315,11 @@ class ModelRunner:
                 pos = step.positions.to(device)
                 probe = torch.empty(0, dtype=self.dtype, device=device)
                 cos, sin = self.rotary[device](probe, pos[None])
+                cos, sin = cos[0][:, None, :].float(), sin[0][:, None, :].float()
+                half = sin.shape[-1] // 2
+                sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
                 per_device[device] = {
-                    "cos": cos[0][:, None, :].to(self.dtype),
-                    "sin": sin[0][:, None, :].to(self.dtype),
+                    "rope": {dt: (cos.to(dt), sin.to(dt)) for dt in {self.dtype, torch.float32}},
                     "slots": step.slot_mapping.to(device),
                     "dgather": step.decode_gather.to(device) if step.decode_gather is not None else None,
                     "dmask": step.decode_mask.to(device) if step.decode_mask is not None else None,
@@ -341,28 +345,31 @@ class ModelRunner:
             m = on(lw.device)
             h = self._rms(x, w(lw.ln1))
             qkv = self._linear(h, lw.wqkv, lw.bqkv, wide)
-            q = qkv[:, : H * D].view(T, H, D)
-            k = qkv[:, H * D : (H + KV) * D].view(T, KV, D)
             v = qkv[:, (H + KV) * D :].view(T, KV, D)
+            cos, sin = m["rope"][act]
             if lw.q_norm is not None:
-                q = self._rms(q, w(lw.q_norm))
-                k = self._rms(k, w(lw.k_norm))
-            cos, sin = (m["cos"].to(act), m["sin"].to(act)) if wide else (m["cos"], m["sin"])
-            q = self._rotate(q, cos, sin)
-            k = self._rotate(k, cos, sin)
+                q = self._rotate(self._rms(qkv[:, : H * D].view(T, H, D), w(lw.q_norm)), cos, sin)
+                k = self._rotate(self._rms(qkv[:, H * D : (H + KV) * D].view(T, KV, D), w(lw.k_norm)), cos, sin)
+            else:  # queries and keys rotate together, in one pass
+                qk = self._rotate(qkv[:, : (H + KV) * D].view(T, H + KV, D), cos, sin)
+                q, k = qk[:, :H], qk[:, H:]
             kc, vc = cache.k[li], cache.v[li]
             kc.index_copy_(0, m["slots"], k.to(kc.dtype))
             vc.index_copy_(0, m["slots"], v.to(vc.dtype))
-            out = torch.empty(T, H * D, dtype=act, device=x.device)
+            decode_only = B == T
+            out = None if decode_only else torch.empty(T, H * D, dtype=act, device=x.device)
             if B:
                 g = m["dgather"]
-                qd = q[:B].view(B, KV, G, D)
+                qd = q[:B].reshape(B, KV, G, D)
                 kd = kc[g].to(act).transpose(1, 2)
                 vd = vc[g].to(act).transpose(1, 2)
-                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=m["dmask"])
-                out[:B] = od.reshape(B, H * D)
+                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=m["dmask"]).reshape(B, H * D)
+                if decode_only:
+                    out = od
+                else:
+                    out[:B] = od
             for start, n, gather, mask in m["prefills"]:
-                qs = q[start : start + n].view(n, KV, G, D).permute(1, 2, 0, 3).reshape(1, KV, G * n, D)
+                qs = q[start : start + n].reshape(n, KV, G, D).permute(1, 2, 0, 3).reshape(1, KV, G * n, D)
                 ks = kc[gather].to(act).transpose(0, 1)[None]
                 vs = vc[gather].to(act).transpose(0, 1)[None]
                 os_ = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)

@@ -1,0 +1,46 @@
+"""The benchmark harness, smoke-run on the tiny model (what CI runs; `make bench` is the real thing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from ..conftest import ROOT
+
+
+def test_bench_smoke_run_writes_results_chart_and_table(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out-dir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    labels = [run["label"] for run in data["runs"]]
+    assert labels == ["qwen-serve", "seeds-design"]
+    for run in data["runs"]:
+        assert [lv["concurrency"] for lv in run["levels"]] == [1, 2]
+        for lv in run["levels"]:
+            assert lv["errors"] == 0 and lv["generated_tokens"] > 0 and lv["tokens_per_second"] > 0
+            assert lv["ttft_p50"] > 0 and lv["peak_rss_bytes"] > 0
+    png = (tmp_path / "smoke.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    table = (tmp_path / "smoke.md").read_text()
+    assert "| qwen-serve |" in table and "| seeds-design |" in table and "×baseline" in table
+
+
+def test_qwen_bench_cli_against_a_live_server(server, tmp_path):
+    out, chart = tmp_path / "r.json", tmp_path / "r.png"
+    r = subprocess.run([sys.executable, "-c", "from qwen_inference.bench.cli import main; raise SystemExit(main())",
+                        "--url", server.url + "/v1", "--concurrency", "[1,3]", "--requests", "3",
+                        "--max-tokens", "5", "--prompt-words", "4", "--out", str(out), "--chart", str(chart)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert [lv["requests"] for lv in data["levels"]] == [3, 3]
+    assert all(lv["generated_tokens"] == 15 for lv in data["levels"])
+    assert chart.read_bytes().startswith(b"\x89PNG")
+    # a server that refuses everything is reported as errors, with a non-zero exit
+    r = subprocess.run([sys.executable, "-c", "from qwen_inference.bench.cli import main; raise SystemExit(main())",
+                        "--url", server.url + "/v1", "--model", "no-such-model", "--concurrency", "[1]",
+                        "--requests", "2", "--max-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert '"errors": 2' in r.stdout and "HTTP 404" in r.stdout
