@@ -60,16 +60,16 @@ def wait_for(what: str, check, timeout: float, interval: float = 0.2, logs: Path
     last = None
     while time.monotonic() < deadline:
         try:
-            result = check()
-            if result:
-                return result
+            last = check()
+            if last:
+                return last
         except Exception as exc:  # noqa: BLE001: keep the last reason for the error message
             last = exc
         time.sleep(interval)
     tail = ""
     if logs is not None and logs.exists():
         tail = "\n--- last log lines ---\n" + "\n".join(logs.read_text(errors="replace").splitlines()[-25:])
-    raise StartError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last}){tail}")
+    raise StartError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r}){tail}")
 
 
 # ---- certificates ------------------------------------------------------------------------------------

@@ -403,38 +403,31 @@ def build_pdb(owner: Owner, spec: QwenDeploymentSpec) -> dict[str, Any] | None:
     }
 
 
+def _monitoring_object(owner: Owner, kind: str, extra_labels: dict[str, str] | None, spec: dict[str, Any]) -> dict:
+    meta = _meta(owner, owner.name, "monitoring")
+    meta["labels"].update(extra_labels or {})  # e.g. release: kube-prometheus-stack, for Prometheus to select it
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": kind, "metadata": meta, "spec": spec}
+
+
 def build_service_monitor(owner: Owner, spec: QwenDeploymentSpec) -> dict[str, Any] | None:
     sm = spec.monitoring.service_monitor
     if not sm.enabled:
         return None
-    meta = _meta(owner, owner.name, "monitoring")
-    meta["labels"].update(sm.labels or {})
-    return {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "ServiceMonitor",
-        "metadata": meta,
-        "spec": {
-            "selector": {"matchLabels": selector(owner.name)},
-            "namespaceSelector": {"matchNames": [owner.namespace]},
-            # honorLabels keeps the server's own `endpoint` label (the route) instead of renaming it
-            "endpoints": [{"port": "http", "path": "/metrics", "interval": sm.interval, "scheme": "http",
-                           "honorLabels": True}],
-        },
-    }
+    return _monitoring_object(owner, "ServiceMonitor", sm.labels, {
+        "selector": {"matchLabels": selector(owner.name)},
+        "namespaceSelector": {"matchNames": [owner.namespace]},
+        # honorLabels keeps the server's own `endpoint` label (the route) instead of renaming it
+        "endpoints": [{"port": "http", "path": "/metrics", "interval": sm.interval, "scheme": "http",
+                       "honorLabels": True}],
+    })
 
 
 def build_prometheus_rule(owner: Owner, spec: QwenDeploymentSpec) -> dict[str, Any] | None:
     pr = spec.monitoring.prometheus_rule
     if not pr.enabled:
         return None
-    meta = _meta(owner, owner.name, "monitoring")
-    meta["labels"].update(pr.labels or {})
-    return {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "PrometheusRule",
-        "metadata": meta,
-        "spec": {"groups": prometheus_rule_groups(owner.namespace, owner.name, pr.thresholds)},
-    }
+    return _monitoring_object(owner, "PrometheusRule", pr.labels,
+                              {"groups": prometheus_rule_groups(owner.namespace, owner.name, pr.thresholds)})
 
 
 def endpoint(owner: Owner, spec: QwenDeploymentSpec) -> str:

@@ -16,33 +16,26 @@ CHAT = "/v1/chat/completions"
 BY = "namespace, service"
 
 
+def _matchers(*extra: str, **labels: str | None) -> str:
+    """A PromQL label selector of the labels that are set (None: not scoped by that label), then `extra`."""
+    parts = [f'{k}="{v}"' for k, v in labels.items() if v is not None]
+    return "{" + ",".join(parts + list(extra)) + "}"
+
+
 def _sel(namespace: str | None, service: str | None, *extra: str) -> str:
-    parts = []
-    if namespace is not None:
-        parts.append(f'namespace="{namespace}"')
-    if service is not None:
-        parts.append(f'service="{service}"')
-    parts.extend(extra)
-    return "{" + ",".join(parts) + "}"
+    return _matchers(*extra, namespace=namespace, service=service)
 
 
 def _ksm_sel(namespace: str | None, name: str | None, *extra: str) -> str:
-    parts = []
-    if namespace is not None:
-        parts.append(f'namespace="{namespace}"')
-    if name is not None:
-        parts.append(f'deployment="{name}"')
-    parts.extend(extra)
-    return "{" + ",".join(parts) + "}"
+    """kube-state-metrics names the Deployment in a `deployment` label."""
+    return _matchers(*extra, namespace=namespace, deployment=name)
 
 
 def _pod_sel(namespace: str | None, name: str | None) -> str:
-    parts = ['container="server"']
-    if namespace is not None:
-        parts.append(f'namespace="{namespace}"')
-    if name is not None:
-        parts.append(f'pod=~"{name}-[a-z0-9]+-[a-z0-9]{{5}}"')
-    return "{" + ",".join(parts) + "}"
+    """The server containers of the Deployment's pods: <name>-<replicaset hash>-<5 characters>."""
+    pods = f'pod=~"{name}-[a-z0-9]+-[a-z0-9]{{5}}"' if name is not None else None
+    return "{" + ",".join(['container="server"'] + ([f'namespace="{namespace}"'] if namespace is not None else [])
+                          + ([pods] if pods else [])) + "}"
 
 
 def recording_rules(namespace: str | None = None, service: str | None = None) -> list[dict[str, Any]]:

@@ -74,17 +74,10 @@ class Cluster:
         return name
 
     def wait(self, what: str, check, timeout: float = 90, interval: float = 0.5):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = check()
-                if last:
-                    return last
-            except Exception as exc:  # noqa: BLE001
-                last = exc
-            time.sleep(interval)
-        raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+        try:
+            return devcluster.wait_for(what, check, timeout, interval)
+        except devcluster.StartError as exc:
+            raise AssertionError(str(exc)) from None
 
     def qwd(self, name: str, namespace: str) -> dict | None:
         return self.get("qwendeployments", name, namespace)
