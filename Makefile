@@ -53,7 +53,8 @@ soak: $(STAMP) ## the long soak: many requests, cancellations and overload again
 dev-cluster: $(STAMP) k8s-bin ## start the local control plane and run the operator against it
 	scripts/dev-cluster up
 	@echo; scripts/dev-cluster env; echo
-	QWEN_OPERATOR_DEV=1 KUBECONFIG=$$(scripts/dev-cluster kubeconfig) $(VENV)/bin/qwen-operator
+	KUBECONFIG=$$(scripts/dev-cluster kubeconfig) QWEN_OPERATOR_DEFAULT_IMAGE=qwen-inference:dev \
+	  $(VENV)/bin/qwen-operator
 
 dev-cluster-down: ## stop the local control plane
 	scripts/dev-cluster down

@@ -513,7 +513,10 @@ def main(argv: list[str]) -> int:
     state = Path(os.environ.get("QWEN_DEV_CLUSTER_STATE", ROOT / ".state" / "dev-cluster"))
     cmd = argv[0] if argv else "up"
     if cmd == "up":
-        DevCluster(state).up()
+        dc = DevCluster(state).up()
+        # the QwenDeployment CRD, so `kubectl apply -f manifests/examples/...` works at once
+        dc.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "qwendeployments.yaml"))
+        dc.kubectl("wait", "--for=condition=Established", "crd/qwendeployments.qwen-operator.io", "--timeout=60s")
         print(f"export KUBECONFIG={state / 'admin.kubeconfig'}")
     elif cmd == "down":
         DevCluster(state, bins=Path(".")).down()
