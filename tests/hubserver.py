@@ -1,7 +1,9 @@
-"""A local HTTP server that speaks the Hugging Face Hub's file API, for download tests without a network.
+"""A local HTTP server that speaks the Hugging Face Hub's file API, and ModelScope's, for download tests
+without a network.
 
 It serves folders as repos: model info, the tree listing, and `resolve` with HEAD, ETags, commit headers
-and byte ranges, as huggingface_hub expects. Faults can be switched on per test: cut a file's body after
+and byte ranges, as huggingface_hub expects; and ModelScope's `/api/v1/models/{id}/repo/files` listing and
+`/api/v1/models/{id}/repo?FilePath=` file route (with byte ranges), as the modelscope package expects. Faults can be switched on per test: cut a file's body after
 N bytes, stall, throttle, or require a token.
 """
 
@@ -15,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -27,6 +30,7 @@ class HubState:
     stall: set[str] = field(default_factory=set)  # filenames whose body never comes
     bytes_per_second: int | None = None
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
+    modelscope_revisions: list[str] = field(default_factory=list)  # the Revision each ModelScope call asked for
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -91,7 +95,45 @@ class Handler(BaseHTTPRequestHandler):
         m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
         if m:
             return self._resolve(m.group(1), m.group(3))
+        m = re.match(r"^/api/v1/models/([^/]+/[^/]+)/repo(/files)?$", path)
+        if m:
+            query = parse_qs(urlsplit(self.path).query)
+            with self.hub.lock:
+                self.hub.modelscope_revisions.append(query.get("Revision", [""])[0])
+            if m.group(2):
+                return self._ms_files(m.group(1))
+            return self._ms_file(m.group(1), query.get("FilePath", [""])[0])
         self._error(404, "not found")
+
+    # ModelScope: errors and listings come wrapped in {"Code", "Message", "Data", "Success"}
+
+    def _ms_repo(self, repo: str) -> Path | None:
+        root = self.hub.repos.get(repo)
+        if root is None:
+            self._json(404, {"Code": 10010205001, "Message": f"model {repo} not found", "Success": False})
+            return None
+        if not self._authorized():
+            self._json(401, {"Code": 10010205002, "Message": "the model is private: log in first", "Success": False})
+            return None
+        return root
+
+    def _ms_files(self, repo: str) -> None:
+        root = self._ms_repo(repo)
+        if root is None:
+            return
+        files = [{"Name": p.name, "Path": str(p.relative_to(root)), "Type": "blob", "Size": p.stat().st_size,
+                  "Sha256": _sha256(p), "Revision": COMMIT} for p in _files(root)]
+        self._json(200, {"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
+
+    def _ms_file(self, repo: str, filename: str) -> None:
+        root = self._ms_repo(repo)
+        if root is None:
+            return
+        p = root / filename
+        if not p.is_file() or ".." in filename:
+            self._json(404, {"Code": 10010205004, "Message": f"file {filename} not found", "Success": False})
+            return
+        self._send_file(p, filename)
 
     def _repo(self, repo: str) -> Path | None:
         root = self.hub.repos.get(repo)
@@ -139,6 +181,10 @@ class Handler(BaseHTTPRequestHandler):
         if not p.is_file() or ".." in filename:
             self._error(404, "Entry not found", "EntryNotFound")
             return
+        self._send_file(p, filename)
+
+    def _send_file(self, p: Path, filename: str) -> None:
+        """The body of one file, from the `Range` start when given, with the faults switched on for it."""
         data = p.read_bytes()
         etag = f'"{_sha256(p)}"'
         start = 0
@@ -212,4 +258,6 @@ class FakeHub:
         self.httpd.server_close()
 
     def ranges(self, filename: str) -> list[str | None]:
-        return [r for m, p, r in self.state.requests if m == "GET" and p.endswith("/" + filename)]
+        """The Range header of every GET of `filename`, by either hub's route."""
+        return [r for m, p, r in self.state.requests
+                if m == "GET" and (p.split("?")[0].endswith("/" + filename) or p.endswith("FilePath=" + filename))]

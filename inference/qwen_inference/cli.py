@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -74,7 +75,6 @@ def serve(settings) -> int:
 def _report(folder: Path) -> None:
     """On Kubernetes, leave the result where the operator reads it: the container's termination message."""
     import json
-    import os
 
     from .modelcache import folder_bytes
 
@@ -95,6 +95,8 @@ class Download(BaseModel):
     lock_timeout: float = Field(6 * 3600.0, gt=0, description="Wait this long for another download's lock")
 
     def cli_cmd(self) -> None:
+        # one progress line every few seconds from our own reporter, not a client library's bars in a Job's log
+        os.environ.setdefault("TQDM_DISABLE", "1")
         from .modelcache import DownloadOptions, download
 
         folder = download(self.model, self.cache_dir, DownloadOptions(

@@ -282,6 +282,8 @@ def _fetch_file(client, url: str, dest: Path, size: int | None, sha256: str | No
 
 
 def _fetch_modelscope(model_id: str, dest: Path, opts: DownloadOptions) -> str | None:
+    """The repo's files through the modelscope package, which resumes partial files itself; honours
+    MODELSCOPE_ENDPOINT and MODELSCOPE_API_TOKEN. ModelScope's default branch is `master`: `main` means it."""
     try:
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError:
@@ -289,7 +291,11 @@ def _fetch_modelscope(model_id: str, dest: Path, opts: DownloadOptions) -> str |
             "the modelscope source needs the `modelscope` package (pip install 'qwen-operator[modelscope]')"
         ) from None
     revision = None if opts.revision == "main" else opts.revision
-    snapshot_download(model_id, revision=revision, local_dir=str(dest), allow_patterns=ALLOW_PATTERNS)
+    snapshot_download(model_id, revision=revision, local_dir=str(dest), allow_patterns=ALLOW_PATTERNS,
+                      token=opts.token or None, endpoint=opts.endpoint or None)
+    if not (dest / "config.json").is_file():
+        raise ModelCacheError(f"{model_id}@{opts.revision} has no config.json: is it a transformers model?",
+                              permanent=True)
     return None
 
 
@@ -331,7 +337,7 @@ def download(model_id: str, cache_dir: Path, opts: DownloadOptions, out=sys.stde
             raise
         except Exception as exc:  # noqa: BLE001: every hub error becomes one clear line
             raise ModelCacheError(f"downloading {model_id}@{opts.revision} failed: {_describe(exc)}",
-                                  permanent=type(exc).__name__ in PERMANENT_HUB_ERRORS) from exc
+                                  permanent=_is_permanent(exc)) from exc
         finally:
             progress.done.set()
         verify(partial)
@@ -361,6 +367,22 @@ def _make_readable(folder: Path) -> None:
 
 
 PERMANENT_HUB_ERRORS = {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"}
+# what a hub's HTTP status means when a client raises a plain HTTP error for it (the modelscope package does)
+PERMANENT_HTTP_STATUS = {
+    401: "no access: the model is private or gated; give a token (MODELSCOPE_API_TOKEN, HF_TOKEN)",
+    403: "no access: the model is private or gated; give a token (MODELSCOPE_API_TOKEN, HF_TOKEN)",
+    404: "the model or revision does not exist, or it is private and no valid token was given",
+}
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    return type(exc).__name__ in PERMANENT_HUB_ERRORS or _http_status(exc) in PERMANENT_HTTP_STATUS
 
 
 def _describe(exc: BaseException) -> str:
@@ -372,8 +394,10 @@ def _describe(exc: BaseException) -> str:
         "GatedRepoError": "the model is gated: accept its terms on the hub and give a token (HF_TOKEN)",
         "RevisionNotFoundError": "the revision does not exist",
     }
-    hint = hints.get(name)
-    return f"{name}: {hint}" if hint else f"{name}: {first}"
+    if name in hints:
+        return f"{name}: {hints[name]}"
+    status_hint = PERMANENT_HTTP_STATUS.get(_http_status(exc) or 0)
+    return f"{name}: {status_hint} ({first})" if status_hint else f"{name}: {first}"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def _hub_env(spec: QwenDeploymentSpec) -> list[dict[str, Any]]:
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     if spec.model.hub_endpoint:
         env.append({"name": "HF_ENDPOINT", "value": spec.model.hub_endpoint})
-        env.append({"name": "MODELSCOPE_DOMAIN", "value": spec.model.hub_endpoint})
+        env.append({"name": "MODELSCOPE_ENDPOINT", "value": spec.model.hub_endpoint})
     return env
 
 

@@ -46,8 +46,10 @@ def hub(sharded_model):
 
 def qwen_model(*args: str, hub: FakeHub, tmp_path: Path, wait: bool = True, **env):
     e = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1",
-             PYTHONUNBUFFERED="1")
-    e.pop("HF_TOKEN", None)
+             MODELSCOPE_ENDPOINT=hub.url, MODELSCOPE_CACHE=str(tmp_path / "ms-cache"),
+             MODELSCOPE_CREDENTIALS_PATH=str(tmp_path / "ms-credentials"), PYTHONUNBUFFERED="1")
+    for var in ("HF_TOKEN", "MODELSCOPE_API_TOKEN", "MODELSCOPE_DOMAIN"):
+        e.pop(var, None)
     e.update(env)
     cmd = [sys.executable, "-c", "from qwen_inference.cli import model_main; raise SystemExit(model_main())", *args]
     if not wait:
@@ -180,6 +182,72 @@ def test_bad_arguments(hub, tmp_path):
     assert r.returncode == 3 and "revision" in r.stderr
     r = qwen_model("download", REPO, "--cache-dir", str(tmp_path), "--source", "ftp", hub=hub, tmp_path=tmp_path)
     assert r.returncode == 2
+
+
+# ---- ModelScope: the same cache, filled through the modelscope package -----------------------------
+
+
+def test_modelscope_download_success_then_served_from_cache(hub, sharded_model, tmp_path):
+    cache = tmp_path / "cache"
+    r = qwen_model("download", REPO, "--cache-dir", str(cache), "--source", "modelscope", hub=hub, tmp_path=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "%|" not in r.stderr  # no progress bars in a Job's log: our own lines say how far it got
+    final = model_path(cache, REPO, "main")
+    same_files(sharded_model, final)
+    # nothing but the model's files and the marker: no client bookkeeping left in the folder
+    assert sorted(p.name for p in final.iterdir()) == sorted([modelcache.MARKER, *(p.name for p in sharded_model.iterdir())])
+    assert json.loads((final / modelcache.MARKER).read_text())["source"] == "modelscope"
+    assert set(hub.state.modelscope_revisions) == {"master"}  # ModelScope's default branch
+    assert any(p.endswith("FilePath=config.json") for _m, p, _r in hub.state.requests)
+    n = len(hub.state.requests)
+    r = qwen_model("download", REPO, "--cache-dir", str(cache), "--source", "modelscope", hub=hub, tmp_path=tmp_path)
+    assert r.returncode == 0 and "already in the cache" in r.stderr
+    assert len(hub.state.requests) == n
+
+
+def test_modelscope_revision_is_passed_through(hub, sharded_model, tmp_path):
+    cache = tmp_path / "cache"
+    r = qwen_model("download", REPO, "--cache-dir", str(cache), "--source", "modelscope", "--revision", "v1.0",
+                   hub=hub, tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert set(hub.state.modelscope_revisions) == {"v1.0"}
+    same_files(sharded_model, model_path(cache, REPO, "v1.0"))
+
+
+def test_modelscope_resumes_after_a_cut(hub, sharded_model, tmp_path):
+    cache = tmp_path / "cache"
+    shard = sorted(p.name for p in sharded_model.glob("*.safetensors"))[0]
+    size = (sharded_model / shard).stat().st_size
+    hub.state.cut_after[shard] = size // 2
+    r = qwen_model("download", REPO, "--cache-dir", str(cache), "--source", "modelscope", hub=hub, tmp_path=tmp_path)
+    if r.returncode != 0:  # the run gave up: the next one picks up the partial file
+        assert "failed" in r.stderr and not model_path(cache, REPO, "main").exists()
+        r = qwen_model("download", REPO, "--cache-dir", str(cache), "--source", "modelscope", hub=hub,
+                       tmp_path=tmp_path)
+        assert r.returncode == 0, r.stderr
+    starts = [int(x.split("=")[1].split("-")[0]) for x in hub.ranges(shard) if x]
+    assert starts and max(starts) > 0, hub.ranges(shard)  # fetched the rest, not the whole file again
+    same_files(sharded_model, model_path(cache, REPO, "main"))
+
+
+def test_modelscope_unknown_model_fails_clearly(hub, tmp_path):
+    r = qwen_model("download", "Qwen/Does-Not-Exist", "--cache-dir", str(tmp_path / "c"), "--source", "modelscope",
+                   hub=hub, tmp_path=tmp_path)
+    assert r.returncode == 3, r.stderr  # for good: the fetch Job does not retry it
+    assert "Traceback" not in r.stderr and "does not exist" in r.stderr and "Qwen/Does-Not-Exist" in r.stderr
+    assert not model_path(tmp_path / "c", "Qwen/Does-Not-Exist", "main").exists()
+
+
+def test_modelscope_private_model_needs_a_token(hub, sharded_model, tmp_path):
+    hub.state.token = "ms_secret"
+    cache = tmp_path / "c"
+    r = qwen_model("download", REPO, "--cache-dir", str(cache), "--source", "modelscope", hub=hub, tmp_path=tmp_path)
+    assert r.returncode == 3 and "Traceback" not in r.stderr and "MODELSCOPE_API_TOKEN" in r.stderr
+    assert not model_path(cache, REPO, "main").exists()
+    r = qwen_model("download", REPO, "--cache-dir", str(cache), "--source", "modelscope", hub=hub, tmp_path=tmp_path,
+                   MODELSCOPE_API_TOKEN="ms_secret")
+    assert r.returncode == 0, r.stderr
+    same_files(sharded_model, model_path(cache, REPO, "main"))
 
 
 # ---- verify ---------------------------------------------------------------------------------------

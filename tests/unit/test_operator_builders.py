@@ -286,7 +286,8 @@ def test_full_spec_reaches_the_pods():
                          "--source", "huggingface", "--stall-timeout", "300"]
     jenv = {x["name"]: x.get("value", x.get("valueFrom")) for x in c["env"]}
     assert jenv["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
-    assert jenv["HF_ENDPOINT"] == "https://hf-mirror.example"
+    assert jenv["HF_ENDPOINT"] == jenv["MODELSCOPE_ENDPOINT"] == "https://hf-mirror.example"
+    assert jenv["MODELSCOPE_API_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2, 3]
     sm = builders.build_service_monitor(OWNER, s)
