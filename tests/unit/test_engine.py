@@ -244,3 +244,31 @@ def test_int8_refuses_gpus_and_unknown_schemes(tiny_model):
         ModelRunner(tiny_model, torch.float32, [torch.device("cuda", 0)], quantize="int8")
     with pytest.raises(ValueError, match="unknown quantization"):
         ModelRunner(tiny_model, torch.float32, [torch.device("cpu")], quantize="int4")
+
+
+def test_layers_split_over_devices_keep_every_tensor_on_its_layers_device(tiny_model):
+    """The several-GPU layout (consecutive layers per device, activations handed from one to the next, each
+    layer's KV cache on its device) with the `meta` device standing in for a second GPU, since none is here:
+    torch refuses any op that mixes a CPU tensor with a meta one, so a tensor left on the wrong device fails
+    this test. A real GPU run is not part of the suite."""
+    from qwen_inference.engine.kv_cache import KVCache
+    from qwen_inference.engine.model_runner import PrefillSegment, StepInput
+
+    cpu, other = torch.device("cpu"), torch.device("meta")
+    r = ModelRunner(tiny_model, torch.float32, [cpu, other])
+    half = -(-r.num_layers // 2)
+    assert r.layer_devices == [cpu] * half + [other] * (r.num_layers - half)
+    assert r.embed.device == cpu and r.lm_head.device == r.norm.device == other
+    cache = KVCache(8, 16, r.kv_heads, r.head_dim, torch.float32, r.layer_devices)
+    # one step with a decode row (a sequence 40 tokens in) and a 24-token prompt chunk of another
+    prompt = torch.arange(600, 624)
+    ids = torch.cat([torch.tensor([7]), prompt])
+    positions = torch.cat([torch.tensor([40]), torch.arange(24)])
+    slots = torch.cat([torch.tensor([56]), torch.arange(64, 88)])
+    gather = torch.arange(16, 57)[None]
+    dmask = torch.ones(1, 1, 1, 41, dtype=torch.bool)
+    pmask = torch.ones(24, 24, dtype=torch.bool).tril().repeat(r.groups, 1)
+    step = StepInput(ids, positions, slots, 1, gather, dmask, [PrefillSegment(1, 24, slots[1:], pmask)],
+                     torch.tensor([0, 24]))
+    out = r.forward(step, cache)
+    assert out.device == other and out.shape == (2, r.vocab_size)
