@@ -75,8 +75,10 @@ def words_for(tokens: int, model: Path) -> int:
 
 
 class Server:
-    def __init__(self, label: str, cmd: list[str], port: int, health: str, env: dict | None = None) -> None:
+    def __init__(self, label: str, cmd: list[str], port: int, health: str, env: dict | None = None,
+                 ignore_eos: bool = True) -> None:
         self.label, self.cmd, self.port, self.health = label, cmd, port, health
+        self.ignore_eos = ignore_eos  # False for servers that refuse the field
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log = CACHE / "bench-logs" / f"{label}.log"
@@ -112,15 +114,16 @@ async def measure(server: Server, levels: list[int], words: int, long_words: int
     url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
     pid = server.proc.pid
     # a warm-up request, not counted
-    await run_level(url, None, 1, 1, words, 4, seed=10**6, pid=None)
+    eos = server.ignore_eos
+    await run_level(url, None, 1, 1, words, 4, seed=10**6, pid=None, ignore_eos=eos)
     out = {"label": server.label, "levels": []}
     for i, c in enumerate(levels):
         n = 2 if smoke else (3 if c == 1 else c)
         level = await run_level(url, None, c, n, words, OUTPUT_TOKENS if not smoke else 8, seed=1000 * (i + 1),
-                                pid=pid)
+                                pid=pid, ignore_eos=eos)
         log(f"{server.label}: {summary_line(level)}")
         out["levels"].append(asdict(level))
-    long = await run_level(url, None, 1, 1 if smoke else 3, long_words, 4, seed=777000, pid=pid)
+    long = await run_level(url, None, 1, 1 if smoke else 3, long_words, 4, seed=777000, pid=pid, ignore_eos=eos)
     log(f"{server.label}: {LONG_PROMPT_TOKENS}-token prompt alone: ttft p50 {long.ttft_p50:.2f}s")
     out["ttft_long_prompt_p50"] = long.ttft_p50
     out["peak_rss_bytes"] = max([lv["peak_rss_bytes"] or 0 for lv in out["levels"]] + [long.peak_rss_bytes or 0])
@@ -139,6 +142,13 @@ def servers(model: Path, smoke: bool, skip_llamacpp: bool) -> list[Server]:
         out.append(Server("qwen-serve-int8", [str(bin_dir / "qwen-serve"), "--model", str(model), "--port", str(p),
                                               "--dtype", dtype, "--quantize", "int8", "--max-concurrency", "16",
                                               "--log-level", "warning"], p, "/health"))
+    if not smoke:
+        # transformers' own continuous batching (paged cache), in bf16 as its maintainers run it on CPU; it refuses
+        # `ignore_eos`, so a request may end early: throughput counts the tokens its usage reports
+        p = free_port()
+        out.append(Server("transformers-cb", [str(bin_dir / "transformers"), "serve", "--continuous-batching",
+                                              "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(p),
+                                              str(model)], p, "/health", ignore_eos=False))
     p = free_port()
     out.append(Server("seeds-design", [py, "-m", "bench.baselines.seed_server", "--model", str(model), "--port", str(p)],
                       p, "/health", env={"PYTHONPATH": str(ROOT)}))

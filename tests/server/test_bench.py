@@ -44,3 +44,43 @@ def test_qwen_bench_cli_against_a_live_server(server, tmp_path):
                         "--requests", "2", "--max-tokens", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
     assert '"errors": 2' in r.stdout and "HTTP 404" in r.stdout
+
+
+def test_ignore_eos_can_be_left_out_for_servers_that_refuse_it():
+    """transformers' server answers 422 to `ignore_eos`; the harness can leave it out and still counts tokens."""
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from qwen_inference.bench.load import run_level
+
+    class Strict(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if "ignore_eos" in body:
+                self.send_response(422)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            events = [{"choices": [{"index": 0, "delta": {"content": w}}]} for w in ("a", "b", "c")]
+            events.append({"choices": [], "usage": {"completion_tokens": 3}})
+            data = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data.encode())
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Strict)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions"
+    try:
+        refused = asyncio.run(run_level(url, None, 2, 2, 3, 3, seed=0))
+        assert refused.errors == 2 and "HTTP 422" in refused.error_samples[0]
+        ok = asyncio.run(run_level(url, None, 2, 2, 3, 3, seed=0, ignore_eos=False))
+        assert ok.errors == 0 and ok.generated_tokens == 6
+    finally:
+        httpd.shutdown()

@@ -25,6 +25,8 @@ class BenchSettings(BaseSettings):
     seed: int = Field(0, description="Seed of the prompts.")
     pid: int | None = Field(None, description="Server process id, to record its peak resident memory.")
     api_key: str | None = Field(None, description="API key to send.")
+    ignore_eos: bool = Field(True, description="Send `ignore_eos` (vLLM's and llama.cpp's extension) so every request "
+                                               "generates max-tokens; turn off for servers that refuse it.")
     label: str = Field("server", description="Name of this server in the output.")
     out: Path | None = Field(None, description="Write the results as JSON here.")
     chart: Path | None = Field(None, description="Write a PNG chart of throughput and TTFT here.")
@@ -38,7 +40,7 @@ async def bench(s: BenchSettings) -> dict:
     for i, c in enumerate(s.concurrency):
         n = s.requests or max(3, 2 * c)
         level = await run_level(url, s.model, c, n, s.prompt_words, s.max_tokens, s.seed + 100000 * (i + 1), s.pid,
-                                s.api_key)
+                                s.api_key, ignore_eos=s.ignore_eos)
         print(f"{s.label}: {summary_line(level)}", file=sys.stderr, flush=True)
         levels.append(level)
     from dataclasses import asdict

@@ -65,9 +65,11 @@ def pct(values: list[float], p: float) -> float | None:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str | None, prompt: str, max_tokens: int,
-                      api_key: str | None) -> Result:
+                      api_key: str | None, ignore_eos: bool = True) -> Result:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+            "stream": True, "stream_options": {"include_usage": True}}
+    if ignore_eos:  # vLLM's and llama.cpp's extension: every request generates max_tokens
+        body["ignore_eos"] = True
     if model:
         body["model"] = model
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -134,7 +136,7 @@ class RssSampler(threading.Thread):
 
 async def run_level(url: str, model: str | None, concurrency: int, requests: int, prompt_words: int,
                     max_tokens: int, seed: int, pid: int | None = None, api_key: str | None = None,
-                    timeout: float = 1800) -> LevelReport:
+                    timeout: float = 1800, ignore_eos: bool = True) -> LevelReport:
     sem = asyncio.Semaphore(concurrency)
     sampler = RssSampler(pid)
     sampler.start()
@@ -143,7 +145,8 @@ async def run_level(url: str, model: str | None, concurrency: int, requests: int
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         async def task(i: int) -> Result:
             async with sem:
-                return await one_request(client, url, model, prompt_text(prompt_words, seed + i), max_tokens, api_key)
+                return await one_request(client, url, model, prompt_text(prompt_words, seed + i), max_tokens, api_key,
+                                         ignore_eos)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(task(i) for i in range(requests)))
