@@ -107,18 +107,8 @@ class Handler(BaseHTTPRequestHandler):
 
     # ModelScope: errors and listings come wrapped in {"Code", "Message", "Data", "Success"}
 
-    def _ms_repo(self, repo: str) -> Path | None:
-        root = self.hub.repos.get(repo)
-        if root is None:
-            self._json(404, {"Code": 10010205001, "Message": f"model {repo} not found", "Success": False})
-            return None
-        if not self._authorized():
-            self._json(401, {"Code": 10010205002, "Message": "the model is private: log in first", "Success": False})
-            return None
-        return root
-
     def _ms_files(self, repo: str) -> None:
-        root = self._ms_repo(repo)
+        root = self._repo(repo, modelscope=True)
         if root is None:
             return
         files = [{"Name": p.name, "Path": str(p.relative_to(root)), "Type": "blob", "Size": p.stat().st_size,
@@ -126,7 +116,7 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"Code": 200, "Data": {"Files": files}, "Message": "success", "Success": True})
 
     def _ms_file(self, repo: str, filename: str) -> None:
-        root = self._ms_repo(repo)
+        root = self._repo(repo, modelscope=True)
         if root is None:
             return
         p = root / filename
@@ -135,16 +125,23 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._send_file(p, filename)
 
-    def _repo(self, repo: str) -> Path | None:
+    def _repo(self, repo: str, modelscope: bool = False) -> Path | None:
+        """The repo's folder; or None, once a 404 (no such repo) or 401 (no token) went out in the asked hub's
+        dialect."""
         root = self.hub.repos.get(repo)
-        if root is None:
+        if root is not None and self._authorized():
+            return root
+        missing = root is None
+        if modelscope:
+            self._json(404 if missing else 401, {
+                "Code": 10010205001 if missing else 10010205002, "Success": False,
+                "Message": f"model {repo} not found" if missing else "the model is private: log in first"})
+        elif missing:
             self._error(404, "Repository not found", "RepoNotFound")
-            return None
-        if not self._authorized():
+        else:
             self._error(401, "Access to this model is restricted. You must have access to it and be authenticated.",
                         "GatedRepo")
-            return None
-        return root
+        return None
 
     def _info(self, repo: str) -> None:
         root = self._repo(repo)
