@@ -113,6 +113,7 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
         suppress_token_ids=gen.get("suppress_tokens") or None,
         default_seed=settings.seed,
         metrics=metrics,
+        prefix_caching=settings.prefix_caching,
     )
     return LoadedModel(
         path=path,

@@ -58,7 +58,10 @@ class ServerMetrics(EngineMetrics):
         self.running = Gauge("qwen_requests_running", "Sequences in the running batch.", registry=r)
         self.waiting = Gauge("qwen_requests_waiting", "Requests waiting for a slot.", registry=r)
         self.kv_usage = Gauge("qwen_kv_cache_usage_ratio", "Share of KV cache blocks in use (0 to 1).", registry=r)
-        self.prompt_tokens = Counter("qwen_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.prompt_tokens = Counter("qwen_prompt_tokens", "Prompt tokens of admitted requests, computed or found in "
+                                     "the prefix cache.", registry=r)
+        self.prefix_hits = Counter("qwen_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache, not "
+                                   "computed again.", registry=r)
         self.generation_tokens = Counter("qwen_generation_tokens", "Tokens generated.", registry=r)
         self.success = Counter("qwen_request_success", "Requests that finished, by finish reason.",
                                ["finish_reason"], registry=r)
@@ -82,6 +85,9 @@ class ServerMetrics(EngineMetrics):
             self.prompt_tokens.inc(prompt)
         if generated:
             self.generation_tokens.inc(generated)
+
+    def on_prefix_hit(self, tokens: int) -> None:
+        self.prefix_hits.inc(tokens)
 
     def on_finish(self, reason: str, e2e: float, tpot: float | None, inference: float) -> None:
         if reason in ("stop", "length"):

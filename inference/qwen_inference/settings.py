@@ -64,6 +64,10 @@ class ServeSettings(BaseSettings):
         None, ge=16, description="Tokens the KV cache holds across all sequences (default: sized from memory)."
     )
     prefill_chunk: int = Field(256, ge=16, description="Prompt tokens prefilled per engine step.")
+    prefix_caching: bool = Field(
+        True, description="Keep the KV cache of full prompt blocks (16 tokens) for later prompts that start alike, "
+                          "such as a shared system prompt."
+    )
     api_key: SecretStr | None = Field(None, description="A key clients must send as `Authorization: Bearer`.")
     api_key_file: Path | None = Field(
         None, description="A file of keys, one per line (for example mounted from a Secret)."

@@ -45,6 +45,22 @@ def test_metrics_move_with_success_and_failure(client):
     assert sample(after, "qwen_model_loaded") == 1.0
 
 
+def test_a_shared_system_prompt_is_found_in_the_prefix_cache(client):
+    system = {"role": "system", "content": "You answer in one short sentence, in plain words. " * 3}
+    before = client.get("/metrics").text
+    usages = []
+    for question in ("What is a pod?", "What is a node?"):
+        r = client.post("/v1/chat/completions", json={"messages": [system, {"role": "user", "content": question}],
+                                                      "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200
+        usages.append(r.json()["usage"]["prompt_tokens"])
+    after = client.get("/metrics").text
+    hits = sample(after, "qwen_prefix_cache_hit_tokens_total") - sample(before, "qwen_prefix_cache_hit_tokens_total")
+    assert hits >= 16 and hits % 16 == 0 and hits < usages[1]  # whole blocks of the second prompt's shared start
+    # prompt tokens count every prompt token, found in the cache or computed
+    assert sample(after, "qwen_prompt_tokens_total") - sample(before, "qwen_prompt_tokens_total") == sum(usages)
+
+
 def test_unknown_paths_share_one_label(client):
     client.get("/no/such/path/1")
     client.get("/no/such/path/2")

@@ -272,3 +272,87 @@ def test_layers_split_over_devices_keep_every_tensor_on_its_layers_device(tiny_m
                      torch.tensor([0, 24]))
     out = r.forward(step, cache)
     assert out.device == other and out.shape == (2, r.vocab_size)
+
+
+# ---- prefix caching -----------------------------------------------------------------------------------
+
+
+def test_allocator_keeps_full_prompt_blocks_until_their_room_is_needed():
+    a = BlockAllocator(num_blocks=4, block_size=4, prefix_caching=True)  # 3 usable blocks
+    prompt = list(range(100, 110))  # two full blocks and two tokens
+    hashes = a.block_hashes(prompt, len(prompt))
+    assert len(hashes) == 2 and hashes == a.block_hashes(prompt + [1, 2], 10)
+    assert a.block_hashes([7] + prompt[1:], 10)[1] != hashes[1]  # a block's name covers all before it
+    assert a.match(hashes) == []
+    assert a.reserve(3)
+    blocks = [a.take() for _ in range(3)]
+    for b, h in zip(blocks, hashes):
+        a.register(b, h)
+    a.release(blocks, 0)
+    assert a.free_blocks == 3 and a.cached_blocks == 2 and a.used_blocks == 0
+    # found again: both blocks, claimed (in use) until released
+    assert a.match(hashes) == blocks[:2] and a.used_blocks == 2
+    assert a.match(hashes[:1]) == blocks[:1]  # a second sequence shares the first block
+    a.release(blocks[:1], 0)
+    a.release(blocks[:2], 0)
+    assert a.used_blocks == 0 and a.cached_blocks == 2
+    # room is needed: the never-used block goes first, then the least recently used cached one
+    assert a.reserve(3)
+    taken = [a.take() for _ in range(3)]
+    assert sorted(taken) == sorted(blocks) and a.cached_blocks == 0 and a.match(hashes) == []
+    a.release(taken, 0)
+    assert a.free_blocks == 3
+    # without prefix caching nothing is kept
+    b = BlockAllocator(num_blocks=4, block_size=4)
+    assert b.reserve(1)
+    blk = b.take()
+    b.register(blk, hashes[0])
+    b.release([blk], 0)
+    assert b.match(hashes) == [] and b.cached_blocks == 0
+
+
+async def test_prefix_cache_hits_give_the_same_tokens(runner):
+    """Greedy replies with the prompt's start found in the cache equal those computed from scratch."""
+    plain = make_engine(runner)
+    cached = make_engine(runner, prefix_caching=True)
+    system = [151644] + list(range(3000, 3050))  # 51 tokens shared: three full blocks of 16
+    prompts = [system + list(range(4000 + 50 * i, 4000 + 50 * i + 9 + i)) for i in range(4)]
+    try:
+        want = [await run(plain, p, SamplingParams(max_tokens=10, temperature=0)) for p in prompts]
+        got = [await run(cached, prompts[0], SamplingParams(max_tokens=10, temperature=0))]
+        assert cached.stats()["prefix_cache_hit_tokens"] == 0
+        # the others, at once: each starts past the three cached blocks
+        got += await asyncio.gather(*(run(cached, p, SamplingParams(max_tokens=10, temperature=0), rid=f"r{i}")
+                                      for i, p in enumerate(prompts[1:])))
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert [f.prompt_tokens for _, f in got] == [len(p) for p in prompts]
+        assert cached.stats()["prefix_cache_hit_tokens"] == 3 * 48
+        # the same prompt again: every full block but the one holding the last token is found
+        again, _ = await run(cached, prompts[3], SamplingParams(max_tokens=10, temperature=0))
+        assert again == want[3][0]
+        assert cached.stats()["prefix_cache_hit_tokens"] == 3 * 48 + (len(prompts[3]) - 1) // 16 * 16
+        a = cached.allocator
+        assert a.used_blocks == 0 and a.reserved == 0 and a.cached_blocks > 0
+    finally:
+        plain.stop()
+        cached.stop()
+
+
+async def test_prefix_cache_under_memory_pressure_evicts_and_leaks_nothing(runner):
+    """A cache too small to keep every prompt: cached blocks are taken back for new work, never in use."""
+    engine = make_engine(runner, prefix_caching=True, kv_cache_tokens=160, max_concurrency=4)  # 10 blocks
+    plain = make_engine(runner, kv_cache_tokens=160, max_concurrency=4)
+    prompts = [[151644] + list(range(5000 + 7 * i, 5000 + 7 * i + 40)) for i in range(6)]
+    prompts += prompts[:2]  # evicted by now, or found: either way the same tokens
+    try:
+        for batch in (prompts[:4], prompts[4:]):
+            params = SamplingParams(max_tokens=6, temperature=0)
+            got = await asyncio.gather(*(run(engine, p, params, rid=str(i)) for i, p in enumerate(batch)))
+            want = await asyncio.gather(*(run(plain, p, params, rid=str(i)) for i, p in enumerate(batch)))
+            assert [t for t, _ in got] == [t for t, _ in want]
+        a = engine.allocator
+        assert a.used_blocks == 0 and a.reserved == 0 and a.free_blocks == a.usable_blocks
+        assert 0 < a.cached_blocks <= a.usable_blocks
+    finally:
+        engine.stop()
+        plain.stop()

@@ -18,6 +18,9 @@ def test_flags_and_env_vars(monkeypatch):
     assert s.max_concurrency == 3 and s.port == 9001
     assert s.max_queue == 7  # from the environment
     assert s.dtype == "bfloat16"  # the flag wins over the env var
+    assert s.prefix_caching and not CliApp.run(ServeSettings, cli_args=["--no-prefix-caching"]).prefix_caching
+    monkeypatch.setenv("QWEN_PREFIX_CACHING", "false")
+    assert not ServeSettings().prefix_caching
 
 
 def test_every_flag_has_an_env_var(monkeypatch):

@@ -98,6 +98,8 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     reserved: int = 0  # blocks reserved and not yet taken
     computed: int = 0  # tokens whose keys and values are in the cache
+    hashes: list[bytes] | None = None  # chained hashes of the prompt's full blocks (prefix caching)
+    registered: int = 0  # of those, blocks already offered to the prefix cache
     admitted_at: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
@@ -117,6 +119,7 @@ class EngineMetrics:
     def on_admit(self, queue_seconds: float) -> None: ...
     def on_first_token(self, ttft_seconds: float) -> None: ...
     def on_tokens(self, prompt: int, generated: int) -> None: ...
+    def on_prefix_hit(self, tokens: int) -> None: ...
     def on_finish(self, seq_reason: str, e2e: float, tpot: float | None, inference: float) -> None: ...
     def on_step(self, running: int, waiting: int, kv_usage: float) -> None: ...
 
@@ -136,6 +139,7 @@ class Engine:
         suppress_token_ids: list[int] | None = None,
         default_seed: int = 0,
         metrics: EngineMetrics | None = None,
+        prefix_caching: bool = False,
     ) -> None:
         self.runner = runner
         self.max_concurrency = max_concurrency
@@ -147,7 +151,7 @@ class Engine:
         self.metrics = metrics or EngineMetrics()
         self.default_seed = default_seed
         num_blocks = -(-kv_cache_tokens // block_size) + 1  # +1: the padding block
-        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.allocator = BlockAllocator(num_blocks, block_size, prefix_caching=prefix_caching)
         self.cache = KVCache(num_blocks, block_size, runner.kv_heads, runner.head_dim, runner.dtype, runner.layer_devices)
         dev = runner.last_device
         self._suppress = (
@@ -203,6 +207,8 @@ class Engine:
             "running": len(self._running),
             "waiting": waiting,
             "kv_cache_usage": self.allocator.used_blocks / max(1, self.allocator.usable_blocks),
+            "prefix_cache_hit_tokens": self.allocator.hit_tokens,
+            "prefix_cached_blocks": self.allocator.cached_blocks,
             "steps": self.steps,
         }
 
@@ -315,10 +321,23 @@ class Engine:
                     self._waiting.popleft()
                     self._fail_unfit(seq)
                     continue
-                if not self.allocator.reserve(need):
+                if seq.hashes is None:
+                    seq.hashes = (self.allocator.block_hashes(seq.prompt_ids, len(seq.prompt_ids))
+                                  if self.allocator.prefix_caching else [])
+                # the last prompt token is always computed: its logits give the first reply token
+                cached = self.allocator.match(seq.hashes[: (len(seq.prompt_ids) - 1) // self.block_size])
+                if not self.allocator.reserve(need - len(cached)):
+                    self.allocator.release(cached, 0)
                     break  # first come, first served: wait for blocks to free
                 self._waiting.popleft()
-                seq.reserved = need
+                seq.reserved = need - len(cached)
+                seq.blocks = cached
+                seq.registered = len(cached)
+                seq.computed = len(cached) * self.block_size
+                if cached:
+                    self.allocator.hit_tokens += seq.computed
+                    self.metrics.on_prefix_hit(seq.computed)
+                    self.metrics.on_tokens(seq.computed, 0)
                 seq.admitted_at = now
                 self._running.append(seq)
                 self.metrics.on_admit(now - seq.arrival)
@@ -443,6 +462,7 @@ class Engine:
             s.computed += 1
         for s, n in prefill:
             s.computed += n
+            self._offer_prefix(s)
         finished: list[Sequence] = []
         for s, token in zip(sampled_seqs, tokens):
             s.output_ids.append(token)
@@ -463,6 +483,13 @@ class Engine:
         if finished:
             gone = {id(s) for s in finished}
             self._running = [s for s in self._running if id(s) not in gone]
+
+    def _offer_prefix(self, seq: Sequence) -> None:
+        """Hand the prompt's blocks that are now full and computed to the prefix cache."""
+        bs = self.block_size
+        while seq.hashes and seq.registered < len(seq.hashes) and (seq.registered + 1) * bs <= seq.computed:
+            self.allocator.register(seq.blocks[seq.registered], seq.hashes[seq.registered])
+            seq.registered += 1
 
     def _finish(self, seq: Sequence, reason: str, out: list, error: str | None = None, completion: int | None = None) -> None:
         if seq.blocks or seq.reserved:

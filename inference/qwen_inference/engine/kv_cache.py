@@ -2,11 +2,15 @@
 
 Memory is bounded by the number of blocks. A sequence reserves, on admission, the blocks its longest
 possible reply needs, so a running sequence never waits for memory mid-reply; a request that cannot
-reserve waits in the queue instead of failing.
+reserve waits in the queue instead of failing. With prefix caching, the full blocks of a prompt stay in the
+cache after their sequence ends, and a later prompt that starts with the same tokens starts past them.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -14,10 +18,23 @@ import torch
 
 @dataclass
 class BlockAllocator:
+    """Hands out blocks and, with prefix caching, keeps full prompt blocks after their sequence ends.
+
+    A cached block is named by a hash chained over every token up to its end, so two prompts share a block
+    only when everything before it is the same too. Blocks in use are counted by reference; a cached block
+    nobody uses is free for the taking (least recently used first) but found again by its hash until then.
+    """
+
     num_blocks: int
     block_size: int
+    prefix_caching: bool = False
     _free: list[int] = field(default_factory=list)
     reserved: int = 0  # blocks promised to running sequences but not yet handed out
+    _refs: dict[int, int] = field(default_factory=dict)  # block -> sequences using it
+    _by_hash: dict[bytes, int] = field(default_factory=dict)
+    _hash_of: dict[int, bytes] = field(default_factory=dict)
+    _idle: "collections.OrderedDict[int, None]" = field(default_factory=collections.OrderedDict)  # cached, unused
+    hit_tokens: int = 0  # prompt tokens found in the cache, all told
 
     def __post_init__(self) -> None:
         # block 0 is never handed out: padded positions point at it, so a gather never reads a live block
@@ -29,17 +46,22 @@ class BlockAllocator:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a reservation may count on: never used, or cached and unused."""
+        return len(self._free) + len(self._idle)
 
     @property
     def used_blocks(self) -> int:
-        return self.usable_blocks - len(self._free)
+        return self.usable_blocks - self.free_blocks
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._by_hash)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
     def can_reserve(self, blocks: int) -> bool:
-        return blocks <= len(self._free) - self.reserved
+        return blocks <= self.free_blocks - self.reserved
 
     def reserve(self, blocks: int) -> bool:
         if not self.can_reserve(blocks):
@@ -48,16 +70,60 @@ class BlockAllocator:
         return True
 
     def take(self) -> int:
-        """Hand out one reserved block."""
+        """Hand out one reserved block: a never-used one, else the least recently used cached one."""
         if self.reserved <= 0:
             raise RuntimeError("take() without a reservation")
         self.reserved -= 1
-        return self._free.pop()
+        if self._free:
+            block = self._free.pop()
+        else:
+            block, _ = self._idle.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(block)]
+        self._refs[block] = 1
+        return block
 
     def release(self, blocks: list[int], unused_reservation: int) -> None:
-        self._free.extend(reversed(blocks))
+        for block in reversed(blocks):
+            n = self._refs.pop(block) - 1
+            if n:
+                self._refs[block] = n
+            elif block in self._hash_of:
+                self._idle[block] = None  # stays findable until taken
+            else:
+                self._free.append(block)
         self.reserved -= unused_reservation
-        assert self.reserved >= 0 and len(self._free) <= self.usable_blocks
+        assert self.reserved >= 0 and self.free_blocks <= self.usable_blocks
+
+    # ---- prefix caching ---------------------------------------------------------------------------------
+    def block_hashes(self, tokens: list[int], limit: int) -> list[bytes]:
+        """The chained hashes of the full blocks among the first `limit` tokens."""
+        out, h = [], b""
+        bs = self.block_size
+        for i in range(limit // bs):
+            h = hashlib.sha256(h + struct.pack(f"<{bs}q", *tokens[i * bs:(i + 1) * bs])).digest()
+            out.append(h)
+        return out
+
+    def match(self, hashes: list[bytes]) -> list[int]:
+        """Claim the cached blocks of the longest cached prefix of `hashes`; give them back with release()."""
+        if not self.prefix_caching:
+            return []
+        blocks = []
+        for h in hashes:
+            block = self._by_hash.get(h)
+            if block is None:
+                break
+            if block in self._idle:
+                del self._idle[block]
+            self._refs[block] = self._refs.get(block, 0) + 1
+            blocks.append(block)
+        return blocks
+
+    def register(self, block: int, h: bytes) -> None:
+        """`block` now holds the keys and values of the prompt prefix named `h`."""
+        if self.prefix_caching and h not in self._by_hash and block not in self._hash_of:
+            self._by_hash[h] = block
+            self._hash_of[block] = h
 
 
 class KVCache:
