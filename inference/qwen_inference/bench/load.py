@@ -140,7 +140,8 @@ async def run_level(url: str, model: str | None, concurrency: int, requests: int
     sem = asyncio.Semaphore(concurrency)
     sampler = RssSampler(pid)
     sampler.start()
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    # a fresh connection per request: a keep-alive connection the server has just closed would count as an error
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
 
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         async def task(i: int) -> Result:
