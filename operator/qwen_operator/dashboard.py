@@ -24,6 +24,12 @@ def _target(expr: str, legend: str = "", fmt: str | None = None) -> dict[str, An
     return t
 
 
+def _quantiles(histogram: str, rate: str) -> list[dict[str, Any]]:
+    """p50 and p95 of a histogram over the selected deployment's pods."""
+    return [_target(f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket{{{SEL}}}[{rate}])))", name)
+            for q, name in (("0.5", "p50"), ("0.95", "p95"))]
+
+
 def _panel(title: str, kind: str, x: int, y: int, w: int, h: int, targets: list[dict], unit: str = "short",
            description: str = "", **extra) -> dict[str, Any]:
     for i, t in enumerate(targets):
@@ -65,18 +71,13 @@ def panels() -> list[dict[str, Any]]:
                [_target(f"sum by (le) (increase(http_request_duration_seconds_bucket{{{CHAT}}}[{rate}]))", "{{le}}",
                         "heatmap")], "s", "Distribution of chat completion latency.",
                options={"calculate": False, "yAxis": {"unit": "s"}, "cellGap": 1}),
-        _panel("Time to first token", "timeseries", 12, 7, 6, 8, [
-            _target(f"histogram_quantile(0.5, sum by (le) (rate(qwen_time_to_first_token_seconds_bucket{{{SEL}}}[{rate}])))", "p50"),
-            _target(f"histogram_quantile(0.95, sum by (le) (rate(qwen_time_to_first_token_seconds_bucket{{{SEL}}}[{rate}])))", "p95"),
-        ], "s", "From arrival to the first generated token (queue and prefill)."),
-        _panel("Time per output token", "timeseries", 18, 7, 6, 8, [
-            _target(f"histogram_quantile(0.5, sum by (le) (rate(qwen_time_per_output_token_seconds_bucket{{{SEL}}}[{rate}])))", "p50"),
-            _target(f"histogram_quantile(0.95, sum by (le) (rate(qwen_time_per_output_token_seconds_bucket{{{SEL}}}[{rate}])))", "p95"),
-        ], "s", "Mean time between tokens of a reply (decode speed each user sees)."),
+        _panel("Time to first token", "timeseries", 12, 7, 6, 8, _quantiles("qwen_time_to_first_token_seconds", rate), "s", "From arrival to the first generated token (queue and prefill)."),
+        _panel("Time per output token", "timeseries", 18, 7, 6, 8, _quantiles("qwen_time_per_output_token_seconds", rate),
+               "s", "Mean time between tokens of a reply (decode speed each user sees)."),
         _panel("Tokens per second", "timeseries", 0, 15, 12, 7, [
             _target(f"sum(rate(qwen_generation_tokens_total{{{SEL}}}[{rate}]))", "generated"),
             _target(f"sum(rate(qwen_prompt_tokens_total{{{SEL}}}[{rate}]))", "prompt"),
-        ], "short", "Tokens generated and prompt tokens prefilled, per second, over all pods."),
+        ], "short", "Tokens generated and prompt tokens admitted (computed or found in the prefix cache), per second, over all pods."),
         _panel("Requests by status", "timeseries", 12, 15, 12, 7, [
             _target(f"sum by (status_code) (rate(http_requests_total{{{CHAT}}}[{rate}]))", "{{status_code}}"),
             _target(f"sum by (reason) (rate(qwen_request_errors_total{{{SEL}}}[{rate}]))", "error: {{reason}}"),
