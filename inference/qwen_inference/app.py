@@ -72,6 +72,7 @@ class ServerState:
         m = self.model
         self.metrics.info.labels(self.settings.model_name, m.dtype, m.device).set(1)
         self.metrics.model_loaded.set(1)
+        self.metrics.prefix_caching.set(1 if m.engine.prefix_caching else 0)
         self.status, self.reason = "ready", "ok"
         log.info("model ready", extra={"model": self.settings.model_name, "path": str(m.path), "dtype": m.dtype,
                                        "device": m.device, "max_model_len": m.max_model_len,

@@ -13,8 +13,6 @@ from .settings import ServeSettings
 log = logging.getLogger("qwen_inference.loader")
 
 DEFAULT_MAX_MODEL_LEN = 8192
-CPU_KV_SHARE = 0.25  # of the memory left after the weights
-GPU_KV_SHARE = 0.80
 
 
 @dataclass
@@ -56,10 +54,10 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
     hf_logging.disable_progress_bar()
 
     from .engine import Engine
-    from .engine.kv_cache import KVCache
-    from .engine.model_runner import ModelRunner, resolve_devices, resolve_dtype
+    from .engine.cache import plan_caches
+    from .engine.models import family, load_model, model_type_of
+    from .engine.platform import Platform
     from .modelcache import resolve
-    from .sysinfo import available_memory
 
     threads = settings.effective_threads
     torch.set_num_threads(threads)
@@ -68,34 +66,26 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
     except RuntimeError:
         pass  # already set in this process
     path = resolve(settings.model, settings.model_cache_dir, settings.revision)
-    devices = resolve_devices(settings.device)
-    device_kind = devices[0].type
-    dtype = resolve_dtype(settings.dtype, device_kind)
+    family(model_type_of(path))  # an unsupported architecture fails here, before anything is read
+    platform = Platform.resolve(settings.device, settings.dtype, settings.quantize)
     log.info("loading %s from %s on %s (%s, %d threads)", settings.model, path,
-             ",".join(str(d) for d in devices), dtype, threads)
+             ",".join(str(d) for d in platform.devices), platform.dtype_name(), threads)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if not getattr(tokenizer, "chat_template", None):
         from .templates import QWEN25_CHAT_TEMPLATE
 
         log.warning("the tokenizer has no chat template; using Qwen2.5's ChatML template")
         tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
-    runner = ModelRunner(path, dtype, devices, quantize=settings.quantize)
-    model_max = int(getattr(runner.config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
+    model = load_model(path, platform)
+    model_max = model.max_position_embeddings or DEFAULT_MAX_MODEL_LEN
     if settings.max_model_len is not None and settings.max_model_len > model_max:
         raise ValueError(f"--max-model-len {settings.max_model_len} exceeds the model's {model_max} positions")
     max_model_len = settings.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN)
 
-    per_token = KVCache.bytes_per_token(runner.num_layers, runner.kv_heads, runner.head_dim, dtype)
-    if settings.kv_cache_tokens:
-        kv_tokens = settings.kv_cache_tokens
-    else:
-        if device_kind == "cuda":
-            free = min(torch.cuda.mem_get_info(d)[0] for d in devices) * len(devices)
-            budget = int(free * GPU_KV_SHARE)
-        else:
-            budget = int(available_memory() * CPU_KV_SHARE)
-        kv_tokens = min(settings.max_concurrency * max_model_len, max(budget // per_token, max_model_len))
-    log.info("KV cache: %d tokens (%.1f MiB)", kv_tokens, kv_tokens * per_token / 2**20)
+    plan = plan_caches(model.cache_specs(), budget=platform.cache_budget(), max_concurrency=settings.max_concurrency,
+                       max_model_len=max_model_len, kv_tokens=settings.kv_cache_tokens)
+    log.info("caches: KV %d tokens (%.1f MiB), recurrent state %d sequences (%.1f MiB)", plan.kv_tokens,
+             plan.kv_bytes / 2**20, plan.state_slots, plan.state_bytes / 2**20)
 
     gen = _generation_config(path)
     eos = _ids(gen.get("eos_token_id")) | _ids(tokenizer.eos_token_id)
@@ -103,11 +93,11 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
     if gen.get("do_sample") is False:
         defaults["temperature"] = 0.0
     engine = Engine(
-        runner,
+        model,
         max_concurrency=settings.max_concurrency,
         max_queue=settings.max_queue,
         max_model_len=max_model_len,
-        kv_cache_tokens=kv_tokens,
+        kv_cache_tokens=plan.kv_tokens,
         prefill_chunk=settings.prefill_chunk,
         eos_token_ids=eos,
         suppress_token_ids=gen.get("suppress_tokens") or None,
@@ -120,8 +110,8 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
         tokenizer=tokenizer,
         engine=engine,
         max_model_len=max_model_len,
-        dtype=str(dtype).removeprefix("torch.") + ("+int8" if settings.quantize == "int8" else ""),
-        device=device_kind if len(devices) == 1 else f"{device_kind}x{len(devices)}",
+        dtype=platform.dtype_name(),
+        device=platform.describe(),
         eos_token_ids=eos,
         generation_defaults=defaults,
     )

@@ -58,6 +58,10 @@ class ServerMetrics(EngineMetrics):
         self.running = Gauge("qwen_requests_running", "Sequences in the running batch.", registry=r)
         self.waiting = Gauge("qwen_requests_waiting", "Requests waiting for a slot.", registry=r)
         self.kv_usage = Gauge("qwen_kv_cache_usage_ratio", "Share of KV cache blocks in use (0 to 1).", registry=r)
+        self.state_usage = Gauge("qwen_recurrent_state_usage_ratio", "Share of recurrent-state slots in use (0 to 1; "
+                                 "models with linear-attention layers, 0 for others).", registry=r)
+        self.prefix_caching = Gauge("qwen_prefix_caching_enabled", "1 when prompt prefixes are cached (off for models "
+                                    "with a recurrent state per sequence).", registry=r)
         self.prompt_tokens = Counter("qwen_prompt_tokens", "Prompt tokens of admitted requests, computed or found in "
                                      "the prefix cache.", registry=r)
         self.prefix_hits = Counter("qwen_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache, not "
@@ -96,10 +100,11 @@ class ServerMetrics(EngineMetrics):
             if tpot is not None:
                 self.tpot.observe(tpot)
 
-    def on_step(self, running: int, waiting: int, kv_usage: float) -> None:
+    def on_step(self, running: int, waiting: int, kv_usage: float, state_usage: float = 0.0) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
+        self.state_usage.set(state_usage)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,14 +9,24 @@ import torch
 
 from qwen_inference.engine import Engine, QueueFull, SamplingParams
 from qwen_inference.engine.engine import FinishEvent, TokenEvent
-from qwen_inference.engine.kv_cache import BlockAllocator
-from qwen_inference.engine.model_runner import ModelRunner
+from qwen_inference.engine.cache import BlockAllocator
+from qwen_inference.engine.models import load_model
+from qwen_inference.engine.platform import Platform
+from qwen_inference.engine.runner import ModelRunner, SeqChunk
 from qwen_inference.engine.sampling import apply_penalties, new_state, sample_row
+
+
+def prompt_logits(model, ids, state_slots=0):
+    """The model's logits after every token of `ids`, computed as one prompt chunk."""
+    runner = ModelRunner(model, kv_tokens=-(-len(ids) // 16) * 16, state_slots=state_slots)
+    table = list(range(1, runner.num_blocks))
+    with torch.inference_mode():
+        return runner.execute([SeqChunk(list(ids), 0, table, 0 if state_slots else None, all_logits=True)])
 
 
 @pytest.fixture(scope="module")
 def runner(tiny_model):
-    return ModelRunner(tiny_model, torch.float32, [torch.device("cpu")])
+    return load_model(tiny_model, Platform.cpu(torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +84,10 @@ async def test_greedy_matches_transformers_generate(runner, hf_model):
 def test_prefill_logits_match_transformers(tiny_model, dtype):
     from transformers import AutoModelForCausalLM
 
-    from qwen_inference.engine.kv_cache import KVCache
-    from qwen_inference.engine.model_runner import PrefillSegment, StepInput
-
-    r = ModelRunner(tiny_model, dtype, [torch.device("cpu")])
+    r = load_model(tiny_model, Platform.cpu(dtype))
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=dtype).eval()
     ids = list(range(500, 540))
-    cache = KVCache(8, 16, r.kv_heads, r.head_dim, dtype, r.layer_devices)
-    slots = torch.arange(16, 16 + len(ids))
-    mask = torch.ones(len(ids), len(ids), dtype=torch.bool).tril().repeat(r.groups, 1)
-    step = StepInput(torch.tensor(ids), torch.arange(len(ids)), slots, 0, None, None,
-                     [PrefillSegment(0, len(ids), slots, mask)], torch.arange(len(ids)))
-    ours = r.forward(step, cache)
+    ours = prompt_logits(r, ids)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
     tol = 1e-4 if dtype == torch.float32 else 5e-2
@@ -214,20 +216,11 @@ async def test_idle_engine_does_not_spin(runner):
 
 def test_int8_logits_track_the_float_model(tiny_model):
     """Per-token int8 activations and per-channel int8 weights: the next-token distribution barely moves."""
-    from qwen_inference.engine.kv_cache import KVCache
-    from qwen_inference.engine.model_runner import PrefillSegment, StepInput
-
     ids = list(range(700, 764))
     outs = {}
     for q in ("none", "int8"):
-        r = ModelRunner(tiny_model, torch.float32, [torch.device("cpu")], quantize=q)
-        cache = KVCache(8, 16, r.kv_heads, r.head_dim, torch.float32, r.layer_devices)
-        slots = torch.arange(16, 16 + len(ids))
-        mask = torch.ones(len(ids), len(ids), dtype=torch.bool).tril().repeat(r.groups, 1)
-        step = StepInput(torch.tensor(ids), torch.arange(len(ids)), slots, 0, None, None,
-                         [PrefillSegment(0, len(ids), slots, mask)], torch.arange(len(ids)))
-        with torch.inference_mode():
-            outs[q] = r.forward(step, cache)
+        r = load_model(tiny_model, Platform.cpu(torch.float32, q))
+        outs[q] = prompt_logits(r, ids)
         if q == "int8":
             assert r.weight_bytes() < 0.3 * fp_bytes
         else:
@@ -241,9 +234,9 @@ def test_int8_logits_track_the_float_model(tiny_model):
 
 def test_int8_refuses_gpus_and_unknown_schemes(tiny_model):
     with pytest.raises(ValueError, match="CPU only"):
-        ModelRunner(tiny_model, torch.float32, [torch.device("cuda", 0)], quantize="int8")
+        load_model(tiny_model, Platform((torch.device("cuda", 0),), torch.float32, "int8"))
     with pytest.raises(ValueError, match="unknown quantization"):
-        ModelRunner(tiny_model, torch.float32, [torch.device("cpu")], quantize="int4")
+        load_model(tiny_model, Platform.cpu(torch.float32, "int4"))
 
 
 def test_layers_split_over_devices_keep_every_tensor_on_its_layers_device(tiny_model):
@@ -251,26 +244,16 @@ def test_layers_split_over_devices_keep_every_tensor_on_its_layers_device(tiny_m
     layer's KV cache on its device) with the `meta` device standing in for a second GPU, since none is here:
     torch refuses any op that mixes a CPU tensor with a meta one, so a tensor left on the wrong device fails
     this test. A real GPU run is not part of the suite."""
-    from qwen_inference.engine.kv_cache import KVCache
-    from qwen_inference.engine.model_runner import PrefillSegment, StepInput
-
     cpu, other = torch.device("cpu"), torch.device("meta")
-    r = ModelRunner(tiny_model, torch.float32, [cpu, other])
+    r = load_model(tiny_model, Platform((cpu, other), torch.float32))
     half = -(-r.num_layers // 2)
     assert r.layer_devices == [cpu] * half + [other] * (r.num_layers - half)
     assert r.embed.device == cpu and r.lm_head.device == r.norm.device == other
-    cache = KVCache(8, 16, r.kv_heads, r.head_dim, torch.float32, r.layer_devices)
+    runner = ModelRunner(r, kv_tokens=112)
+    assert [runner.caches.kv.k[i].device for i in range(r.num_layers)] == r.layer_devices
     # one step with a decode row (a sequence 40 tokens in) and a 24-token prompt chunk of another
-    prompt = torch.arange(600, 624)
-    ids = torch.cat([torch.tensor([7]), prompt])
-    positions = torch.cat([torch.tensor([40]), torch.arange(24)])
-    slots = torch.cat([torch.tensor([56]), torch.arange(64, 88)])
-    gather = torch.arange(16, 57)[None]
-    dmask = torch.ones(1, 1, 1, 41, dtype=torch.bool)
-    pmask = torch.ones(24, 24, dtype=torch.bool).tril().repeat(r.groups, 1)
-    step = StepInput(ids, positions, slots, 1, gather, dmask, [PrefillSegment(1, 24, slots[1:], pmask)],
-                     torch.tensor([0, 24]))
-    out = r.forward(step, cache)
+    out = runner.execute([SeqChunk([7], 40, [1, 2, 3], logits=True),
+                          SeqChunk(list(range(600, 624)), 0, [4, 5], logits=True)])
     assert out.device == other and out.shape == (2, r.vocab_size)
 
 

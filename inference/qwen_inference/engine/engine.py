@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 import torch
 
-from .kv_cache import BlockAllocator, KVCache
-from .model_runner import ModelRunner, PrefillSegment, StepInput
-from .sampling import SamplerState, SamplingParams, apply_penalties, new_state, sample_row
+from .cache import BlockAllocator
+from .models.base import CausalLM
+from .runner import ModelRunner, SeqChunk
+from .sampling import SamplerState, SamplingParams, apply_penalties, new_state, sample_batch
 
 log = logging.getLogger("qwen_inference.engine")
 
@@ -96,6 +97,7 @@ class Sequence:
     sampler: SamplerState
     output_ids: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
+    state_slot: int | None = None  # recurrent-state slot (models with linear-attention layers)
     reserved: int = 0  # blocks reserved and not yet taken
     computed: int = 0  # tokens whose keys and values are in the cache
     hashes: list[bytes] | None = None  # chained hashes of the prompt's full blocks (prefix caching)
@@ -121,13 +123,13 @@ class EngineMetrics:
     def on_tokens(self, prompt: int, generated: int) -> None: ...
     def on_prefix_hit(self, tokens: int) -> None: ...
     def on_finish(self, seq_reason: str, e2e: float, tpot: float | None, inference: float) -> None: ...
-    def on_step(self, running: int, waiting: int, kv_usage: float) -> None: ...
+    def on_step(self, running: int, waiting: int, kv_usage: float, state_usage: float = 0.0) -> None: ...
 
 
 class Engine:
     def __init__(
         self,
-        runner: ModelRunner,
+        model: CausalLM,
         *,
         max_concurrency: int,
         max_queue: int,
@@ -141,7 +143,9 @@ class Engine:
         metrics: EngineMetrics | None = None,
         prefix_caching: bool = False,
     ) -> None:
-        self.runner = runner
+        self.runner = ModelRunner(model, kv_tokens=kv_cache_tokens, block_size=block_size,
+                                  state_slots=max_concurrency)
+        self.model = model
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.max_model_len = max_model_len
@@ -150,10 +154,12 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids or ())
         self.metrics = metrics or EngineMetrics()
         self.default_seed = default_seed
-        num_blocks = -(-kv_cache_tokens // block_size) + 1  # +1: the padding block
-        self.allocator = BlockAllocator(num_blocks, block_size, prefix_caching=prefix_caching)
-        self.cache = KVCache(num_blocks, block_size, runner.kv_heads, runner.head_dim, runner.dtype, runner.layer_devices)
-        dev = runner.last_device
+        self.prefix_caching = prefix_caching and self.runner.supports_prefix_caching
+        if prefix_caching and not self.prefix_caching:
+            log.info("prefix caching is off: this model keeps a recurrent state per sequence, which a cached "
+                     "prompt prefix cannot restore")
+        self.allocator = BlockAllocator(self.runner.num_blocks, block_size, prefix_caching=self.prefix_caching)
+        dev = model.output_device
         self._suppress = (
             torch.tensor(sorted(set(suppress_token_ids)), dtype=torch.long, device=dev)
             if suppress_token_ids
@@ -206,7 +212,8 @@ class Engine:
         return {
             "running": len(self._running),
             "waiting": waiting,
-            "kv_cache_usage": self.allocator.used_blocks / max(1, self.allocator.usable_blocks),
+            "kv_cache_usage": self._kv_usage(),
+            "state_usage": self.runner.state_usage,
             "prefix_cache_hit_tokens": self.allocator.hit_tokens,
             "prefix_cached_blocks": self.allocator.cached_blocks,
             "steps": self.steps,
@@ -235,6 +242,12 @@ class Engine:
             self._waiting.append(seq)
             self._cv.notify()
         return handle
+
+    def _kv_usage(self) -> float:
+        return self.allocator.used_blocks / max(1, self.allocator.usable_blocks)
+
+    def _report(self, running: int, waiting: int) -> None:
+        self.metrics.on_step(running, waiting, self._kv_usage(), self.runner.state_usage)
 
     def _retry_after(self) -> int:
         return 1 if self.max_concurrency > 1 else 2
@@ -267,7 +280,7 @@ class Engine:
         while True:
             with self._cv:
                 while not self._stopping and not self._running and not self._waiting:
-                    self.metrics.on_step(0, 0, self.allocator.used_blocks / max(1, self.allocator.usable_blocks))
+                    self._report(0, 0)
                     self._cv.wait()
                 if self._stopping:
                     return
@@ -284,7 +297,7 @@ class Engine:
         self.steps += 1
         with self._lock:
             waiting = len(self._waiting)
-        self.metrics.on_step(len(self._running), waiting, self.allocator.used_blocks / max(1, self.allocator.usable_blocks))
+        self._report(len(self._running), waiting)
         self._deliver(out)
 
     def _reap(self, now: float, out: list) -> None:
@@ -321,6 +334,8 @@ class Engine:
                     self._waiting.popleft()
                     self._fail_unfit(seq)
                     continue
+                if self.runner.has_state and not self.runner.free_state_slots:
+                    break
                 if seq.hashes is None:
                     seq.hashes = (self.allocator.block_hashes(seq.prompt_ids, len(seq.prompt_ids))
                                   if self.allocator.prefix_caching else [])
@@ -334,6 +349,7 @@ class Engine:
                 seq.blocks = cached
                 seq.registered = len(cached)
                 seq.computed = len(cached) * self.block_size
+                seq.state_slot = self.runner.acquire_state()
                 if cached:
                     self.allocator.hit_tokens += seq.computed
                     self.metrics.on_prefix_hit(seq.computed)
@@ -365,64 +381,19 @@ class Engine:
             seq.blocks.append(self.allocator.take())
             seq.reserved -= 1
 
-    def _slot(self, seq: Sequence, pos: int) -> int:
-        return seq.blocks[pos // self.block_size] * self.block_size + pos % self.block_size
-
-    def _build(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]) -> StepInput:
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+    def _chunks(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]) -> list[SeqChunk]:
+        """This step's work for the runner: one token of each decoding sequence, then each prompt chunk."""
+        chunks = []
         for s in decode:
             pos = s.computed
             self._ensure_blocks(s, pos + 1)
-            tokens.append(s.token_at(pos))
-            positions.append(pos)
-            slots.append(self._slot(s, pos))
-        decode_gather = decode_mask = None
-        if decode:
-            lmax = max(s.computed + 1 for s in decode)
-            gather = torch.zeros(len(decode), lmax, dtype=torch.long)
-            mask = torch.zeros(len(decode), 1, 1, lmax, dtype=torch.bool)
-            for i, s in enumerate(decode):
-                n = s.computed + 1
-                gather[i, :n] = torch.tensor(self._slots_upto(s, n))
-                mask[i, 0, 0, :n] = True
-            decode_gather, decode_mask = gather, mask
-        segments: list[PrefillSegment] = []
-        logit_rows = list(range(len(decode)))
-        groups = self.runner.groups
+            chunks.append(SeqChunk([s.token_at(pos)], pos, s.blocks, s.state_slot, logits=True))
         for s, n in prefill:
-            start_row = len(tokens)
             first = s.computed
             self._ensure_blocks(s, first + n)
-            for pos in range(first, first + n):
-                tokens.append(s.prompt_ids[pos])
-                positions.append(pos)
-                slots.append(self._slot(s, pos))
-            total = first + n
-            gather = torch.tensor(self._slots_upto(s, total), dtype=torch.long)
-            causal = torch.ones(n, total, dtype=torch.bool).tril(diagonal=first)
-            segments.append(PrefillSegment(start_row, n, gather, causal.repeat(groups, 1)))
-            if total == len(s.prompt_ids):
-                logit_rows.append(start_row + n - 1)
-        return StepInput(
-            token_ids=torch.tensor(tokens, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
-            num_decode=len(decode),
-            decode_gather=decode_gather,
-            decode_mask=decode_mask,
-            prefills=segments,
-            logit_rows=torch.tensor(logit_rows, dtype=torch.long),
-        )
-
-    def _slots_upto(self, seq: Sequence, n: int) -> list[int]:
-        bs = self.block_size
-        out: list[int] = []
-        for b in seq.blocks[: -(-n // bs)]:
-            base = b * bs
-            out.extend(range(base, base + bs))
-        return out[:n]
+            chunks.append(SeqChunk(s.prompt_ids[first:first + n], first, s.blocks, s.state_slot,
+                                   logits=first + n == len(s.prompt_ids)))
+        return chunks
 
     def _execute(self, batch, out: list) -> None:
         decode, prefill = batch
@@ -445,19 +416,16 @@ class Engine:
     def _forward_and_sample(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]], out: list) -> None:
         if self.fault_hook is not None:
             self.fault_hook(decode + [s for s, _ in prefill])
-        step = self._build(decode, prefill)
-        logits = self.runner.forward(step, self.cache)
+        logits = self.runner.execute(self._chunks(decode, prefill))
         if self._suppress is not None:
             logits.index_fill_(1, self._suppress, float("-inf"))
         now = time.monotonic()
         sampled_seqs = list(decode) + [s for s, n in prefill if s.computed + n == len(s.prompt_ids)]
         prompt_done = sum(n for _, n in prefill)
-        tokens = []
         for row, s in enumerate(sampled_seqs):
-            lg = logits[row]
             if s.params.penalized:
-                apply_penalties(lg, s.params, s.prompt_ids, s.output_ids)
-            tokens.append(sample_row(lg, s.params, s.sampler))
+                apply_penalties(logits[row], s.params, s.prompt_ids, s.output_ids)
+        tokens = sample_batch(logits, [s.params for s in sampled_seqs], [s.sampler for s in sampled_seqs])
         for s in decode:
             s.computed += 1
         for s, n in prefill:
@@ -495,6 +463,9 @@ class Engine:
         if seq.blocks or seq.reserved:
             self.allocator.release(seq.blocks, seq.reserved)
             seq.blocks, seq.reserved = [], 0
+        if seq.state_slot is not None:
+            self.runner.release_state(seq.state_slot)
+            seq.state_slot = None
         now = time.monotonic()
         queue_time = (seq.admitted_at or now) - seq.arrival
         inference = now - seq.admitted_at if seq.admitted_at else 0.0

@@ -1,4 +1,11 @@
-"""Per-request sampling inside a batch: temperature, top-k, top-p, seeds and OpenAI/HF penalties."""
+"""Per-request sampling inside a batch: temperature, top-k, top-p, seeds and OpenAI/HF penalties.
+
+Every tensor op runs on the logits' device. Randomness never does: each sequence has its own CPU generator
+that draws one uniform number per sampled token, and the token is found on the device by inverse transform
+(the first token whose cumulative probability reaches it). So no device generator is ever needed, a seed
+gives the same tokens on every device and in every batch, and only the chosen token ids cross back to the
+host, once per step.
+"""
 
 from __future__ import annotations
 
@@ -30,15 +37,19 @@ class SamplingParams:
 
 @dataclass
 class SamplerState:
-    """What the sampler keeps per sequence: its random stream."""
+    """What the sampler keeps per sequence: its random stream (on the host, whatever the model's device)."""
 
     generator: torch.Generator | None = field(default=None)
+
+    def uniform(self) -> float:
+        """A number in (0, 1]: never 0, so the inverse transform never lands on a token of probability 0."""
+        return 1.0 - float(torch.rand((), generator=self.generator))
 
 
 def new_state(params: SamplingParams, default_seed: int) -> SamplerState:
     if params.greedy:
         return SamplerState()
-    g = torch.Generator()
+    g = torch.Generator(device="cpu")
     g.manual_seed(params.seed if params.seed is not None else default_seed)
     return SamplerState(generator=g)
 
@@ -58,28 +69,45 @@ def apply_penalties(
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, state: SamplerState) -> int:
-    """Pick the next token from one row of float32 logits (already penalised and suppressed)."""
-    if params.greedy:
-        return int(torch.argmax(logits))
+def sample_tensor(logits: torch.Tensor, params: SamplingParams, u: float | None) -> torch.Tensor:
+    """The next token of one row of float32 logits (already penalised and suppressed), as a 0-d tensor on the
+    logits' device. `u` in (0, 1] is the sequence's uniform draw; None for greedy."""
+    if params.greedy or u is None:
+        return torch.argmax(logits)
     # extreme temperatures and penalties can overflow: keep the ranking, never sample from inf or nan
-    logits = torch.nan_to_num(logits / params.temperature, nan=float("-inf"), posinf=3e38)
-    if not torch.isfinite(logits).any():
-        return int(torch.argmax(logits))
-    vocab = logits.shape[-1]
+    scaled = torch.nan_to_num(logits / params.temperature, nan=float("-inf"), posinf=3e38)
+    vocab = scaled.shape[-1]
+    indices = None
     if params.top_k and params.top_k < vocab:
-        values, indices = torch.topk(logits, params.top_k)
+        values, indices = torch.topk(scaled, params.top_k)
     elif params.top_p < 1.0:
-        values, indices = torch.sort(logits, descending=True)
+        values, indices = torch.sort(scaled, descending=True)
     else:
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=state.generator))
+        values = scaled
     probs = torch.softmax(values, dim=-1)
-    if params.top_p < 1.0:
+    if indices is not None and params.top_p < 1.0:
         cum = torch.cumsum(probs, dim=-1)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         keep = (cum - probs) < params.top_p
         keep[0] = True  # the most likely token always stays, however small top_p is
         probs = torch.where(keep, probs, torch.zeros_like(probs))
-    choice = int(torch.multinomial(probs, 1, generator=state.generator))
-    return int(indices[choice])
+    cum = torch.cumsum(probs, dim=-1)
+    target = cum[-1:] * u
+    choice = torch.searchsorted(cum, target).clamp_(max=cum.shape[-1] - 1)[0]
+    # every logit -inf or nan: softmax gives nan, and the ranking decides
+    picked = choice if indices is None else indices[choice]
+    return torch.where(torch.isfinite(cum[-1]), picked, torch.argmax(scaled))
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, state: SamplerState) -> int:
+    """The next token of one row, as an int."""
+    return int(sample_tensor(logits, params, None if params.greedy else state.uniform()))
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState]) -> list[int]:
+    """One token per row of `[R, vocab]` logits, each row with its own parameters; one host sync."""
+    if all(p.greedy for p in params):
+        return torch.argmax(logits, dim=-1).tolist()
+    picks = [sample_tensor(logits[i], p, None if p.greedy else s.uniform())
+             for i, (p, s) in enumerate(zip(params, states))]
+    return torch.stack(picks).tolist()

@@ -1,0 +1,98 @@
+"""The interface every model family implements, and the batch it is handed each step.
+
+A family module owns its checkpoint layout, its weights, its caches (declared as specs, allocated by the
+runner) and its forward over a mixed batch: single decode tokens of running sequences first, then prompt
+chunks. The runner turns the scheduler's block tables and state slots into a `ForwardBatch`; the family never
+sees a sequence, a block table or the scheduler.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..attention import AttentionMetadata
+from ..cache import CacheSpec, Caches
+from ..platform import Platform
+from ..weights import tensor_bytes
+
+
+@dataclass
+class ForwardBatch:
+    """One step's work. Rows `[0, num_decode)` are single tokens of running sequences; then each prompt
+    chunk's tokens, contiguous, as listed in `segments` (first row, length)."""
+
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    num_decode: int
+    segments: list[tuple[int, int]]
+    logit_rows: torch.Tensor  # [R] rows whose next-token logits are wanted
+    attention: AttentionMetadata | None = None  # when the model has attention layers
+    state_slots: torch.Tensor | None = None  # [num_decode + len(segments)] when it has recurrent layers
+    _on: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def on(self, device: torch.device) -> "DeviceBatch":
+        """This batch's index tensors on `device` (moved once per step and device)."""
+        if device not in self._on:
+            self._on[device] = DeviceBatch(
+                positions=self.positions.to(device),
+                attention=self.attention.to(device) if self.attention is not None else None,
+                state_slots=self.state_slots.to(device) if self.state_slots is not None else None,
+            )
+        return self._on[device]
+
+
+@dataclass
+class DeviceBatch:
+    positions: torch.Tensor
+    attention: AttentionMetadata | None
+    state_slots: torch.Tensor | None
+    extra: dict[str, Any] = field(default_factory=dict)  # per-family values computed once per step and device
+
+
+class CausalLM(ABC):
+    """A decoder-only language model family. Subclasses list the `model_type`s they load."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, folder: Path, config: Any, platform: Platform) -> None:
+        self.folder = Path(folder)
+        self.config = config
+        self.platform = platform
+
+    # facts the engine and the loader need
+    num_layers: int
+    vocab_size: int
+    max_position_embeddings: int
+    layer_devices: list[torch.device]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.platform.dtype
+
+    @property
+    def output_device(self) -> torch.device:
+        return self.layer_devices[-1]
+
+    @abstractmethod
+    def cache_specs(self) -> list[CacheSpec]:
+        """What this model keeps between steps, for the runner to allocate and the loader to size."""
+
+    @abstractmethod
+    def forward(self, batch: ForwardBatch, caches: Caches) -> torch.Tensor:
+        """Run one step; return float32 logits `[R, vocab]` for `batch.logit_rows`, on `output_device`."""
+
+    @abstractmethod
+    def tensors(self) -> list:
+        """Every weight (for counting bytes)."""
+
+    def weight_bytes(self) -> int:
+        return tensor_bytes(self.tensors())

@@ -1,0 +1,386 @@
+"""Qwen3.5: a hybrid decoder of Gated DeltaNet (linear attention) layers and gated full-attention layers.
+
+Three of every four layers (as `layer_types` says) are Gated DeltaNet: a causal depthwise convolution over
+the fused q|k|v projection, then the gated delta rule, whose state is one `[heads, key_dim, value_dim]`
+matrix per sequence whatever its length. The others are full attention with an output gate, q/k norms and
+rotary embeddings on a quarter of each head. Every RMSNorm but the DeltaNet output norm is zero-centred
+(the weight stores scale - 1).
+
+Per sequence, the model keeps paged K/V for the attention layers and, in a pool of state slots, the
+convolution window and the delta-rule matrix of each DeltaNet layer. In one step:
+- decode rows (one token each) run the recurrent update, batched over every running sequence;
+- each prompt chunk runs the chunked delta rule (UT transform inside 64-token chunks, a scan across them),
+  starting from the state its previous chunk left, so long prompts prefill in pieces.
+
+Both checkpoint layouts load: the published multimodal one (`Qwen3_5ForConditionalGeneration`, language
+model under `model.language_model.*`; the vision tower under `model.visual.*` is never read) and the
+text-only one (`Qwen3_5ForCausalLM`, under `model.*`). Multi-token-prediction weights (`mtp.*`) are ignored.
+With text only, the interleaved multimodal rotary embedding gives every section the same position, so it is
+the ordinary rotary embedding of the token's position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..cache import Caches, PagedAttentionSpec, RecurrentStateSpec
+from ..platform import Platform
+from ..weights import Checkpoint, QuantWeight, UnsupportedModel, Weight, linear, release_memory
+from .base import CausalLM, DeviceBatch, ForwardBatch
+
+DELTA_CHUNK = 64  # tokens per chunk of the chunked delta rule
+
+
+@dataclass
+class MLP:
+    w_gate_up: Weight
+    w_down: Weight
+
+
+@dataclass
+class DeltaNetLayer:
+    device: torch.device
+    ln1: torch.Tensor  # 1 + weight, float32
+    ln2: torch.Tensor
+    w_in: Weight  # q|k|v (conv channels), z (output gate), b (beta), a (decay) fused
+    conv: torch.Tensor  # [conv_dim, kernel] float32
+    neg_a: torch.Tensor  # -exp(A_log) [Hv] float32
+    dt_bias: torch.Tensor  # [Hv] float32
+    norm: torch.Tensor  # [Dv] gated RMSNorm weight (not zero-centred)
+    w_out: Weight
+    mlp: MLP
+
+
+@dataclass
+class AttentionLayer:
+    device: torch.device
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    w_qkv: Weight  # per head q|gate interleaved, then k, then v
+    b_qkv: torch.Tensor | None
+    q_norm: torch.Tensor  # 1 + weight, float32
+    k_norm: torch.Tensor
+    w_o: Weight
+    mlp: MLP
+
+
+def _zc_norm(x: torch.Tensor, w1: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3.5's zero-centred RMSNorm: computed in float32, scaled by (1 + weight), back to x's dtype."""
+    return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * w1).to(x.dtype)
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
+
+
+class Qwen3_5Decoder(CausalLM):
+    model_types = ("qwen3_5", "qwen3_5_text")
+
+    def __init__(self, folder: Path, config, platform: Platform) -> None:
+        super().__init__(folder, config, platform)
+        text = config.get_text_config() if config.model_type == "qwen3_5" else config
+        self.text = text
+        self.prefix = "model.language_model." if config.model_type == "qwen3_5" else "model."
+        dt = platform.dtype
+        self.hidden = text.hidden_size
+        self.num_layers = text.num_hidden_layers
+        self.vocab_size = text.vocab_size
+        self.max_position_embeddings = int(text.max_position_embeddings)
+        self.eps = text.rms_norm_eps
+        self.layer_types = list(text.layer_types)
+        if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"linear_attention", "full_attention"}:
+            raise UnsupportedModel(f"unexpected layer_types {sorted(set(self.layer_types))}")
+        if text.hidden_act != "silu":
+            raise UnsupportedModel(f"hidden_act {text.hidden_act!r} is not supported (silu is)")
+        # full attention
+        self.num_heads = text.num_attention_heads
+        self.kv_heads = text.num_key_value_heads
+        self.head_dim = text.head_dim
+        rope = dict(text.rope_parameters or {})
+        self.rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 0.25))
+        # Gated DeltaNet
+        self.hk, self.hv = text.linear_num_key_heads, text.linear_num_value_heads
+        self.dk, self.dv = text.linear_key_head_dim, text.linear_value_head_dim
+        if self.hv % self.hk:
+            raise UnsupportedModel("linear_num_value_heads must be a multiple of linear_num_key_heads")
+        self.key_dim, self.value_dim = self.hk * self.dk, self.hv * self.dv
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.kernel = text.linear_conv_kernel_dim
+
+        self.layer_devices = platform.layer_devices(self.num_layers)
+        first, last = platform.first_device, self.layer_devices[-1]
+        int8 = platform.quantize == "int8"
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        with Checkpoint(folder) as ckpt:
+            self.layers: list[DeltaNetLayer | AttentionLayer] = []
+            for i, kind in enumerate(self.layer_types):
+                device = self.layer_devices[i]
+                layer = self._delta_layer(ckpt, i, device) if kind == "linear_attention" else \
+                    self._attention_layer(ckpt, i, device)
+                if int8:
+                    self._quantize(layer)
+                self.layers.append(layer)
+            self.embed = ckpt.get(self.prefix + "embed_tokens.weight", dt, first)
+            self.norm = 1.0 + ckpt.get(self.prefix + "norm.weight", torch.float32, last)
+            if tied or not ckpt.has("lm_head.weight"):
+                tied = True
+                self.lm_head = self.embed if last == first else self.embed.to(last)
+            else:
+                self.lm_head = ckpt.get("lm_head.weight", dt, last)
+        self.inv_freq, self.rope_scaling = self._rope(text)
+        release_memory()
+        if int8:
+            self.lm_head = QuantWeight.of(self.lm_head)
+            if tied:
+                self.embed = None
+            release_memory()
+
+    # ---- loading -----------------------------------------------------------------------------------
+    def _mlp(self, ckpt: Checkpoint, p: str, device: torch.device) -> MLP:
+        dt = self.platform.dtype
+        return MLP(ckpt.cat([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], dt, device),
+                   ckpt.get(p + "mlp.down_proj.weight", dt, device))
+
+    def _norms(self, ckpt: Checkpoint, p: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return (1.0 + ckpt.get(p + "input_layernorm.weight", torch.float32, device),
+                1.0 + ckpt.get(p + "post_attention_layernorm.weight", torch.float32, device))
+
+    def _delta_layer(self, ckpt: Checkpoint, i: int, device: torch.device) -> DeltaNetLayer:
+        p = f"{self.prefix}layers.{i}."
+        a = p + "linear_attn."
+        dt = self.platform.dtype
+        ln1, ln2 = self._norms(ckpt, p, device)
+        conv = ckpt.get(a + "conv1d.weight", torch.float32, device)
+        if conv.shape != (self.conv_dim, 1, self.kernel):
+            raise UnsupportedModel(f"{a}conv1d.weight has shape {tuple(conv.shape)}, expected "
+                                   f"{(self.conv_dim, 1, self.kernel)}")
+        return DeltaNetLayer(
+            device=device, ln1=ln1, ln2=ln2,
+            w_in=ckpt.cat([a + n + ".weight" for n in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")],
+                          dt, device),
+            conv=conv[:, 0, :].contiguous(),
+            neg_a=-ckpt.get(a + "A_log", torch.float32, device).exp(),
+            dt_bias=ckpt.get(a + "dt_bias", torch.float32, device),
+            norm=ckpt.get(a + "norm.weight", dt, device),
+            w_out=ckpt.get(a + "out_proj.weight", dt, device),
+            mlp=self._mlp(ckpt, p, device),
+        )
+
+    def _attention_layer(self, ckpt: Checkpoint, i: int, device: torch.device) -> AttentionLayer:
+        p = f"{self.prefix}layers.{i}."
+        a = p + "self_attn."
+        dt = self.platform.dtype
+        ln1, ln2 = self._norms(ckpt, p, device)
+        names = [a + f"{n}_proj" for n in "qkv"]
+        return AttentionLayer(
+            device=device, ln1=ln1, ln2=ln2,
+            w_qkv=ckpt.cat([n + ".weight" for n in names], dt, device),
+            b_qkv=ckpt.cat([n + ".bias" for n in names], dt, device) if ckpt.has(names[0] + ".bias") else None,
+            q_norm=1.0 + ckpt.get(a + "q_norm.weight", torch.float32, device),
+            k_norm=1.0 + ckpt.get(a + "k_norm.weight", torch.float32, device),
+            w_o=ckpt.get(a + "o_proj.weight", dt, device),
+            mlp=self._mlp(ckpt, p, device),
+        )
+
+    @staticmethod
+    def _quantize(layer: DeltaNetLayer | AttentionLayer) -> None:
+        """int8 weights for every projection (CPU); norms, convolution and decay parameters stay float32."""
+        names = ("w_in", "w_out") if isinstance(layer, DeltaNetLayer) else ("w_qkv", "w_o")
+        for name in names:
+            setattr(layer, name, QuantWeight.of(getattr(layer, name)))
+        layer.mlp = MLP(QuantWeight.of(layer.mlp.w_gate_up), QuantWeight.of(layer.mlp.w_down))
+        if isinstance(layer, DeltaNetLayer):
+            layer.norm = layer.norm.float()
+        elif layer.b_qkv is not None:
+            layer.b_qkv = layer.b_qkv.float()
+
+    @staticmethod
+    def _rope(text) -> tuple[torch.Tensor, float]:
+        """The rotary frequencies of the model's own rotary class (so every rope scaling it knows applies)."""
+        from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
+
+        rotary = Qwen3_5TextRotaryEmbedding(config=text)
+        return rotary.inv_freq.float(), float(rotary.attention_scaling)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin `[T, rotary_dim]` (float32) of text positions."""
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
+
+    # ---- caches ------------------------------------------------------------------------------------
+    def cache_specs(self) -> list:
+        attn = tuple(i for i, t in enumerate(self.layer_types) if t == "full_attention")
+        delta = tuple(i for i, t in enumerate(self.layer_types) if t == "linear_attention")
+        specs: list = []
+        if attn:
+            specs.append(PagedAttentionSpec(attn, self.kv_heads, self.head_dim, self.platform.dtype))
+        if delta:
+            specs.append(RecurrentStateSpec(
+                delta, (("conv", (self.conv_dim, self.kernel - 1)), ("ssm", (self.hv, self.dk, self.dv))),
+                self.platform.state_dtype))
+        return specs
+
+    def tensors(self) -> list:
+        out = [self.embed, self.norm, self.lm_head]
+        for layer in self.layers:
+            out += [getattr(layer, f) for f in layer.__dataclass_fields__ if f not in ("device", "mlp")]
+            out += [layer.mlp.w_gate_up, layer.mlp.w_down]
+        return out
+
+    # ---- forward -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, caches: Caches) -> torch.Tensor:
+        T = batch.num_tokens
+        act = self.platform.compute_dtype(T)
+        if self.embed is None:
+            ids = batch.token_ids.to(self.platform.first_device)
+            x = self.lm_head.q[ids].float() * self.lm_head.scale[ids][:, None]
+        else:
+            x = F.embedding(batch.token_ids.to(self.platform.first_device), self.embed).to(act)
+        for li, layer in enumerate(self.layers):
+            if x.device != layer.device:
+                x = x.to(layer.device)
+            m = batch.on(layer.device)
+            h = _zc_norm(x, layer.ln1, self.eps)
+            if isinstance(layer, DeltaNetLayer):
+                x = x + self._delta_net(h, layer, caches.states[li], batch, m)
+            else:
+                x = x + self._attention(h, layer, caches.kv.k[li], caches.kv.v[li], m)
+            h = _zc_norm(x, layer.ln2, self.eps)
+            gu = linear(h, layer.mlp.w_gate_up)
+            inter = gu.shape[-1] // 2
+            x = x + linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.mlp.w_down)
+        x = x.to(self.output_device)
+        rows = batch.logit_rows.to(self.output_device)
+        h = _zc_norm(x[rows], self.norm, self.eps)
+        if isinstance(self.lm_head, QuantWeight):
+            return linear(h, self.lm_head)
+        return F.linear(h.to(self.platform.dtype), self.lm_head).float()
+
+    def _attention(self, h: torch.Tensor, layer: AttentionLayer, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   m: DeviceBatch) -> torch.Tensor:
+        from ..attention import paged_attention
+
+        T = h.shape[0]
+        H, KV, D, R = self.num_heads, self.kv_heads, self.head_dim, self.rotary_dim
+        qkv = linear(h, layer.w_qkv, layer.b_qkv)
+        qg = qkv[:, : 2 * H * D].view(T, H, 2 * D)
+        q, gate = qg[..., :D], qg[..., D:].reshape(T, H * D)
+        k = qkv[:, 2 * H * D: (2 * H + KV) * D].view(T, KV, D)
+        v = qkv[:, (2 * H + KV) * D:].view(T, KV, D)
+        q = _zc_norm(q, layer.q_norm, self.eps)
+        k = _zc_norm(k, layer.k_norm, self.eps)
+        if "rope" not in m.extra:
+            m.extra["rope"] = self.rope(m.positions)
+        cos, sin = m.extra["rope"]
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        out = paged_attention(q, k, v, k_cache, v_cache, m.attention)
+        return linear(out * torch.sigmoid(gate), layer.w_o)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding on the first `rotary_dim` dimensions of each head; the rest pass through."""
+        R = self.rotary_dim
+        rot = x[..., :R].float()
+        half = R // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos[:, None, :] + rotated * sin[:, None, :]
+        return torch.cat((out.to(x.dtype), x[..., R:]), dim=-1)
+
+    def _delta_net(self, h: torch.Tensor, layer: DeltaNetLayer, state: dict[str, torch.Tensor],
+                   batch: ForwardBatch, m: DeviceBatch) -> torch.Tensor:
+        T = h.shape[0]
+        kd, vd, hv = self.key_dim, self.value_dim, self.hv
+        proj = linear(h, layer.w_in)
+        mixed = proj[:, : self.conv_dim]
+        z = proj[:, self.conv_dim: self.conv_dim + vd]
+        b = proj[:, self.conv_dim + vd: self.conv_dim + vd + hv]
+        a = proj[:, self.conv_dim + vd + hv:]
+        beta = torch.sigmoid(b.float())
+        g = layer.neg_a * F.softplus(a.float() + layer.dt_bias)  # log of the per-token decay, <= 0
+        conv_state, ssm = state["conv"], state["ssm"]
+        slots = m.state_slots
+        B = batch.num_decode
+        core = torch.empty(T, hv, self.dv, dtype=torch.float32, device=h.device)
+        if B:
+            rows = slots[:B]
+            window = torch.cat((conv_state[rows], mixed[:B].float()[:, :, None]), dim=-1)  # [B, C, K]
+            conv_state.index_copy_(0, rows, window[:, :, 1:])
+            qkv = F.silu((window * layer.conv[None]).sum(-1))
+            q, k, v = self._split_heads(qkv, B)
+            s = ssm[rows]
+            core[:B] = self._recurrent_step(q, k, v, g[:B], beta[:B], s)
+            ssm.index_copy_(0, rows, s)
+        for j, (start, n) in enumerate(batch.segments):
+            slot = slots[B + j: B + j + 1]
+            seq = torch.cat((conv_state[slot][0], mixed[start: start + n].float().t()), dim=-1)  # [C, K-1+n]
+            conv_state[slot] = seq[:, -(self.kernel - 1):][None]
+            qkv = F.silu(F.conv1d(seq[None], layer.conv[:, None, :], groups=self.conv_dim)[0].t())  # [n, C]
+            q, k, v = self._split_heads(qkv, n)
+            s = ssm[slot][0]
+            core[start: start + n], s = self._chunked(q, k, v, g[start: start + n], beta[start: start + n], s)
+            ssm[slot] = s[None]
+        # gated RMSNorm per head: norm(core) * weight * silu(z)
+        zf = z.float().view(T, hv, self.dv)
+        normed = F.rms_norm(core, (self.dv,), eps=self.eps).to(h.dtype) * layer.norm.to(h.dtype)
+        out = (normed.float() * F.silu(zf)).to(h.dtype).reshape(T, vd)
+        return linear(out, layer.w_out)
+
+    def _split_heads(self, qkv: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conv output `[n, conv_dim]` (float32) to l2-normed, scaled queries and keys repeated to the value
+        heads, and values: `[n, Hv, Dk]`, `[n, Hv, Dk]`, `[n, Hv, Dv]`."""
+        kd, r = self.key_dim, self.hv // self.hk
+        q = _l2norm(qkv[:, :kd].reshape(n, self.hk, self.dk))
+        k = _l2norm(qkv[:, kd: 2 * kd].reshape(n, self.hk, self.dk))
+        if r > 1:
+            q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)
+        v = qkv[:, 2 * kd:].reshape(n, self.hv, self.dv)
+        return q * self.dk ** -0.5, k, v
+
+    @staticmethod
+    def _recurrent_step(q, k, v, g, beta, s: torch.Tensor) -> torch.Tensor:
+        """One token per row: decay the state, write the delta-rule correction, read with the query. `s`
+        `[B, Hv, Dk, Dv]` is updated in place; returns `[B, Hv, Dv]`."""
+        s.mul_(g.exp()[..., None, None])
+        kv_mem = (s * k[..., None]).sum(dim=-2)
+        delta = (v - kv_mem) * beta[..., None]
+        s.add_(k[..., None] * delta[..., None, :])
+        return (s * q[..., None]).sum(dim=-2)
+
+    @staticmethod
+    def _chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = DELTA_CHUNK):
+        """The gated delta rule over one sequence's `n` tokens from `state` `[Hv, Dk, Dv]`: within chunks of 64
+        tokens by the UT transform, across chunks by a scan. Returns `[n, Hv, Dv]` and the final state."""
+        n = q.shape[0]
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # [H, n, D]
+        beta, g = beta.t(), g.t()  # [H, n]
+        pad = (chunk - n % chunk) % chunk
+        if pad:
+            q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+            beta, g = F.pad(beta, (0, pad)), F.pad(g, (0, pad))
+        H = q.shape[0]
+        nc = q.shape[1] // chunk
+        v_beta = v * beta[..., None]
+        k_beta = k * beta[..., None]
+        q, k, k_beta, v_beta = (x.reshape(H, nc, chunk, x.shape[-1]) for x in (q, k, k_beta, v_beta))
+        g = g.reshape(H, nc, chunk).cumsum(dim=-1)
+        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
+        decay = (g[..., :, None] - g[..., None, :]).masked_fill(upper, float("-inf")).exp()
+        ut = (k_beta @ k.transpose(-1, -2)) * decay
+        intra = (q @ k.transpose(-1, -2)) * decay
+        new_v = torch.linalg.solve_triangular(ut, v_beta, upper=False, unitriangular=True)
+        k_cum = torch.linalg.solve_triangular(ut, k_beta * g.exp()[..., None], upper=False, unitriangular=True)
+        q = q * g.exp()[..., None]
+        k = k * (g[..., -1:] - g).exp()[..., None]
+        chunk_decay = g[..., -1].exp()[..., None, None]
+        out = torch.empty_like(new_v)
+        s = state
+        for i in range(nc):
+            vi = new_v[:, i] - k_cum[:, i] @ s
+            out[:, i] = q[:, i] @ s + intra[:, i] @ vi
+            s = s * chunk_decay[:, i] + k[:, i].transpose(-1, -2) @ vi
+        return out.reshape(H, nc * chunk, -1)[:, :n].transpose(0, 1), s

@@ -1,0 +1,133 @@
+"""Every decision that depends on the hardware, in one place: devices, dtype, memory for caches, which
+quantized kernels and which attention path run, and how wide a prompt chunk's matmuls are.
+
+Model modules, the runner, the cache and the sampler ask the platform instead of probing torch themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+CPU_CACHE_SHARE = 0.25  # of the memory left after the weights
+GPU_CACHE_SHARE = 0.80
+CPU_WIDEN_MIN_TOKENS = 48
+QUANTIZATIONS = ("none", "int8")
+
+
+class PlatformError(ValueError):
+    """The asked-for device, dtype or quantization cannot run here."""
+
+
+def _dtype(name: str, kind: str) -> torch.dtype:
+    if name == "auto":
+        if kind == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        from ..sysinfo import cpu_has_fast_bf16
+
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    except KeyError:
+        raise PlatformError(f"unknown dtype {name!r}") from None
+
+
+def _devices(name: str) -> list[torch.device]:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise PlatformError("--device cuda was asked for, but no CUDA GPU is visible")
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    if name == "cpu":
+        return [torch.device("cpu")]
+    raise PlatformError(f"unknown device {name!r}")
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Where and how a model runs. `devices` split the layers in order (one process, several GPUs)."""
+
+    devices: tuple[torch.device, ...]
+    dtype: torch.dtype
+    quantize: str = "none"
+    _layer_devices: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.devices:
+            raise PlatformError("no device")
+        if self.quantize not in QUANTIZATIONS:
+            raise PlatformError(f"unknown quantization {self.quantize!r} (known: {', '.join(QUANTIZATIONS)})")
+        if self.quantize == "int8" and self.kind != "cpu":
+            raise PlatformError("--quantize int8 runs on CPU only")
+
+    @classmethod
+    def resolve(cls, device: str = "auto", dtype: str = "auto", quantize: str = "none") -> "Platform":
+        devices = _devices(device)
+        return cls(tuple(devices), _dtype(dtype, devices[0].type), quantize)
+
+    @classmethod
+    def cpu(cls, dtype: torch.dtype = torch.float32, quantize: str = "none") -> "Platform":
+        return cls((torch.device("cpu"),), dtype, quantize)
+
+    # ---- devices ------------------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.devices[0].type
+
+    def layer_devices(self, num_layers: int) -> list[torch.device]:
+        """Consecutive layers per device, as evenly as the count allows."""
+        n = len(self.devices)
+        per = -(-num_layers // n)
+        return [self.devices[min(i // per, n - 1)] for i in range(num_layers)]
+
+    @property
+    def first_device(self) -> torch.device:
+        return self.devices[0]
+
+    def output_device(self, num_layers: int) -> torch.device:
+        """Where the last layer, the output layer, the logits and the sampler live."""
+        return self.layer_devices(num_layers)[-1]
+
+    def describe(self) -> str:
+        return self.kind if len(self.devices) == 1 else f"{self.kind}x{len(self.devices)}"
+
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.") + ("+int8" if self.quantize == "int8" else "")
+
+    # ---- memory -------------------------------------------------------------------------------------
+    def cache_budget(self) -> int:
+        """Bytes the caches (KV blocks and recurrent states) may take, measured after the weights loaded."""
+        if self.kind == "cuda":
+            free = min(torch.cuda.mem_get_info(d)[0] for d in self.devices) * len(self.devices)
+            return int(free * GPU_CACHE_SHARE)
+        from ..sysinfo import available_memory
+
+        return int(available_memory() * CPU_CACHE_SHARE)
+
+    # ---- kernels ------------------------------------------------------------------------------------
+    @property
+    def widen_min_tokens(self) -> int | None:
+        """On CPUs, bfloat16 matmuls win while memory-bound (decode) but lose to float32 once compute-bound:
+        steps of at least this many tokens run their matmuls in float32. None: never widen."""
+        if self.kind == "cpu" and self.dtype == torch.bfloat16 and self.quantize == "none":
+            return CPU_WIDEN_MIN_TOKENS
+        return None
+
+    def compute_dtype(self, tokens: int) -> torch.dtype:
+        """The activations' dtype for a step of `tokens` rows."""
+        if self.quantize == "int8":
+            return torch.float32  # per-token int8 activations are quantized from float32
+        w = self.widen_min_tokens
+        return torch.float32 if w is not None and tokens >= w else self.dtype
+
+    @property
+    def attention_backend(self) -> str:
+        """How attention reads the paged KV cache: gathered per step into dense tensors for SDPA."""
+        return "sdpa-gather"
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """Recurrent states (linear attention) accumulate over the whole sequence: always float32."""
+        return torch.float32

@@ -1,0 +1,117 @@
+"""Between the scheduler and a model: allocates the caches the model's specs ask for, and turns each step's
+chunks (block tables, state slots, positions) into the batch and metadata the model's layers read.
+
+The scheduler speaks in sequences and blocks; the model in rows, slots and segments; only this module
+knows both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import build_metadata
+from .cache import Caches, PagedAttentionSpec, PagedKVCache, RecurrentStateSpec, StatePool
+from .models.base import CausalLM, ForwardBatch
+
+
+@dataclass
+class SeqChunk:
+    """Compute `tokens` of one sequence, the first at position `start`, over its cache blocks."""
+
+    tokens: list[int]
+    start: int
+    block_table: list[int]
+    state_slot: int | None = None
+    logits: bool = False  # the next-token logits after the chunk's last token are wanted
+    all_logits: bool = False  # the logits after every token of the chunk (prompt log-probabilities)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, *, kv_tokens: int, block_size: int = 16, state_slots: int = 0) -> None:
+        self.model = model
+        self.block_size = block_size
+        specs = model.cache_specs()
+        kv_spec = next((s for s in specs if isinstance(s, PagedAttentionSpec)), None)
+        state_spec = next((s for s in specs if isinstance(s, RecurrentStateSpec)), None)
+        self.num_blocks = -(-kv_tokens // block_size) + 1 if kv_spec else 0  # +1: the padding block
+        devices = model.layer_devices
+        self.caches = Caches(
+            kv=PagedKVCache(kv_spec, self.num_blocks, block_size, devices) if kv_spec else None,
+            states=StatePool(state_spec, state_slots, devices) if state_spec and state_slots else None,
+        )
+        if state_spec and not state_slots:
+            raise ValueError("this model keeps a recurrent state per sequence: state_slots must be at least 1")
+
+    # ---- what the scheduler asks -------------------------------------------------------------------------
+    @property
+    def has_state(self) -> bool:
+        return self.caches.states is not None
+
+    @property
+    def supports_prefix_caching(self) -> bool:
+        """A prompt prefix found in the KV cache can be skipped only when no layer keeps a recurrent state
+        (that state would have to be restored at the block boundary too)."""
+        return not self.has_state
+
+    @property
+    def free_state_slots(self) -> int:
+        states = self.caches.states
+        return states.slots - states.used if states else 0
+
+    @property
+    def state_usage(self) -> float:
+        states = self.caches.states
+        return states.used / states.slots if states else 0.0
+
+    def acquire_state(self) -> int | None:
+        return self.caches.states.acquire() if self.caches.states else None
+
+    def release_state(self, slot: int | None) -> None:
+        if slot is not None and self.caches.states is not None:
+            self.caches.states.release(slot)
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """Run one forward over `chunks`; return float32 logits in the chunks' order: a row for each chunk that
+        asked for its last token's, or one per token for a chunk that asked for all."""
+        singles = [c for c in chunks if len(c.tokens) == 1]
+        multis = [c for c in chunks if len(c.tokens) > 1]
+        tokens: list[int] = []
+        positions: list[int] = []
+        segments: list[tuple[int, int]] = []
+        rows_of: dict[int, range] = {}
+        for c in singles:
+            rows_of[id(c)] = range(len(tokens), len(tokens) + 1)
+            tokens.append(c.tokens[0])
+            positions.append(c.start)
+        for c in multis:
+            segments.append((len(tokens), len(c.tokens)))
+            rows_of[id(c)] = range(len(tokens), len(tokens) + len(c.tokens))
+            tokens.extend(c.tokens)
+            positions.extend(range(c.start, c.start + len(c.tokens)))
+        logit_rows: list[int] = []
+        for c in chunks:
+            if c.all_logits:
+                logit_rows.extend(rows_of[id(c)])
+            elif c.logits:
+                logit_rows.append(rows_of[id(c)][-1])
+        batch = ForwardBatch(
+            token_ids=torch.tensor(tokens, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            num_decode=len(singles),
+            segments=segments,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long),
+        )
+        if self.caches.kv is not None:
+            batch.attention = build_metadata([(c.start, c.block_table) for c in singles],
+                                             [(c.start, len(c.tokens), c.block_table) for c in multis],
+                                             self.block_size)
+        if self.caches.states is not None:
+            ordered = singles + multis
+            if any(c.state_slot is None for c in ordered):
+                raise ValueError("every chunk of a model with recurrent layers needs a state slot")
+            self.caches.states.reset([c.state_slot for c in ordered if c.start == 0])
+            batch.state_slots = torch.tensor([c.state_slot for c in ordered], dtype=torch.long)
+        return self.model.forward(batch, self.caches)
