@@ -339,3 +339,43 @@ async def test_prefix_cache_under_memory_pressure_evicts_and_leaks_nothing(runne
     finally:
         engine.stop()
         plain.stop()
+
+
+def test_sampling_runs_on_the_logits_device():
+    """No GPU here, so the `meta` device stands in for one: every tensor the sampler touches must sit on the
+    logits' device (a CPU tensor or a CPU generator handed to a device op is the bug this guards against), and
+    only the sequence's host generator draws random numbers, outside any device op."""
+    from torch.overrides import TorchFunctionMode
+
+    from qwen_inference.engine.sampling import sample_tensor
+
+    class Devices(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen, self.generators = set(), []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            for a in list(args) + list(kwargs.values()):
+                for t in (a if isinstance(a, (list, tuple)) else [a]):
+                    if isinstance(t, torch.Tensor):
+                        self.seen.add(t.device.type)
+            if kwargs.get("generator") is not None:
+                self.generators.append(func)
+            return func(*args, **kwargs)
+
+    logits = torch.zeros(151936, device="meta")
+    cases = [SamplingParams(temperature=0.7, top_p=0.9, seed=3), SamplingParams(temperature=1.2, top_k=40, seed=3),
+             SamplingParams(temperature=0.8, top_k=50, top_p=0.5), SamplingParams(temperature=1.0),
+             SamplingParams(temperature=0), SamplingParams(temperature=1.0, repetition_penalty=1.3,
+                                                           presence_penalty=0.5, frequency_penalty=0.2)]
+    for params in cases:
+        state = new_state(params, 0)
+        u = None if params.greedy else state.uniform()  # drawn on the host, before any device op
+        with Devices() as mode:
+            row = logits.clone()
+            apply_penalties(row, params, [5, 6, 7], [8, 8, 9])
+            token = sample_tensor(row, params, u)
+        assert token.device.type == "meta" and token.dim() == 0
+        assert mode.seen == {"meta"}, (params, mode.seen)
+        assert mode.generators == []

@@ -65,7 +65,8 @@ def apply_penalties(
         logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
     if output_ids and (params.presence_penalty or params.frequency_penalty):
         ids = torch.tensor(output_ids, dtype=torch.long, device=logits.device)
-        counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)
+        counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones(len(output_ids), dtype=logits.dtype,
+                                                                        device=logits.device))
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
@@ -92,11 +93,10 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams, u: float | None)
         keep[0] = True  # the most likely token always stays, however small top_p is
         probs = torch.where(keep, probs, torch.zeros_like(probs))
     cum = torch.cumsum(probs, dim=-1)
-    target = cum[-1:] * u
-    choice = torch.searchsorted(cum, target).clamp_(max=cum.shape[-1] - 1)[0]
+    choice = torch.searchsorted(cum, cum[-1:] * u).clamp_(max=cum.shape[-1] - 1)  # [1]
+    picked = choice if indices is None else indices.index_select(0, choice)  # no host sync, unlike indices[t]
     # every logit -inf or nan: softmax gives nan, and the ranking decides
-    picked = choice if indices is None else indices[choice]
-    return torch.where(torch.isfinite(cum[-1]), picked, torch.argmax(scaled))
+    return torch.where(torch.isfinite(cum[-1]), picked[0], torch.argmax(scaled))
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, state: SamplerState) -> int:
