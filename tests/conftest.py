@@ -23,13 +23,14 @@ def free_port() -> int:
 
 
 def make_model(preset: str, dtype: str | None = None) -> Path:
-    """A random model, made once per machine and reused (tests never change it)."""
+    """A random model, made once per machine and reused (tests never change it). The folder's name carries
+    make-random's format version, so a model written by an older make-random is never picked up."""
     from filelock import FileLock
 
-    from qwen_inference.random_model import make_random_model
+    from qwen_inference.random_model import FORMAT_VERSION, make_random_model
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    out = CACHE / f"{preset}-{dtype or 'default'}"
+    out = CACHE / f"{preset}-{dtype or 'default'}-v{FORMAT_VERSION}"
     with FileLock(str(CACHE / f".{out.name}.lock")):
         if not out.is_dir():
             make_random_model(preset, out, dtype)
@@ -39,6 +40,24 @@ def make_model(preset: str, dtype: str | None = None) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     return make_model("tiny", "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_model() -> Path:
+    """Qwen3's architecture and tokenizer, tiny."""
+    return make_model("tiny-qwen3", "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen35_model() -> Path:
+    """Qwen3.5 in its published multimodal layout (Qwen3_5ForConditionalGeneration), tiny."""
+    return make_model("tiny-qwen3.5", "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen35_text_model() -> Path:
+    """Qwen3.5 in the text-only layout (Qwen3_5ForCausalLM), tiny; the same language model as tiny-qwen3.5."""
+    return make_model("tiny-qwen3.5-text", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -136,10 +136,16 @@ class MakeDemo(BaseModel):
         _report(folder)
 
 
-class MakeRandom(BaseModel):
-    """Write a random-weight model of a Qwen2.5 architecture, with a Qwen-compatible tokenizer."""
+PresetName = Literal[
+    "tiny", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "tiny-qwen3", "qwen3-0.6b", "tiny-qwen3.5",
+    "tiny-qwen3.5-text", "qwen3.5-0.8b", "qwen3.5-2b", "qwen3.5-4b", "qwen3.5-9b",
+]
 
-    preset: Literal["tiny", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"] = Field(description="Architecture")
+
+class MakeRandom(BaseModel):
+    """Write a random-weight model of a Qwen architecture (Qwen2.5, Qwen3, Qwen3.5), with Qwen's real tokenizer."""
+
+    preset: PresetName = Field(description="Architecture: tiny* for tests; the others have the published shapes")
     out: Path = Field(description="Folder to write (must not exist, or be empty)")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Weight dtype")
     seed: int = Field(0, description="Random seed")

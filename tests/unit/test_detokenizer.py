@@ -16,16 +16,16 @@ def test_incremental_decode_equals_whole_decode(tiny_tokenizer, text):
 
 
 def test_multibyte_character_split_over_byte_tokens_is_held_back(tiny_tokenizer):
-    # 🙂 is four bytes; the tiny tokenizer has no merge for it, so it arrives as four byte tokens
-    ids = tiny_tokenizer("🙂", add_special_tokens=False)["input_ids"]
+    # 🦩 is four bytes; Qwen2.5's vocabulary has no token for it, so it arrives as two tokens of partial bytes
+    ids = tiny_tokenizer("🦩", add_special_tokens=False)["input_ids"]
     assert len(ids) > 1
     detok = IncrementalDetokenizer(tiny_tokenizer)
     out = [detok.add(i) for i in ids]
-    assert out[:-1] == [""] * (len(ids) - 1) and out[-1] == "🙂"
+    assert out[:-1] == [""] * (len(ids) - 1) and out[-1] == "🦩"
 
 
 def test_incomplete_character_at_the_end_is_flushed_as_replacement(tiny_tokenizer):
-    ids = tiny_tokenizer("🙂", add_special_tokens=False)["input_ids"]
+    ids = tiny_tokenizer("🦩", add_special_tokens=False)["input_ids"]
     detok = IncrementalDetokenizer(tiny_tokenizer)
     for i in ids[:-1]:
         assert detok.add(i) == ""

@@ -33,7 +33,9 @@ def runner(tiny_model):
 def hf_model(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    model.generation_config.suppress_tokens = None  # the engines under test are made without suppressed ids
+    return model
 
 
 def make_engine(runner, **kw):
