@@ -42,8 +42,8 @@ def source_dir() -> Path:
 
 def binaries() -> Path:
     build = CACHE / "build"
-    server, bench = build / "bin" / "llama-server", build / "bin" / "llama-bench"
-    if server.exists() and bench.exists():
+    targets = ("llama-server", "llama-bench", "llama-quantize")
+    if all((build / "bin" / t).exists() for t in targets):
         return build / "bin"
     src = source_dir()
     started = time.monotonic()
@@ -51,8 +51,7 @@ def binaries() -> Path:
     subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                     "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                     "-DGGML_NATIVE=ON"], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "llama-bench", "-j2"], check=True,
-                   capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "--target", *targets, "-j2"], check=True, capture_output=True)
     log(f"built in {time.monotonic() - started:.0f}s")
     return build / "bin"
 
