@@ -251,7 +251,8 @@ def resources(spec: QwenDeploymentSpec, key: str | None = None) -> dict[str, Any
             out.setdefault("limits", {})[GPU_RESOURCE] = str(spec.gpu_count)
         return out
     name, source = served_model(spec, key) if key else (spec.model.name, spec.model.source)
-    return sizing.default_resources(name, source, spec.device, spec.dtype, spec.gpu_count)
+    return sizing.default_resources(name, source, spec.device, spec.dtype, spec.gpu_count,
+                                    spec.engine.max_concurrency)
 
 
 def server_env(spec: QwenDeploymentSpec, key: str) -> list[dict[str, Any]]:

@@ -92,7 +92,8 @@ def test_defaults_from_the_api_server_match_the_pydantic_model(cluster):
 
 
 @pytest.mark.parametrize("name, node_prefix, replicas", [
-    ("demo", "cpu-node", 1), ("cpu-qwen2.5-0.5b", "cpu-node", 2), ("gpu-qwen2.5-7b", "gpu-node", 1)])
+    ("demo", "cpu-node", 1), ("cpu-qwen2.5-0.5b", "cpu-node", 2), ("cpu-qwen3.5-2b", "cpu-node", 1),
+    ("gpu-qwen2.5-7b", "gpu-node", 1)])
 def test_examples_reach_ready_with_every_child(cluster, operator, name, node_prefix, replicas):
     ns = cluster.namespace("ex")
     obj = example(name)

@@ -343,3 +343,24 @@ def test_quantities(q, value):
     assert parse_quantity(q) == pytest.approx(value)
     with pytest.raises(ValueError):
         parse_quantity("ten")
+
+
+def test_sizing_knows_each_generation_by_name():
+    """Qwen3.5-4B is not Qwen3-4B: sizes are looked up per generation, and the hybrid models' recurrent
+    state for every slot is part of the pod's memory."""
+    assert sizing.generation("Qwen/Qwen3.5-2B") == "qwen3.5" and sizing.generation("Qwen/Qwen3.6-27B") == "qwen3.5"
+    assert sizing.generation("Qwen/Qwen3-4B-Instruct-2507") == "qwen3"
+    assert sizing.generation("Qwen/Qwen2.5-0.5B-Instruct") == "qwen2.5" and sizing.generation("x/llama") is None
+    q35 = sizing.model_size("Qwen/Qwen3.5-4B", "huggingface")
+    q3 = sizing.model_size("Qwen/Qwen3-4B", "huggingface")
+    assert q35.params_b != q3.params_b and q35.state_mib_per_sequence > 0 and q3.state_mib_per_sequence == 0
+    assert q35.checkpoint_params_b > q35.params_b  # the vision tower is cached, never loaded
+    # the 2B's cache holds its whole checkpoint (4.5 GB in bf16) with room to spare
+    assert sizing.default_cache_size("Qwen/Qwen3.5-2B", "huggingface") == "7Gi"
+    few = sizing.default_resources("Qwen/Qwen3.5-2B", "huggingface", "cpu", "bfloat16", 0, max_concurrency=1)
+    many = sizing.default_resources("Qwen/Qwen3.5-2B", "huggingface", "cpu", "bfloat16", 0, max_concurrency=64)
+    assert int(many["limits"]["memory"][:-2]) - int(few["limits"]["memory"][:-2]) == 1  # 63 x 19.3 MiB
+    dense = sizing.default_resources("Qwen/Qwen3-1.7B", "huggingface", "cpu", "bfloat16", 0, max_concurrency=64)
+    assert dense == sizing.default_resources("Qwen/Qwen3-1.7B", "huggingface", "cpu", "bfloat16", 0, 1)
+    assert sizing.startup_seconds("Qwen/Qwen3.5-9B", "huggingface", "cpu", "auto") > \
+        sizing.startup_seconds("Qwen/Qwen3.5-0.8B", "huggingface", "cpu", "auto")
