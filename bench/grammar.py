@@ -322,13 +322,13 @@ class LLGuidance(Adapter):
 
     def compile(self, schema):
         grammar = self.llg.LLMatcher.grammar_from_json_schema(schema)
-        m = self.llg.LLMatcher(self.tok, grammar)
+        m = self.llg.LLMatcher(self.tok, grammar, log_level=0)
         if m.is_error():
             raise ValueError(m.get_error())
         return grammar
 
     def matcher(self, compiled):
-        return self.llg.LLMatcher(self.tok, compiled)
+        return self.llg.LLMatcher(self.tok, compiled, log_level=0)
 
     def fill(self, matcher, bitmask, row):
         self.lt.fill_next_token_bitmask(matcher, bitmask, row)

@@ -47,8 +47,8 @@ VOCABS = {
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("QWEN_TEST_TOKENIZERS") or Path.home() / ".cache" / "qwen-operator" / "test-tokenizers"
-    return Path(root)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("QWEN_TEST_TOKENIZERS") or base / "qwen-operator" / "test-tokenizers")
 
 
 def _ranks_path(filename: str) -> Path:
