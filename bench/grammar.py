@@ -232,6 +232,12 @@ PROBES: dict[str, tuple[dict, object, object]] = {
     "if/then/else": ({"if": {"type": "integer"}, "then": {"minimum": 0}, "else": {"type": "string"}}, 3, -3),
     "dependentRequired": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
                            "dependentRequired": {"a": ["b"]}}, {"a": 1, "b": 2}, {"a": 1}),
+    "format date": ({"type": "string", "format": "date"}, "2026-01-31", "31/01/2026"),
+    "pattern + maxLength": ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}, "ab", "abcdef"),
+    "format + maxLength": ({"type": "string", "format": "email", "maxLength": 8}, "a@b.co", "abcdef@b.co"),
+    "pattern with lookahead": ({"type": "string", "pattern": "^(?=.*[0-9])[a-z0-9]{4}$"}, "ab12", "abcd"),
+    "enum + maxLength": ({"type": "string", "enum": ["a", "bb"], "maxLength": 1}, "a", "bb"),
+    "multipleOf + minimum": ({"type": "integer", "minimum": 0, "multipleOf": 5}, 10, 7),
 }
 
 

@@ -147,13 +147,21 @@ def not_enforced(schema) -> list[str]:
         for key, reason in _ALWAYS_UNENFORCED.items():
             if key in node:
                 notes.append(f"{path or '/'}: {reason}")
+        here = path or "/"
         if node.get("uniqueItems") is True:
-            notes.append(f"{path or '/'}: 'uniqueItems' is not enforced")
-        if "multipleOf" in node and node.get("type") != "integer":
-            notes.append(f"{path or '/'}: 'multipleOf' is enforced on integers only")
+            notes.append(f"{here}: 'uniqueItems' is not enforced")
+        if "multipleOf" in node and (node.get("type") != "integer" or _RANGE & node.keys()):
+            notes.append(f"{here}: 'multipleOf' is enforced on integers without a minimum or maximum only")
         fmt = node.get("format")
         if isinstance(fmt, str) and fmt not in SUPPORTED_FORMATS:
-            notes.append(f"{path or '/'}: format '{fmt}' is not enforced (enforced: {', '.join(sorted(SUPPORTED_FORMATS))})")
+            notes.append(f"{here}: format '{fmt}' is not enforced (enforced: {', '.join(sorted(SUPPORTED_FORMATS))})")
+        if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
+            notes.append(f"{here}: 'minLength'/'maxLength' beside a 'pattern' or 'format' are not enforced")
+        pattern = node.get("pattern")
+        if isinstance(pattern, str) and ("(?=" in pattern or "(?!" in pattern):
+            notes.append(f"{here}: lookahead in 'pattern' is not enforced")
+        if ("enum" in node or "const" in node) and not _values_fit(node):
+            notes.append(f"{here}: 'enum'/'const' values that break the keywords beside them would be allowed")
         if isinstance(node.get("oneOf"), list) and not _disjoint(node["oneOf"], schema):
             notes.append(f"{path or '/'}: 'oneOf' whose branches may overlap is enforced as 'anyOf'")
         ref = node.get("$ref")
@@ -179,7 +187,30 @@ def not_enforced(schema) -> list[str]:
                     walk(s, f"{path}/{key}/{i}")
 
     walk(schema, "")
-    return notes
+    return list(dict.fromkeys(notes))
+
+
+_RANGE = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+_ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly",
+                "$id", "$schema", "$anchor", "enum", "const"}
+
+
+def _values_fit(node: dict) -> bool:
+    """Whether every enum/const value meets the node's other keywords (the grammar enforces the values
+    alone)."""
+    import jsonschema
+
+    rest = {k: v for k, v in node.items() if k not in _ANNOTATIONS}
+    if not rest:
+        return True
+    values = [node["const"]] if "const" in node else node.get("enum")
+    if not isinstance(values, list):
+        return True
+    try:
+        validator = jsonschema.validators.validator_for(rest)(rest)
+        return all(validator.is_valid(v) for v in values)
+    except (jsonschema.exceptions.RefResolutionError, jsonschema.exceptions.SchemaError, Exception):  # noqa: BLE001
+        return False
 
 
 def _escape(name: str) -> str:
@@ -496,7 +527,8 @@ class Grammars:
                     self._cache_size -= old.memory_size_bytes
         return compiled
 
-    def _factory(self, kind: str, content_key, make_format, thinking: Thinking, notes=()) -> ConstraintFactory:
+    def _factory(self, kind: str, content_key, make_format, thinking: Thinking, notes=(),
+                 param: str | None = None) -> ConstraintFactory:
         from xgrammar.structural_tag import RegexFormat, SequenceFormat, StructuralTag
 
         if thinking != Thinking.OFF and (self.think_start_id is None or self.think_end_id is None):
@@ -512,7 +544,8 @@ class Grammars:
                 try:
                     return self._compiler.compile_structural_tag(StructuralTag(format=fmt))
                 except (RuntimeError, ValueError) as e:
-                    raise StructuredOutputError(f"cannot compile the {kind.replace('_', ' ')}: {_clean(e)}") from None
+                    raise StructuredOutputError(f"cannot compile the {kind.replace('_', ' ')}: {_clean(e)}",
+                                                param) from None
 
             return self._compiled(key, build)
 
@@ -529,7 +562,7 @@ class Grammars:
     def for_json_schema(self, schema, *, strict: bool = False, thinking: Thinking = Thinking.OFF,
                         param: str = "schema") -> ConstraintFactory:
         notes = check_json_schema(schema, strict=strict, param=param)
-        return self._factory("json_schema", schema, lambda: self._json_format(schema), thinking, notes)
+        return self._factory("json_schema", schema, lambda: self._json_format(schema), thinking, notes, param)
 
     def for_json_object(self, *, thinking: Thinking = Thinking.OFF) -> ConstraintFactory:
         return self._factory("json_object", None, lambda: self._json_format({"type": "object"}), thinking)
@@ -539,10 +572,7 @@ class Grammars:
 
         if not isinstance(pattern, str) or not pattern:
             raise StructuredOutputError(f"{param} must be a non-empty string", param)
-        try:
-            return self._factory("regex", pattern, lambda: RegexFormat(pattern=pattern), thinking)
-        except StructuredOutputError as e:
-            raise StructuredOutputError(str(e), param) from None
+        return self._factory("regex", pattern, lambda: RegexFormat(pattern=pattern), thinking, param=param)
 
     def for_choice(self, choices, *, thinking: Thinking = Thinking.OFF, param: str = "choice") -> ConstraintFactory:
         from xgrammar.structural_tag import ConstStringFormat, OrFormat
@@ -550,7 +580,8 @@ class Grammars:
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
             raise StructuredOutputError(f"{param} must be a non-empty list of non-empty strings", param)
         return self._factory("choice", choices,
-                             lambda: OrFormat(elements=[ConstStringFormat(value=c) for c in choices]), thinking)
+                             lambda: OrFormat(elements=[ConstStringFormat(value=c) for c in choices]), thinking,
+                             param=param)
 
     def for_grammar(self, grammar: str, *, thinking: Thinking = Thinking.OFF, param: str = "grammar") -> ConstraintFactory:
         """An EBNF grammar (GBNF style, root rule `root`) or, without `::=`, a Lark grammar (rule `start`)."""
@@ -559,11 +590,8 @@ class Grammars:
         if not isinstance(grammar, str) or not grammar.strip():
             raise StructuredOutputError(f"{param} must be a non-empty string", param)
         syntax = "ebnf" if "::=" in grammar else "lark"
-        try:
-            return self._factory("grammar", [syntax, grammar], lambda: GrammarFormat(grammar=grammar, syntax=syntax),
-                                 thinking)
-        except StructuredOutputError as e:
-            raise StructuredOutputError(str(e), param) from None
+        return self._factory("grammar", [syntax, grammar], lambda: GrammarFormat(grammar=grammar, syntax=syntax),
+                             thinking, param=param)
 
     def for_response_format(self, response_format, *, thinking: Thinking = Thinking.OFF) -> ConstraintFactory | None:
         """OpenAI `response_format`: None for `text`, a factory for `json_object` and `json_schema`."""
@@ -684,7 +712,7 @@ class Grammars:
             return TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True, stop_after_first=not parallel)
 
         key = [style, parallel, sorted(schemas.items())]
-        return self._factory("tool_calls", key, make_format, thinking, notes)
+        return self._factory("tool_calls", key, make_format, thinking, notes, "tools")
 
 
 def _only_keys(obj: dict, allowed: set[str], param: str) -> None:

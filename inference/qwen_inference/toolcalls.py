@@ -23,7 +23,8 @@ Two formats (`style`):
 
   Parameters become a JSON object (`json.dumps(..., ensure_ascii=False)` formatting). As in Qwen's own parser,
   one newline after `<parameter=…>` and one before `</parameter>` are dropped, a value spelled `null` is null,
-  and the value is typed by the tool's JSON-schema `parameters`: string types stay text, `integer` and
+  and the value is typed by the tool's JSON-schema `parameters`: string types stay text (with the whitespace
+  around it removed when the string has an enum, const, pattern, format or length), `integer` and
   `number` become numbers, `boolean` true/false, anything else is read as JSON (or a Python literal); a value
   that does not convert, or a parameter the schema does not name, stays a string.
 
@@ -186,11 +187,20 @@ def _param_type(schema: dict | None) -> str | None:
     return None
 
 
+_STRING_CONSTRAINTS = ("enum", "const", "pattern", "format", "minLength", "maxLength")
+
+
+def _constrained_string(schema: dict | None) -> bool:
+    """A string with an enum, pattern, format or length: its value is a token, not free text (surrounding
+    whitespace is not part of it)."""
+    return isinstance(schema, dict) and any(k in schema for k in _STRING_CONSTRAINTS)
+
+
 def _is_string_param(schema: dict | None, known: bool) -> bool:
+    """Free text, streamed as it comes (incremental mode)."""
     if not known:
         return True
-    t = _param_type(schema)
-    return t in _STRING_TYPES
+    return _param_type(schema) in _STRING_TYPES and not _constrained_string(schema)
 
 
 def convert_parameter(value: str, schema: dict | None, *, known: bool = True):
@@ -201,7 +211,7 @@ def convert_parameter(value: str, schema: dict | None, *, known: bool = True):
         return value
     t = _param_type(schema)
     if t in _STRING_TYPES:
-        return value
+        return value.strip(" \t\r\n") if _constrained_string(schema) else value
     v = value.strip()
     if t in _INTEGER_TYPES:
         try:
