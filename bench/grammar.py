@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
@@ -407,8 +408,6 @@ ADAPTERS = {"xgrammar": XGrammar, "llguidance": LLGuidance, "outlines-core": Out
 def cpu_info() -> dict:
     info = {"processor": platform.processor(), "machine": platform.machine(), "logical_cpus": None}
     try:
-        import os
-
         info["logical_cpus"] = os.cpu_count()
         fields = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -426,6 +425,10 @@ def cpu_info() -> dict:
     except OSError:
         pass
     info["torch_threads"] = torch.get_num_threads()
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
     return info
 
 
@@ -471,50 +474,62 @@ def measure_schema(adapter: Adapter, tokenizer, schema: dict, instance, streams:
     adapter.fill(m, bitmask, 0)
     first_mask_s = time.perf_counter() - t0
     adapter.apply(logits, bitmask)  # warm the kernel (torch.compile libraries compile here)
-    fill, bfill, apply, napply, accept = [], [], [], [], []
+    # wall time, and the CPU time of this thread for the single-threaded parts (on a shared machine the
+    # latter does not count the time spent waiting for a core)
+    fill, fill_cpu, bfill, apply, napply, napply_cpu, accept, accept_cpu = ([] for _ in range(8))
+    wall, cpu = time.perf_counter, time.thread_time
     for _ in range(repeats):
         matchers = [adapter.matcher(compiled) for _ in range(streams)]
         for tok in tokens:
-            t0 = time.perf_counter()
+            t0, c0 = wall(), cpu()
             for i, m in enumerate(matchers):
                 adapter.fill(m, bitmask, i)
-            fill.append(time.perf_counter() - t0)
+            fill.append(wall() - t0)
+            fill_cpu.append(cpu() - c0)
             if adapter.has_batch_fill:
-                t0 = time.perf_counter()
+                t0 = wall()
                 adapter.batch_fill(matchers, bitmask)
-                bfill.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+                bfill.append(wall() - t0)
+            t0 = wall()
             adapter.apply(logits, bitmask)
-            apply.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            apply.append(wall() - t0)
+            t0, c0 = wall(), cpu()
             numpy_apply(logits, bitmask)
-            napply.append(time.perf_counter() - t0)
+            napply.append(wall() - t0)
+            napply_cpu.append(cpu() - c0)
             allowed = bool((bitmask[0, tok // 32] >> (tok % 32)) & 1)
             if not allowed:
                 raise AssertionError(f"{adapter.name}: token {tok} of the valid instance is masked out")
-            t0 = time.perf_counter()
+            t0, c0 = wall(), cpu()
             for m in matchers:
                 if not adapter.accept(m, tok):
                     raise AssertionError(f"{adapter.name}: token {tok} of the valid instance refused")
-            accept.append(time.perf_counter() - t0)
+            accept.append(wall() - t0)
+            accept_cpu.append(cpu() - c0)
         if not adapter.accepts_eos(matchers[0]):
             raise AssertionError(f"{adapter.name}: the valid instance does not complete the grammar")
     ms = 1000.0
+    mean = statistics.mean
     row = {
         "compile_ms": compile_s * ms,
         "first_mask_ms": first_mask_s * ms,
         "tokens": len(tokens),
-        "fill16_ms_mean": statistics.mean(fill) * ms,
+        "fill16_ms_mean": mean(fill) * ms,
         "fill16_ms_p95": pct(fill, 0.95) * ms,
-        "apply16_ms_mean": statistics.mean(apply) * ms,
-        "numpy_apply16_ms_mean": statistics.mean(napply) * ms,
-        "accept16_ms_mean": statistics.mean(accept) * ms,
+        "fill16_cpu_ms_mean": mean(fill_cpu) * ms,
+        "apply16_ms_mean": mean(apply) * ms,
+        "numpy_apply16_ms_mean": mean(napply) * ms,
+        "numpy_apply16_cpu_ms_mean": mean(napply_cpu) * ms,
+        "accept16_ms_mean": mean(accept) * ms,
+        "accept16_cpu_ms_mean": mean(accept_cpu) * ms,
     }
     if bfill:
-        row["batch_fill16_ms_mean"] = statistics.mean(bfill) * ms
+        row["batch_fill16_ms_mean"] = mean(bfill) * ms
         row["batch_fill16_ms_p95"] = pct(bfill, 0.95) * ms
-    # what the engine pays per decode step: per-row fills, the numpy kernel, the accepts
+    # what the engine's thread pays per decode step: per-row fills, the numpy kernel, the accepts
     row["per_token_ms"] = row["fill16_ms_mean"] + row["numpy_apply16_ms_mean"] + row["accept16_ms_mean"]
+    row["per_token_cpu_ms"] = (row["fill16_cpu_ms_mean"] + row["numpy_apply16_cpu_ms_mean"]
+                               + row["accept16_cpu_ms_mean"])
     return row
 
 
@@ -572,11 +587,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {sname:15s} error: {r['error']}", flush=True)
                 else:
                     print(f"  {sname:15s} compile {r['compile_ms']:8.1f} ms  first mask {r['first_mask_ms']:6.2f} ms  "
-                          f"per token @{args.streams}: fill {r['fill16_ms_mean']:6.2f}"
-                          + (f" (batch {r['batch_fill16_ms_mean']:6.2f})" if "batch_fill16_ms_mean" in r else "")
-                          + f" apply {r['apply16_ms_mean']:5.2f} (numpy {r['numpy_apply16_ms_mean']:5.2f})"
-                          f" accept {r['accept16_ms_mean']:5.2f} ms",
-                          flush=True)
+                          f"per token @{args.streams}: fill {r['fill16_ms_mean']:6.2f} (cpu {r['fill16_cpu_ms_mean']:5.2f})"
+                          + (f" batch {r['batch_fill16_ms_mean']:6.2f}" if "batch_fill16_ms_mean" in r else "")
+                          + f" apply {r['apply16_ms_mean']:5.2f} numpy {r['numpy_apply16_ms_mean']:5.2f}"
+                          f" (cpu {r['numpy_apply16_cpu_ms_mean']:5.2f}) accept {r['accept16_ms_mean']:5.2f}"
+                          f" (cpu {r['accept16_cpu_ms_mean']:5.2f}) ms", flush=True)
             if not args.quick and vname == args.vocabs[0]:
                 cov = result["coverage"][lib] = {}
                 for pname, (schema, good, bad) in PROBES.items():
@@ -600,14 +615,17 @@ def render_markdown(result: dict) -> str:
         "",
         f"`python -m bench.grammar` on {cpu.get('model_name')} (family {cpu.get('family')}, model "
         f"{cpu.get('model')}; {cpu.get('logical_cpus')} logical CPUs, torch threads {cpu.get('torch_threads')}; "
-        f"AVX512: {', '.join(cpu.get('avx512') or []) or 'none'}).",
+        f"AVX512: {', '.join(cpu.get('avx512') or []) or 'none'}; load average at the start "
+        f"{cpu.get('load_average')}). Times are wall-clock means per decode step; in brackets, the CPU time of "
+        "the measuring thread (what the step costs without waiting for a core).",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v) + ".",
         "",
     ]
     for vname, vres in result["vocabs"].items():
         lines += [f"## {vname}: {vres['rows']} rows (tokenizer {vres['tokenizer_len']})", ""]
-        lines += ["| library | schema | compile ms | first mask ms | fill ×16 ms | batch fill ×16 ms "
-                  "| library apply [16,V] ms | numpy apply [16,V] ms | accept ×16 ms | per token ms |",
+        lines += ["| library | schema | compile ms | first mask ms | fill ×16 ms (CPU) | batch fill ×16 ms "
+                  "| library apply [16,V] ms | numpy apply [16,V] ms (CPU) | accept ×16 ms (CPU) "
+                  "| per token ms (CPU) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for lib, lres in vres["libs"].items():
             lines.append(f"| {lib} | tokenizer setup | {lres['tokenizer_setup_s'] * 1000:.0f} | | | | | | | |")
@@ -618,9 +636,10 @@ def render_markdown(result: dict) -> str:
                 bf = f"{r['batch_fill16_ms_mean']:.3f}" if "batch_fill16_ms_mean" in r else "–"
                 lines.append(
                     f"| {lib} | {sname} | {r['compile_ms']:.1f} | {r['first_mask_ms']:.2f} | "
-                    f"{r['fill16_ms_mean']:.3f} | {bf} | {r['apply16_ms_mean']:.3f} | {r['numpy_apply16_ms_mean']:.3f} | "
-                    f"{r['accept16_ms_mean']:.3f} | "
-                    f"{r['per_token_ms']:.3f} |")
+                    f"{r['fill16_ms_mean']:.2f} ({r['fill16_cpu_ms_mean']:.2f}) | {bf} | {r['apply16_ms_mean']:.2f} | "
+                    f"{r['numpy_apply16_ms_mean']:.2f} ({r['numpy_apply16_cpu_ms_mean']:.2f}) | "
+                    f"{r['accept16_ms_mean']:.2f} ({r['accept16_cpu_ms_mean']:.2f}) | "
+                    f"{r['per_token_ms']:.2f} ({r['per_token_cpu_ms']:.2f}) |")
         lines.append("")
     if result["coverage"]:
         libs = list(result["coverage"])
