@@ -34,6 +34,13 @@ overlap…: `not_enforced()` lists them with their place). With `strict: true` s
 an error that names them; otherwise it is compiled without them (the output follows everything else in the
 schema) and the factory lists them in `not_enforced`. Objects with declared properties get no undeclared
 ones, and `pattern`s are matched whole (as if anchored); both are stricter than the schema, never looser.
+Whitespace between JSON tokens is capped (`max_whitespace`, 16 characters in a row), so that a model cannot
+pad forever; a string's length is not capped unless its schema says so.
+
+**Tool calls.** `for_tools` makes the model call tools in its own format (`style`): Qwen2.5/Qwen3's Hermes
+JSON in a `<tool_call>` block, or Qwen3.5's XML parameters, the arguments valid against each tool's
+`parameters` (with the tool's `strict` flag as above), one call or (`parallel`) one or more separated by a
+newline, nothing else. `toolcalls.OutputParser` reads them back.
 """
 
 from __future__ import annotations

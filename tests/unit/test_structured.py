@@ -13,6 +13,7 @@ import torch
 
 from bench import qwen_vocab
 from bench.grammar import PROBES
+from qwen_inference.detokenizer import IncrementalDetokenizer
 from qwen_inference.reasoning import Thinking
 from qwen_inference.structured import (
     Grammars,
@@ -21,7 +22,7 @@ from qwen_inference.structured import (
     apply_bitmask,
     not_enforced,
 )
-from qwen_inference.toolcalls import parse_output, parse_tool_calls
+from qwen_inference.toolcalls import OutputParser, parse_output, parse_tool_calls
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +271,24 @@ def test_tool_calls_after_thinking_with_the_output_parser(qwen35, style):
     out = parse_output(text, Thinking.IN_PROMPT, style, TOOLS)
     assert out.reasoning is not None and out.content == ""
     check_calls(out.tool_calls, {"get_weather", "search", "now"})
+    # streamed as the engine would: token by token through the detokenizer, calls sent as they are written
+    detok = IncrementalDetokenizer(tok)
+    parser = OutputParser(Thinking.IN_PROMPT, style, TOOLS, incremental=True)
+    reasoning, content, deltas = "", "", []
+    for piece in [detok.add(t) for t in ids] + [detok.flush()]:
+        d = parser.feed(piece)
+        reasoning, content, deltas = reasoning + d.reasoning, content + d.content, deltas + d.tool_calls
+    d = parser.flush()
+    reasoning, content, deltas = reasoning + d.reasoning, content + d.content, deltas + d.tool_calls
+    assert (reasoning, content) == (out.reasoning, "")
+    names, args = {}, {}
+    for d in deltas:
+        if d.id is not None:
+            assert d.index not in names and d.arguments == ""
+            names[d.index] = d.name
+        args[d.index] = args.get(d.index, "") + d.arguments
+    assert [(names[i], args[i]) for i in sorted(names)] == [(c.name, c.arguments) for c in out.tool_calls]
+    assert len([d for d in deltas if d.id is None]) >= len(names)  # arguments came in pieces
 
 
 def test_thinking_phases(qwen3):
