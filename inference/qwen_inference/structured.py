@@ -216,7 +216,7 @@ def _values_fit(node: dict) -> bool:
     try:
         validator = jsonschema.validators.validator_for(rest)(rest)
         return all(validator.is_valid(v) for v in values)
-    except (jsonschema.exceptions.RefResolutionError, jsonschema.exceptions.SchemaError, Exception):  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - e.g. a $ref beside the enum that cannot be resolved here: not proven
         return False
 
 
@@ -383,16 +383,15 @@ class TokenConstraint:
                 self._phase = _GRAMMAR
                 return True
             return g.free_text_allows(token_id)
-        if self._phase == _START:
-            if token_id == g.think_start_id:
-                import xgrammar as xgr
+        if self._phase == _START and token_id == g.think_start_id:
+            import xgrammar as xgr
 
-                self._phase = _THINK
-                self._matcher = xgr.GrammarMatcher(self._factory._after_think)
-                return True
-            self._phase = _GRAMMAR
+            self._phase = _THINK
+            self._matcher = xgr.GrammarMatcher(self._factory._after_think)
+            return True
         if not 0 <= token_id < g.vocab_size or not self._matcher.accept_token(token_id):
             return False
+        self._phase = _GRAMMAR
         if self._matcher.is_terminated():
             self._done = True
         elif self._matcher.is_completed():
@@ -469,8 +468,10 @@ class Grammars:
             if i < vocab_size:
                 encoded[i] = text
         stops = set(self.stop_token_ids)
+        # the markers keep their text even where a tokenizer marks them special (Qwen's own do not)
+        keep = stops | {self.think_start_id, self.think_end_id, self.tool_call_start_id, self.tool_call_end_id}
         for i, added in tokenizer.added_tokens_decoder.items():
-            if added.special and i < vocab_size and i not in stops:
+            if added.special and i < vocab_size and i not in keep:
                 encoded[i] = ""
         try:
             meta = xgr.TokenizerInfo._detect_metadata_from_hf(tokenizer.backend_tokenizer.to_str())

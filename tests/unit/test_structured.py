@@ -316,6 +316,9 @@ def test_thinking_phases(qwen3):
     allowed = set(allowed_ids(bitmask[0], g.vocab_size))
     assert g.think_start_id in allowed and tok.convert_tokens_to_ids("{") in allowed
     assert tok.convert_tokens_to_ids("Hello") not in allowed
+    assert not c.accept(tok.convert_tokens_to_ids("Hello"))  # refused: <think> is still allowed after it
+    c.fill_bitmask(bitmask, 0)
+    assert g.think_start_id in set(allowed_ids(bitmask[0], g.vocab_size))
     assert c.accept(tok.convert_tokens_to_ids("{")) and not c.in_reasoning
     c.reset()
     assert c.accept(g.think_start_id) and c.in_reasoning
@@ -520,11 +523,19 @@ def test_what_strict_accepts_is_enforced(qwen3, name):
     assert passes(factory, good) or name in ANCHORED
 
 
-def test_thinking_needs_think_tokens(tiny_tokenizer):
-    # the project's random models have Qwen2.5's tokenizer layout: <tool_call> but no <think>
+def test_the_random_models_tokenizer(tiny_tokenizer):
+    # Qwen2.5's layout: <tool_call> but no <think>; it marks <tool_call> special, which Qwen's does not: the
+    # markers keep their text for the grammar all the same
     g = Grammars(tiny_tokenizer, 151936)
     assert g.think_start_id is None and g.tool_call_start_id == 151657
     assert g.stop_token_ids == [151645, 151643]
+    c = g.for_tools([NOW], "required", False).new()
+    bitmask = allocate_bitmask(1, g.vocab_size)
+    c.fill_bitmask(bitmask, 0)
+    assert list(allowed_ids(bitmask[0], g.vocab_size)) == [151657]
+    call = [151657] + tiny_tokenizer.encode('\n{"name": "now", "arguments": {}}\n', add_special_tokens=False) + [151658]
+    assert all(c.accept(t) for t in call) and c.is_terminated()
+    assert not c.accept(tiny_tokenizer.convert_tokens_to_ids("<|im_start|>"))
     with pytest.raises(StructuredOutputError, match="no <think>"):
         g.for_json_object(thinking=Thinking.IN_PROMPT)
 
