@@ -587,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {sname:15s} error: {r['error']}", flush=True)
                 else:
                     print(f"  {sname:15s} compile {r['compile_ms']:8.1f} ms  first mask {r['first_mask_ms']:6.2f} ms  "
-                          f"per token @{args.streams}: fill {r['fill16_ms_mean']:6.2f} (cpu {r['fill16_cpu_ms_mean']:5.2f})"
+                          f"per token @{args.streams}: fill {r['fill16_ms_mean']:6.2f}"
+                          f" (cpu {r['fill16_cpu_ms_mean']:5.2f})"
                           + (f" batch {r['batch_fill16_ms_mean']:6.2f}" if "batch_fill16_ms_mean" in r else "")
                           + f" apply {r['apply16_ms_mean']:5.2f} numpy {r['numpy_apply16_ms_mean']:5.2f}"
                           f" (cpu {r['numpy_apply16_cpu_ms_mean']:5.2f}) accept {r['accept16_ms_mean']:5.2f}"

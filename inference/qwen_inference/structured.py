@@ -477,7 +477,8 @@ class Grammars:
             meta = xgr.TokenizerInfo._detect_metadata_from_hf(tokenizer.backend_tokenizer.to_str())
             vocab_type, prefix_space = meta["vocab_type"], meta["add_prefix_space"]
         except Exception:  # noqa: BLE001 - private helper; the public path gives the same answer, slower
-            base = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids)
+            base = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                      stop_token_ids=self.stop_token_ids)
             vocab_type, prefix_space = base.vocab_type, base.add_prefix_space
         self._info = xgr.TokenizerInfo(encoded, vocab_type, vocab_size=vocab_size,
                                        stop_token_ids=self.stop_token_ids, add_prefix_space=prefix_space)
@@ -591,7 +592,8 @@ class Grammars:
                              lambda: OrFormat(elements=[ConstStringFormat(value=c) for c in choices]), thinking,
                              param=param)
 
-    def for_grammar(self, grammar: str, *, thinking: Thinking = Thinking.OFF, param: str = "grammar") -> ConstraintFactory:
+    def for_grammar(self, grammar: str, *, thinking: Thinking = Thinking.OFF,
+                    param: str = "grammar") -> ConstraintFactory:
         """An EBNF grammar (GBNF style, root rule `root`) or, without `::=`, a Lark grammar (rule `start`)."""
         from xgrammar.structural_tag import GrammarFormat
 
@@ -686,7 +688,7 @@ class Grammars:
             functions = {choice: functions[choice]}
         notes: list[str] = []
         schemas = {}
-        for i, (name, fn) in enumerate(functions.items()):
+        for name, fn in functions.items():
             params = fn.get("parameters")
             param = f"tools[{fn['_index']}].function.parameters"
             if params is None:
