@@ -100,6 +100,12 @@ class BlockAllocator:
         self.reserved -= unused_reservation
         assert self.reserved >= 0 and self.free_blocks <= self.usable_blocks
 
+    def share(self, blocks: list[int]) -> list[int]:
+        """Another sequence uses `blocks` too (the choices of one request share their prompt's blocks)."""
+        for block in blocks:
+            self._refs[block] += 1
+        return list(blocks)
+
     # ---- prefix caching ---------------------------------------------------------------------------------
     def block_hashes(self, tokens: list[int], limit: int) -> list[bytes]:
         """The chained hashes of the full blocks among the first `limit` tokens."""

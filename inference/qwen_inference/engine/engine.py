@@ -1,10 +1,12 @@
-"""The engine loop: continuous batching over a paged KV cache, in one thread that alone touches the model.
+"""The engine loop: continuous batching over the model's caches, in one thread that alone touches the model.
 
-Requests wait in a bounded queue. Each step admits waiting requests while slots and KV blocks allow, runs
-one forward over every running sequence's next token plus a budget of prompt tokens (long prompts are
-prefilled in chunks, so running streams keep flowing), samples each sequence with its own parameters, and
-hands the tokens to the asyncio side. A cancelled or timed-out request leaves at the next step and frees
-its slot and blocks. When nothing runs, the thread sleeps on a condition: no busy spinning.
+Requests wait in a bounded queue. Each step admits waiting requests while slots, KV blocks and state slots
+allow, runs one forward over every running sequence's next token plus a budget of prompt tokens (long
+prompts are prefilled in chunks, so running streams keep flowing), samples each sequence with its own
+parameters (and its own grammar, when one constrains it), and hands the tokens to the asyncio side. A
+request for `n` choices prefills its prompt once: when the prompt is done, the other choices fork from it,
+sharing its full KV blocks and copying its recurrent state. A cancelled or timed-out request leaves at the
+next step and frees its slots and blocks. When nothing runs, the thread sleeps on a condition: no spinning.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .sampling import SamplerState, SamplingParams, apply_penalties, new_state, 
 
 log = logging.getLogger("qwen_inference.engine")
 
+MAX_TOP_LOGPROBS = 20
+
 
 class QueueFull(Exception):
     """The waiting queue is full: the client should retry after `retry_after` seconds."""
@@ -43,6 +47,17 @@ class EngineDead(Exception):
 @dataclass
 class TokenEvent:
     token_id: int
+    index: int = 0  # the choice (with n > 1)
+    logprob: float | None = None  # of the token, under the model's own distribution
+    top_logprobs: list[tuple[int, float]] | None = None  # the most likely tokens at this position
+
+
+@dataclass
+class PromptLogprobsEvent:
+    """Log-probabilities of the prompt's tokens (None for the first, which nothing predicts)."""
+
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclass
@@ -53,26 +68,30 @@ class FinishEvent:
     queue_time: float
     inference_time: float
     error: str | None = None
+    index: int = 0
 
 
-Event = TokenEvent | FinishEvent
+Event = TokenEvent | PromptLogprobsEvent | FinishEvent
 
 
 class RequestHandle:
-    """The asyncio side of one request: an event queue to read and a cancel switch."""
+    """The asyncio side of one request (all its choices): an event queue to read and a cancel switch."""
 
-    def __init__(self, request_id: str, prompt_tokens: int, loop: asyncio.AbstractEventLoop, engine: "Engine") -> None:
+    def __init__(self, request_id: str, prompt_tokens: int, loop: asyncio.AbstractEventLoop, engine: "Engine",
+                 n: int = 1) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
+        self.n = n
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.loop = loop
         self._engine = engine
         self.cancelled = False
         self.cancel_reason = "cancelled"
-        self.finished = False
+        self.finished = False  # every choice has finished
+        self.unfinished = n  # choices still running (engine thread)
 
     def cancel(self, reason: str = "cancelled") -> None:
-        """Ask the engine to drop this request; its slot is freed at the next step. `reason` is "stop" when
+        """Ask the engine to drop this request; its slots are freed at the next step. `reason` is "stop" when
         the reply reached a stop string, "cancelled" when the client went away."""
         if not self.cancelled and not self.finished:
             self.cancel_reason = reason
@@ -80,14 +99,27 @@ class RequestHandle:
             self._engine._wake()
 
     async def events(self):
+        """Every event of every choice, until the last choice's FinishEvent."""
+        left = self.n
         while True:
             ev = await self.queue.get()
             yield ev
             if isinstance(ev, FinishEvent):
-                return
+                left -= 1
+                if not left:
+                    return
 
 
 @dataclass
+class Request:
+    """What a request asks beyond sampling parameters."""
+
+    n: int = 1
+    constraint: Any = None  # a factory of per-sequence token constraints (`structured.ConstraintFactory`)
+    prompt_logprobs: int | None = None  # None: none; k: the prompt tokens' log-probabilities and top k
+
+
+@dataclass(eq=False)
 class Sequence:
     handle: RequestHandle
     prompt_ids: list[int]
@@ -95,13 +127,19 @@ class Sequence:
     arrival: float
     deadline: float
     sampler: SamplerState
+    request: Request = field(default_factory=Request)
+    index: int = 0  # the choice
+    constraint: Any = None  # this sequence's grammar state
     output_ids: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     state_slot: int | None = None  # recurrent-state slot (models with linear-attention layers)
     reserved: int = 0  # blocks reserved and not yet taken
+    sibling_reserve: int = 0  # blocks reserved for the other choices, handed over at the fork
     computed: int = 0  # tokens whose keys and values are in the cache
     hashes: list[bytes] | None = None  # chained hashes of the prompt's full blocks (prefix caching)
     registered: int = 0  # of those, blocks already offered to the prefix cache
+    prompt_lp: list = field(default_factory=list)  # prompt log-probabilities gathered while prefilling
+    prompt_top: list = field(default_factory=list)
     admitted_at: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
@@ -165,6 +203,7 @@ class Engine:
             if suppress_token_ids
             else None
         )
+        self._bitmask: torch.Tensor | None = None
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -181,6 +220,10 @@ class Engine:
     @property
     def kv_capacity_tokens(self) -> int:
         return self.allocator.usable_blocks * self.block_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
 
     def max_reply_room(self, prompt_tokens: int) -> int:
         return self.max_model_len - prompt_tokens
@@ -219,12 +262,17 @@ class Engine:
             "steps": self.steps,
         }
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float) -> RequestHandle:
-        """Queue a request; raises QueueFull when the queue is full and EngineDead when the loop is gone."""
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, timeout: float,
+               request: Request | None = None) -> RequestHandle:
+        """Queue a request; raises QueueFull when the queue is full, EngineDead when the loop is gone and
+        ValueError for what this engine can never run (more choices than slots)."""
         if not self.alive:
             raise EngineDead(self.fatal_error or "the engine is not running")
+        request = request or Request()
+        if not 1 <= request.n <= self.max_concurrency:
+            raise ValueError(f"n must be between 1 and {self.max_concurrency} (the server's concurrency)")
         loop = asyncio.get_running_loop()
-        handle = RequestHandle(request_id, len(prompt_ids), loop, self)
+        handle = RequestHandle(request_id, len(prompt_ids), loop, self, request.n)
         now = time.monotonic()
         seed = params.seed if params.seed is not None else next(self._seeds)
         seq = Sequence(
@@ -234,6 +282,8 @@ class Engine:
             arrival=now,
             deadline=now + timeout,
             sampler=new_state(params, seed),
+            request=request,
+            constraint=request.constraint.new() if request.constraint is not None else None,
         )
         with self._cv:
             free_slots = max(0, self.max_concurrency - len(self._running))
@@ -325,27 +375,36 @@ class Engine:
 
     def _admit(self, now: float) -> None:
         with self._lock:
-            while self._waiting and len(self._running) < self.max_concurrency:
+            while self._waiting:
                 seq = self._waiting[0]
+                n = seq.request.n
+                if len(self._running) + n > self.max_concurrency:
+                    break
                 worst = min(len(seq.prompt_ids) + seq.params.max_tokens, self.max_model_len)
                 need = self.allocator.blocks_for(worst)
-                if need > self.allocator.usable_blocks:
+                # the other choices share the prompt's full blocks and need the rest of their own
+                sibling = need - len(seq.prompt_ids) // self.block_size
+                if need + (n - 1) * sibling > self.allocator.usable_blocks:
                     # can never fit: refuse instead of blocking the queue forever
                     self._waiting.popleft()
                     self._fail_unfit(seq)
                     continue
-                if self.runner.has_state and not self.runner.free_state_slots:
+                if self.runner.has_state and self.runner.free_state_slots < n:
                     break
                 if seq.hashes is None:
                     seq.hashes = (self.allocator.block_hashes(seq.prompt_ids, len(seq.prompt_ids))
                                   if self.allocator.prefix_caching else [])
                 # the last prompt token is always computed: its logits give the first reply token
                 cached = self.allocator.match(seq.hashes[: (len(seq.prompt_ids) - 1) // self.block_size])
-                if not self.allocator.reserve(need - len(cached)):
+                if seq.request.prompt_logprobs is not None:  # every prompt token's logits are wanted
+                    self.allocator.release(cached, 0)
+                    cached = []
+                if not self.allocator.reserve(need - len(cached) + (n - 1) * sibling):
                     self.allocator.release(cached, 0)
                     break  # first come, first served: wait for blocks to free
                 self._waiting.popleft()
                 seq.reserved = need - len(cached)
+                seq.sibling_reserve = (n - 1) * sibling
                 seq.blocks = cached
                 seq.registered = len(cached)
                 seq.computed = len(cached) * self.block_size
@@ -392,7 +451,8 @@ class Engine:
             first = s.computed
             self._ensure_blocks(s, first + n)
             chunks.append(SeqChunk(s.prompt_ids[first:first + n], first, s.blocks, s.state_slot,
-                                   logits=first + n == len(s.prompt_ids)))
+                                   logits=first + n == len(s.prompt_ids),
+                                   all_logits=s.request.prompt_logprobs is not None))
         return chunks
 
     def _execute(self, batch, out: list) -> None:
@@ -409,48 +469,174 @@ class Engine:
             # isolate the culprit: run each sequence alone so one bad request fails alone
             log.warning("batched step failed (%s); retrying each sequence alone", exc)
             for s in decode:
-                self._execute(([s], []), out)
+                if s in self._running:
+                    self._execute(([s], []), out)
             for s, n in prefill:
-                self._execute(([], [(s, n)]), out)
+                if s in self._running:
+                    self._execute(([], [(s, n)]), out)
 
     def _forward_and_sample(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]], out: list) -> None:
         if self.fault_hook is not None:
             self.fault_hook(decode + [s for s, _ in prefill])
-        logits = self.runner.execute(self._chunks(decode, prefill))
-        if self._suppress is not None:
-            logits.index_fill_(1, self._suppress, float("-inf"))
+        chunks = self._chunks(decode, prefill)
+        logits = self.runner.execute(chunks)
+        # which row of `logits` each sampling sequence reads; prompt log-probabilities from all-logits chunks
+        rows: list[int] = []
+        sampled: list[Sequence] = []
+        r = 0
+        for c, s in zip(chunks, decode + [s for s, _ in prefill]):
+            if c.all_logits:
+                self._prompt_logprobs(s, c, logits[r: r + len(c.tokens)], out)
+                r += len(c.tokens)
+                if c.logits:
+                    rows.append(r - 1)
+                    sampled.append(s)
+            elif c.logits:
+                rows.append(r)
+                sampled.append(s)
+                r += 1
+        for j in range(len(sampled)):
+            s = sampled[j]
+            if s.request.n > 1 and not s.output_ids and s.index == 0:  # the prompt is done: fork the choices
+                children = self._fork(s)
+                sampled.extend(children)
+                rows.extend([rows[j]] * len(children))
+        if rows != list(range(logits.shape[0])):
+            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
         now = time.monotonic()
-        sampled_seqs = list(decode) + [s for s, n in prefill if s.computed + n == len(s.prompt_ids)]
         prompt_done = sum(n for _, n in prefill)
-        for row, s in enumerate(sampled_seqs):
-            if s.params.penalized:
-                apply_penalties(logits[row], s.params, s.prompt_ids, s.output_ids)
-        tokens = sample_batch(logits, [s.params for s in sampled_seqs], [s.sampler for s in sampled_seqs])
+        want_lp = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
+        raw = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None  # before any processing
+        self._process(logits, sampled)
+        tokens = sample_batch(logits, [s.params for s in sampled], [s.sampler for s in sampled])
+        lp_info = self._token_logprobs(raw, want_lp, sampled, tokens)
         for s in decode:
             s.computed += 1
         for s, n in prefill:
             s.computed += n
             self._offer_prefix(s)
         finished: list[Sequence] = []
-        for s, token in zip(sampled_seqs, tokens):
+        for i, (s, token) in enumerate(zip(sampled, tokens)):
             s.output_ids.append(token)
             if not s.first_token_at:
                 s.first_token_at = now
                 self.metrics.on_first_token(now - s.arrival)
             s.last_token_at = now
+            grammar_done = False
+            if s.constraint is not None:
+                if not s.constraint.accept(token):
+                    finished.append(s)
+                    self._finish(s, "error", out, error=f"token {token} broke the request's grammar")
+                    continue
+                grammar_done = s.constraint.is_terminated()
             if token in self.eos_token_ids and not s.params.ignore_eos:
                 finished.append(s)
                 s.output_ids.pop()  # the end marker is not part of the reply
                 self._finish(s, "stop", out, completion=len(s.output_ids) + 1)
                 continue
-            out.append((s, TokenEvent(token)))
-            if len(s.output_ids) >= s.params.max_tokens or s.length >= self.max_model_len:
+            lp, top = lp_info.get(i, (None, None))
+            out.append((s, TokenEvent(token, s.index, lp, top)))
+            if grammar_done:  # the grammar is complete: nothing but an end marker could follow
+                finished.append(s)
+                self._finish(s, "stop", out)
+            elif len(s.output_ids) >= s.params.max_tokens or s.length >= self.max_model_len:
                 finished.append(s)
                 self._finish(s, "length", out)
-        self.metrics.on_tokens(prompt_done, len(sampled_seqs))
+        self.metrics.on_tokens(prompt_done, len(sampled))
         if finished:
             gone = {id(s) for s in finished}
             self._running = [s for s in self._running if id(s) not in gone]
+
+    def _process(self, logits: torch.Tensor, sampled: list[Sequence]) -> None:
+        """In place: penalties, then suppressed ids (rows without a grammar: a grammar decides for itself which
+        ids may follow) and each grammar's token mask."""
+        constrained = [i for i, s in enumerate(sampled) if s.constraint is not None]
+        for i, s in enumerate(sampled):
+            if s.params.penalized:
+                apply_penalties(logits[i], s.params, s.prompt_ids, s.output_ids)
+        if self._suppress is not None:
+            if not constrained:
+                logits.index_fill_(1, self._suppress, float("-inf"))
+            elif len(constrained) < len(sampled):
+                free = torch.tensor([i for i in range(len(sampled)) if i not in set(constrained)],
+                                    dtype=torch.long, device=logits.device)
+                logits[free] = logits[free].index_fill_(1, self._suppress, float("-inf"))
+        if constrained:
+            from ..structured import allocate_bitmask, apply_bitmask
+
+            if self._bitmask is None or self._bitmask.shape[0] < len(sampled):
+                self._bitmask = allocate_bitmask(max(len(sampled), self.max_concurrency), self.vocab_size)
+            for i in constrained:
+                sampled[i].constraint.fill_bitmask(self._bitmask, i)
+            apply_bitmask(logits, self._bitmask, constrained)
+
+    @staticmethod
+    def _token_logprobs(raw: torch.Tensor | None, rows: list[int], sampled: list[Sequence],
+                        tokens: list[int]) -> dict[int, tuple[float, list[tuple[int, float]] | None]]:
+        """The chosen token's log-probability and the top alternatives, for the rows that asked; one sync."""
+        if raw is None:
+            return {}
+        chosen = raw.gather(1, torch.tensor([[tokens[i]] for i in rows], device=raw.device))[:, 0]
+        k = max(min(sampled[i].params.logprobs or 0, MAX_TOP_LOGPROBS) for i in rows)
+        top_v, top_i = raw.topk(k, dim=-1) if k else (None, None)
+        chosen_l = chosen.tolist()
+        top_vl, top_il = (top_v.tolist(), top_i.tolist()) if k else (None, None)
+        info = {}
+        for j, i in enumerate(rows):
+            want = sampled[i].params.logprobs or 0
+            top = list(zip(top_il[j][:want], top_vl[j][:want])) if want else None
+            info[i] = (chosen_l[j], top)
+        return info
+
+    def _prompt_logprobs(self, s: Sequence, c: SeqChunk, logits: torch.Tensor, out: list) -> None:
+        """Log-probabilities of the prompt tokens this chunk's logits predict; sent once the prompt is done."""
+        p = len(s.prompt_ids)
+        if c.start == 0:
+            s.prompt_lp, s.prompt_top = [None], [None]
+        targets = [i for i in range(c.start + 1, c.start + len(c.tokens) + 1) if i < p]
+        if targets:
+            lp = torch.log_softmax(logits[: len(targets)], dim=-1)
+            ids = torch.tensor([s.prompt_ids[i] for i in targets], device=lp.device)
+            s.prompt_lp += lp.gather(1, ids[:, None])[:, 0].tolist()
+            k = min(s.request.prompt_logprobs or 0, MAX_TOP_LOGPROBS)
+            if k:
+                v, idx = lp.topk(k, dim=-1)
+                s.prompt_top += [list(zip(a, b)) for a, b in zip(idx.tolist(), v.tolist())]
+            else:
+                s.prompt_top += [None] * len(targets)
+        if c.start + len(c.tokens) == p:
+            top = s.prompt_top if s.request.prompt_logprobs else None
+            out.append((s, PromptLogprobsEvent(s.prompt_lp, top)))
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """The other choices of `parent`'s request, now that its prompt is in the cache: they share its full
+        prompt blocks, copy the partly filled one and its recurrent state, and sample their first token from the
+        same logits."""
+        bs = self.block_size
+        full = len(parent.prompt_ids) // bs
+        n = parent.request.n
+        per_child = parent.sibling_reserve // (n - 1)
+        children = []
+        for i in range(1, n):
+            params = parent.params
+            seed = (params.seed + i) % 2**64 if params.seed is not None else next(self._seeds)
+            child = Sequence(parent.handle, parent.prompt_ids, params, parent.arrival, parent.deadline,
+                             new_state(params, seed), parent.request, index=i,
+                             constraint=parent.request.constraint.new() if parent.request.constraint else None)
+            child.blocks = self.allocator.share(parent.blocks[:full])
+            child.reserved, parent.sibling_reserve = per_child, parent.sibling_reserve - per_child
+            if len(parent.prompt_ids) % bs:
+                self._ensure_blocks(child, (full + 1) * bs)
+                self.runner.copy_block(parent.blocks[full], child.blocks[full])
+            child.computed = len(parent.prompt_ids)  # after this step's forward
+            child.hashes, child.registered = [], 0
+            child.state_slot = self.runner.acquire_state()
+            if child.state_slot is not None:
+                self.runner.copy_state(parent.state_slot, child.state_slot)
+            child.admitted_at = parent.admitted_at
+            children.append(child)
+        self._running.extend(children)
+        return children
 
     def _offer_prefix(self, seq: Sequence) -> None:
         """Hand the prompt's blocks that are now full and computed to the prefix cache."""
@@ -460,9 +646,9 @@ class Engine:
             seq.registered += 1
 
     def _finish(self, seq: Sequence, reason: str, out: list, error: str | None = None, completion: int | None = None) -> None:
-        if seq.blocks or seq.reserved:
-            self.allocator.release(seq.blocks, seq.reserved)
-            seq.blocks, seq.reserved = [], 0
+        if seq.blocks or seq.reserved or seq.sibling_reserve:
+            self.allocator.release(seq.blocks, seq.reserved + seq.sibling_reserve)
+            seq.blocks, seq.reserved, seq.sibling_reserve = [], 0, 0
         if seq.state_slot is not None:
             self.runner.release_state(seq.state_slot)
             seq.state_slot = None
@@ -474,7 +660,11 @@ class Engine:
         if len(seq.output_ids) > 1 and seq.first_token_at:
             tpot = (seq.last_token_at - seq.first_token_at) / (len(seq.output_ids) - 1)
         self.metrics.on_finish(reason, now - seq.arrival, tpot, inference)
-        out.append((seq, FinishEvent(reason, len(seq.prompt_ids), n, queue_time, inference, error)))
+        out.append((seq, FinishEvent(reason, len(seq.prompt_ids), n, queue_time, inference, error, seq.index)))
+        # choices that were never forked (the request ended before its prompt did) end with it
+        if seq.index == 0 and seq.request.n > 1 and not seq.output_ids and reason != "stop":
+            for i in range(1, seq.request.n):
+                out.append((seq, FinishEvent(reason, len(seq.prompt_ids), 0, queue_time, inference, error, i)))
 
     def _deliver(self, out: list[tuple[Sequence, Event]]) -> None:
         if not out:
@@ -482,7 +672,9 @@ class Engine:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for seq, ev in out:
             if isinstance(ev, FinishEvent):
-                seq.handle.finished = True
+                seq.handle.unfinished -= 1
+                if seq.handle.unfinished <= 0:
+                    seq.handle.finished = True
             by_loop.setdefault(seq.handle.loop, []).append((seq.handle, ev))
         for loop, items in by_loop.items():
             try:

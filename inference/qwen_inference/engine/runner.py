@@ -72,6 +72,24 @@ class ModelRunner:
         if slot is not None and self.caches.states is not None:
             self.caches.states.release(slot)
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one KV block's keys and values, in every attention layer."""
+        kv, bs = self.caches.kv, self.block_size
+        if kv is None:
+            return
+        for store in (kv.k, kv.v):
+            for t in store.values():
+                t[dst * bs:(dst + 1) * bs] = t[src * bs:(src + 1) * bs]
+
+    def copy_state(self, src: int, dst: int) -> None:
+        """Copy one sequence's recurrent state to another slot, in every recurrent layer."""
+        states = self.caches.states
+        if states is None:
+            return
+        for per_layer in states.tensors.values():
+            for t in per_layer.values():
+                t[dst] = t[src]
+
     # ---- one step ----------------------------------------------------------------------------------------
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Run one forward over `chunks`; return float32 logits in the chunks' order: a row for each chunk that

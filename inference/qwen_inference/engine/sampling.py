@@ -25,6 +25,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
 
     @property
     def greedy(self) -> bool:
@@ -46,11 +47,12 @@ class SamplerState:
         return 1.0 - float(torch.rand((), generator=self.generator))
 
 
-def new_state(params: SamplingParams, default_seed: int) -> SamplerState:
+def new_state(params: SamplingParams, seed: int) -> SamplerState:
+    """The random stream of one sequence, seeded with `seed` (the request's seed, or one the engine picks)."""
     if params.greedy:
         return SamplerState()
     g = torch.Generator(device="cpu")
-    g.manual_seed(params.seed if params.seed is not None else default_seed)
+    g.manual_seed(seed)
     return SamplerState(generator=g)
 
 
