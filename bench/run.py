@@ -1,9 +1,11 @@
 """`make bench`: qwen-serve, the seeds' design and llama.cpp's llama-server, side by side in one run on the same
-random-weight model of Qwen2.5-0.5B's architecture; writes bench/results/<date>.json, .png and .md.
+random-weight model (Qwen's real vocabulary); writes bench/results/<date>-<model>.json, .png and .md, with the
+CPU named.
 
-    python -m bench.run                  # the full comparison (builds llama.cpp once, about 8 minutes)
-    python -m bench.run --smoke          # the harness on the tiny model: what CI runs
-    python -m bench.run --skip-llamacpp  # qwen-serve and the baseline only
+    python -m bench.run                        # Qwen2.5-0.5B's architecture (builds llama.cpp once)
+    python -m bench.run --model qwen3.5-2b     # Qwen3.5-2B's architecture (hybrid DeltaNet + attention)
+    python -m bench.run --smoke                # the harness on the tiny model: what CI runs
+    python -m bench.run --skip-llamacpp        # qwen-serve and the baseline only
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def model_dir(smoke: bool) -> Path:
-    from qwen_inference.random_model import make_random_model
+MODELS = ("qwen2.5-0.5b", "qwen3.5-2b")
 
-    preset, dtype = ("tiny", "float32") if smoke else ("qwen2.5-0.5b", "bfloat16")
-    out = CACHE / "bench-models" / f"{preset}-{dtype}"
+
+def model_dir(smoke: bool, preset: str = MODELS[0]) -> Path:
+    from qwen_inference.random_model import FORMAT_VERSION, make_random_model
+
+    preset, dtype = ("tiny", "float32") if smoke else (preset, "bfloat16")
+    out = CACHE / "bench-models" / f"{preset}-{dtype}-v{FORMAT_VERSION}"
     if not out.is_dir():
         log(f"making the random {preset} model in {out}")
         make_random_model(preset, out, dtype)
@@ -130,6 +135,23 @@ async def measure(server: Server, levels: list[int], words: int, long_words: int
     return out
 
 
+def cpu_info() -> dict:
+    """The CPU this run measured: model name, the flags that choose kernels, cores and the load around it."""
+    from qwen_inference.sysinfo import cpu_flags
+
+    name = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
+    return {"model": name, "flags": [f for f in wanted if f in cpu_flags()], "cpus": os.cpu_count(),
+            "loadavg": os.getloadavg()[0]}
+
+
 def servers(model: Path, smoke: bool, skip_llamacpp: bool) -> list[Server]:
     py = sys.executable
     bin_dir = Path(py).parent
@@ -142,7 +164,7 @@ def servers(model: Path, smoke: bool, skip_llamacpp: bool) -> list[Server]:
         out.append(Server("qwen-serve-int8", [str(bin_dir / "qwen-serve"), "--model", str(model), "--port", str(p),
                                               "--dtype", dtype, "--quantize", "int8", "--max-concurrency", "16",
                                               "--log-level", "warning"], p, "/health"))
-    if not smoke:
+    if not smoke and "qwen3.5" not in model.name:
         # transformers' own continuous batching (paged cache), in bf16 as its maintainers run it on CPU; it refuses
         # `ignore_eos`, so a request may end early: throughput counts the tokens its usage reports
         p = free_port()
@@ -191,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", default=None, help="concurrency levels, e.g. 1,4,16")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--only", default=None, help="comma-separated server labels to run")
+    ap.add_argument("--model", choices=MODELS, default=MODELS[0], help="the architecture to measure")
     a = ap.parse_args(argv)
     levels = [int(x) for x in (a.levels or ("1,2" if a.smoke else "1,4,16")).split(",")]
-    model = model_dir(a.smoke)
+    model = model_dir(a.smoke, a.model)
+    cpu = cpu_info()
+    log(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs; {', '.join(cpu['flags'])}); load {cpu['loadavg']:.1f}")
     words = words_for(PROMPT_TOKENS, model)
     long_words = words_for(LONG_PROMPT_TOKENS, model)
     log(f"model {model}; {words} words ≈ {PROMPT_TOKENS} prompt tokens; {long_words} ≈ {LONG_PROMPT_TOKENS}")
@@ -205,16 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         with server:
             runs.append(asyncio.run(measure(server, levels, words, long_words, a.smoke)))
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = "smoke" if a.smoke else dt.date.today().isoformat()
+    stamp = "smoke" if a.smoke else f"{dt.date.today().isoformat()}-{a.model}"
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": model.name,
             "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS, "levels": levels,
-            "cpus": os.cpu_count(), "command": "python -m bench.run " + " ".join(argv or sys.argv[1:])}
+            "cpus": os.cpu_count(), "cpu": cpu, "loadavg_after": os.getloadavg()[0],
+            "command": "python -m bench.run " + " ".join(argv or sys.argv[1:])}
     (a.out_dir / f"{stamp}.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
     from qwen_inference.bench.cli import chart
 
     chart(runs, a.out_dir / f"{stamp}.png", title=f"{model.name}, {PROMPT_TOKENS}-token prompts, "
                                                   f"{OUTPUT_TOKENS} tokens out")
-    md = f"Run {meta['date']} on {meta['cpus']} CPUs, model {model.name}: `{meta['command']}`\n\n" + table(runs) + "\n"
+    md = (f"Run {meta['date']} on {cpu['model']} ({cpu['cpus']} CPUs; {', '.join(cpu['flags'])}), model {model.name}: "
+          f"`{meta['command']}`\n\n" + table(runs) + "\n")
     (a.out_dir / f"{stamp}.md").write_text(md)
     print(md)
     return 0

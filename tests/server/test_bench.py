@@ -25,6 +25,8 @@ def test_bench_smoke_run_writes_results_chart_and_table(tmp_path):
     assert png.startswith(b"\x89PNG")
     table = (tmp_path / "smoke.md").read_text()
     assert "| qwen-serve |" in table and "| seeds-design |" in table and "×baseline" in table
+    cpu = data["meta"]["cpu"]  # every run names the machine it measured
+    assert cpu["model"] != "unknown" and cpu["model"] in table and cpu["cpus"] >= 1
 
 
 def test_qwen_bench_cli_against_a_live_server(server, tmp_path):
