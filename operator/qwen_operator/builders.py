@@ -313,7 +313,7 @@ def spec_hash(spec: QwenDeploymentSpec, key: str) -> str:
     data = spec.model_dump(mode="json", by_alias=True)
     for field in ("model", "replicas", "autoscaling", "gateway"):  # scaling and routing leave the pods alone
         data.pop(field)
-    data["mostReplicas"] = spec.most_replicas  # it decides placement
+    data["several"] = spec.most_replicas > 1  # it decides placement
     return _hash({"spec": data, "key": key, "servedModelName": spec.model.served_model_name})
 
 
