@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from .conftest import OPTIONAL_CRDS, install_crds, remove_crds
+from .conftest import OPTIONAL_CRDS, example, install_crds, remove_crds
 from .test_operator import SERVER_LABELS, demo, owned_by
 
 PROM = "http://prometheus.monitoring.svc:9090"
@@ -317,3 +317,15 @@ def test_optional_crds_are_installed_from_their_modules(cluster):
     for name in OPTIONAL_CRDS:
         crd = cluster.get("crd", name)
         assert {c["type"]: c["status"] for c in crd["status"]["conditions"]}["Established"] == "True", name
+
+
+def test_the_autoscaled_example(cluster, operator):
+    ns = cluster.namespace("example")
+    obj = example("autoscaled")
+    obj["spec"]["autoscaling"]["prometheus"] = {"address": PROM}
+    cluster.apply(obj, ns)
+    ready = cluster.wait_phase("chat", ns, "Ready", timeout=120)
+    assert ready["status"]["endpoint"] == f"http://chat-interceptor.{ns}.svc:8080/v1"
+    for kind in ("scaledobject", "interceptorroute", "inferencepool"):
+        assert owned_by(cluster.get(kind, "chat", ns), ready), kind
+    assert "replicas" not in example("autoscaled")["spec"]
