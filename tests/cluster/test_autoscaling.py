@@ -63,7 +63,13 @@ def wait_replicas(cluster, ns: str, name: str, n: int, timeout: float = 90) -> d
                 and st.get("phase") == "Ready" and st.get("observedGeneration") == obj["metadata"]["generation"]:
             return obj
         return None
-    return cluster.wait(f"{ns}/{name} at {n} ready replicas", check, timeout)
+    try:
+        return cluster.wait(f"{ns}/{name} at {n} ready replicas", check, timeout)
+    except AssertionError:
+        obj = cluster.qwd(name, ns)
+        pods = cluster.get("pods", namespace=ns, selector=SERVER_LABELS.format(name=name))
+        raise AssertionError(f"{ns}/{name} not at {n} ready replicas: spec.replicas={obj['spec'].get('replicas')} "
+                             f"status={json.dumps(obj.get('status'))} pods={[p['status'].get('phase') for p in pods]}")
 
 
 # ---- the API server's own validation ---------------------------------------------------------------------
