@@ -251,6 +251,8 @@ def autoscaling_condition(spec: QwenDeploymentSpec, obs: Observed) -> tuple[str,
         return ("False", "ScaledObjectNotReady",
                 f"KEDA: {ready.get('message') or ready.get('reason') or 'the ScaledObject is not ready'}")
     if ready.get("status") != "True":
+        if ready.get("message"):  # KEDA is on it, and not sure yet
+            return ("Unknown", "WaitingForKEDA", f"KEDA: {ready['message']}; " + scope)
         return ("Unknown", "WaitingForKEDA", f"the ScaledObject is applied and KEDA has not reported on it yet (is "
                 "the KEDA operator running?); " + scope)
     active = (keda.get("Active") or {}).get("status") == "True"

@@ -234,6 +234,9 @@ def so_status(*conditions: tuple[str, str, str]) -> dict:
     (dict(autoscaling="no-prometheus"), "False", "PrometheusAddressMissing", "autoscaling.prometheus.address"),
     (dict(autoscaling="http-missing"), "False", "HTTPAddOnMissing", "between 1 and 4 replicas"),
     (dict(autoscaling="applied"), "Unknown", "WaitingForKEDA", "is the KEDA operator running"),
+    (dict(autoscaling="applied", scaled_object=so_status(("Ready", "Unknown", "Some triggers defined in "
+                                                          "ScaledObject are not working correctly"))),
+     "Unknown", "WaitingForKEDA", "KEDA: Some triggers defined in ScaledObject are not working correctly; KEDA "),
     (dict(autoscaling="applied", scaled_object=so_status(("Ready", "False", "no metrics: connection refused"))),
      "False", "ScaledObjectNotReady", "KEDA: no metrics: connection refused"),
     (dict(autoscaling="applied", scaled_object=so_status(("Ready", "True", ""), ("Active", "True", ""))),
