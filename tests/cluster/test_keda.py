@@ -190,7 +190,8 @@ def keda(cluster, tmp_path_factory):
         "KEDA_HTTP_SCALER_TARGET_ADMIN_NAMESPACE": NS,
         "KEDA_HTTP_SCALER_TARGET_ADMIN_SERVICE": "keda-add-ons-http-interceptor-admin",
         "KEDA_HTTP_SCALER_TARGET_ADMIN_DEPLOYMENT": "keda-add-ons-http-interceptor",
-        "KEDA_HTTP_SCALER_TARGET_ADMIN_PORT": "9090", "OTEL_PROM_EXPORTER_ENABLED": "false"})
+        "KEDA_HTTP_SCALER_TARGET_ADMIN_PORT": "9090", "KEDA_HTTP_QUEUE_TICK_DURATION": "5s",
+        "OTEL_PROM_EXPORTER_ENABLED": "false"})
     try:
         for name in procs.procs:
             time.sleep(0.5)
