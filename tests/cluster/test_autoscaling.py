@@ -225,6 +225,9 @@ def test_scale_from_zero_goes_through_the_http_add_on(cluster, operator):
         cluster.wait("the trigger to name it", lambda: next(
             t for t in cluster.get("scaledobject", "demo", ns)["spec"]["triggers"] if t["type"] == "external-push"
         )["metadata"].get("httpScaledObject") == "demo")
+        cluster.apply(autoscaled(minReplicas=0, maxReplicas=4, idleSecondsToZero=90, hosts=["chat3.example.com"],
+                                 targetWaitingRequests=3), ns)
+        cluster.wait("the new host", lambda: "chat3.example.com" in cluster.get("httpscaledobject", "demo", ns)["spec"]["hosts"])
     finally:
         install_crds(cluster, "interceptorroutes.http.keda.sh")
     # with InterceptorRoute back, it is preferred and the HTTPScaledObject goes
@@ -311,6 +314,11 @@ def test_inference_pool_selects_the_server_pods_and_port(cluster, operator):
     assert [p["number"] for p in pool["spec"]["targetPorts"]] == [8000] and 8000 in ports
     c = wait_condition(cluster, "demo", ns, "InferencePool", "Applied")
     assert c["status"] == "True"
+    moved = copy.deepcopy(obj)
+    moved["spec"]["gateway"]["inferencePool"]["endpointPickerRef"]["port"] = 9003
+    cluster.apply(moved, ns)
+    cluster.wait("the picker's new port", lambda: cluster.get("inferencepool", "demo", ns)["spec"]
+                 ["endpointPickerRef"]["port"] == {"number": 9003})
     # switched off, it goes
     off = copy.deepcopy(obj)
     off["spec"]["gateway"] = {"inferencePool": {"enabled": False}}
