@@ -183,7 +183,8 @@ def keda(cluster, tmp_path_factory):
                                  f"--tls-cert-file={certs / 'tls.crt'}", f"--tls-private-key-file={certs / 'tls.key'}",
                                  f"--metrics-service-address=127.0.0.1:{grpc_port}",
                                  "--metrics-service-grpc-authority=keda-operator.keda.svc",
-                                 f"--authentication-kubeconfig={keda_kc}", f"--authorization-kubeconfig={keda_kc}",
+                                 f"--lister-kubeconfig={keda_kc}", f"--authentication-kubeconfig={keda_kc}",
+                                 f"--authorization-kubeconfig={keda_kc}",
                                  f"--port={free_port()}", "--zap-log-level=info", "--zap-encoder=console"], env)
     procs.start("keda-http-scaler", [str(bins / "keda-http-scaler")], {
         "KUBECONFIG": str(scaler_kc), "KEDA_HTTP_SCALER_PORT": str(http_scaler_port),
@@ -293,7 +294,8 @@ def test_keda_scales_on_the_queue_from_zero_to_max_and_back(cluster, operator, k
                     (c for c in (state().get("status") or {}).get("conditions") or []
                      if c["type"] == "Autoscaling" and c["reason"] == "Idle"), None), 90)
                 assert c["status"] == "True"
-                assert state()["status"]["phase"] == "Ready" and state()["status"]["reason"] == "ScaledToZero"
+                cluster.wait("Ready at zero replicas", lambda: state()["status"]["phase"] == "Ready"
+                             and state()["status"]["reason"] == "ScaledToZero", 90)
 
                 # a queue builds on the server: KEDA wakes the deployment, its HPA scales it to maxReplicas
                 load = Load(server.url, streams=7)
@@ -323,6 +325,7 @@ def test_keda_scales_on_the_queue_from_zero_to_max_and_back(cluster, operator, k
                 assert history[0] == 0 and 3 in history and history[-1] == 0, history
                 up = history[:history.index(3) + 1]
                 assert up == sorted(up), history  # only up while the queue grew
+                print("spec.replicas as KEDA and its HPA set them:", history)
             finally:
                 prom.stop()
     except BaseException:
