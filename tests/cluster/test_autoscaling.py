@@ -267,8 +267,10 @@ def test_missing_crds_are_reported_and_everything_else_works(cluster, operator):
             assert c["status"] == "False" and "replicas stay at spec.replicas (1)" in c["message"]
             c = wait_condition(cluster, "demo", ns, "InferencePool", "InferencePoolCRDMissing")
             assert c["status"] == "False"
-            st = cluster.qwd("demo", ns)["status"]
-            assert st["phase"] == "Ready" and st["readyReplicas"] == 1
+            st = cluster.wait_phase("demo", ns, "Ready")["status"]
+            assert st["readyReplicas"] == 1
+            # the pods were never replaced
+            assert len(cluster.get("replicasets", namespace=ns, selector=SERVER_LABELS.format(name="demo"))) == 1
             reasons = {e["reason"] for e in cluster.events(ns, "demo") if e["type"] == "Warning"}
             assert {"HTTPAddOnMissing", "KEDACRDsMissing", "InferencePoolCRDMissing"} <= reasons
         finally:

@@ -329,7 +329,13 @@ def test_keda_scales_on_the_queue_from_zero_to_max_and_back(cluster, operator, k
             finally:
                 prom.stop()
     except BaseException:
-        print({name: keda["procs"].log(name)[-1500:] for name in keda["procs"].procs})
+        print("replicas:", history)
+        print("HPA:", json.dumps((cluster.get("hpa", "keda-hpa-chat", ns) or {}).get("status"), indent=1))
+        print("QwenDeployment:", json.dumps((cluster.qwd("chat", ns) or {}).get("status"), indent=1))
+        print({name: keda["procs"].log(name)[-1500:] for name in keda["procs"].procs if name != "keda-http-scaler"})
+        cm = cluster.dc.logs / "kube-controller-manager.log"
+        print("controller manager:", "\n".join(l for l in cm.read_text(errors="replace").splitlines()
+                                                if "horizontal" in l.lower() or "hpa" in l.lower())[-3000:])
         raise
     finally:
         operator.stop()
