@@ -9,7 +9,7 @@ PORT ?= 8000
 HOST ?= 127.0.0.1
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-unit test-server test-cluster bench bench-smoke soak dev-cluster dev-cluster-down \
+.PHONY: help venv run test test-unit test-server test-cluster test-keda bench bench-smoke soak dev-cluster dev-cluster-down \
         e2e-kind manifests docs system-deps k8s-bin lint clean
 
 help: ## list targets
@@ -40,6 +40,10 @@ test-unit: $(STAMP) ## unit and server tests only
 
 test-cluster: $(STAMP) k8s-bin ## the operator against the local control plane
 	$(PY) -m pytest tests/cluster $(PYTEST_ARGS)
+
+test-keda: $(STAMP) system-deps k8s-bin ## the real KEDA scales a QwenDeployment on queue depth (builds KEDA first: long)
+	scripts/k8s-bin keda >/dev/null
+	QWEN_TEST_KEDA=1 $(PY) -m pytest tests/cluster/test_keda.py $(PYTEST_ARGS)
 
 bench: $(STAMP) ## benchmark qwen-serve against the seeds' design and llama.cpp (slow; see bench/README.md)
 	$(PY) -m bench.run $(BENCH_ARGS)

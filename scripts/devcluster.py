@@ -136,6 +136,7 @@ def make_pki(pki: Path) -> None:
     issue("admin", "qwen-dev-admin", ["system:masters"], server=False)
     issue("controller-manager", "system:kube-controller-manager", [], server=False)
     issue("scheduler", "system:kube-scheduler", [], server=False)
+    issue("front-proxy-client", "front-proxy-client", [], server=False)  # the aggregation layer's client
     sa = _key()
     _write_key(pki / "sa.key", sa)
     (pki / "sa.pub").write_bytes(sa.public_key().public_bytes(serialization.Encoding.PEM,
@@ -439,10 +440,23 @@ class DevCluster:
             "--endpoint-reconciler-type=none", "--v=1",
             f"--audit-policy-file={self._audit_policy()}", f"--audit-log-path={self.audit_log}",
             "--audit-log-format=json", "--audit-log-maxsize=200",
+            *self._aggregation_flags(),
         ])
         ctx = self._ssl()
         wait_for("kube-apiserver", lambda: self._get(f"{self.server}/readyz", ctx) == "ok", 90,
                  logs=self.logs / "kube-apiserver.log")
+
+    def _aggregation_flags(self) -> list[str]:
+        """The aggregation layer, for extension API servers (KEDA's metrics adapter serves external.metrics.k8s.io
+        through it). The API server reaches them by their Service's address, so one running on loopback is
+        registered behind an ExternalName Service `localhost`."""
+        if not (self.pki / "front-proxy-client.crt").exists():  # a state folder made before it was added
+            return []
+        return [f"--requestheader-client-ca-file={self.pki / 'ca.crt'}", "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={self.pki / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={self.pki / 'front-proxy-client.key'}"]
 
     @property
     def audit_log(self) -> Path:

@@ -71,6 +71,8 @@ class ServerState:
             return
         m = self.model
         self.metrics.info.labels(self.settings.model_name, m.dtype, m.device).set(1)
+        self.metrics.on_cache_config(m.engine.block_size, m.engine.kv_capacity_tokens // m.engine.block_size,
+                                     m.engine.prefix_caching)
         self.metrics.model_loaded.set(1)
         self.metrics.prefix_caching.set(1 if m.engine.prefix_caching else 0)
         self.status, self.reason = "ready", "ok"

@@ -1,4 +1,6 @@
-"""Prometheus metrics of one server: HTTP metrics operators expect, and `qwen_*` engine metrics.
+"""Prometheus metrics of one server: HTTP metrics operators expect, `qwen_*` engine metrics, and the
+model-server protocol of the Gateway API Inference Extension under vLLM's names (`vllm:*`), which its
+endpoint picker, KEDA recipes and existing vLLM dashboards read.
 
 Each server has its own registry, so two servers in one process (as in tests) never share series.
 """
@@ -72,6 +74,16 @@ class ServerMetrics(EngineMetrics):
         self.errors = Counter("qwen_request_errors", "Requests that failed, by reason.", ["reason"], registry=r)
         self.model_loaded = Gauge("qwen_model_loaded", "1 when the model is loaded and the engine runs.", registry=r)
         self.info = Gauge("qwen_model_info", "The served model.", ["model", "dtype", "device"], registry=r)
+        # vLLM's names and labels: the same gauges as qwen_requests_*, qwen_kv_cache_usage_ratio
+        self.vllm_running = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+                                  ["model_name"], registry=r).labels(model)
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                                  ["model_name"], registry=r).labels(model)
+        self.vllm_kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                                   ["model_name"], registry=r).labels(model)
+        self.vllm_cache_config = Gauge("vllm:cache_config_info", "Information of the KV cache: block size in "
+                                       "tokens, number of blocks, prefix caching.",
+                                       ["block_size", "num_gpu_blocks", "enable_prefix_caching"], registry=r)
         for reason in ("stop", "length"):
             self.success.labels(reason)
         for reason in ERROR_REASONS:
@@ -105,6 +117,14 @@ class ServerMetrics(EngineMetrics):
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
         self.state_usage.set(state_usage)
+        self.vllm_running.set(running)
+        self.vllm_waiting.set(waiting)
+        self.vllm_kv_usage.set(kv_usage)
+
+    def on_cache_config(self, block_size: int, num_blocks: int, prefix_caching: bool) -> None:
+        """The KV cache as sized at load, for an endpoint picker's prefix-cache scorer (one series, value 1)."""
+        self.vllm_cache_config.clear()
+        self.vllm_cache_config.labels(str(block_size), str(num_blocks), str(prefix_caching)).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -39,6 +39,12 @@ class Owner:
 class OperatorDefaults:
     image: str = "ghcr.io/qwen-operator/qwen-inference:0.1.0"
     image_gpu: str | None = None  # an image for device gpu, when different
+    # autoscaling: where KEDA reads the metrics, and where the KEDA HTTP add-on runs
+    prometheus_address: str | None = None
+    http_scaler_address: str = "keda-add-ons-http-external-scaler.keda:9090"
+    interceptor_host: str = "keda-add-ons-http-interceptor-proxy.keda.svc.cluster.local"
+    interceptor_port: int = 8080
+    cluster_domain: str = "cluster.local"
 
 
 def labels(name: str, component: str) -> dict[str, str]:
@@ -306,7 +312,9 @@ def served_model(spec: QwenDeploymentSpec, key: str) -> tuple[str, str]:
 def spec_hash(spec: QwenDeploymentSpec, key: str) -> str:
     """Changes exactly when the pods must change: the spec apart from the model to fetch, and the served key."""
     data = spec.model_dump(mode="json", by_alias=True)
-    data.pop("model")
+    for field in ("model", "replicas", "autoscaling", "gateway"):  # scaling and routing leave the pods alone
+        data.pop(field)
+    data["several"] = spec.most_replicas > 1  # it decides placement
     return _hash({"spec": data, "key": key, "servedModelName": spec.model.served_model_name})
 
 
@@ -355,8 +363,10 @@ def build_deployment(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorD
     }
     _placement(pod_spec, spec, gpu=gpu)
     rwx = spec.cache.access_mode == "ReadWriteMany"
-    if not rwx and spec.replicas > 1 and not spec.affinity:
-        pod_spec["affinity"] = _same_node_as_servers(owner, weight=None)  # one node holds a single-node volume
+    if not rwx and spec.most_replicas > 1 and not spec.affinity:
+        # one node holds a single-node volume. Decided by the most replicas the spec allows, not the current
+        # count, so that scaling never changes the pod template (which would replace every pod)
+        pod_spec["affinity"] = _same_node_as_servers(owner, weight=None)
     annotations = {ANNOTATION_SPEC_HASH: spec_hash(spec, serving_key), ANNOTATION_MODEL_KEY: serving_key}
     annotations.update(spec.pod_annotations or {})
     strategy: dict[str, Any] = (
@@ -433,3 +443,156 @@ def build_prometheus_rule(owner: Owner, spec: QwenDeploymentSpec) -> dict[str, A
 
 def endpoint(owner: Owner, spec: QwenDeploymentSpec) -> str:
     return f"http://{owner.name}.{owner.namespace}.svc:{spec.service.port}/v1"
+
+
+# ---- autoscaling (KEDA) and inference routing -------------------------------------------------------------
+
+KEDA_GV = "keda.sh/v1alpha1"
+INTERCEPTOR_ROUTE_GV = "http.keda.sh/v1beta1"  # the KEDA HTTP add-on's routing object, from v0.14
+HTTP_SCALED_OBJECT_GV = "http.keda.sh/v1alpha1"  # its older one, deprecated by InterceptorRoute
+INFERENCE_GV = "inference.networking.k8s.io/v1"
+HTTP_ADD_ON_KINDS = ("InterceptorRoute", "HTTPScaledObject")
+READINESS_SLACK_SECONDS = 120  # scheduling and image pull, before the startup probe's budget starts
+
+
+def scales_from_zero(spec: QwenDeploymentSpec) -> bool:
+    return spec.autoscaling is not None and spec.autoscaling.min_replicas == 0
+
+
+def queue_query(owner: Owner, metric: str) -> str:
+    """The deployment's total of a per-pod gauge, by the labels the ServiceMonitor gives every series."""
+    return f'sum({metric}{{namespace="{owner.namespace}",service="{owner.name}"}})'
+
+
+def prometheus_address(spec: QwenDeploymentSpec, defaults: OperatorDefaults) -> str | None:
+    a = spec.autoscaling
+    return (a.prometheus.address if a is not None else None) or defaults.prometheus_address
+
+
+def build_scaled_object(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorDefaults,
+                        http_add_on: str | None) -> dict[str, Any] | None:
+    """KEDA's ScaledObject, scaling the QwenDeployment itself through its scale subresource: KEDA's HPA writes
+    spec.replicas, and the operator carries it to the Deployment. Queue depth (and optionally the running
+    batch) from Prometheus drives 1..max; with minReplicas 0 the HTTP add-on's scaler (`http_add_on`: the kind
+    of its routing object) wakes the deployment from zero, since a deployment at zero has no metrics. Without
+    the add-on, the floor stays at one replica. None without autoscaling or a Prometheus address."""
+    a = spec.autoscaling
+    address = prometheus_address(spec, defaults)
+    if a is None or address is None:
+        return None
+    to_zero = a.min_replicas == 0 and http_add_on is not None
+    triggers: list[dict[str, Any]] = [{
+        "type": "prometheus", "name": "waiting",
+        "metadata": {"serverAddress": address, "query": queue_query(owner, "qwen_requests_waiting"),
+                     "threshold": str(a.target_waiting_requests), "activationThreshold": "0"},
+    }]
+    if a.target_running_requests is not None:
+        triggers.append({
+            "type": "prometheus", "name": "running",
+            "metadata": {"serverAddress": address, "query": queue_query(owner, "qwen_requests_running"),
+                         "threshold": str(a.target_running_requests), "activationThreshold": "0"},
+        })
+    if to_zero:
+        key = "interceptorRoute" if http_add_on == "InterceptorRoute" else "httpScaledObject"
+        triggers.append({"type": "external-push", "name": "http",
+                         "metadata": {"scalerAddress": defaults.http_scaler_address, key: owner.name}})
+    so_spec: dict[str, Any] = {
+        "scaleTargetRef": {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name},
+        "minReplicaCount": a.min_replicas if to_zero else max(1, a.min_replicas),
+        "maxReplicaCount": a.max_replicas,
+        "pollingInterval": a.polling_interval_seconds,
+        "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {
+            "scaleDown": {"stabilizationWindowSeconds": a.scale_down_delay_seconds}}}},
+        "triggers": triggers,
+    }
+    if to_zero:
+        so_spec["cooldownPeriod"] = a.idle_seconds_to_zero if a.idle_seconds_to_zero is not None else 300
+    return {"apiVersion": KEDA_GV, "kind": "ScaledObject", "metadata": _meta(owner, owner.name, "autoscaling"),
+            "spec": so_spec}
+
+
+def interceptor_service_name(owner: Owner) -> str:
+    return f"{owner.name}-interceptor"
+
+
+def interceptor_hosts(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorDefaults) -> list[str]:
+    """Every Host header a client of the <name>-interceptor Service sends, then the spec's own."""
+    svc = interceptor_service_name(owner)
+    ns = owner.namespace
+    hosts = [svc, f"{svc}.{ns}", f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.{defaults.cluster_domain}"]
+    return hosts + [h for h in (spec.autoscaling.hosts or []) if h not in hosts]
+
+
+def _http_timeouts(spec: QwenDeploymentSpec) -> tuple[str, str]:
+    """(how long the interceptor holds a request for a pod to become ready, how long it waits for the
+    response headers): a cold start may take the startup probe's whole budget, and a reply that is not
+    streamed sends its headers only at the end."""
+    ready = sizing.startup_seconds(spec.model.name, spec.model.source, spec.device, spec.dtype)
+    return f"{ready + READINESS_SLACK_SECONDS}s", f"{spec.engine.request_timeout_seconds}s"
+
+
+def _concurrency_target(spec: QwenDeploymentSpec) -> int:
+    # requests in flight per replica: a full batch plus the queue the Prometheus trigger aims for
+    return spec.engine.max_concurrency + spec.autoscaling.target_waiting_requests
+
+
+def build_interceptor_route(owner: Owner, spec: QwenDeploymentSpec,
+                            defaults: OperatorDefaults) -> dict[str, Any] | None:
+    """The KEDA HTTP add-on's route to the Service: its interceptor holds requests while KEDA wakes the
+    deployment from zero, and counts them for the ScaledObject's external-push trigger."""
+    if not scales_from_zero(spec):
+        return None
+    readiness, response = _http_timeouts(spec)
+    return {"apiVersion": INTERCEPTOR_ROUTE_GV, "kind": "InterceptorRoute",
+            "metadata": _meta(owner, owner.name, "autoscaling"),
+            "spec": {"target": {"service": owner.name, "portName": "http"},
+                     "rules": [{"hosts": interceptor_hosts(owner, spec, defaults)}],
+                     "scalingMetric": {"concurrency": {"targetValue": _concurrency_target(spec)}},
+                     "timeouts": {"readiness": readiness, "responseHeader": response}}}
+
+
+def build_http_scaled_object(owner: Owner, spec: QwenDeploymentSpec,
+                             defaults: OperatorDefaults) -> dict[str, Any] | None:
+    """The same route for HTTP add-ons before InterceptorRoute: an HTTPScaledObject that leaves the
+    ScaledObject to the operator (which adds the Prometheus triggers to it)."""
+    if not scales_from_zero(spec):
+        return None
+    a = spec.autoscaling
+    readiness, response = _http_timeouts(spec)
+    meta = _meta(owner, owner.name, "autoscaling",
+                 annotations={"httpscaledobject.keda.sh/skip-scaledobject-creation": "true"})
+    return {"apiVersion": HTTP_SCALED_OBJECT_GV, "kind": "HTTPScaledObject", "metadata": meta,
+            "spec": {"hosts": interceptor_hosts(owner, spec, defaults),
+                     "scaleTargetRef": {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name,
+                                        "service": owner.name, "portName": "http"},
+                     "replicas": {"min": a.min_replicas, "max": a.max_replicas},
+                     "scalingMetric": {"concurrency": {"targetValue": _concurrency_target(spec)}},
+                     "timeouts": {"conditionWait": readiness, "responseHeader": response}}}
+
+
+def build_interceptor_service(owner: Owner, spec: QwenDeploymentSpec,
+                              defaults: OperatorDefaults) -> dict[str, Any] | None:
+    """<name>-interceptor: a DNS name for the KEDA HTTP add-on's interceptor, under which the add-on routes
+    to this deployment. Clients of a deployment that scales to zero call it instead of <name>."""
+    if not scales_from_zero(spec):
+        return None
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(owner, interceptor_service_name(owner), "autoscaling"),
+            "spec": {"type": "ExternalName", "externalName": defaults.interceptor_host,
+                     "ports": [{"name": "http", "port": defaults.interceptor_port, "protocol": "TCP"}]}}
+
+
+def build_inference_pool(owner: Owner, spec: QwenDeploymentSpec) -> dict[str, Any] | None:
+    """The Gateway API Inference Extension's InferencePool of the server pods: an inference gateway routes to
+    them, its endpoint picker choosing a pod by the vllm:* metrics each one serves."""
+    pool = spec.gateway.inference_pool
+    if not pool.enabled:
+        return None
+    pool_spec: dict[str, Any] = {"selector": {"matchLabels": selector(owner.name)},
+                                 "targetPorts": [{"number": SERVER_PORT}]}
+    ref = pool.endpoint_picker_ref
+    if ref is not None:
+        pool_spec["endpointPickerRef"] = {"kind": "Service", "name": ref.name, "port": {"number": ref.port},
+                                          "failureMode": ref.failure_mode}
+    return {"apiVersion": INFERENCE_GV, "kind": "InferencePool", "metadata": _meta(owner, owner.name, "gateway"),
+            "spec": pool_spec}

@@ -30,6 +30,13 @@ log = logging.getLogger("qwen_operator.controller")
 Key = tuple[str, str]  # namespace, name
 MONITORING_GV = "monitoring.coreos.com/v1"
 APPLIED_HASH = "qwen-operator.io/applied-hash"
+KEDA_API = (builders.KEDA_GV, "scaledobjects")
+HTTP_ADD_ON_APIS = {"InterceptorRoute": (builders.INTERCEPTOR_ROUTE_GV, "interceptorroutes"),
+                    "HTTPScaledObject": (builders.HTTP_SCALED_OBJECT_GV, "httpscaledobjects")}
+INFERENCE_POOL_API = (builders.INFERENCE_GV, "inferencepools")
+# a Warning event when a condition turns to one of these: an optional component the spec asks for is missing
+MISSING_REASONS = {("Autoscaling", "KEDACRDsMissing"), ("Autoscaling", "HTTPAddOnMissing"),
+                   ("Autoscaling", "PrometheusAddressMissing"), ("InferencePool", "InferencePoolCRDMissing")}
 
 
 @dataclass
@@ -54,6 +61,7 @@ class Controller:
         self.last_forced: dict[Key, float] = {}
         self.tasks: list[asyncio.Task] = []
         self._monitoring: tuple[float, bool] = (0.0, False)
+        self._apis: dict[tuple[str, str], tuple[float, bool]] = {}
         self.phases: dict[Key, str] = {}
 
     # ---- queue ---------------------------------------------------------------------------------------
@@ -136,6 +144,16 @@ class Controller:
         self._monitoring = (time.monotonic(), sm and pr)
         return sm and pr
 
+    async def api_available(self, group_version: str, resource: str) -> bool:
+        """Whether the API server serves this resource (an optional CRD is installed), looked up at most every
+        `monitoring_check_seconds`."""
+        checked, value = self._apis.get((group_version, resource), (-1e9, False))
+        if time.monotonic() - checked < self.config.monitoring_check_seconds:
+            return value
+        value = await asyncio.to_thread(self.kube.has_api, group_version, resource)
+        self._apis[(group_version, resource)] = (time.monotonic(), value)
+        return value
+
     async def reconcile(self, key: Key) -> None:
         ns, name = key
         k = self.kube
@@ -214,13 +232,57 @@ class Controller:
         else:
             obs.monitoring = "applied" if available else "missing"
 
-    async def _optional(self, desired: dict | None, api_version: str, kind: str, owner: Owner, force: bool) -> None:
-        live = await asyncio.to_thread(self.kube.get, api_version, kind, owner.namespace, owner.name)
+        await self._autoscaling(owner, spec, obs, force)
+
+        pool = builders.build_inference_pool(owner, spec)
+        if await self.api_available(*INFERENCE_POOL_API):  # also when disabled: what an earlier spec made goes
+            await self._optional(pool, builders.INFERENCE_GV, "InferencePool", owner, force)
+            obs.inference_pool = "disabled" if pool is None else "applied"
+        else:
+            obs.inference_pool = "disabled" if pool is None else "missing"
+
+    async def _autoscaling(self, owner: Owner, spec: QwenDeploymentSpec, obs: Observed, force: bool) -> None:
+        """KEDA's ScaledObject and, to scale from zero, the HTTP add-on's route and the <name>-interceptor
+        Service; each kind whose CRD is installed is also cleaned up when the spec no longer asks for it."""
+        defaults = self.config.defaults
+        keda = await self.api_available(*KEDA_API)
+        installed = [kind for kind in builders.HTTP_ADD_ON_KINDS if await self.api_available(*HTTP_ADD_ON_APIS[kind])]
+        add_on = installed[0] if installed else None  # InterceptorRoute where the add-on has it
+        http = add_on if keda and builders.scales_from_zero(spec) else None
+        for kind in installed:
+            desired = None
+            if kind == http:
+                build = builders.build_interceptor_route if kind == "InterceptorRoute" else builders.build_http_scaled_object
+                desired = build(owner, spec, defaults)
+            await self._optional(desired, HTTP_ADD_ON_APIS[kind][0], kind, owner, force)
+        svc = builders.build_interceptor_service(owner, spec, defaults) if http else None
+        obs.interceptor = await self._optional(svc, "v1", "Service", owner, force,
+                                               name=builders.interceptor_service_name(owner))
+        so = builders.build_scaled_object(owner, spec, defaults, http) if keda else None
+        if keda:
+            obs.scaled_object = await self._optional(so, builders.KEDA_GV, "ScaledObject", owner, force)
+        if spec.autoscaling is None:
+            obs.autoscaling = "disabled"
+        elif not keda:
+            obs.autoscaling = "keda-missing"
+        elif so is None:
+            obs.autoscaling = "no-prometheus"
+        elif builders.scales_from_zero(spec) and http is None:
+            obs.autoscaling = "http-missing"
+        else:
+            obs.autoscaling = "applied"
+
+    async def _optional(self, desired: dict | None, api_version: str, kind: str, owner: Owner, force: bool,
+                        name: str | None = None) -> dict | None:
+        """Apply `desired`, or delete what this QwenDeployment made when nothing is desired; returns the live
+        object, if any."""
+        name = name or owner.name
+        live = await asyncio.to_thread(self.kube.get, api_version, kind, owner.namespace, name)
         if desired is None:
             if live is not None and _owned_by(live, owner):
-                await asyncio.to_thread(self.kube.delete, api_version, kind, owner.namespace, owner.name)
-            return
-        await self._apply(desired, live, force)
+                await asyncio.to_thread(self.kube.delete, api_version, kind, owner.namespace, name)
+            return None
+        return await self._apply(desired, live, force)
 
     async def _apply(self, desired: dict, live: dict | None, force: bool) -> dict:
         """Apply unless the live object already carries this exact desired state (and no forced re-apply
@@ -271,6 +333,13 @@ class Controller:
                     self.kube.event, obj, "Warning", "MonitoringCRDsMissing",
                     "ServiceMonitor and PrometheusRule were not created: the Prometheus Operator's CRDs are "
                     "not installed. The model is served all the same.")
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not post an event: %s", exc)
+        reasons = {(c["type"], c["reason"]): c for c in status.get("conditions") or []}
+        before = {(c.get("type"), c.get("reason")) for c in previous.get("conditions") or []}
+        for pair in sorted(MISSING_REASONS & set(reasons) - before):
+            try:
+                await asyncio.to_thread(self.kube.event, obj, "Warning", pair[1], reasons[pair]["message"])
             except Exception as exc:  # noqa: BLE001
                 log.warning("could not post an event: %s", exc)
         self.phases[key] = new_phase or "Unknown"

@@ -12,6 +12,10 @@ from typing import Any
 
 SEL = 'namespace="$namespace",service="$deployment"'
 CHAT = f'{SEL},endpoint="/v1/chat/completions"'
+# kube-state-metrics: the Deployment, and KEDA's HPA (keda-hpa-<ScaledObject>, named after the QwenDeployment)
+DEP = 'namespace="$namespace",deployment="$deployment"'
+HPA = 'namespace="$namespace",horizontalpodautoscaler="keda-hpa-$deployment"'
+SCALED = f"max(kube_deployment_spec_replicas{{{DEP}}}) - max(kube_deployment_spec_replicas{{{DEP}}} offset 1m)"
 
 _ids = iter(range(1, 1000))
 
@@ -98,8 +102,33 @@ def panels() -> list[dict[str, Any]]:
                [_target(f"max by (pod) (qwen_kv_cache_usage_ratio{{{SEL}}})", "{{pod}}")], "percentunit",
                "Share of KV cache blocks in use in each pod; near 1, new requests wait.",
                fieldConfig={"defaults": {"unit": "percentunit", "min": 0, "max": 1}, "overrides": []}),
+        _row("Scaling", 31),
+        _panel("Replicas: desired and ready", "timeseries", 0, 32, 12, 8, [
+            _target(f"max(kube_deployment_spec_replicas{{{DEP}}})", "desired"),
+            _target(f"max(kube_deployment_status_replicas_ready{{{DEP}}})", "ready"),
+            _target(f"count(qwen_model_loaded{{{SEL}}} == 1)", "serving (scraped)"),
+            _target(f"max(kube_horizontalpodautoscaler_spec_max_replicas{{{HPA}}})", "autoscaling max"),
+            _target(f"max(kube_horizontalpodautoscaler_spec_min_replicas{{{HPA}}})", "autoscaling min"),
+        ], "short", "Replicas the Deployment wants (what KEDA decided, with autoscaling), those ready, and the "
+           "autoscaling bounds; from kube-state-metrics, and the pods Prometheus scrapes."),
+        _panel("Scaling events", "timeseries", 12, 32, 6, 8, [_target(SCALED, "replicas added or removed")],
+               "short", "Change of the desired replicas over the last minute: up when KEDA adds replicas, down "
+               "when it removes them.", fieldConfig={"defaults": {"unit": "short", "custom": {"drawStyle": "bars"}},
+                                                     "overrides": []}),
+        _panel("Waiting per serving replica", "timeseries", 18, 32, 6, 8, [
+            _target(f"sum(qwen_requests_waiting{{{SEL}}}) / count(qwen_model_loaded{{{SEL}}} == 1)", "waiting"),
+        ], "short", "Requests waiting for a slot per serving replica: what KEDA compares with "
+           "autoscaling.targetWaitingRequests."),
     ]
     return out
+
+
+def annotations() -> list[dict[str, Any]]:
+    """Scaling events as annotations on every panel."""
+    return [{"name": "Scaling", "enable": True, "iconColor": "purple",
+             "datasource": {"type": "prometheus", "uid": "${datasource}"},
+             "expr": f"{SCALED} != 0", "step": "1m", "titleFormat": "Scaled", "textFormat": "{{value}} replicas",
+             "useValueForTime": False}]
 
 
 def dashboard() -> dict[str, Any]:
@@ -130,7 +159,7 @@ def dashboard() -> dict[str, Any]:
              "definition": 'label_values(qwen_model_loaded{namespace="$namespace"}, service)',
              "current": {}, "hide": 0},
         ]},
-        "annotations": {"list": []},
+        "annotations": {"list": annotations()},
         "panels": panels(),
     }
 
@@ -142,7 +171,8 @@ def render() -> str:
 def queries(d: dict[str, Any] | None = None) -> list[str]:
     """Every PromQL expression in the dashboard's panels."""
     d = d or dashboard()
-    return [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
+    return [t["expr"] for p in d["panels"] for t in p.get("targets", [])] + \
+        [a["expr"] for a in d["annotations"]["list"]]
 
 
 if __name__ == "__main__":

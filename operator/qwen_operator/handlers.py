@@ -39,7 +39,12 @@ async def startup(settings: kopf.OperatorSettings, **_) -> None:
     CONTROLLER = Controller(
         Kube(),
         ControllerConfig(namespaces=list(s.namespaces),
-                         defaults=OperatorDefaults(image=s.default_image, image_gpu=s.default_image_gpu),
+                         defaults=OperatorDefaults(image=s.default_image, image_gpu=s.default_image_gpu,
+                                                   prometheus_address=s.prometheus_address,
+                                                   http_scaler_address=s.keda_http_scaler_address,
+                                                   interceptor_host=s.keda_http_interceptor_host,
+                                                   interceptor_port=s.keda_http_interceptor_port,
+                                                   cluster_domain=s.cluster_domain),
                          resync_seconds=s.resync_seconds, workers=s.workers,
                          force_apply_seconds=s.force_apply_seconds,
                          monitoring_check_seconds=s.monitoring_check_seconds),

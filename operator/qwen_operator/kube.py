@@ -22,6 +22,11 @@ PATHS = {
     ("policy/v1", "PodDisruptionBudget"): "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "/apis/monitoring.coreos.com/v1/namespaces/{ns}/servicemonitors",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "/apis/monitoring.coreos.com/v1/namespaces/{ns}/prometheusrules",
+    ("keda.sh/v1alpha1", "ScaledObject"): "/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects",
+    ("http.keda.sh/v1beta1", "InterceptorRoute"): "/apis/http.keda.sh/v1beta1/namespaces/{ns}/interceptorroutes",
+    ("http.keda.sh/v1alpha1", "HTTPScaledObject"): "/apis/http.keda.sh/v1alpha1/namespaces/{ns}/httpscaledobjects",
+    ("inference.networking.k8s.io/v1", "InferencePool"):
+        "/apis/inference.networking.k8s.io/v1/namespaces/{ns}/inferencepools",
     (f"{GROUP}/{VERSION}", "QwenDeployment"): f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
 }
 

@@ -38,6 +38,15 @@ def _pod_sel(namespace: str | None, name: str | None) -> str:
                           + ([pods] if pods else [])) + "}"
 
 
+def _hpa(metric: str, namespace: str | None, name: str | None) -> str:
+    """A kube-state-metrics HPA series of KEDA's HPA (keda-hpa-<ScaledObject>, the ScaledObject named after the
+    QwenDeployment), labelled with the deployment's name as `service`, aggregated over kube-state-metrics
+    replicas."""
+    hpa = f'horizontalpodautoscaler="keda-hpa-{name}"' if name is not None else 'horizontalpodautoscaler=~"keda-hpa-.+"'
+    return (f'max by ({BY}) (label_replace({metric}{_matchers(hpa, namespace=namespace)}, "service", "$1", '
+            f'"horizontalpodautoscaler", "keda-hpa-(.+)"))')
+
+
 def recording_rules(namespace: str | None = None, service: str | None = None) -> list[dict[str, Any]]:
     s = lambda *e: _sel(namespace, service, *e)  # noqa: E731
     chat = f'endpoint="{CHAT}"'
@@ -115,6 +124,14 @@ def alert_rules(namespace: str | None, name: str | None, thresholds) -> list[dic
               f"(increase(kube_pod_container_status_restarts_total{pods}[10m]) > 0)", "0m", "critical",
               "{{ $labels.namespace }}/{{ $labels.pod }} was killed for memory",
               "The server ran out of memory: raise resources.limits.memory or lower engine.kvCacheTokens."),
+        alert("QwenAutoscalerAtMax",
+              f"{_hpa('kube_horizontalpodautoscaler_status_current_replicas', namespace, name)} >= "
+              f"{_hpa('kube_horizontalpodautoscaler_spec_max_replicas', namespace, name)} "
+              f"and on ({BY}) deriv(sum by ({BY}) (qwen_requests_waiting{s()})[10m:1m]) > 0 "
+              f"and on ({BY}) sum by ({BY}) (qwen_requests_waiting{s()}) > 0", "5m", "warning",
+              f"{scope}: autoscaling is at its maximum and the queue grows",
+              "KEDA runs {{ $value }} replicas, autoscaling.maxReplicas, and requests keep piling up: raise "
+              "autoscaling.maxReplicas, or the capacity of each replica."),
         alert("QwenTargetDown", f"up{s()} == 0", "5m", "warning",
               f"{scope}: Prometheus cannot scrape a pod",
               "A qwen-serve target ({{ $labels.instance }}) has been down for 5 minutes."),

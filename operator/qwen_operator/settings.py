@@ -22,8 +22,17 @@ class OperatorSettings(BaseSettings):
     resync_seconds: float = Field(30.0, gt=0, description="Every QwenDeployment is reconciled at least this often.")
     force_apply_seconds: float = Field(300.0, gt=0, description="Children are re-applied at least this often, "
                                        "undoing hand edits.")
-    monitoring_check_seconds: float = Field(60.0, gt=0, description="How often to look for the Prometheus "
-                                            "Operator's CRDs.")
+    monitoring_check_seconds: float = Field(60.0, gt=0, description="How often to look for optional CRDs: the "
+                                            "Prometheus Operator's, KEDA's and the InferencePool.")
+    prometheus_address: str | None = Field(None, pattern=r"^https?://[^\s]+$", description="Prometheus that KEDA "
+                                           "reads queue metrics from, for QwenDeployments that name none.")
+    keda_http_scaler_address: str = Field("keda-add-ons-http-external-scaler.keda:9090", min_length=1,
+                                          description="host:port of the KEDA HTTP add-on's external scaler.")
+    keda_http_interceptor_host: str = Field("keda-add-ons-http-interceptor-proxy.keda.svc.cluster.local",
+                                            min_length=1, description="DNS name of the KEDA HTTP add-on's "
+                                            "interceptor proxy Service.")
+    keda_http_interceptor_port: int = Field(8080, ge=1, le=65535, description="Its port.")
+    cluster_domain: str = Field("cluster.local", min_length=1, description="The cluster's DNS domain.")
     workers: int = Field(4, ge=1, le=64, description="QwenDeployments reconciled at once.")
     watch_server_timeout: int = Field(300, ge=1, description="Seconds the API server keeps one watch open.")
     watch_client_timeout: int = Field(330, ge=1, description="Seconds before the operator drops a silent watch.")

@@ -19,6 +19,7 @@ REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+HOST_PATTERN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 DURATION_PATTERN = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
 
 Quantity = Annotated[str | int, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
@@ -170,6 +171,64 @@ class MonitoringSpec(Base):
     prometheus_rule: PrometheusRuleSpec = Field(default_factory=PrometheusRuleSpec, description="Alerts.")
 
 
+class PrometheusSource(Base):
+    address: str | None = Field(
+        None, description="URL of the Prometheus that scrapes the pods, e.g. "
+        "http://prometheus-operated.monitoring.svc:9090 (default: the operator's, from the chart's "
+        "autoscaling.prometheusAddress).", pattern=r"^https?://[^\s]+$", max_length=512)
+
+
+class AutoscalingSpec(Base):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            ("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must not be more than maxReplicas"),
+            ("!has(self.idleSecondsToZero) || self.minReplicas == 0",
+             "autoscaling.idleSecondsToZero is only for minReplicas 0"),
+            ("!has(self.hosts) || self.minReplicas == 0", "autoscaling.hosts is only for minReplicas 0"),
+        )
+    )
+
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas; 0 scales to zero when idle, and the "
+                              "KEDA HTTP add-on holds requests while the first pod starts.")
+    max_replicas: int = Field(ge=1, le=1000, description="Most replicas.")
+    target_waiting_requests: int = Field(
+        4, ge=1, le=100000, description="Requests waiting for a slot, per replica, that KEDA aims for: more "
+        "waiting adds replicas.")
+    target_running_requests: int | None = Field(
+        None, ge=1, le=100000, description="Also scale on requests in the running batch, per replica (at most "
+        "engine.maxConcurrency run at once).")
+    scale_down_delay_seconds: int = Field(
+        300, ge=0, le=86400, description="How long the need for fewer replicas must last before replicas go.")
+    idle_seconds_to_zero: int | None = Field(
+        None, ge=0, le=86400, description="With minReplicas 0: seconds without requests before the last replica "
+        "goes (default 300).")
+    polling_interval_seconds: int = Field(15, ge=1, le=3600, description="How often KEDA reads the metrics.")
+    prometheus: PrometheusSource = Field(default_factory=PrometheusSource,
+                                         description="Where KEDA reads the queue metrics.")
+    hosts: list[Annotated[str, Field(pattern=HOST_PATTERN, max_length=253)]] | None = Field(
+        None, max_length=16, description="With minReplicas 0: more Host headers the KEDA HTTP add-on routes to "
+        "this deployment, beside its <name>-interceptor Service.")
+
+
+class EndpointPickerRef(Base):
+    name: str = Field(description="Name of the endpoint picker's Service.", pattern=DNS_LABEL, max_length=63)
+    port: int = Field(9002, ge=1, le=65535, description="Its gRPC port.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        "FailClose", description="What the gateway does when the picker does not answer.")
+
+
+class InferencePoolSpec(Base):
+    enabled: bool = Field(False, description="Create an InferencePool (inference.networking.k8s.io/v1) of the "
+                          "pods, for a Gateway API inference gateway to route to.")
+    endpoint_picker_ref: EndpointPickerRef | None = Field(
+        None, description="The endpoint picker (EPP) of the pool, which reads the pods' vllm:* metrics.")
+
+
+class GatewaySpec(Base):
+    inference_pool: InferencePoolSpec = Field(default_factory=InferencePoolSpec,
+                                              description="The Gateway API Inference Extension's pool.")
+
+
 class QwenDeploymentSpec(Base):
     model_config = ConfigDict(
         json_schema_extra=rules(
@@ -205,6 +264,10 @@ class QwenDeploymentSpec(Base):
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="The Service in front of the pods.")
     auth: AuthSpec = Field(default_factory=AuthSpec, description="API keys.")
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Prometheus Operator objects.")
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Scale on queue depth with KEDA, down to zero with its HTTP add-on. Autoscaling owns "
+        "replicas: KEDA writes them through the scale subresource.")
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec, description="Gateway API inference routing.")
 
     @property
     def served_model_name(self) -> str:
@@ -214,6 +277,11 @@ class QwenDeploymentSpec(Base):
     def gpu_count(self) -> int:
         return (self.gpus or 1) if self.device == "gpu" else 0
 
+    @property
+    def most_replicas(self) -> int:
+        """The most replicas this spec may run: what placement must allow for."""
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.replicas
+
 
 # ---- status ---------------------------------------------------------------------------------------
 
@@ -221,7 +289,8 @@ Phase = Literal["Pending", "Downloading", "Starting", "Ready", "Degraded", "Fail
 
 
 class Condition(Base):
-    type: str = Field(description="CacheReady, Available, Progressing, Degraded or Monitoring.")
+    type: str = Field(description="CacheReady, Available, Progressing, Degraded, Monitoring, Autoscaling or "
+                      "InferencePool.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="One word a person can act on.")
     message: str = Field(description="What happened, in a sentence.")

@@ -27,6 +27,10 @@ class Observed:
     pods: list[dict] = field(default_factory=list)
     service: dict | None = None
     monitoring: str = "disabled"  # applied | missing | disabled
+    autoscaling: str = "disabled"  # applied | keda-missing | no-prometheus | http-missing | disabled
+    scaled_object: dict | None = None  # KEDA's ScaledObject, as applied
+    interceptor: dict | None = None  # the <name>-interceptor Service, when the deployment scales from zero
+    inference_pool: str = "disabled"  # applied | missing | disabled
     previous: dict[str, Any] = field(default_factory=dict)  # the status as it was
     now: str = ""
 
@@ -146,6 +150,17 @@ def verdict(owner: Owner, obs: Observed) -> tuple[Verdict, dict[str, tuple[str, 
     else:
         cond["Monitoring"] = ("False", "Disabled", "monitoring is disabled in the spec")
 
+    auto = autoscaling_condition(spec, obs)
+    if auto is not None:
+        cond["Autoscaling"] = auto
+    if obs.inference_pool == "missing":
+        cond["InferencePool"] = ("False", "InferencePoolCRDMissing",
+                                 "the Gateway API Inference Extension's InferencePool CRD "
+                                 "(inference.networking.k8s.io/v1) is not installed; everything else works")
+    elif obs.inference_pool == "applied":
+        cond["InferencePool"] = ("True", "Applied",
+                                 f"InferencePool {owner.name} selects the server pods on port {builders.SERVER_PORT}")
+
     # cache
     pvc_phase = ((obs.pvc or {}).get("status") or {}).get("phase")
     if obs.pvc is None and spec.cache.existing_claim:
@@ -208,6 +223,42 @@ def verdict(owner: Owner, obs: Observed) -> tuple[Verdict, dict[str, tuple[str, 
     return v, cond
 
 
+def autoscaling_condition(spec: QwenDeploymentSpec, obs: Observed) -> tuple[str, str, str] | None:
+    """The Autoscaling condition: what is missing for KEDA to scale this deployment, or what KEDA says of
+    its ScaledObject."""
+    a = spec.autoscaling
+    if a is None or obs.autoscaling == "disabled":
+        return None
+    if obs.autoscaling == "keda-missing":
+        return ("False", "KEDACRDsMissing", "KEDA's ScaledObject CRD (keda.sh/v1alpha1) is not installed: replicas "
+                f"stay at spec.replicas ({spec.replicas}); everything else works")
+    if obs.autoscaling == "no-prometheus":
+        return ("False", "PrometheusAddressMissing", "no Prometheus to read the queue from: set "
+                "autoscaling.prometheus.address, or the chart's autoscaling.prometheusAddress")
+    floor = a.min_replicas
+    note = ""
+    if obs.autoscaling == "http-missing":
+        floor = 1
+        note = ("minReplicas 0 needs the KEDA HTTP add-on to hold requests while the first pod starts; until it "
+                "is installed, ")
+    scope = f"KEDA scales between {floor} and {a.max_replicas} replicas, aiming at {a.target_waiting_requests} " \
+            "waiting requests per replica"
+    if note:
+        return ("False", "HTTPAddOnMissing", note + scope)
+    keda = {c.get("type"): c for c in ((obs.scaled_object or {}).get("status") or {}).get("conditions") or []}
+    ready = keda.get("Ready") or {}
+    if ready.get("status") == "False":
+        return ("False", "ScaledObjectNotReady",
+                f"KEDA: {ready.get('message') or ready.get('reason') or 'the ScaledObject is not ready'}")
+    if ready.get("status") != "True":
+        if ready.get("message"):  # KEDA is on it, and not sure yet
+            return ("Unknown", "WaitingForKEDA", f"KEDA: {ready['message']}; " + scope)
+        return ("Unknown", "WaitingForKEDA", f"the ScaledObject is applied and KEDA has not reported on it yet (is "
+                "the KEDA operator running?); " + scope)
+    active = (keda.get("Active") or {}).get("status") == "True"
+    return ("True", "Active" if active else "Idle", scope + ("" if active else "; no load now"))
+
+
 def _describe_key(key: str | None) -> str:
     if key is None:
         return "the model"
@@ -219,7 +270,7 @@ def _describe_key(key: str | None) -> str:
     return f"{rest} from {src}"
 
 
-ORDER = ["CacheReady", "Available", "Progressing", "Degraded", "Monitoring"]
+ORDER = ["CacheReady", "Available", "Progressing", "Degraded", "Monitoring", "Autoscaling", "InferencePool"]
 
 
 def derive_status(owner: Owner, obs: Observed) -> dict[str, Any]:
@@ -245,6 +296,9 @@ def derive_status(owner: Owner, obs: Observed) -> dict[str, Any]:
         out["readyReplicas"] = dep_status.get("readyReplicas") or 0
         out["model"] = spec.served_model_name
         out["endpoint"] = builders.endpoint(owner, spec) if obs.service is not None else None
+        if obs.interceptor is not None and out["endpoint"]:  # a deployment at zero is woken through the add-on
+            port = (obs.interceptor.get("spec") or {}).get("ports", [{}])[0].get("port")
+            out["endpoint"] = f"http://{obs.interceptor['metadata']['name']}.{owner.namespace}.svc:{port}/v1"
         cache_ready = conds["CacheReady"][0] == "True"
         out["cache"] = {"claim": builders.claim_name(owner, spec), "ready": cache_ready,
                         "bytes": cached_bytes(obs.job_pods) if cache_ready else None,

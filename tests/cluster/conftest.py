@@ -170,12 +170,44 @@ def render_chart(cluster: Cluster, *sets: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(r.stdout) if d]
 
 
-def monitoring_crds() -> list[Path]:
-    r = subprocess.run([str(ROOT / "scripts" / "k8s-bin"), "crds"], capture_output=True, text=True)
+def crds_folder(which: str) -> Path:
+    """A set of CRDs from its Go module (scripts/k8s-bin crds)."""
+    r = subprocess.run([str(ROOT / "scripts" / "k8s-bin"), "crds", which], capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.fail(f"cannot fetch the Prometheus Operator CRDs: {r.stderr}")
-    d = Path(r.stdout.strip())
+        pytest.fail(f"cannot fetch the {which} CRDs: {r.stderr}")
+    return Path(r.stdout.strip())
+
+
+def monitoring_crds() -> list[Path]:
+    d = crds_folder("prometheus")
     return [d / "monitoring.coreos.com_servicemonitors.yaml", d / "monitoring.coreos.com_prometheusrules.yaml"]
+
+
+# CRD name -> (set, file): KEDA's, the KEDA HTTP add-on's and the Gateway API Inference Extension's
+OPTIONAL_CRDS = {
+    "scaledobjects.keda.sh": ("keda", "keda.sh_scaledobjects.yaml"),
+    "scaledjobs.keda.sh": ("keda", "keda.sh_scaledjobs.yaml"),
+    "triggerauthentications.keda.sh": ("keda", "keda.sh_triggerauthentications.yaml"),
+    "clustertriggerauthentications.keda.sh": ("keda", "keda.sh_clustertriggerauthentications.yaml"),
+    "cloudeventsources.eventing.keda.sh": ("keda", "eventing.keda.sh_cloudeventsources.yaml"),
+    "clustercloudeventsources.eventing.keda.sh": ("keda", "eventing.keda.sh_clustercloudeventsources.yaml"),
+    "interceptorroutes.http.keda.sh": ("keda-http", "http.keda.sh_interceptorroutes.yaml"),
+    "httpscaledobjects.http.keda.sh": ("keda-http", "http.keda.sh_httpscaledobjects.yaml"),
+    "inferencepools.inference.networking.k8s.io": ("inference", "inference.networking.k8s.io_inferencepools.yaml"),
+}
+
+
+def install_crds(cluster: "Cluster", *names: str) -> None:
+    """Install these CRDs (all of OPTIONAL_CRDS when none are named) and wait until they are served."""
+    names = names or tuple(OPTIONAL_CRDS)
+    for name in names:
+        which, file = OPTIONAL_CRDS[name]
+        cluster.kubectl("apply", "--server-side", "-f", str(crds_folder(which) / file))
+    cluster.kubectl("wait", "--for=condition=Established", *[f"crd/{n}" for n in names], "--timeout=60s")
+
+
+def remove_crds(cluster: "Cluster", *names: str) -> None:
+    cluster.kubectl("delete", "crd", *names, "--wait=true", timeout=90)
 
 
 @pytest.fixture(scope="session")
@@ -195,6 +227,7 @@ def cluster(tmp_path_factory) -> Cluster:
     c.kubectl("wait", "--for=condition=Established", "crd/qwendeployments.qwen-operator.io",
               "crd/servicemonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com",
               "--timeout=60s")
+    install_crds(c)
     yield c
     dc.down()
 

@@ -91,6 +91,29 @@ def test_bad_values_fail_with_a_clear_message(cluster):
     r = helm(cluster, "template", "x", str(CHART), "--kube-version", "1.37.2",
              "--set", "qwenDeployments[0].spec.model.name=demo", check=False)
     assert r.returncode != 0 and "name" in r.stderr
+    r = helm(cluster, "template", "x", str(CHART), "--kube-version", "1.37.2",
+             "--set", "autoscaling.prometheusAddress=prometheus:9090", check=False)
+    assert r.returncode != 0 and "prometheusAddress" in r.stderr
+
+
+def test_autoscaling_values_reach_the_operator(cluster):
+    docs = render_chart(cluster, "autoscaling.prometheusAddress=http://prometheus-operated.monitoring.svc:9090",
+                        "autoscaling.httpAddOn.scalerAddress=scaler.keda-system:9090", "clusterDomain=example.org")
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["QWEN_OPERATOR_PROMETHEUS_ADDRESS"] == "http://prometheus-operated.monitoring.svc:9090"
+    assert env["QWEN_OPERATOR_KEDA_HTTP_SCALER_ADDRESS"] == "scaler.keda-system:9090"
+    assert env["QWEN_OPERATOR_KEDA_HTTP_INTERCEPTOR_HOST"] == "keda-add-ons-http-interceptor-proxy.keda.svc.cluster.local"
+    assert env["QWEN_OPERATOR_CLUSTER_DOMAIN"] == "example.org"
+    # and the operator's settings take them
+    from qwen_operator.settings import OperatorSettings
+
+    s = OperatorSettings(**{k.removeprefix("QWEN_OPERATOR_").lower(): v for k, v in env.items()
+                            if k.startswith("QWEN_OPERATOR_") and k != "QWEN_OPERATOR_NAMESPACES"})
+    assert s.prometheus_address.startswith("http://prometheus-operated") and s.keda_http_interceptor_port == 8080
+    default = {e["name"] for e in next(d for d in render_chart(cluster) if d["kind"] == "Deployment")
+               ["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "QWEN_OPERATOR_PROMETHEUS_ADDRESS" not in default
 
 
 def test_release_name_matches_the_fixture():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qwen_operator import dashboard
 from qwen_operator.rules import prometheus_rule_groups
 from qwen_operator.spec import Thresholds
 
@@ -22,7 +23,8 @@ CHAT = 'endpoint="/v1/chat/completions",method="POST"'
 def rules_file(tmp_path: Path) -> Path:
     # two QwenDeployments' rules side by side, as two PrometheusRule objects would put them
     groups = prometheus_rule_groups("ns1", "chat", Thresholds()) + \
-        prometheus_rule_groups("ns1", "chat-small", Thresholds(p99_latency_seconds=60))
+        prometheus_rule_groups("ns1", "chat-small", Thresholds(p99_latency_seconds=60)) + \
+        prometheus_rule_groups("ns1", "chat-big", Thresholds())
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": groups}))
     return path
@@ -150,6 +152,31 @@ TESTS = [
                                            container="server", reason="OOMKilled")),
         alert("QwenOOMKilled", "19m"),  # the restart is older than 10 minutes
     ]},
+    # autoscaling at its maximum: chat (4 of 4, queue growing) fires; chat-small is at its maximum too but its
+    # queue is steady; chat-big's queue grows but it may still add replicas
+    {"interval": "1m", "input_series": [
+        s("kube_horizontalpodautoscaler_status_current_replicas", 'namespace="ns1",horizontalpodautoscaler="keda-hpa-chat"', "4x30"),
+        s("kube_horizontalpodautoscaler_spec_max_replicas", 'namespace="ns1",horizontalpodautoscaler="keda-hpa-chat"', "4x30"),
+        s("qwen_requests_waiting", 'namespace="ns1",service="chat",pod="chat-1"', "0+1x30"),
+        s("qwen_requests_waiting", 'namespace="ns1",service="chat",pod="chat-2"', "0+2x30"),
+        s("kube_horizontalpodautoscaler_status_current_replicas",
+          'namespace="ns1",horizontalpodautoscaler="keda-hpa-chat-small"', "2x30"),
+        s("kube_horizontalpodautoscaler_spec_max_replicas",
+          'namespace="ns1",horizontalpodautoscaler="keda-hpa-chat-small"', "2x30"),
+        s("qwen_requests_waiting", 'namespace="ns1",service="chat-small",pod="s-1"', "9x30"),
+        s("kube_horizontalpodautoscaler_status_current_replicas",
+          'namespace="ns1",horizontalpodautoscaler="keda-hpa-chat-big"', "3x30"),
+        s("kube_horizontalpodautoscaler_spec_max_replicas", 'namespace="ns1",horizontalpodautoscaler="keda-hpa-chat-big"',
+          "10x30"),
+        s("qwen_requests_waiting", 'namespace="ns1",service="chat-big",pod="b-1"', "0+5x30"),
+    ], "alert_rule_test": [
+        alert("QwenAutoscalerAtMax", "3m"),  # not yet for 5 minutes
+        alert("QwenAutoscalerAtMax", "15m", fired("chat", "warning", "QwenAutoscalerAtMax",
+                                                 "ns1/chat: autoscaling is at its maximum and the queue grows",
+                                                 "KEDA runs 4 replicas, autoscaling.maxReplicas, and requests keep "
+                                                 "piling up: raise autoscaling.maxReplicas, or the capacity of each "
+                                                 "replica.")),
+    ]},
     # a target down for 5 minutes
     {"interval": "1m", "input_series": [
         s("up", 'namespace="ns1",service="chat",instance="10.0.0.5:8000",job="chat"', "0x20"),
@@ -190,3 +217,44 @@ def test_thresholds_come_from_the_spec(threshold):
     groups = prometheus_rule_groups("ns", "x", Thresholds(p99_latency_seconds=threshold))
     expr = next(r["expr"] for g in groups for r in g["rules"] if r.get("alert") == "QwenHighLatency")
     assert expr.endswith(f"> {threshold:g}")
+
+
+def test_dashboard_scaling_queries_on_kube_state_metrics(tmp_path):
+    """The dashboard's queries on kube-state-metrics series, evaluated by promtool: KEDA scales chat from 1 to 3
+    replicas at minute 5 (ready a minute later), between its bounds 1 and 4; chat-small must not leak in."""
+    exprs = [e.replace("$namespace", "ns1").replace("$deployment", "chat").replace("$__rate_interval", "2m")
+             for e in dashboard.queries() if "kube_" in e]
+    hpa = 'namespace="ns1",horizontalpodautoscaler="keda-hpa-chat"'
+    series = [
+        s("kube_deployment_spec_replicas", 'namespace="ns1",deployment="chat"', "1 1 1 1 1 3 3 3 3 3"),
+        s("kube_deployment_status_replicas_ready", 'namespace="ns1",deployment="chat"', "1 1 1 1 1 1 3 3 3 3"),
+        s("kube_deployment_spec_replicas", 'namespace="ns1",deployment="chat-small"', "7x10"),
+        s("kube_horizontalpodautoscaler_spec_max_replicas", hpa, "4x10"),
+        s("kube_horizontalpodautoscaler_spec_min_replicas", hpa, "1x10"),
+        s("kube_horizontalpodautoscaler_spec_max_replicas", 'namespace="ns1",horizontalpodautoscaler="keda-hpa-x"',
+          "9x10"),
+    ]
+    expected = {  # (at minute 5, at minute 8) for each query, in the dashboard's order
+        "max(kube_deployment_spec_replicas": (3, 3), "max(kube_deployment_status_replicas_ready": (1, 3),
+        "max(kube_horizontalpodautoscaler_spec_max_replicas": (4, 4),
+        "max(kube_horizontalpodautoscaler_spec_min_replicas": (1, 1),
+    }
+    tests = []
+    for expr in exprs:
+        if expr.startswith("max(kube_deployment_spec_replicas") and "offset" in expr:
+            values = {5: 2, 8: 0}  # scaling events: +2 when KEDA scaled, nothing after
+            if expr.endswith("!= 0"):
+                values = {5: 2}  # the annotation: only the change
+        else:
+            key = next(k for k in expected if expr.startswith(k))
+            values = dict(zip((5, 8), expected[key]))
+        for minute in (5, 8):
+            samples = [{"labels": "{}", "value": values[minute]}] if minute in values else []
+            tests.append({"expr": expr, "eval_time": f"{minute}m", "exp_samples": samples})
+    assert len(exprs) == 6 and len(tests) == 12
+    spec = {"rule_files": [], "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}]}
+    test_file = tmp_path / "tests.yaml"
+    test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    r = subprocess.run([tool("promtool"), "test", "rules", str(test_file)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

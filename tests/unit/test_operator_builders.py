@@ -88,6 +88,8 @@ def _walk(model: type[BaseModel], schema: dict, path: str, seen: list[str]) -> N
             for attr, key in (("ge", "minimum"), ("le", "maximum"), ("gt", "minimum"), ("max_length", "maxLength"),
                               ("pattern", "pattern")):
                 if getattr(meta, attr, None) is not None:
+                    if key == "maxLength" and sub.get("type") == "array":
+                        key = "maxItems"
                     assert sub[key] == getattr(meta, attr), (here, attr)
             if getattr(meta, "gt", None) is not None:
                 assert sub.get("exclusiveMinimum") is True, here
