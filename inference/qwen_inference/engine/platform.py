@@ -13,6 +13,7 @@ import torch
 CPU_CACHE_SHARE = 0.25  # of the memory left after the weights
 GPU_CACHE_SHARE = 0.80
 CPU_WIDEN_MIN_TOKENS = 48
+KERNEL_MAX_ROWS = 16  # rows up to which the engine's bf16 kernel beats torch's matmul
 QUANTIZATIONS = ("none", "int8")
 
 
@@ -121,6 +122,29 @@ class Platform:
             return torch.float32  # per-token int8 activations are quantized from float32
         w = self.widen_min_tokens
         return torch.float32 if w is not None and tokens >= w else self.dtype
+
+    def linear_fn(self):
+        """The matmul the model's layers call: x @ w.T (+ b). On CPUs with AVX512 and bfloat16 weights, steps of
+        a few rows (decode) run on the engine's own kernel, which streams each weight row once for all rows;
+        everything else runs on torch's."""
+        from .weights import linear
+
+        if self.kind != "cpu" or self.dtype != torch.bfloat16 or self.quantize != "none":
+            return linear
+        from . import kernels
+
+        k = kernels.load()
+        if k is None:
+            return linear
+        fast = k.linear_bf16
+
+        def linear_small_rows(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+            if x.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and getattr(w, "dtype", None) == \
+                    torch.bfloat16:
+                return fast(x.contiguous(), w, b)
+            return linear(x, w, b)
+
+        return linear_small_rows
 
     @property
     def attention_backend(self) -> str:

@@ -96,12 +96,13 @@ std::string isa() {
 
 // x [M, K] bf16 (contiguous), w [N, K] bf16 (contiguous), bias [N] or undefined -> [M, N] in `out_dtype`.
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias,
-                          bool fp32_out) {
+                          bool fp32_out, const std::string& use_isa) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_bf16: shapes");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "linear_bf16: bf16 only");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "linear_bf16: contiguous tensors only");
-  const std::string set = isa();
+  const std::string set = use_isa.empty() ? isa() : use_isa;  // tests pick the AVX512F path on BF16 CPUs
   TORCH_CHECK(!set.empty(), "linear_bf16: this CPU has no AVX512");
+  TORCH_CHECK(set == "avx512f" || (set == "avx512_bf16" && has_avx512_bf16()), "linear_bf16: unknown isa ", set);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto acc = torch::empty({M, N}, torch::dtype(torch::kFloat32));
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
@@ -121,5 +122,6 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa);
   m.def("linear_bf16", &linear_bf16, "x @ w.T for a few rows of bf16 activations against bf16 weights",
-        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("fp32_out") = false);
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("fp32_out") = false,
+        py::arg("isa") = "");
 }

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..attention import paged_attention
 from ..cache import Caches, PagedAttentionSpec
 from ..platform import Platform
-from ..weights import Checkpoint, QuantWeight, UnsupportedModel, Weight, linear, release_memory
+from ..weights import Checkpoint, QuantWeight, UnsupportedModel, Weight, release_memory
 from .base import CausalLM, ForwardBatch
 
 
@@ -72,6 +72,7 @@ class DenseDecoder(CausalLM):
 
     def __init__(self, folder: Path, config, platform: Platform) -> None:
         super().__init__(folder, config, platform)
+        self.linear = platform.linear_fn()
         if getattr(config, "use_sliding_window", False):
             raise UnsupportedModel("sliding-window attention is not supported")
         dtype = platform.dtype
@@ -162,7 +163,7 @@ class DenseDecoder(CausalLM):
                 m.extra["rope"] = rope_tables(self.rotary[lw.device], m.positions, {self.platform.dtype, torch.float32})
             cos, sin = m.extra["rope"][act]
             h = self._rms(x, lw.ln1)
-            qkv = linear(h, lw.wqkv, lw.bqkv)
+            qkv = self.linear(h, lw.wqkv, lw.bqkv)
             v = qkv[:, (H + KV) * D:].view(T, KV, D)
             if lw.q_norm is not None:
                 q = rotate(self._rms(qkv[:, : H * D].view(T, H, D), lw.q_norm), cos, sin)
@@ -171,14 +172,14 @@ class DenseDecoder(CausalLM):
                 qk = rotate(qkv[:, : (H + KV) * D].view(T, H + KV, D), cos, sin)
                 q, k = qk[:, :H], qk[:, H:]
             out = paged_attention(q, k, v, kv.k[li], kv.v[li], m.attention)
-            x = x + linear(out, lw.wo)
+            x = x + self.linear(out, lw.wo)
             h = self._rms(x, lw.ln2)
-            gu = linear(h, lw.w_gate_up)
+            gu = self.linear(h, lw.w_gate_up)
             inter = gu.shape[-1] // 2
-            x = x + linear(F.silu(gu[:, :inter]) * gu[:, inter:], lw.w_down)
+            x = x + self.linear(F.silu(gu[:, :inter]) * gu[:, inter:], lw.w_down)
         x = x.to(self.output_device)
         rows = batch.logit_rows.to(self.output_device)
         if isinstance(self.lm_head, QuantWeight):
-            return linear(self._rms(x[rows], self.norm), self.lm_head)
+            return self.linear(self._rms(x[rows], self.norm), self.lm_head)
         h = self._rms(x[rows].to(self.platform.dtype), self.norm)
-        return F.linear(h, self.lm_head).float()
+        return self.linear(h, self.lm_head).float()

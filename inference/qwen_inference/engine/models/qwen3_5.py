@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..cache import Caches, PagedAttentionSpec, RecurrentStateSpec
 from ..platform import Platform
-from ..weights import Checkpoint, QuantWeight, UnsupportedModel, Weight, linear, release_memory
+from ..weights import Checkpoint, QuantWeight, UnsupportedModel, Weight, release_memory
 from .base import CausalLM, DeviceBatch, ForwardBatch
 
 DELTA_CHUNK = 64  # tokens per chunk of the chunked delta rule
@@ -82,6 +82,7 @@ class Qwen3_5Decoder(CausalLM):
 
     def __init__(self, folder: Path, config, platform: Platform) -> None:
         super().__init__(folder, config, platform)
+        self.linear = platform.linear_fn()
         text = config.get_text_config() if config.model_type == "qwen3_5" else config
         self.text = text
         self.prefix = "model.language_model." if config.model_type == "qwen3_5" else "model."
@@ -252,15 +253,15 @@ class Qwen3_5Decoder(CausalLM):
             else:
                 x = x + self._attention(h, layer, caches.kv.k[li], caches.kv.v[li], m)
             h = _zc_norm(x, layer.ln2, self.eps)
-            gu = linear(h, layer.mlp.w_gate_up)
+            gu = self.linear(h, layer.mlp.w_gate_up)
             inter = gu.shape[-1] // 2
-            x = x + linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.mlp.w_down)
+            x = x + self.linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.mlp.w_down)
         x = x.to(self.output_device)
         rows = batch.logit_rows.to(self.output_device)
         h = _zc_norm(x[rows], self.norm, self.eps)
         if isinstance(self.lm_head, QuantWeight):
-            return linear(h, self.lm_head)
-        return F.linear(h.to(self.platform.dtype), self.lm_head).float()
+            return self.linear(h, self.lm_head)
+        return self.linear(h.to(self.platform.dtype), self.lm_head).float()
 
     def _attention(self, h: torch.Tensor, layer: AttentionLayer, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    m: DeviceBatch) -> torch.Tensor:
@@ -268,7 +269,7 @@ class Qwen3_5Decoder(CausalLM):
 
         T = h.shape[0]
         H, KV, D, R = self.num_heads, self.kv_heads, self.head_dim, self.rotary_dim
-        qkv = linear(h, layer.w_qkv, layer.b_qkv)
+        qkv = self.linear(h, layer.w_qkv, layer.b_qkv)
         qg = qkv[:, : 2 * H * D].view(T, H, 2 * D)
         q, gate = qg[..., :D], qg[..., D:].reshape(T, H * D)
         k = qkv[:, 2 * H * D: (2 * H + KV) * D].view(T, KV, D)
@@ -280,7 +281,7 @@ class Qwen3_5Decoder(CausalLM):
         cos, sin = m.extra["rope"]
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         out = paged_attention(q, k, v, k_cache, v_cache, m.attention)
-        return linear(out * torch.sigmoid(gate), layer.w_o)
+        return self.linear(out * torch.sigmoid(gate), layer.w_o)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotary embedding on the first `rotary_dim` dimensions of each head; the rest pass through."""
@@ -295,7 +296,7 @@ class Qwen3_5Decoder(CausalLM):
                    batch: ForwardBatch, m: DeviceBatch) -> torch.Tensor:
         T = h.shape[0]
         kd, vd, hv = self.key_dim, self.value_dim, self.hv
-        proj = linear(h, layer.w_in)
+        proj = self.linear(h, layer.w_in)
         mixed = proj[:, : self.conv_dim]
         z = proj[:, self.conv_dim: self.conv_dim + vd]
         b = proj[:, self.conv_dim + vd: self.conv_dim + vd + hv]
@@ -328,7 +329,7 @@ class Qwen3_5Decoder(CausalLM):
         zf = z.float().view(T, hv, self.dv)
         normed = F.rms_norm(core, (self.dv,), eps=self.eps).to(h.dtype) * layer.norm.to(h.dtype)
         out = (normed.float() * F.silu(zf)).to(h.dtype).reshape(T, vd)
-        return linear(out, layer.w_out)
+        return self.linear(out, layer.w_out)
 
     def _split_heads(self, qkv: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Conv output `[n, conv_dim]` (float32) to l2-normed, scaled queries and keys repeated to the value
