@@ -67,8 +67,8 @@ OTHER_ENV: frozenset[str] = frozenset({
     "QWEN_PROM_OPERATOR_VERSION",
     # scripts/devcluster.py: where the local control plane keeps its state
     "QWEN_DEV_CLUSTER_STATE",
-    # the long soak (make soak)
-    "QWEN_SOAK",
+    # the long soak (make soak), and the kind cluster of tests/e2e/kind.sh
+    "QWEN_SOAK", "QWEN_E2E_CLUSTER",
 })
 # whole families of names owned by other programs' settings: qwen-operator and qwen-bench
 OTHER_ENV_PREFIXES: tuple[str, ...] = ("QWEN_OPERATOR_", "QWEN_BENCH_")
