@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 
 import httpx
 
@@ -122,6 +123,11 @@ def access_lines(client: httpx.Client, requests: list[tuple[str, dict]]) -> tupl
     try:
         responses = [client.post("/v1/chat/completions", headers={"X-Request-ID": rid}, json=body)
                      for rid, body in requests]
+        # a stream's line is written when the server has sent its last byte, which the client may read first
+        deadline = time.monotonic() + 30
+        while not {rid for rid, _ in requests} <= {getattr(r, "request_id", None) for r in collect.records}:
+            assert time.monotonic() < deadline, "no access-log line"
+            time.sleep(0.01)
     finally:
         access.removeHandler(collect)
         access.setLevel(old_level)
