@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import struct
 import sys
 import threading

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import API_VERSION, GROUP, KIND, VERSION, builders, metrics
+from . import API_VERSION, KIND, builders, metrics
 from .builders import OperatorDefaults, Owner
 from .kube import ApiError, Kube
 from .spec import QwenDeploymentSpec, check_semantics
