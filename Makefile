@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PYTEST_ARGS ?=
 
 .PHONY: help venv run test test-unit test-server test-cluster test-keda bench bench-smoke soak dev-cluster dev-cluster-down \
-        e2e-kind manifests docs system-deps k8s-bin lint clean
+        e2e-kind manifests system-deps k8s-bin clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'

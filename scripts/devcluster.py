@@ -46,6 +46,7 @@ def bin_dir() -> Path:
 
 
 def free_port() -> int:
+    """A loopback port free now (the project's one copy: tests and the bench import it from here)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,11 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-operator" / "test-models"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from devcluster import free_port  # noqa: E402,F401  (one helper for the whole project; tests import it from here)
 
 
 def make_model(preset: str, dtype: str | None = None) -> Path:

@@ -11,6 +11,9 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
+from .contract import (EXIT_FAILED, EXIT_OK, EXIT_PERMANENT, EXIT_USAGE, TERMINATION_LOG_ENV,
+                       TerminationMessage)
+
 log = logging.getLogger("qwen_inference.cli")
 
 DEMO_BANNER = """\
@@ -25,7 +28,7 @@ def _settings_error(prog: str, exc: ValidationError) -> int:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()))
         print(f"{prog}: {loc.replace('_', '-') + ': ' if loc else ''}{err.get('msg')}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 def serve_main(argv: list[str] | None = None) -> int:
@@ -74,14 +77,12 @@ def serve(settings) -> int:
 
 def _report(folder: Path) -> None:
     """On Kubernetes, leave the result where the operator reads it: the container's termination message."""
-    import json
-
     from .modelcache import folder_bytes
 
-    path = os.environ.get("QWEN_TERMINATION_LOG", "/dev/termination-log")
+    path = os.environ.get(TERMINATION_LOG_ENV, "/dev/termination-log")
     if os.path.exists(path) and os.access(path, os.W_OK):
         with open(path, "w") as f:
-            json.dump({"path": str(folder), "bytes": folder_bytes(folder)}, f)
+            f.write(TerminationMessage(path=str(folder), bytes=folder_bytes(folder)).dumps())
 
 
 class Download(BaseModel):
@@ -171,10 +172,9 @@ class ModelCLI(BaseSettings):
         CliApp.run_subcommand(self)
 
 
-# Exit codes of qwen-model: 0 done, 1 failed (worth retrying), 2 bad arguments, 3 failed for good (no such
-# model, no access, a broken folder), 75 stalled (the next run resumes). The fetch Job's podFailurePolicy
-# retries 1 and 75 and gives up at once on 2 and 3.
-EXIT_PERMANENT = 3
+# Exit codes of qwen-model (contract.py): 0 done, 1 failed (worth retrying), 2 bad arguments, 3 failed for good
+# (no such model, no access, a broken folder), 75 stalled (the next run resumes). The fetch Job's
+# podFailurePolicy retries 1 and 75 and gives up at once on 2 and 3.
 
 
 def model_main(argv: list[str] | None = None) -> int:
@@ -189,8 +189,8 @@ def model_main(argv: list[str] | None = None) -> int:
         return _settings_error("qwen-model", exc)
     except ModelCacheError as exc:
         print(f"qwen-model: error: {exc}", file=sys.stderr)
-        return EXIT_PERMANENT if exc.permanent else 1
+        return EXIT_PERMANENT if exc.permanent else EXIT_FAILED
     except (FileExistsError, ValueError) as exc:
         print(f"qwen-model: error: {exc}", file=sys.stderr)
         return EXIT_PERMANENT
-    return 0
+    return EXIT_OK

@@ -31,7 +31,7 @@ ERROR_REASONS = ("validation", "auth", "queue_full", "timeout", "cancelled", "ge
 
 
 class ServerMetrics(EngineMetrics):
-    def __init__(self, model: str) -> None:
+    def __init__(self) -> None:
         disable_created_metrics()  # no *_created series: they double the scrape for nothing here
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import struct
 import sys
 import threading
@@ -27,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .contract import DEMO, EXIT_STALLED, hub_folder
+
 log = logging.getLogger("qwen_inference.modelcache")
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 MARKER = ".qwen-model.json"
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.md"]
-DEMO = "demo"
 
 
 class ModelCacheError(Exception):
@@ -62,7 +62,8 @@ def _check_revision(revision: str) -> str:
 
 
 def model_path(cache_dir: Path, model_id: str, revision: str = "main") -> Path:
-    return Path(cache_dir) / folder_name(model_id) / _check_revision(revision).replace("/", "--")
+    folder_name(model_id)  # both checked before either names a folder
+    return Path(cache_dir) / hub_folder(model_id, _check_revision(revision))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ def download(model_id: str, cache_dir: Path, opts: DownloadOptions, out=sys.stde
             return final
         partial.mkdir(parents=True, exist_ok=True)
         print(f"downloading {model_id}@{opts.revision} from {opts.source} into {final}", file=out, flush=True)
-        progress = _Progress(partial, opts, on_stall=lambda: os._exit(75), out=out)
+        progress = _Progress(partial, opts, on_stall=lambda: os._exit(EXIT_STALLED), out=out)
         progress.start()
         started = time.monotonic()
         try:

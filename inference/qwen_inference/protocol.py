@@ -1,12 +1,12 @@
-"""OpenAI's chat-completions wire format: requests are validated here, responses built from these models."""
+"""OpenAI's wire format: requests are validated with these models, and responses are built from them."""
 
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer,
+                      model_validator)
 
 
 class OpenAIModel(BaseModel):
@@ -86,6 +86,9 @@ class ChatCompletionRequest(OpenAIModel):
         return self.max_completion_tokens or self.max_tokens
 
 
+# ---- responses ----------------------------------------------------------------------------------------
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -100,8 +103,8 @@ class ResponseMessage(BaseModel):
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
-    finish_reason: str | None
     logprobs: None = None
+    finish_reason: Literal["stop", "length"]
 
 
 class ChatCompletion(BaseModel):
@@ -111,33 +114,63 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
-    system_fingerprint: str | None = None
 
 
 class Delta(BaseModel):
+    """What a chunk adds: the role in the first, then content; fields left out are not sent."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: str | None = None
     logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
+    """One streamed event. `usage` is sent (null until the last chunk) only when the request asked for it
+    with stream_options.include_usage; `dumps` leaves it out otherwise."""
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
+
+    def dumps(self, include_usage: bool) -> str:
+        return self.model_dump_json(exclude=None if include_usage else {"usage"})
 
 
-def completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "qwen-operator"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
 
 
 def now() -> int:
@@ -145,4 +178,4 @@ def now() -> int:
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()

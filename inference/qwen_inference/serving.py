@@ -1,4 +1,5 @@
-"""Chat completions: from a validated request to a prompt, to the engine, and back as JSON or SSE."""
+"""Chat completions: from a validated request to a prompt, to the engine, and back as JSON or SSE, built from
+protocol.py's response models."""
 
 from __future__ import annotations
 
@@ -9,33 +10,16 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .engine import EngineDead, QueueFull, SamplingParams
 from .engine.engine import FinishEvent, TokenEvent
-from .protocol import ChatCompletionRequest, completion_id, error_body, now
+from .errors import APIError, bad_request
+from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
+                       ResponseMessage, Usage, error_body, now)
 
 log = logging.getLogger("qwen_inference.serving")
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-                 reason: str = "validation", headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.reason = reason
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
-                            headers=self.headers)
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None, reason: str = "validation") -> APIError:
-    return APIError(400, message, "invalid_request_error", param, code, reason)
 
 
 @dataclass
@@ -43,11 +27,21 @@ class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     stops: list[str] | None
+    messages: list[dict[str, str]]
 
 
 def sse(data: Any) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return sse_event(payload)
+
+
+def sse_event(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
 
 
 class ChatService:
@@ -111,7 +105,7 @@ class ChatService:
                                      else d.get("repetition_penalty", 1.0)),
             ignore_eos=req.ignore_eos,
         )
-        return Prepared(prompt_ids, params, req.stop)  # type: ignore[arg-type]
+        return Prepared(prompt_ids, params, req.stop, messages)  # type: ignore[arg-type]
 
     def submit(self, request_id: str, prepared: Prepared):
         engine = self.state.model.engine
@@ -131,6 +125,9 @@ class ChatService:
         rid = request.state.request_id
         handle = self.submit(rid, prepared)
         request.state.input_tokens = handle.prompt_tokens
+        if self.state.settings.log_prompts:  # the access log line carries them (--log-prompts, off by default)
+            request.state.prompt = prepared.messages
+            request.state.reply = ""
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
@@ -140,9 +137,12 @@ class ChatService:
             )
         return await self._whole(handle, prepared, request)
 
-    def _record(self, request: Request, finish: FinishEvent | None, completion_tokens: int) -> None:
+    def _record(self, request: Request, finish: FinishEvent | None, completion_tokens: int,
+                parts: list[str] | None = None) -> None:
         st = request.state
         st.output_tokens = completion_tokens
+        if parts is not None and self.state.settings.log_prompts:
+            st.reply = "".join(parts)
         if finish is not None:
             st.queue_time_ms = round(finish.queue_time * 1000, 1)
             st.inference_time_ms = round(finish.inference_time * 1000, 1)
@@ -202,7 +202,7 @@ class ChatService:
                 handle.cancel()
                 task.cancel()
                 metrics.errors.labels("cancelled").inc()
-                self._record(request, None, 0)
+                self._record(request, None, 0, parts)
                 return Response(status_code=499)
             kind, value = task.result()
         finally:
@@ -212,23 +212,20 @@ class ChatService:
         if kind == "error":
             status, reason, code, message = self._fail_reason(value) if value else (500, "internal", "internal_error", "generation ended without a result")
             metrics.errors.labels(reason).inc()
-            self._record(request, value, value.completion_tokens if value else 0)
+            self._record(request, value, value.completion_tokens if value else 0, parts)
             return APIError(status, message, "server_error" if status >= 500 else "invalid_request_error",
                             None, code, reason=reason).response()
         finish_reason, completion_tokens, ev = value
         metrics.success.labels(finish_reason).inc()
-        self._record(request, ev, completion_tokens)
-        body = {
-            "id": "chatcmpl-" + request.state.request_id,
-            "object": "chat.completion",
-            "created": now(),
-            "model": self.state.settings.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                         "logprobs": None, "finish_reason": finish_reason}],
-            "usage": {"prompt_tokens": handle.prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": handle.prompt_tokens + completion_tokens},
-        }
-        return JSONResponse(body)
+        self._record(request, ev, completion_tokens, parts)
+        body = ChatCompletion(
+            id="chatcmpl-" + request.state.request_id,
+            created=now(),
+            model=self.state.settings.model_name,
+            choices=[Choice(message=ResponseMessage(content="".join(parts)), finish_reason=finish_reason)],
+            usage=usage(handle.prompt_tokens, completion_tokens),
+        )
+        return Response(body.model_dump_json(), media_type="application/json")
 
     async def _stream(self, handle, prepared: Prepared, request: Request, include_usage: bool) -> AsyncIterator[bytes]:
         metrics = self.state.metrics
@@ -236,45 +233,47 @@ class ChatService:
         created = now()
         model = self.state.settings.model_name
 
-        def chunk(delta: dict, finish: str | None = None) -> bytes:
-            body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            if include_usage:
-                body["usage"] = None
-            return sse(body)
+        parts: list[str] = []
+
+        def chunk(delta: Delta, finish: str | None = None) -> bytes:
+            body = ChatCompletionChunk(id=cid, created=created, model=model,
+                                       choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+            return sse_event(body.dumps(include_usage))
 
         completed = False
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            yield chunk(Delta(role="assistant", content=""))
             async for kind, value in self._run(handle, prepared):
                 if kind == "text":
-                    yield chunk({"content": value})
+                    parts.append(value)
+                    yield chunk(Delta(content=value))
                     continue
                 if kind == "error":
                     status, reason, code, message = self._fail_reason(value)
                     metrics.errors.labels(reason).inc()
-                    self._record(request, value, value.completion_tokens)
+                    self._record(request, value, value.completion_tokens, parts)
                     request.state.stream_error = code
                     yield sse(error_body(message, "server_error", None, code))
                     yield sse("[DONE]")
                     completed = True
                     return
                 finish_reason, completion_tokens, ev = value
-                yield chunk({}, finish_reason)
+                yield chunk(Delta(), finish_reason)
                 if include_usage:
-                    usage = {"prompt_tokens": handle.prompt_tokens, "completion_tokens": completion_tokens,
-                             "total_tokens": handle.prompt_tokens + completion_tokens}
-                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "choices": [], "usage": usage})
+                    last = ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
+                                               usage=usage(handle.prompt_tokens, completion_tokens))
+                    yield sse_event(last.dumps(include_usage=True))
                 yield sse("[DONE]")
                 metrics.success.labels(finish_reason).inc()
-                self._record(request, ev, completion_tokens)
+                self._record(request, ev, completion_tokens, parts)
                 completed = True
                 return
         finally:
             if not completed:  # the client went away mid-stream
                 metrics.errors.labels("cancelled").inc()
                 request.state.stream_error = "cancelled"
+                if self.state.settings.log_prompts:
+                    request.state.reply = "".join(parts)
             if not handle.finished:
                 handle.cancel()
 

@@ -1,17 +1,23 @@
 """The inference server's settings: one pydantic-settings object, filled from flags and `QWEN_*` env vars.
 
-A flag wins over its env var (`--max-queue 8` over `QWEN_MAX_QUEUE=16`), an env var over the default.
+A flag wins over its env var (`--max-queue 8` over `QWEN_MAX_QUEUE=16`), an env var over the default. A
+`QWEN_*` variable that is neither a setting nor a name another program of this project reads is refused, so
+a misspelt one fails at start instead of leaving its setting at the default.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .contract import ENV_PREFIX, env_name, is_other_program_env
 from .sysinfo import cgroup_cpu_limit
 
 
@@ -24,7 +30,7 @@ class ServeSettings(BaseSettings):
     """Settings of `qwen-serve`."""
 
     model_config = SettingsConfigDict(
-        env_prefix="QWEN_",
+        env_prefix=ENV_PREFIX,
         cli_kebab_case=True,
         cli_implicit_flags=True,
         cli_prog_name="qwen-serve",
@@ -82,6 +88,14 @@ class ServeSettings(BaseSettings):
     )
     seed: int = Field(0, description="Seed for requests that give none.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_env(cls, data: Any) -> Any:
+        problems = unknown_env(os.environ)
+        if problems:
+            raise PydanticCustomError("unknown_env", "{problems}", {"problems": "; ".join(problems)})
+        return data
+
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, v: object) -> object:
@@ -114,3 +128,23 @@ class ServeSettings(BaseSettings):
                 if line and not line.startswith("#"):
                     keys.append(line)
         return keys
+
+
+def setting_env_names() -> frozenset[str]:
+    """Every `QWEN_*` variable `qwen-serve` reads."""
+    return frozenset(env_name(name) for name in ServeSettings.model_fields)
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """One sentence per `QWEN_*` variable in `environ` that no program of this project reads, with the
+    closest setting's name when one is close. Names are matched without case, as the settings read them."""
+    known = setting_env_names()
+    problems = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or is_other_program_env(upper):
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else " (qwen-serve --help lists the settings; --max-queue, say, is QWEN_MAX_QUEUE)"
+        problems.append(f"the environment variable {name} is not a qwen-serve setting{hint}")
+    return problems

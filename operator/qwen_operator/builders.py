@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from qwen_inference.contract import EXIT_CODES_NOT_RETRIED, ModelKey, ServerEnv
+
 from . import API_VERSION, KIND
 from . import sizing
 from .rules import prometheus_rule_groups
@@ -85,36 +87,30 @@ def _hash(data: Any, n: int = 10) -> str:
 # ---- the model in the cache -------------------------------------------------------------------------
 
 
-def model_key(spec: QwenDeploymentSpec) -> str:
+def model_key(spec: QwenDeploymentSpec) -> ModelKey:
     """Identifies what the cache must hold: a new key means a new fetch Job."""
     m = spec.model
     if m.source == "pvc":
-        return f"pvc:{m.path or m.name}"
+        return ModelKey.pvc(m.path or m.name)
     if m.source == "demo":
-        return "demo"
-    return f"{m.source}:{m.name}@{m.revision}"
+        return ModelKey.demo()
+    return ModelKey.hub(m.source, m.name, m.revision)
 
 
-def fetch_hash(key: str) -> str:
-    return _hash(key)
+def fetch_hash(key: ModelKey) -> str:
+    return _hash(str(key))
 
 
-def model_path(key: str) -> str:
-    """Where a model key lives inside the cache volume."""
-    if key == "demo":
-        return f"{CACHE_MOUNT}/demo"
-    if key.startswith("pvc:"):
-        return f"{CACHE_MOUNT}/{key[4:]}"
-    _source, rest = key.split(":", 1)
-    name, revision = rest.rsplit("@", 1)
-    return f"{CACHE_MOUNT}/{name.replace('/', '--')}/{revision.replace('/', '--')}"
+def model_path(key: ModelKey) -> str:
+    """Where a model key lives inside the cache volume, as the pods mount it."""
+    return f"{CACHE_MOUNT}/{key.folder()}"
 
 
 def claim_name(owner: Owner, spec: QwenDeploymentSpec) -> str:
     return spec.cache.existing_claim or f"{owner.name}-cache"
 
 
-def job_name(owner: Owner, key: str) -> str:
+def job_name(owner: Owner, key: ModelKey) -> str:
     return f"{owner.name}-fetch-{fetch_hash(key)}"
 
 
@@ -174,7 +170,7 @@ def build_pvc(owner: Owner, spec: QwenDeploymentSpec) -> dict[str, Any] | None:
     return pvc
 
 
-def fetch_args(spec: QwenDeploymentSpec, key: str) -> list[str]:
+def fetch_args(spec: QwenDeploymentSpec, key: ModelKey) -> list[str]:
     m = spec.model
     if m.source == "demo":
         return ["make-demo", "--cache-dir", CACHE_MOUNT]
@@ -187,7 +183,7 @@ def fetch_args(spec: QwenDeploymentSpec, key: str) -> list[str]:
 def build_fetch_job(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorDefaults) -> dict[str, Any]:
     key = model_key(spec)
     h = fetch_hash(key)
-    meta = _meta(owner, job_name(owner, key), "fetch", annotations={ANNOTATION_MODEL_KEY: key})
+    meta = _meta(owner, job_name(owner, key), "fetch", annotations={ANNOTATION_MODEL_KEY: str(key)})
     meta["labels"][LABEL_FETCH_HASH] = h
     pod_labels = {**labels(owner.name, "fetch"), LABEL_FETCH_HASH: h}
     pod_spec: dict[str, Any] = {
@@ -226,7 +222,8 @@ def build_fetch_job(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorDe
             "activeDeadlineSeconds": spec.cache.download_timeout_seconds,
             # qwen-model exits 2 (bad arguments) or 3 (no such model, no access): retrying cannot help
             "podFailurePolicy": {"rules": [
-                {"action": "FailJob", "onExitCodes": {"containerName": "fetch", "operator": "In", "values": [2, 3]}},
+                {"action": "FailJob", "onExitCodes": {"containerName": "fetch", "operator": "In",
+                                                      "values": list(EXIT_CODES_NOT_RETRIED)}},
             ]},
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
@@ -249,77 +246,74 @@ def _placement(pod_spec: dict[str, Any], spec: QwenDeploymentSpec, gpu: bool) ->
         pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
 
 
-def resources(spec: QwenDeploymentSpec, key: str | None = None) -> dict[str, Any]:
+def resources(spec: QwenDeploymentSpec, key: ModelKey | None = None) -> dict[str, Any]:
     if spec.resources is not None:
         out = spec.resources.model_dump(by_alias=True, exclude_none=True)
         out = {k: {r: str(q) for r, q in v.items()} for k, v in out.items()}
         if spec.device == "gpu":
             out.setdefault("limits", {})[GPU_RESOURCE] = str(spec.gpu_count)
         return out
-    name, source = served_model(spec, key) if key else (spec.model.name, spec.model.source)
+    name, source = served_model(spec, key) if key is not None else (spec.model.name, spec.model.source)
     return sizing.default_resources(name, source, spec.device, spec.dtype, spec.gpu_count,
                                     spec.engine.max_concurrency)
 
 
-def server_env(spec: QwenDeploymentSpec, key: str) -> list[dict[str, Any]]:
+def server_env(spec: QwenDeploymentSpec, key: ModelKey) -> list[dict[str, Any]]:
     e = spec.engine
     env: list[dict[str, Any]] = [
-        {"name": "QWEN_MODEL", "value": model_path(key)},
-        {"name": "QWEN_SERVED_MODEL_NAME", "value": spec.model.served_model_name or served_model(spec, key)[0]},
-        {"name": "QWEN_HOST", "value": "0.0.0.0"},
-        {"name": "QWEN_PORT", "value": str(SERVER_PORT)},
-        {"name": "QWEN_DEVICE", "value": "cuda" if spec.device == "gpu" else "cpu"},
-        {"name": "QWEN_DTYPE", "value": spec.dtype},
-        {"name": "QWEN_QUANTIZE", "value": e.quantize},
-        {"name": "QWEN_MAX_CONCURRENCY", "value": str(e.max_concurrency)},
-        {"name": "QWEN_MAX_QUEUE", "value": str(e.max_queue)},
-        {"name": "QWEN_MAX_TOKENS_CAP", "value": str(e.max_tokens)},
-        {"name": "QWEN_REQUEST_TIMEOUT", "value": str(e.request_timeout_seconds)},
-        {"name": "QWEN_SHUTDOWN_GRACE", "value": str(SHUTDOWN_GRACE)},
+        {"name": ServerEnv.MODEL, "value": model_path(key)},
+        {"name": ServerEnv.SERVED_MODEL_NAME, "value": spec.model.served_model_name or served_model(spec, key)[0]},
+        {"name": ServerEnv.HOST, "value": "0.0.0.0"},
+        {"name": ServerEnv.PORT, "value": str(SERVER_PORT)},
+        {"name": ServerEnv.DEVICE, "value": "cuda" if spec.device == "gpu" else "cpu"},
+        {"name": ServerEnv.DTYPE, "value": spec.dtype},
+        {"name": ServerEnv.QUANTIZE, "value": e.quantize},
+        {"name": ServerEnv.MAX_CONCURRENCY, "value": str(e.max_concurrency)},
+        {"name": ServerEnv.MAX_QUEUE, "value": str(e.max_queue)},
+        {"name": ServerEnv.MAX_TOKENS_CAP, "value": str(e.max_tokens)},
+        {"name": ServerEnv.REQUEST_TIMEOUT, "value": str(e.request_timeout_seconds)},
+        {"name": ServerEnv.SHUTDOWN_GRACE, "value": str(SHUTDOWN_GRACE)},
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
     ]
     if e.max_model_len is not None:
-        env.append({"name": "QWEN_MAX_MODEL_LEN", "value": str(e.max_model_len)})
+        env.append({"name": ServerEnv.MAX_MODEL_LEN, "value": str(e.max_model_len)})
     if e.kv_cache_tokens is not None:
-        env.append({"name": "QWEN_KV_CACHE_TOKENS", "value": str(e.kv_cache_tokens)})
+        env.append({"name": ServerEnv.KV_CACHE_TOKENS, "value": str(e.kv_cache_tokens)})
     if e.threads is not None:
-        env.append({"name": "QWEN_THREADS", "value": str(e.threads)})
+        env.append({"name": ServerEnv.THREADS, "value": str(e.threads)})
     else:  # threads from the container's CPU limit, rounded up, as the downward API gives it
-        env.append({"name": "QWEN_THREADS", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu",
-                                                                              "divisor": "1"}}})
+        env.append({"name": ServerEnv.THREADS, "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu",
+                                                                                 "divisor": "1"}}})
     if spec.auth.api_key_secret_ref is not None:
-        env.append({"name": "QWEN_API_KEY_FILE",
+        env.append({"name": ServerEnv.API_KEY_FILE,
                     "value": f"/etc/qwen/api-keys/{spec.auth.api_key_secret_ref.key}"})
     for var in spec.env or []:
         env.append(var.model_dump(by_alias=True, exclude_none=True))
     return env
 
 
-def served_model(spec: QwenDeploymentSpec, key: str) -> tuple[str, str]:
+def served_model(spec: QwenDeploymentSpec, key: ModelKey) -> tuple[str, str]:
     """(name, source) of the model at `key`: while a new model downloads, pods keep the old one's name,
     size and probes, so nothing about them changes until the new cache is complete."""
-    if key == "demo":
-        return "demo", "demo"
-    if key.startswith("pvc:"):
+    if key.source == "pvc":
         return spec.model.name, "pvc"
-    source, rest = key.split(":", 1)
-    return rest.rsplit("@", 1)[0], source
+    return key.name, key.source
 
 
-def spec_hash(spec: QwenDeploymentSpec, key: str) -> str:
+def spec_hash(spec: QwenDeploymentSpec, key: ModelKey) -> str:
     """Changes exactly when the pods must change: the spec apart from the model to fetch, and the served key."""
     data = spec.model_dump(mode="json", by_alias=True)
     for field in ("model", "replicas", "autoscaling", "gateway"):  # scaling and routing leave the pods alone
         data.pop(field)
     data["several"] = spec.most_replicas > 1  # it decides placement
-    return _hash({"spec": data, "key": key, "servedModelName": spec.model.served_model_name})
+    return _hash({"spec": data, "key": str(key), "servedModelName": spec.model.served_model_name})
 
 
 def build_deployment(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorDefaults,
-                     serving_key: str) -> dict[str, Any]:
+                     serving_key: ModelKey) -> dict[str, Any]:
     """The inference pods, serving the model at `serving_key` (the newest one complete in the cache)."""
     gpu = spec.device == "gpu"
     name, source = served_model(spec, serving_key)
@@ -367,7 +361,7 @@ def build_deployment(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorD
         # one node holds a single-node volume. Decided by the most replicas the spec allows, not the current
         # count, so that scaling never changes the pod template (which would replace every pod)
         pod_spec["affinity"] = _same_node_as_servers(owner, weight=None)
-    annotations = {ANNOTATION_SPEC_HASH: spec_hash(spec, serving_key), ANNOTATION_MODEL_KEY: serving_key}
+    annotations = {ANNOTATION_SPEC_HASH: spec_hash(spec, serving_key), ANNOTATION_MODEL_KEY: str(serving_key)}
     annotations.update(spec.pod_annotations or {})
     strategy: dict[str, Any] = (
         {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}} if rwx
@@ -378,7 +372,7 @@ def build_deployment(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorD
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(owner, owner.name, "server", annotations={ANNOTATION_MODEL_KEY: serving_key}),
+        "metadata": _meta(owner, owner.name, "server", annotations={ANNOTATION_MODEL_KEY: str(serving_key)}),
         "spec": {
             "replicas": spec.replicas,
             "revisionHistoryLimit": 3,

@@ -19,11 +19,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import API_VERSION, GROUP, KIND, VERSION, builders, metrics
+from . import API_VERSION, KIND, builders, metrics
 from .builders import OperatorDefaults, Owner
 from .kube import ApiError, Kube
 from .spec import QwenDeploymentSpec, check_semantics
-from .status import Observed, comparable, derive_status, job_state
+from .status import Observed, comparable, derive_status, job_state, serving_key
 
 log = logging.getLogger("qwen_operator.controller")
 
@@ -206,8 +206,7 @@ class Controller:
 
         # the Deployment serves the newest complete model: the current one, or until then the one it serves
         live_dep = await asyncio.to_thread(k.get, "apps/v1", "Deployment", ns, owner.name)
-        serving = ((live_dep or {}).get("metadata") or {}).get("annotations", {}).get(builders.ANNOTATION_MODEL_KEY)
-        serve_key = key if state == "succeeded" else serving
+        serve_key = key if state == "succeeded" else serving_key(live_dep)
         if serve_key is not None:
             dep = builders.build_deployment(owner, spec, self.config.defaults, serve_key)
             obs.deployment = await self._apply(dep, live_dep, force)

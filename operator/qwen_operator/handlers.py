@@ -33,8 +33,6 @@ async def startup(settings: kopf.OperatorSettings, **_) -> None:
     settings.watching.client_timeout = s.watch_client_timeout
     settings.watching.connect_timeout = s.watch_connect_timeout
     settings.posting.level = logging.WARNING
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="qwen-operator.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="qwen-operator.io")
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
     CONTROLLER = Controller(
         Kube(),

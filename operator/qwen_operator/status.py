@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen_inference.contract import ModelKey, TerminationMessage
+
 from . import builders
 from .builders import Owner
 from .spec import QwenDeploymentSpec
@@ -20,7 +22,6 @@ class Observed:
     spec: QwenDeploymentSpec | None
     spec_error: str | None = None
     pvc: dict | None = None
-    pvc_expected: bool = True
     jobs: list[dict] = field(default_factory=list)
     job_pods: list[dict] = field(default_factory=list)
     deployment: dict | None = None
@@ -80,16 +81,23 @@ def last_log_line(job_pods: list[dict]) -> str | None:
 
 
 def cached_bytes(job_pods: list[dict]) -> int | None:
-    import json
-
+    """The model's size, from the termination message of the fetch pod that succeeded."""
     for pod in job_pods:
         term = _terminated(pod)
-        if term and term.get("exitCode") == 0 and term.get("message"):
-            try:
-                return int(json.loads(term["message"])["bytes"])
-            except (ValueError, KeyError, TypeError):
-                continue
+        if term and term.get("exitCode") == 0:
+            message = TerminationMessage.parse(term.get("message"))
+            if message is not None:
+                return message.bytes
     return None
+
+
+def serving_key(deployment: dict | None) -> ModelKey | None:
+    """The model key the Deployment's pods serve (its annotation), or None when it has none we can read."""
+    value = ((deployment or {}).get("metadata") or {}).get("annotations", {}).get(builders.ANNOTATION_MODEL_KEY)
+    try:
+        return ModelKey.parse(value) if value else None
+    except ValueError:
+        return None
 
 
 def pod_problem(pods: list[dict]) -> tuple[str, str] | None:
@@ -136,7 +144,7 @@ def verdict(owner: Owner, obs: Observed) -> tuple[Verdict, dict[str, tuple[str, 
     job = next((j for j in obs.jobs if (j.get("metadata") or {}).get("name") == builders.job_name(owner, key)), None)
     jstate = job_state(job)
     dep = obs.deployment
-    serving_key = ((dep or {}).get("metadata") or {}).get("annotations", {}).get(builders.ANNOTATION_MODEL_KEY)
+    served = serving_key(dep)
     desired, ready, updated, settled = _deployment_counts(dep) if dep else (spec.replicas, 0, 0, True)
     serving = dep is not None and ready > 0
 
@@ -172,18 +180,18 @@ def verdict(owner: Owner, obs: Observed) -> tuple[Verdict, dict[str, tuple[str, 
         cache = ("False", v.reason, v.message)
     elif jstate == "succeeded":
         v = None
-        cache = ("True", "Cached", f"{_describe_key(key)} is complete in {claim}")
+        cache = ("True", "Cached", f"{key.describe()} is complete in {claim}")
     elif jstate == "failed":
         line = last_log_line(obs.job_pods) or "no log line was kept"
-        msg = f"fetching {_describe_key(key)} failed: {line}"
+        msg = f"fetching {key.describe()} failed: {line}"
         v = Verdict("Degraded" if serving else "Failed", "DownloadFailed",
-                    msg + (f"; still serving {_describe_key(serving_key)}" if serving and serving_key else ""))
+                    msg + (f"; still serving {served.describe()}" if serving and served else ""))
         cache = ("False", "DownloadFailed", msg)
     else:
         problem = pod_problem(obs.job_pods)
-        reason, msg = problem if problem else ("Downloading", f"fetching {_describe_key(key)} into {claim}")
-        v = Verdict("Downloading", reason, msg + (f"; still serving {_describe_key(serving_key)}"
-                                                  if serving and serving_key else ""))
+        reason, msg = problem if problem else ("Downloading", f"fetching {key.describe()} into {claim}")
+        v = Verdict("Downloading", reason, msg + (f"; still serving {served.describe()}"
+                                                  if serving and served else ""))
         cache = ("False", "Downloading" if not problem else reason, msg)
     cond["CacheReady"] = cache
 
@@ -257,17 +265,6 @@ def autoscaling_condition(spec: QwenDeploymentSpec, obs: Observed) -> tuple[str,
                 "the KEDA operator running?); " + scope)
     active = (keda.get("Active") or {}).get("status") == "True"
     return ("True", "Active" if active else "Idle", scope + ("" if active else "; no load now"))
-
-
-def _describe_key(key: str | None) -> str:
-    if key is None:
-        return "the model"
-    if key == "demo":
-        return "the demo model"
-    if key.startswith("pvc:"):
-        return f"the model at {key[4:]} in the volume"
-    src, rest = key.split(":", 1)
-    return f"{rest} from {src}"
 
 
 ORDER = ["CacheReady", "Available", "Progressing", "Degraded", "Monitoring", "Autoscaling", "InferencePool"]

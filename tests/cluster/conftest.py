@@ -17,8 +17,7 @@ import yaml
 
 from ..conftest import ROOT, free_port
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import devcluster  # noqa: E402
+import devcluster  # noqa: E402  (scripts/, on the path from tests/conftest.py)
 
 OPERATOR_NS = "qwen-system"
 RELEASE = "qwen"

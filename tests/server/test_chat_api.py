@@ -199,6 +199,24 @@ def test_oversized_body_gets_413(client):
     assert r.json()["error"]["code"] == "request_too_large"
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_oversized_body_gets_413_when_the_client_writes_it_all_before_reading(server, chunked):
+    """urllib writes the whole body before it reads: the server answers 413, then reads and drops the rest, so
+    the client sees the answer and not a connection reset."""
+    import urllib.error
+    import urllib.request
+
+    body = b" " * (5 * 1024 * 1024)
+    headers = {"content-type": "application/json", **({"Transfer-Encoding": "chunked"} if chunked else {})}
+    req = urllib.request.Request(server.url + "/v1/chat/completions", data=iter([body]) if chunked else body,
+                                 headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=60)
+    assert exc.value.code == 413
+    assert json.loads(exc.value.read())["error"]["code"] == "request_too_large"
+    assert httpx.get(server.url + "/livez").status_code == 200
+
+
 def test_prompt_longer_than_context(server, client):
     limit = server.state.model.max_model_len
     r = chat(client, messages=[{"role": "user", "content": "word " * (limit * 2)}])

@@ -1,14 +1,18 @@
-"""Metrics move as requests succeed and fail; one JSON log line per request, without prompts."""
+"""Metrics move as requests succeed and fail; one JSON log line per request, with prompts and replies only
+under --log-prompts."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+import time
 
 import httpx
 
 from qwen_inference.logs import JsonFormatter
+
+from ..conftest import running_server
 
 
 def sample(text: str, name: str, labels: str = "") -> float:
@@ -106,3 +110,53 @@ def test_one_json_log_line_per_request_without_prompt(client):
     assert entry["path"] == "/v1/chat/completions"
     assert secret not in line
     assert not any(secret in JsonFormatter().format(rec) for rec in collect.records)
+
+
+def access_lines(client: httpx.Client, requests: list[tuple[str, dict]]) -> tuple[list[httpx.Response], dict]:
+    """Sends each (request id, body) and returns the responses and each request's access-log entry."""
+    access = logging.getLogger("qwen_inference.access")
+    access.disabled = False
+    collect = Collect()
+    access.addHandler(collect)
+    old_level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        responses = [client.post("/v1/chat/completions", headers={"X-Request-ID": rid}, json=body)
+                     for rid, body in requests]
+        # a stream's line is written when the server has sent its last byte, which the client may read first
+        deadline = time.monotonic() + 30
+        while not {rid for rid, _ in requests} <= {getattr(r, "request_id", None) for r in collect.records}:
+            assert time.monotonic() < deadline, "no access-log line"
+            time.sleep(0.01)
+    finally:
+        access.removeHandler(collect)
+        access.setLevel(old_level)
+    return responses, {rec.request_id: json.loads(JsonFormatter().format(rec))
+                       for rec in collect.records if getattr(rec, "request_id", None)}
+
+
+def streamed_text(response: httpx.Response) -> str:
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    return "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]
+                   if json.loads(e)["choices"])
+
+
+def test_prompts_and_replies_are_logged_only_with_log_prompts(tiny_model, client):
+    secret = "tell me about the blue heron"
+    body = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": secret}],
+            "max_tokens": 6, "ignore_eos": True}
+    requests = [("plain", body), ("streamed", {**body, "stream": True})]
+    with running_server(tiny_model, log_prompts=True) as s, httpx.Client(base_url=s.url, timeout=120) as logged:
+        (whole, streamed), entries = access_lines(logged, [(f"on-{rid}", b) for rid, b in requests])
+    assert whole.status_code == streamed.status_code == 200
+    reply = whole.json()["choices"][0]["message"]["content"]
+    assert reply and streamed_text(streamed)
+    assert entries["on-plain"]["prompt"] == body["messages"] == entries["on-streamed"]["prompt"]
+    assert entries["on-plain"]["reply"] == reply
+    assert entries["on-streamed"]["reply"] == streamed_text(streamed)
+
+    (whole, streamed), entries = access_lines(client, [(f"off-{rid}", b) for rid, b in requests])  # the default
+    assert whole.status_code == streamed.status_code == 200
+    for rid in ("off-plain", "off-streamed"):
+        assert "prompt" not in entries[rid] and "reply" not in entries[rid]
+        assert secret not in json.dumps(entries[rid]) and entries[rid]["output_tokens"] == 6

@@ -54,7 +54,7 @@ def test_inference_image_targets_port_and_healthcheck():
     from qwen_inference.app import create_app
     from qwen_inference.settings import ServeSettings
 
-    routes = {r.path for r in create_app(ServeSettings(), load=False).routes}
+    routes = set(create_app(ServeSettings(), load=False).openapi()["paths"])
     assert "/livez" in routes and "/health" in routes
     # the operator's fetch Job runs qwen-model from this image
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -32,7 +32,7 @@ def failed_pod(message="line one\nqwen-model: error: no such model\n"):
 
 
 def deployment(ready=2, updated=2, desired=2, generation=1, observed=1, key=KEY):
-    return {"metadata": {"generation": generation, "annotations": {builders.ANNOTATION_MODEL_KEY: key}},
+    return {"metadata": {"generation": generation, "annotations": {builders.ANNOTATION_MODEL_KEY: str(key)}},
             "spec": {"replicas": desired},
             "status": {"observedGeneration": observed, "readyReplicas": ready, "updatedReplicas": updated,
                        "replicas": desired}}

@@ -1,0 +1,15 @@
+"""The HTTP API, one router per API, as vLLM lays out its entrypoints:
+
+    protocol.py       the wire format (pydantic models of requests and responses)
+    serving.py        chat completions: from a validated request to the engine and back
+    api/<name>.py     one router per API: its routes, nothing else
+    api/common.py     what routes share: API keys, readiness, reading a bounded JSON body
+
+A new API adds its models to protocol.py, its serving module, and a router here, listed in ROUTERS.
+"""
+
+from __future__ import annotations
+
+from . import chat, health, models, page
+
+ROUTERS = (chat.router, models.router, health.router, page.router)
