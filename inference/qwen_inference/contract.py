@@ -64,7 +64,11 @@ OTHER_ENV: frozenset[str] = frozenset({
     "QWEN_MODEL_DOWNLOAD", "QWEN_MODEL_VERIFY", "QWEN_MODEL_MAKE_RANDOM", "QWEN_MODEL_MAKE_DEMO",
     # scripts/k8s-bin: the pinned versions of the local control plane
     "QWEN_K8S_VERSION", "QWEN_ETCD_VERSION", "QWEN_KWOK_VERSION", "QWEN_HELM_VERSION",
-    "QWEN_PROM_OPERATOR_VERSION",
+    "QWEN_PROM_OPERATOR_VERSION", "QWEN_KEDA_VERSION", "QWEN_KEDA_HTTP_VERSION", "QWEN_INFERENCE_EXTENSION_VERSION",
+    # the opt-in test of the real KEDA operator (make test-keda)
+    "QWEN_TEST_KEDA",
+    # where the engine's compiled CPU kernels live (read wherever the engine runs, qwen-serve or not)
+    "QWEN_KERNELS_DIR",
     # scripts/devcluster.py: where the local control plane keeps its state
     "QWEN_DEV_CLUSTER_STATE",
     # the long soak (make soak), and the kind cluster of tests/e2e/kind.sh

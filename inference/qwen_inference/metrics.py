@@ -31,7 +31,8 @@ ERROR_REASONS = ("validation", "auth", "queue_full", "timeout", "cancelled", "ge
 
 
 class ServerMetrics(EngineMetrics):
-    def __init__(self) -> None:
+    def __init__(self, model: str) -> None:
+        """`model`: the served model name, the `model_name` label of the vLLM-named series."""
         disable_created_metrics()  # no *_created series: they double the scrape for nothing here
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)

@@ -19,7 +19,7 @@ log = logging.getLogger("qwen_inference.server")
 class ServerState:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(settings.model_name)
         self.model = None
         self.status = "loading"
         self.reason = "the model is loading"
