@@ -214,7 +214,7 @@ def test_int8_runs_every_projection_in_int8_and_tracks_the_float_model(path):
     """Every projection (DeltaNet in/out, attention, MLP, output layer) in int8. A random tiny hybrid model
     amplifies rounding far more than a trained one (its own bf16 forward moves the logits' cosine down to
     0.95 at worst), so the bound here is loose; make bench reports the accuracy cost at a real size."""
-    from qwen_inference.engine.weights import QuantWeight
+    from qwen_inference.engine.weights import Int8Weight
 
     ids = list(range(700, 764))
     f = load_model(path, Platform.cpu(torch.float32))
@@ -222,8 +222,8 @@ def test_int8_runs_every_projection_in_int8_and_tracks_the_float_model(path):
     q = load_model(path, Platform.cpu(torch.float32, "int8"))
     for layer in q.layers:
         projections = (layer.w_in, layer.w_out) if hasattr(layer, "w_in") else (layer.w_qkv, layer.w_o)
-        assert all(isinstance(w, QuantWeight) for w in (*projections, layer.mlp.w_gate_up, layer.mlp.w_down))
-    assert isinstance(q.lm_head, QuantWeight) and q.weight_bytes() < 0.3 * f.weight_bytes()
+        assert all(isinstance(w, Int8Weight) for w in (*projections, layer.mlp.w_gate_up, layer.mlp.w_down))
+    assert isinstance(q.lm_head, Int8Weight) and q.weight_bytes() < 0.3 * f.weight_bytes()
     b = prompt_logits(q, ids, state_slots=1)
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).mean() > 0.9
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.4

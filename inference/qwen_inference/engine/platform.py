@@ -14,7 +14,7 @@ CPU_CACHE_SHARE = 0.25  # of the memory left after the weights
 GPU_CACHE_SHARE = 0.80
 CPU_WIDEN_MIN_TOKENS = 48
 KERNEL_MAX_ROWS = 16  # rows up to which the engine's bf16 kernel beats torch's matmul
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 class PlatformError(ValueError):
@@ -60,8 +60,8 @@ class Platform:
             raise PlatformError("no device")
         if self.quantize not in QUANTIZATIONS:
             raise PlatformError(f"unknown quantization {self.quantize!r} (known: {', '.join(QUANTIZATIONS)})")
-        if self.quantize == "int8" and self.kind != "cpu":
-            raise PlatformError("--quantize int8 runs on CPU only")
+        if self.quantize != "none" and self.kind != "cpu":
+            raise PlatformError(f"--quantize {self.quantize} runs on CPU only")
 
     @classmethod
     def resolve(cls, device: str = "auto", dtype: str = "auto", quantize: str = "none") -> "Platform":
@@ -95,7 +95,7 @@ class Platform:
         return self.kind if len(self.devices) == 1 else f"{self.kind}x{len(self.devices)}"
 
     def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.") + ("+int8" if self.quantize == "int8" else "")
+        return str(self.dtype).removeprefix("torch.") + ("" if self.quantize == "none" else f"+{self.quantize}")
 
     # ---- memory -------------------------------------------------------------------------------------
     def cache_budget(self) -> int:
@@ -120,8 +120,21 @@ class Platform:
         """The activations' dtype for a step of `tokens` rows."""
         if self.quantize == "int8":
             return torch.float32  # per-token int8 activations are quantized from float32
+        if self.quantize == "int4":
+            return torch.bfloat16  # what the int4 kernel multiplies
         w = self.widen_min_tokens
         return torch.float32 if w is not None and tokens >= w else self.dtype
+
+    def quantize_weight(self, w: torch.Tensor, output: bool = False):
+        """A projection's weight as this platform stores it. int4 keeps the output layer in int8, as llama.cpp's
+        Q4_K_M keeps it at 6 bits: it decides every token."""
+        from .weights import Int4Weight, Int8Weight
+
+        if self.quantize == "int8" or (self.quantize == "int4" and output):
+            return Int8Weight.of(w)
+        if self.quantize == "int4":
+            return Int4Weight.of(w)
+        return w
 
     def linear_fn(self):
         """The matmul the model's layers call: x @ w.T (+ b). On CPUs with AVX512 and bfloat16 weights, steps of

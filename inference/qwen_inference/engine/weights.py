@@ -74,15 +74,31 @@ class Checkpoint:
         return torch.cat([self.get(n, dtype, device) for n in names]).contiguous()
 
 
+class Quantized:
+    """A weight stored in fewer bits, with its own matmul."""
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+WEIGHT_ONLY_MAX_ROWS = 16  # up to this many rows, int8 weights multiply unquantized activations
+
+
 @dataclass
-class QuantWeight:
-    """An int8 weight with one float32 scale per output channel (symmetric)."""
+class Int8Weight(Quantized):
+    """An int8 weight with one float32 scale per output channel (symmetric). Steps of a few rows (decode)
+    multiply their activations as they are by the int8 weight (weight-only: memory-bound, so the fewer bytes
+    are the whole gain); bigger steps quantize each row of activations to int8 too and run integer products
+    (compute-bound, where int8 products win)."""
 
     q: torch.Tensor  # [out, in] int8
     scale: torch.Tensor  # [out] float32
 
     @classmethod
-    def of(cls, w: torch.Tensor) -> "QuantWeight":
+    def of(cls, w: torch.Tensor) -> "Int8Weight":
         wf = w.float()
         scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
@@ -95,8 +111,17 @@ class QuantWeight:
     def device(self) -> torch.device:
         return self.q.device
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight, in float32 (an embedding table tied to this output layer)."""
+        return self.q[ids].float() * self.scale[ids][:, None]
 
-def int8_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= WEIGHT_ONLY_MAX_ROWS:
+            return torch._weight_int8pack_mm(x, self.q, self.scale.to(x.dtype))
+        return int8_linear(x, self)
+
+
+def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T with x quantized per row (token) on the fly: int8 products, int32 sums, float32 out."""
     xf = x.float()
     sx = xf.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)
@@ -108,32 +133,70 @@ def int8_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> t
     return out
 
 
-Weight = torch.Tensor | QuantWeight
+INT4_GROUP = 32
+
+
+@dataclass
+class Int4Weight(Quantized):
+    """A 4-bit weight in groups of 32 inputs, each group with its own scale and offset (asymmetric, as
+    llama.cpp's Q4_1), packed for torch's CPU int4 kernel; multiplies bfloat16 activations."""
+
+    packed: torch.Tensor  # [out, in / 2] uint8, the kernel's layout
+    scales_zeros: torch.Tensor  # [in / group, out, 2] bfloat16
+    group: int
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, w: torch.Tensor, group: int = INT4_GROUP) -> "Int4Weight":
+        n, k = w.shape
+        if k % group:
+            raise UnsupportedModel(f"int4 needs input sizes that are multiples of {group} (this one is {k})")
+        g = w.float().view(n, k // group, group)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+        # the kernel computes (q - 8) * scale + zero: the group's minimum sits at zero - 8 * scale
+        zero = lo + 8 * scale
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return cls(packed, sz, group, (n, k))
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales_zeros.numel() * 2
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed, self.group,
+                                                self.scales_zeros)
+        return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
+
+
+Weight = torch.Tensor | Quantized
 
 
 def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ b) in x's dtype: int8 weights quantize x per token, float weights are widened to x's dtype
-    when x is wider (bfloat16 weights in a float32 prompt chunk on CPU)."""
-    if isinstance(w, QuantWeight):
-        return int8_linear(x, w, b)
+    """x @ w.T (+ b): quantized weights run their own matmul; float weights are widened to x's dtype when x
+    is wider (bfloat16 weights in a float32 prompt chunk on CPU)."""
+    if isinstance(w, Quantized):
+        out = w.matmul(x)
+        return out if b is None else out + b.to(out.dtype)
     if w.dtype != x.dtype:
         w = w.to(x.dtype)
         b = b.to(x.dtype) if b is not None else None
     return F.linear(x, w, b)
 
 
-def quantize_int8(w: torch.Tensor) -> QuantWeight:
-    return QuantWeight.of(w)
-
-
 def tensor_bytes(tensors) -> int:
-    """Bytes of distinct tensors (tied weights counted once); int8 weights with their scales."""
+    """Bytes of distinct tensors (tied weights counted once); quantized weights with their scales."""
     seen: set[int] = set()
     total = 0
     for t in tensors:
         if t is None:
             continue
-        if isinstance(t, QuantWeight):
+        if isinstance(t, Quantized):
             total += t.nbytes()
             continue
         if t.data_ptr() in seen:

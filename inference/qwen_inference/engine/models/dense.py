@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..attention import paged_attention
 from ..cache import Caches, PagedAttentionSpec
 from ..platform import Platform
-from ..weights import Checkpoint, QuantWeight, UnsupportedModel, Weight, release_memory
+from ..weights import Checkpoint, Int8Weight, Quantized, UnsupportedModel, Weight, release_memory
 from .base import CausalLM, ForwardBatch
 
 
@@ -33,15 +33,10 @@ class DenseLayer:
     w_gate_up: Weight
     w_down: Weight
 
-    def quantize(self) -> None:
-        """int8 weights for every matmul (CPU): half the bytes of bfloat16 to read per token, and integer
-        products that run several times faster than float ones here."""
+    def quantize(self, platform: Platform) -> None:
+        """Quantized weights for every projection (CPU): fewer bytes to read per token; norms stay as they are."""
         for name in ("wqkv", "wo", "w_gate_up", "w_down"):
-            setattr(self, name, QuantWeight.of(getattr(self, name)))
-        for name in ("bqkv", "ln1", "ln2", "q_norm", "k_norm"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.float())
+            setattr(self, name, platform.quantize_weight(getattr(self, name)))
 
 
 def rotary_module(config, device: torch.device):
@@ -87,13 +82,13 @@ class DenseDecoder(CausalLM):
         self.layer_devices = platform.layer_devices(self.num_layers)
         first, last = platform.first_device, self.layer_devices[-1]
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        int8 = platform.quantize == "int8"
+        quantized = platform.quantize != "none"
         with Checkpoint(folder) as ckpt:
             self.layers: list[DenseLayer] = []
             for i in range(self.num_layers):  # one layer at a time: the peak is one layer over the result
                 layer = self._layer(ckpt, i, self.layer_devices[i])
-                if int8:
-                    layer.quantize()
+                if quantized:
+                    layer.quantize(platform)
                 self.layers.append(layer)
             self.embed = ckpt.get("model.embed_tokens.weight", dtype, first)
             self.norm = ckpt.get("model.norm.weight", dtype, last)
@@ -104,11 +99,10 @@ class DenseDecoder(CausalLM):
                 self.lm_head = ckpt.get("lm_head.weight", dtype, last)
         self.rotary = {d: rotary_module(config, d) for d in set(self.layer_devices)}
         release_memory()
-        if int8:
+        if quantized:
             # the embedding table becomes the lm_head's int8 rows when the two are tied
-            self.norm = self.norm.float()
-            self.lm_head = QuantWeight.of(self.lm_head)
-            if tied:
+            self.lm_head = platform.quantize_weight(self.lm_head, output=True)
+            if tied and isinstance(self.lm_head, Int8Weight):
                 self.embed = None
             release_memory()
 
@@ -145,7 +139,7 @@ class DenseDecoder(CausalLM):
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed is None:
-            return self.lm_head.q[ids].float() * self.lm_head.scale[ids][:, None]
+            return self.lm_head.rows(ids)
         return F.embedding(ids, self.embed)
 
     @torch.inference_mode()
@@ -179,7 +173,7 @@ class DenseDecoder(CausalLM):
             x = x + self.linear(F.silu(gu[:, :inter]) * gu[:, inter:], lw.w_down)
         x = x.to(self.output_device)
         rows = batch.logit_rows.to(self.output_device)
-        if isinstance(self.lm_head, QuantWeight):
-            return self.linear(self._rms(x[rows], self.norm), self.lm_head)
+        if isinstance(self.lm_head, Quantized):
+            return self.linear(self._rms(x[rows], self.norm), self.lm_head).float()
         h = self._rms(x[rows].to(self.platform.dtype), self.norm)
         return self.linear(h, self.lm_head).float()

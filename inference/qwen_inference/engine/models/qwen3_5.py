@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..cache import Caches, PagedAttentionSpec, RecurrentStateSpec
 from ..platform import Platform
-from ..weights import Checkpoint, QuantWeight, UnsupportedModel, Weight, release_memory
+from ..weights import Checkpoint, Int8Weight, Quantized, UnsupportedModel, Weight, release_memory
 from .base import CausalLM, DeviceBatch, ForwardBatch
 
 DELTA_CHUNK = 64  # tokens per chunk of the chunked delta rule
@@ -114,7 +114,7 @@ class Qwen3_5Decoder(CausalLM):
 
         self.layer_devices = platform.layer_devices(self.num_layers)
         first, last = platform.first_device, self.layer_devices[-1]
-        int8 = platform.quantize == "int8"
+        quantized = platform.quantize != "none"
         tied = bool(getattr(config, "tie_word_embeddings", False))
         with Checkpoint(folder) as ckpt:
             self.layers: list[DeltaNetLayer | AttentionLayer] = []
@@ -122,8 +122,8 @@ class Qwen3_5Decoder(CausalLM):
                 device = self.layer_devices[i]
                 layer = self._delta_layer(ckpt, i, device) if kind == "linear_attention" else \
                     self._attention_layer(ckpt, i, device)
-                if int8:
-                    self._quantize(layer)
+                if quantized:
+                    self._quantize(layer, platform)
                 self.layers.append(layer)
             self.embed = ckpt.get(self.prefix + "embed_tokens.weight", dt, first)
             self.norm = 1.0 + ckpt.get(self.prefix + "norm.weight", torch.float32, last)
@@ -134,9 +134,9 @@ class Qwen3_5Decoder(CausalLM):
                 self.lm_head = ckpt.get("lm_head.weight", dt, last)
         self.inv_freq, self.rope_scaling = self._rope(text)
         release_memory()
-        if int8:
-            self.lm_head = QuantWeight.of(self.lm_head)
-            if tied:
+        if quantized:
+            self.lm_head = platform.quantize_weight(self.lm_head, output=True)
+            if tied and isinstance(self.lm_head, Int8Weight):
                 self.embed = None
             release_memory()
 
@@ -188,16 +188,12 @@ class Qwen3_5Decoder(CausalLM):
         )
 
     @staticmethod
-    def _quantize(layer: DeltaNetLayer | AttentionLayer) -> None:
-        """int8 weights for every projection (CPU); norms, convolution and decay parameters stay float32."""
+    def _quantize(layer: DeltaNetLayer | AttentionLayer, platform: Platform) -> None:
+        """Quantized weights for every projection (CPU); norms, convolution and decay parameters stay."""
         names = ("w_in", "w_out") if isinstance(layer, DeltaNetLayer) else ("w_qkv", "w_o")
         for name in names:
-            setattr(layer, name, QuantWeight.of(getattr(layer, name)))
-        layer.mlp = MLP(QuantWeight.of(layer.mlp.w_gate_up), QuantWeight.of(layer.mlp.w_down))
-        if isinstance(layer, DeltaNetLayer):
-            layer.norm = layer.norm.float()
-        elif layer.b_qkv is not None:
-            layer.b_qkv = layer.b_qkv.float()
+            setattr(layer, name, platform.quantize_weight(getattr(layer, name)))
+        layer.mlp = MLP(platform.quantize_weight(layer.mlp.w_gate_up), platform.quantize_weight(layer.mlp.w_down))
 
     @staticmethod
     def _rope(text) -> tuple[torch.Tensor, float]:
@@ -239,8 +235,7 @@ class Qwen3_5Decoder(CausalLM):
         T = batch.num_tokens
         act = self.platform.compute_dtype(T)
         if self.embed is None:
-            ids = batch.token_ids.to(self.platform.first_device)
-            x = self.lm_head.q[ids].float() * self.lm_head.scale[ids][:, None]
+            x = self.lm_head.rows(batch.token_ids.to(self.platform.first_device)).to(act)
         else:
             x = F.embedding(batch.token_ids.to(self.platform.first_device), self.embed).to(act)
         for li, layer in enumerate(self.layers):
@@ -259,8 +254,8 @@ class Qwen3_5Decoder(CausalLM):
         x = x.to(self.output_device)
         rows = batch.logit_rows.to(self.output_device)
         h = _zc_norm(x[rows], self.norm, self.eps)
-        if isinstance(self.lm_head, QuantWeight):
-            return self.linear(h, self.lm_head)
+        if isinstance(self.lm_head, Quantized):
+            return self.linear(h, self.lm_head).float()
         return self.linear(h.to(self.platform.dtype), self.lm_head).float()
 
     def _attention(self, h: torch.Tensor, layer: AttentionLayer, k_cache: torch.Tensor, v_cache: torch.Tensor,
