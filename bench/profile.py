@@ -24,7 +24,7 @@ from .run import MODELS, ROOT, cpu_info, log, model_dir
 
 MATMUL_OPS = ("aten::linear", "aten::mm", "aten::addmm", "aten::_int_mm", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "aten::matmul", "aten::bmm")
-KERNEL_PREFIX = "qwen_cpu"  # the engine's own kernels show up under their extension's name
+KERNEL_PREFIX = "qwen::"  # the engine's own kernels
 
 
 def steps(runner, chunks_for, repeat: int) -> list[float]:

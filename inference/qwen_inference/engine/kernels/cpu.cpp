@@ -119,6 +119,12 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
   return fp32_out ? acc : acc.to(torch::kBFloat16);
 }
 
+// also an operator of torch's (torch.ops.qwen.linear_bf16): profiles show it by name
+TORCH_LIBRARY(qwen, m) {
+  m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None, bool fp32_out=False, str isa=\"\") -> Tensor");
+}
+TORCH_LIBRARY_IMPL(qwen, CPU, m) { m.impl("linear_bf16", &linear_bf16); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa);
   m.def("linear_bf16", &linear_bf16, "x @ w.T for a few rows of bf16 activations against bf16 weights",
