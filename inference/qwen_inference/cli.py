@@ -19,8 +19,8 @@ log = logging.getLogger("qwen_inference.cli")
 DEMO_BANNER = """\
 qwen-serve: serving the built-in demo model. It has RANDOM weights: its replies are random text.
 qwen-serve: to serve a real model, fetch it once and point --model at it:
-qwen-serve:   qwen-model download Qwen/Qwen2.5-0.5B-Instruct --cache-dir {cache}
-qwen-serve:   qwen-serve --model Qwen/Qwen2.5-0.5B-Instruct --model-cache-dir {cache}
+qwen-serve:   qwen-model download Qwen/Qwen3.5-2B --cache-dir {cache}
+qwen-serve:   qwen-serve --model Qwen/Qwen3.5-2B --model-cache-dir {cache}
 """
 
 
@@ -88,7 +88,7 @@ def _report(folder: Path) -> None:
 class Download(BaseModel):
     """Fetch a model into the cache: resumable, atomic, under a file lock."""
 
-    model: CliPositionalArg[str] = Field(description="Hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    model: CliPositionalArg[str] = Field(description="Hub id, e.g. Qwen/Qwen3.5-2B")
     cache_dir: Path = Field(description="The cache folder")
     revision: str = Field("main", description="Branch, tag or commit")
     source: Literal["huggingface", "modelscope"] = Field("huggingface", description="Where to fetch from")

@@ -116,7 +116,7 @@ def test_demo_model_banner_and_first_use(tmp_path):
         err = stop(p)
     head = err.splitlines()[:4]
     assert "RANDOM weights" in head[0]
-    assert any("qwen-model download Qwen/Qwen2.5-0.5B-Instruct" in line for line in head)
+    assert any("qwen-model download Qwen/Qwen3.5-2B" in line for line in head)
 
 
 def test_bad_model_is_reported_and_health_says_why(tmp_path):
