@@ -194,8 +194,9 @@ def test_text_positions_make_the_multimodal_rotary_the_ordinary_one(model):
 
 def test_bfloat16_logits_stay_close_to_float32(path, hf):
     """The stated tolerance: our bf16 logits are no further from float32's than transformers' own bf16
-    forward is (RMS error at most 1.25× its; measured: about half), and the top token agrees on 85% of
-    positions. A random tiny model is far more sensitive to rounding than a trained one."""
+    forward is (RMS error at most 1.25× its), and the top token agrees with float32's about as often as
+    transformers' bf16 top token does (within 5 points). A random tiny model is far more sensitive to rounding
+    than a trained one."""
     ids = list(range(700, 760))
     f32 = prompt_logits(load_model(path, Platform.cpu(torch.float32)), ids, state_slots=1)
     bf16 = prompt_logits(load_model(path, Platform.cpu(torch.bfloat16)), ids, state_slots=1)
@@ -206,8 +207,11 @@ def test_bfloat16_logits_stay_close_to_float32(path, hf):
     def rms(x):
         return (x - f32).pow(2).mean().sqrt()
 
+    def agree(x):
+        return (x.argmax(-1) == f32.argmax(-1)).float().mean()
+
     assert rms(bf16) <= 1.25 * rms(theirs), (rms(bf16), rms(theirs))
-    assert (bf16.argmax(-1) == f32.argmax(-1)).float().mean() >= 0.85
+    assert agree(bf16) >= agree(theirs) - 0.05, (agree(bf16), agree(theirs))
 
 
 def test_int8_runs_every_projection_in_int8_and_tracks_the_float_model(path):

@@ -13,7 +13,7 @@ import torch
 CPU_CACHE_SHARE = 0.25  # of the memory left after the weights
 GPU_CACHE_SHARE = 0.80
 CPU_WIDEN_MIN_TOKENS = 48
-KERNEL_MAX_ROWS = 16  # rows up to which the engine's bf16 kernel beats torch's matmul
+KERNEL_MAX_ROWS = 8  # rows up to which the engine's bf16 kernel beats torch's matmul (bench/README.md)
 QUANTIZATIONS = ("none", "int8", "int4")
 
 
@@ -110,9 +110,14 @@ class Platform:
     # ---- kernels ------------------------------------------------------------------------------------
     @property
     def widen_min_tokens(self) -> int | None:
-        """On CPUs, bfloat16 matmuls win while memory-bound (decode) but lose to float32 once compute-bound:
-        steps of at least this many tokens run their matmuls in float32. None: never widen."""
-        if self.kind == "cpu" and self.dtype == torch.bfloat16 and self.quantize == "none":
+        """On CPUs without bfloat16 instructions (bf16 asked for explicitly), bfloat16 matmuls win while
+        memory-bound (decode) but lose to float32 once compute-bound: steps of at least this many tokens run
+        their matmuls in float32. On CPUs with AVX512-BF16 or AMX, bf16 matmuls win at every size (several times
+        over float32 on a prompt chunk, measured): never widen. None: never widen."""
+        from ..sysinfo import cpu_has_fast_bf16
+
+        if self.kind == "cpu" and self.dtype == torch.bfloat16 and self.quantize == "none" \
+                and not cpu_has_fast_bf16():
             return CPU_WIDEN_MIN_TOKENS
         return None
 

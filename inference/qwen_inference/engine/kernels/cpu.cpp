@@ -9,8 +9,7 @@
 
 namespace {
 
-constexpr int NT = 4;  // weight rows per tile
-constexpr int MT = 4;  // activation rows per tile
+constexpr int MR = 4;  // activation rows per pass over a weight row (which stays in L1 between passes)
 
 inline bool has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16"); }
 inline bool has_avx512f() {
@@ -22,65 +21,76 @@ inline __m512 widen(__m256i v) {  // 16 bf16 -> 16 fp32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-// out[m, n0:n1] for all m: dot products of activation rows with weight rows, both bf16 [*, K]
+// Weight rows n0..n1 one after another, each read from memory once: a sequential stream, as a decode step's
+// matmul is bound by memory bandwidth. Two accumulators per activation row hide the dot products' latency.
+template <int R>
 __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl")))
-void tile_bf16_dp(const uint16_t* x, const uint16_t* w, float* acc_out, int64_t M, int64_t K, int64_t ldo,
-                  int64_t n0, int64_t n1) {
-  const int64_t kfull = K / 32 * 32;
-  const __mmask32 tail = (__mmask32)((1ull << (K - kfull)) - 1);
-  for (int64_t n = n0; n < n1; n += NT) {
-    const int nt = (int)std::min<int64_t>(NT, n1 - n);
-    for (int64_t m = 0; m < M; m += MT) {
-      const int mt = (int)std::min<int64_t>(MT, M - m);
-      __m512 acc[NT][MT];
-      for (int i = 0; i < NT; i++)
-        for (int j = 0; j < MT; j++) acc[i][j] = _mm512_setzero_ps();
-      const uint16_t* wr[NT];
-      for (int i = 0; i < NT; i++) wr[i] = w + (n + (i < nt ? i : 0)) * K;
-      for (int64_t k = 0; k < K; k += 32) {
-        const bool last = k >= kfull;
-        __m512bh wv[NT];
-        for (int i = 0; i < NT; i++)
-          wv[i] = (__m512bh)(last ? _mm512_maskz_loadu_epi16(tail, wr[i] + k) : _mm512_loadu_si512(wr[i] + k));
-        for (int j = 0; j < mt; j++) {
-          const uint16_t* xr = x + (m + j) * K + k;
-          __m512bh xv = (__m512bh)(last ? _mm512_maskz_loadu_epi16(tail, xr) : _mm512_loadu_si512(xr));
-          for (int i = 0; i < NT; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[i], xv);
-        }
+void rows_bf16_dp(const uint16_t* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++) {
+    const uint16_t* wr = w + n * K;
+    __m512 a0[R], a1[R];
+    for (int j = 0; j < R; j++) a0[j] = a1[j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
+      for (int j = 0; j < R; j++) {
+        a0[j] = _mm512_dpbf16_ps(a0[j], w0, (__m512bh)_mm512_loadu_si512(x + j * K + k));
+        a1[j] = _mm512_dpbf16_ps(a1[j], w1, (__m512bh)_mm512_loadu_si512(x + j * K + k + 32));
       }
-      for (int i = 0; i < nt; i++)
-        for (int j = 0; j < mt; j++) acc_out[(m + j) * ldo + n + i] = _mm512_reduce_add_ps(acc[i][j]);
     }
+    for (; k < K; k += 32) {
+      const __mmask32 m = K - k >= 32 ? 0xffffffffu : (__mmask32)((1ull << (K - k)) - 1);
+      const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(m, wr + k);
+      for (int j = 0; j < R; j++)
+        a0[j] = _mm512_dpbf16_ps(a0[j], w0, (__m512bh)_mm512_maskz_loadu_epi16(m, x + j * K + k));
+    }
+    for (int j = 0; j < R; j++) out[j * ldo + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
   }
 }
 
+template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void tile_bf16_f(const uint16_t* x, const uint16_t* w, float* acc_out, int64_t M, int64_t K, int64_t ldo,
-                 int64_t n0, int64_t n1) {
-  const int64_t kfull = K / 16 * 16;
-  const __mmask16 tail = (__mmask16)((1u << (K - kfull)) - 1);
-  for (int64_t n = n0; n < n1; n += NT) {
-    const int nt = (int)std::min<int64_t>(NT, n1 - n);
-    for (int64_t m = 0; m < M; m += MT) {
-      const int mt = (int)std::min<int64_t>(MT, M - m);
-      __m512 acc[NT][MT];
-      for (int i = 0; i < NT; i++)
-        for (int j = 0; j < MT; j++) acc[i][j] = _mm512_setzero_ps();
-      const uint16_t* wr[NT];
-      for (int i = 0; i < NT; i++) wr[i] = w + (n + (i < nt ? i : 0)) * K;
-      for (int64_t k = 0; k < K; k += 16) {
-        const bool last = k >= kfull;
-        __m512 wv[NT];
-        for (int i = 0; i < NT; i++)
-          wv[i] = widen(last ? _mm256_maskz_loadu_epi16(tail, wr[i] + k) : _mm256_loadu_si256((const __m256i*)(wr[i] + k)));
-        for (int j = 0; j < mt; j++) {
-          const uint16_t* xr = x + (m + j) * K + k;
-          __m512 xv = widen(last ? _mm256_maskz_loadu_epi16(tail, xr) : _mm256_loadu_si256((const __m256i*)xr));
-          for (int i = 0; i < NT; i++) acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
-        }
+void rows_bf16_f(const uint16_t* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++) {
+    const uint16_t* wr = w + n * K;
+    __m512 a0[R], a1[R];
+    for (int j = 0; j < R; j++) a0[j] = a1[j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m512 w0 = widen(_mm256_loadu_si256((const __m256i*)(wr + k)));
+      const __m512 w1 = widen(_mm256_loadu_si256((const __m256i*)(wr + k + 16)));
+      for (int j = 0; j < R; j++) {
+        a0[j] = _mm512_fmadd_ps(w0, widen(_mm256_loadu_si256((const __m256i*)(x + j * K + k))), a0[j]);
+        a1[j] = _mm512_fmadd_ps(w1, widen(_mm256_loadu_si256((const __m256i*)(x + j * K + k + 16))), a1[j]);
       }
-      for (int i = 0; i < nt; i++)
-        for (int j = 0; j < mt; j++) acc_out[(m + j) * ldo + n + i] = _mm512_reduce_add_ps(acc[i][j]);
+    }
+    for (; k < K; k += 16) {
+      const __mmask16 m = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+      const __m512 w0 = widen(_mm256_maskz_loadu_epi16(m, wr + k));
+      for (int j = 0; j < R; j++) a0[j] = _mm512_fmadd_ps(w0, widen(_mm256_maskz_loadu_epi16(m, x + j * K + k)), a0[j]);
+    }
+    for (int j = 0; j < R; j++) out[j * ldo + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
+  }
+}
+
+// All M activation rows against weight rows n0..n1: groups of up to MR rows per pass; a pass over a block of
+// weight rows small enough for L1 serves every group before the next block is read.
+template <bool DP>
+void block_rows(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t ldo, int64_t n0,
+                int64_t n1) {
+  const int64_t block = std::max<int64_t>(1, 16384 / (2 * K));  // weight rows per L1 block
+  for (int64_t b0 = n0; b0 < n1; b0 += block) {
+    const int64_t b1 = std::min(n1, b0 + block);
+    for (int64_t m = 0; m < M; m += MR) {
+      const uint16_t* xr = x + m * K;
+      float* o = out + m * ldo;
+      switch (std::min<int64_t>(MR, M - m)) {
+        case 1: DP ? rows_bf16_dp<1>(xr, w, o, K, ldo, b0, b1) : rows_bf16_f<1>(xr, w, o, K, ldo, b0, b1); break;
+        case 2: DP ? rows_bf16_dp<2>(xr, w, o, K, ldo, b0, b1) : rows_bf16_f<2>(xr, w, o, K, ldo, b0, b1); break;
+        case 3: DP ? rows_bf16_dp<3>(xr, w, o, K, ldo, b0, b1) : rows_bf16_f<3>(xr, w, o, K, ldo, b0, b1); break;
+        default: DP ? rows_bf16_dp<4>(xr, w, o, K, ldo, b0, b1) : rows_bf16_f<4>(xr, w, o, K, ldo, b0, b1);
+      }
     }
   }
 }
@@ -109,11 +119,9 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   float* ap = acc.data_ptr<float>();
   const bool dp = set == "avx512_bf16";
-  const int64_t tiles = (N + NT - 1) / NT;
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    const int64_t n0 = t0 * NT, n1 = std::min<int64_t>(N, t1 * NT);
-    if (dp) tile_bf16_dp(xp, wp, ap, M, K, N, n0, n1);
-    else tile_bf16_f(xp, wp, ap, M, K, N, n0, n1);
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    if (dp) block_rows<true>(xp, wp, ap, M, K, N, n0, n1);
+    else block_rows<false>(xp, wp, ap, M, K, N, n0, n1);
   });
   if (bias.has_value() && bias->defined()) acc.add_(bias->to(torch::kFloat32));
   return fp32_out ? acc : acc.to(torch::kBFloat16);
