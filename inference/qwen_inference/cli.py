@@ -158,6 +158,17 @@ class MakeRandom(BaseModel):
         print(f"ok: {self.out}")
 
 
+class BuildKernels(BaseModel):
+    """Compile the engine's CPU kernels into $QWEN_KERNELS_DIR (a container image does this once, at build)."""
+
+    def cli_cmd(self) -> None:
+        from .engine import kernels
+
+        reason = kernels.supported_cpu()
+        path = kernels.build()
+        print(f"ok: {path}" + (f" (not used on this machine: {reason})" if reason else ""))
+
+
 class ModelCLI(BaseSettings):
     """Fetch, check and make models for qwen-serve."""
 
@@ -167,6 +178,7 @@ class ModelCLI(BaseSettings):
     verify: CliSubCommand[Verify]
     make_random: CliSubCommand[MakeRandom]
     make_demo: CliSubCommand[MakeDemo]
+    build_kernels: CliSubCommand[BuildKernels]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

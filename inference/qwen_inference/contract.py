@@ -62,6 +62,7 @@ OTHER_ENV: frozenset[str] = frozenset({
     TERMINATION_LOG_ENV,
     # qwen-model's settings (env_prefix QWEN_MODEL_): one per subcommand
     "QWEN_MODEL_DOWNLOAD", "QWEN_MODEL_VERIFY", "QWEN_MODEL_MAKE_RANDOM", "QWEN_MODEL_MAKE_DEMO",
+    "QWEN_MODEL_BUILD_KERNELS",
     # scripts/k8s-bin: the pinned versions of the local control plane
     "QWEN_K8S_VERSION", "QWEN_ETCD_VERSION", "QWEN_KWOK_VERSION", "QWEN_HELM_VERSION",
     "QWEN_PROM_OPERATOR_VERSION", "QWEN_KEDA_VERSION", "QWEN_KEDA_HTTP_VERSION", "QWEN_INFERENCE_EXTENSION_VERSION",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,9 +16,8 @@ pytestmark = pytest.mark.skipif(not AVX512, reason="the kernels need AVX512 (the
 
 @pytest.fixture(scope="module")
 def k():
-    module = kernels.load()
-    assert module is not None, kernels.unavailable()
-    return module
+    assert kernels.load(), kernels.unavailable()
+    return torch.ops.qwen
 
 
 @pytest.mark.parametrize("isa", ["native", "avx512f"])
@@ -66,3 +67,30 @@ def test_bf16_models_use_the_kernel_for_decode_rows_and_agree_with_torch(tiny_mo
         a, b = prompt_logits(fast, ids), prompt_logits(slow, ids)
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_a_built_library_loads_without_a_compiler(k, tmp_path):
+    """What a container image does: build once (`qwen-model build-kernels`), then load with no compiler and no
+    ninja on the PATH."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QWEN_KERNELS_DIR": str(tmp_path)}
+    built = subprocess.run([str(Path(sys.executable).parent / "qwen-model"), "build-kernels"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0 and built.stdout.startswith("ok: "), built.stderr
+    lib = Path(built.stdout.split()[1])
+    assert lib.is_file() and lib.parent.parent == tmp_path
+    probe = ("import torch; from qwen_inference.engine import kernels; ok = kernels.load(build_if_missing=False); "
+             "x = torch.ones(2, 64).bfloat16(); w = torch.ones(3, 64).bfloat16(); "
+             "print(ok, kernels.unavailable(), torch.ops.qwen.linear_bf16(x, w, None, True).sum().item())")
+    r = subprocess.run([sys.executable, "-c", probe], env={**env, "PATH": "/nonexistent", "CXX": "/nonexistent"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["True", "None", "384.0"], r.stderr[-2000:]
+    missing = subprocess.run([sys.executable, "-c", probe.replace("print(ok, kernels.unavailable(), torch.ops.qwen"
+                                                                  ".linear_bf16(x, w, None, True).sum().item())",
+                                                                  "print(ok, kernels.unavailable())")],
+                             env={**env, "QWEN_KERNELS_DIR": str(tmp_path / "empty")}, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.stdout.startswith("False not built"), missing.stderr[-2000:]

@@ -151,10 +151,9 @@ class Platform:
             return linear
         from . import kernels
 
-        k = kernels.load()
-        if k is None:
+        if not kernels.load():
             return linear
-        fast = torch.ops.qwen.linear_bf16  # registered by the kernels' library: profiles name it
+        fast = torch.ops.qwen.linear_bf16
 
         def linear_small_rows(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
             if x.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and getattr(w, "dtype", None) == \

@@ -1,9 +1,11 @@
-"""The engine's own CPU kernels (kernels/cpu.cpp), compiled once per machine on first use.
+"""The engine's own CPU kernels (kernels/cpu.cpp): torch operators under `torch.ops.qwen`.
 
-Compiled with torch's C++ extension builder into `${QWEN_KERNELS_DIR:-~/.cache/qwen-operator/kernels}`, keyed
-by the source, torch's version and the compiler flags, so a container image can ship them prebuilt
-(`qwen-serve --build-kernels`). Where no compiler or no AVX512 is found the engine runs on torch's own
-kernels and says why once in the log.
+The library is built once per machine and torch version with torch's C++ extension builder (a C++ compiler and
+ninja), into `${QWEN_KERNELS_DIR:-~/.cache/qwen-operator/kernels}/<key>/`, keyed by the source, torch's version
+and the flags; the key's name is the library's, so a library found there is loaded as it is, with no compiler
+(the container image builds it at image build time: `qwen-model build-kernels`). One library serves every x86
+CPU: each kernel picks AVX512-BF16 or AVX512F at run time. Where it cannot be built or the CPU has no AVX512,
+the engine runs on torch's kernels and says why once in the log.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def kernels_dir() -> Path:
     return Path(cache) / "qwen-operator" / "kernels"
 
 
-def _key() -> str:
+def library_name() -> str:
     import torch
 
     h = hashlib.sha256(SOURCE.read_bytes())
@@ -41,43 +43,67 @@ def _key() -> str:
     return "qwen_cpu_" + h.hexdigest()[:16]
 
 
-def load(build: bool = True):
-    """The compiled module, or None (with the reason in `unavailable()`); built on the first call."""
+def library_path() -> Path:
+    name = library_name()
+    return kernels_dir() / name / f"{name}.so"
+
+
+def supported_cpu() -> str | None:
+    """Why this CPU cannot run the kernels, or None."""
+    from ...sysinfo import cpu_flags
+
+    return None if {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags() else "this CPU has no AVX512"
+
+
+def build() -> Path:
+    """Compile the library (needs a C++ compiler and ninja); return its path."""
+    from torch.utils import cpp_extension
+
+    name = library_name()
+    out = kernels_dir() / name
+    out.mkdir(parents=True, exist_ok=True)
+    bin_dir = str(Path(sys.executable).parent)  # the venv's ninja (a dependency) when the system has none
+    if shutil.which("ninja") is None and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    cpp_extension.load(name, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(out), is_python_module=False,
+                       verbose=False)
+    return out / f"{name}.so"
+
+
+def load(build_if_missing: bool = True) -> bool:
+    """Make `torch.ops.qwen.*` available: load the library, building it first if it is missing. False (with
+    the reason in `unavailable()`) when it cannot be had here."""
     with _lock:
-        if "module" in _state:
-            return _state["module"]
-        _state["module"], _state["reason"] = _load(build)
-        if _state["module"] is None:
-            log.info("CPU kernels unavailable, using torch's: %s", _state["reason"])
-        return _state["module"]
+        if "ok" not in _state:
+            _state["ok"], _state["reason"] = _load(build_if_missing)
+            if not _state["ok"]:
+                log.info("CPU kernels unavailable, using torch's: %s", _state["reason"])
+        return _state["ok"]
 
 
 def unavailable() -> str | None:
     return _state.get("reason")
 
 
-def _load(build: bool):
-    from ...sysinfo import cpu_flags
+def _load(build_if_missing: bool) -> tuple[bool, str | None]:
+    import torch
 
-    flags = cpu_flags()
-    if not {"avx512f", "avx512bw", "avx512vl"} <= flags:
-        return None, "this CPU has no AVX512"
-    name = _key()
-    out = kernels_dir() / name
-    if not build and not any(out.glob(f"{name}*.so")):
-        return None, f"not built in {out}"
+    reason = supported_cpu()
+    if reason:
+        return False, reason
+    path = library_path()
+    if not path.is_file():
+        if not build_if_missing:
+            return False, f"not built ({path} is missing)"
+        try:
+            path = build()
+        except Exception as exc:  # noqa: BLE001: no compiler, no write access, a toolchain that fails
+            lines = str(exc).strip().splitlines()
+            return False, f"building them failed: {lines[-1] if lines else repr(exc)}"
     try:
-        from torch.utils import cpp_extension
-
-        # the venv's ninja (a dependency) when the system has none
-        bin_dir = str(Path(sys.executable).parent)
-        if shutil.which("ninja") is None and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        out.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(name, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(out),
-                                    verbose=False)
-    except Exception as exc:  # noqa: BLE001: no compiler, no write access, a toolchain that fails
-        return None, f"building them failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
-    if not module.isa():
-        return None, "this CPU has no AVX512"
-    return module, None
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as exc:
+        return False, f"loading {path} failed: {exc}"
+    if not torch.ops.qwen.isa():
+        return False, "this CPU has no AVX512"
+    return True, None

@@ -127,15 +127,12 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
   return fp32_out ? acc : acc.to(torch::kBFloat16);
 }
 
-// also an operator of torch's (torch.ops.qwen.linear_bf16): profiles show it by name
+std::string isa_op() { return isa(); }
+
+// torch operators (torch.ops.qwen.*): a prebuilt library loads with torch.ops.load_library, no compiler needed,
+// and profiles show the kernels by name
 TORCH_LIBRARY(qwen, m) {
+  m.def("isa() -> str", &isa_op);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None, bool fp32_out=False, str isa=\"\") -> Tensor");
 }
 TORCH_LIBRARY_IMPL(qwen, CPU, m) { m.impl("linear_bf16", &linear_bf16); }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("isa", &isa);
-  m.def("linear_bf16", &linear_bf16, "x @ w.T for a few rows of bf16 activations against bf16 weights",
-        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("fp32_out") = false,
-        py::arg("isa") = "");
-}
