@@ -135,6 +135,7 @@ def build_crd() -> dict[str, Any]:
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
         {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.download.progress", "priority": 1},
     ]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -42,7 +42,8 @@ async def startup(settings: kopf.OperatorSettings, **_) -> None:
                          defaults=OperatorDefaults(image=s.default_image, image_gpu=s.default_image_gpu),
                          resync_seconds=s.resync_seconds, workers=s.workers,
                          force_apply_seconds=s.force_apply_seconds,
-                         monitoring_check_seconds=s.monitoring_check_seconds),
+                         monitoring_check_seconds=s.monitoring_check_seconds,
+                         progress_seconds=s.progress_seconds),
     )
     await CONTROLLER.start()
     if s.metrics_port:

@@ -24,6 +24,8 @@ class OperatorSettings(BaseSettings):
                                        "undoing hand edits.")
     monitoring_check_seconds: float = Field(60.0, gt=0, description="How often to look for the Prometheus "
                                             "Operator's CRDs.")
+    progress_seconds: float = Field(10.0, gt=0, description="While a model downloads, how often its progress in "
+                                    "the status is refreshed.")
     workers: int = Field(4, ge=1, le=64, description="QwenDeployments reconciled at once.")
     watch_server_timeout: int = Field(300, ge=1, description="Seconds the API server keeps one watch open.")
     watch_client_timeout: int = Field(330, ge=1, description="Seconds before the operator drops a silent watch.")

@@ -3,6 +3,7 @@ the same status. Nothing is remembered but each condition's lastTransitionTime, 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ class Observed:
     pods: list[dict] = field(default_factory=list)
     service: dict | None = None
     monitoring: str = "disabled"  # applied | missing | disabled
+    fetch_log: str | None = None  # the last lines of the running fetch pod's log
     previous: dict[str, Any] = field(default_factory=dict)  # the status as it was
     now: str = ""
 
@@ -88,6 +90,46 @@ def cached_bytes(job_pods: list[dict]) -> int | None:
     return None
 
 
+# what `qwen-model download` prints every few seconds (qwen_inference.modelcache.progress_line)
+PROGRESS = re.compile(r"^progress: (\d+)(?: of (\d+) bytes \([\d.]+%\)| bytes), ([\d.]+) MB/s(?:, ETA (\S+))?\s*$")
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def _duration(text: str | None) -> int | None:
+    m = _DURATION.match(text or "")
+    if not text or not m or not any(m.groups()):
+        return None
+    h, mi, se = (int(g or 0) for g in m.groups())
+    return h * 3600 + mi * 60 + se
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def download_progress(log_tail: str | None) -> dict[str, Any] | None:
+    """The last progress line of a fetch pod's log, as the status's `download`."""
+    for line in reversed((log_tail or "").splitlines()):
+        m = PROGRESS.match(line.strip())
+        if not m:
+            continue
+        done, total, rate = int(m.group(1)), int(m.group(2)) if m.group(2) else None, float(m.group(3))
+        eta = _duration(m.group(4))
+        out: dict[str, Any] = {"bytes": done, "totalBytes": total, "bytesPerSecond": int(rate * 1e6),
+                               "etaSeconds": eta}
+        if total:
+            text = f"{min(100.0, 100 * done / total):.0f}% of {_size(total)}, {rate:.1f} MB/s"
+            text += f", ETA {m.group(4)}" if eta is not None else ""
+        else:
+            text = f"{_size(done)}, {rate:.1f} MB/s"
+        out["progress"] = text
+        return {k: v for k, v in out.items() if v is not None}
+    return None
+
+
 def pod_problem(pods: list[dict]) -> tuple[str, str] | None:
     """The first reason a person can act on, from the pods' scheduling and container states."""
     for pod in pods:
@@ -105,7 +147,12 @@ def pod_problem(pods: list[dict]) -> tuple[str, str] | None:
             reason = waiting.get("reason")
             if reason in POD_PROBLEMS:
                 key = "ImagePullBackOff" if reason in ("ErrImagePull", "InvalidImageName") else reason
-                return key, f"pod {name}: {reason}: {waiting.get('message', '')}".strip().rstrip(":")
+                message = f"pod {name}: {reason}: {waiting.get('message', '')}".strip().rstrip(":")
+                lines = [ln.strip() for ln in (last.get("message") or "").splitlines() if ln.strip()]
+                if reason == "CrashLoopBackOff" and last:
+                    message += f"; the container last exited with code {last.get('exitCode')}"
+                    message += f": {lines[-1]}" if lines else ""
+                return key, message
     return None
 
 
@@ -246,6 +293,10 @@ def derive_status(owner: Owner, obs: Observed) -> dict[str, Any]:
         out["model"] = spec.served_model_name
         out["endpoint"] = builders.endpoint(owner, spec) if obs.service is not None else None
         cache_ready = conds["CacheReady"][0] == "True"
+        if conds["CacheReady"][1] == "Downloading":
+            progress = download_progress(obs.fetch_log)
+            if progress:
+                out["download"] = progress
         out["cache"] = {"claim": builders.claim_name(owner, spec), "ready": cache_ready,
                         "bytes": cached_bytes(obs.job_pods) if cache_ready else None,
                         "modelPath": builders.model_path(key)}

@@ -343,3 +343,12 @@ def test_quantities(q, value):
     assert parse_quantity(q) == pytest.approx(value)
     with pytest.raises(ValueError):
         parse_quantity("ten")
+
+
+def test_the_server_keeps_why_it_exited():
+    from qwen_operator.builders import OperatorDefaults, Owner, build_deployment, model_key
+    from qwen_operator.spec import QwenDeploymentSpec
+
+    spec = QwenDeploymentSpec.model_validate({"model": {"name": "demo", "source": "demo"}})
+    dep = build_deployment(Owner("d", "ns", "u"), spec, OperatorDefaults(), model_key(spec))
+    assert dep["spec"]["template"]["spec"]["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
