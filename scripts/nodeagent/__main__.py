@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ready_file:
         args.ready_file.write_text(json.dumps({"hostIP": agent.network.host_ip, "subnet": str(agent.network.subnet),
                                                "bridge": agent.network.bridge, "nodes": args.node,
-                                               "logPort": agent.log_server.port}))
+                                               "logPort": agent.log_server.port, "cgroups": agent.cgroups.mode}))
     stop.wait()
     logging.getLogger("nodeagent").info("stopping")
     agent.stop()

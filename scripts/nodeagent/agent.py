@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import podspec
 from .cgroups import Cgroups
-from .images import load_images
+from .images import load_images, traverse_paths
 from .network import REGISTRY, PodNetwork
 from .runtime import Container, VolumeNotReady, now_iso, prepare_volumes
 
@@ -233,7 +233,7 @@ class PodWorker(threading.Thread):
             deadline = self.pod["spec"].get("activeDeadlineSeconds")
             if deadline and time.monotonic() - self.start_mono > deadline and self.phase_override is None:
                 self.phase_override = ("Failed", "DeadlineExceeded",
-                                       f"Pod was active on the node longer than the specified deadline")
+                                       "Pod was active on the node longer than the specified deadline")
                 for c in self.containers:
                     c.kill("the pod's active deadline was exceeded", float(self.grace_period()))
                     c.restart_pending = False
@@ -376,11 +376,9 @@ class PodWorker(threading.Thread):
         value = "True" if status else "False"
         old = self.conditions.get(ctype)
         since = old["lastTransitionTime"] if old and old["status"] == value else now_iso()
-        cond = {"type": ctype, "status": value, "lastTransitionTime": since, "lastProbeTime": None}
-        if reason:
-            cond["reason"] = reason
-        if message:
-            cond["message"] = message
+        # reason and message always present: null removes an earlier one (a strategic merge patch)
+        cond = {"type": ctype, "status": value, "lastTransitionTime": since, "lastProbeTime": None,
+                "reason": reason or None, "message": message or None}
         self.conditions[ctype] = cond
         return cond
 
@@ -425,7 +423,7 @@ class PodWorker(threading.Thread):
                "startTime": self.started_at, "containerStatuses": statuses}
         if init_statuses:
             out["initContainerStatuses"] = init_statuses
-        if self.pod_ip and not terminal:
+        if self.pod_ip:
             out["podIP"] = self.pod_ip
             out["podIPs"] = [{"ip": self.pod_ip}]
         if reason:
@@ -468,6 +466,7 @@ class Agent:
         self.cgroups: Cgroups | None = None
         self.run_dir = REGISTRY / self.id
         self.images = load_images()
+        self.traverse = traverse_paths()
         self.version = version
         self.pki = pki
         self.stopping = False
@@ -587,15 +586,16 @@ class Agent:
         self._renew(node)
 
     def _renew(self, node: Node) -> None:
-        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": node.name, "namespace": "kube-node-lease"},
-                "spec": {"holderIdentity": node.name, "leaseDurationSeconds": 40, "renewTime": _micro_now()}}
+        spec = {"holderIdentity": node.name, "leaseDurationSeconds": 40, "renewTime": _micro_now()}
         try:
-            self.api.coordination.replace_namespaced_lease(node.name, "kube-node-lease", body,
-                                                           _preload_content=False)
+            self.api.coordination.patch_namespaced_lease(node.name, "kube-node-lease", {"spec": spec},
+                                                         _preload_content=False,
+                                                         _content_type="application/merge-patch+json")
         except self.api.ApiException as exc:
             if exc.status != 404:
                 raise
+            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": node.name, "namespace": "kube-node-lease"}, "spec": spec}
             self.api.coordination.create_namespaced_lease("kube-node-lease", body, _preload_content=False)
 
     def _heartbeat(self) -> None:

@@ -102,6 +102,15 @@ class ContainerCgroup:
     def procs_files(self) -> list[str]:
         return [str(p / "cgroup.procs") for p in self.paths.values()]
 
+    @property
+    def mounts(self) -> list[dict]:
+        """The container's own cgroups where it looks for its limits, /sys/fs/cgroup, as runtimes show them."""
+        if self.mode == "v1":
+            return [{"source": str(p), "target": f"/sys/fs/cgroup/{k}", "readOnly": True} for k, p in self.paths.items()]
+        if self.mode == "v2":
+            return [{"source": str(self.paths["unified"]), "target": "/sys/fs/cgroup", "readOnly": True}]
+        return []
+
     def limit(self, memory_bytes: int | None, cpu_cores: float | None) -> None:
         if self.mode == "v1":
             if memory_bytes:

@@ -399,6 +399,15 @@ class Container:
     # -- start --
     def start(self) -> bool:
         """Start a new instance; False (with a waiting reason) when it cannot be created."""
+        try:
+            return self._start()
+        except Exception as exc:  # noqa: BLE001: the runtime failed (a cgroup, a file): retried, as kubelets do
+            log.exception("starting %s of %s failed", self.name, self.worker.label)
+            self.waiting = ("RunContainerError", f"{type(exc).__name__}: {exc}")
+            self.next_start = time.monotonic() + 5
+            return False
+
+    def _start(self) -> bool:
         w = self.worker
         try:
             self.image = resolve(w.agent.images, self.spec.get("image", ""))
@@ -455,7 +464,8 @@ class Container:
             ],
             "cwd": cwd, "uid": uid, "gid": gid, "groups": groups,
             "noNewPrivs": sc.get("allowPrivilegeEscalation") is False, "argv": argv, "env": env,
-            "errorFile": str(error_file), "cgroups": inst.cgroup.procs_files,
+            "errorFile": str(error_file), "cgroups": inst.cgroup.procs_files, "cgroupMounts": inst.cgroup.mounts,
+            "traverse": w.agent.traverse,
         }
         inst.enter_spec = {k: launch[k] for k in ("cwd", "uid", "gid", "groups", "noNewPrivs", "env", "cgroups")}
         (files / "launch.json").write_text(json.dumps(launch))

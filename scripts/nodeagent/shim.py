@@ -88,6 +88,32 @@ def _inside(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/"))
 
 
+def _in_root(root: str, path: str) -> str:
+    """`path` inside the container's root, its symlinks followed as the container sees them (an absolute
+    link such as /var/run -> /run points into the root, never out to the host's)."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        if os.path.islink(candidate):
+            hops += 1
+            if hops > 40:
+                raise ShimError(f"{path}: too many symbolic links")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p and p != "."] + parts
+            continue
+        resolved.append(part)
+    return os.path.join(root, *resolved)
+
+
 def _bind_host_folder(root: str, scratch: str, name: str) -> None:
     """A host top-level folder in the container's root, overlaid so the container's writes (and the
     permission changes below) land in its own scratch space, never on the host; bound read-only where
@@ -124,11 +150,16 @@ def build_root(spec: dict) -> str:
             mount(host, _inside(root, name), None, MS_BIND)
     # the image's interpreter lives in the host's folders: make the way to it passable for the container's user
     for path in spec.get("traverse", []):
-        target = _inside(root, path)
+        target = _in_root(root, path)
         os.chmod(target, os.stat(target).st_mode & 0o7777 | 0o001)
     for name in ("proc", "sys"):
         os.mkdir(_inside(root, name))
         mount("/" + name, _inside(root, name), None, MS_BIND | MS_REC)
+    for m in spec.get("cgroupMounts", []):
+        target = _inside(root, os.path.realpath(m["target"]))
+        if os.path.isdir(target):
+            mount(m["source"], target, None, MS_BIND)
+            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
     dev = _inside(root, "dev")
     os.mkdir(dev)
     mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755")
@@ -149,7 +180,7 @@ def build_root(spec: dict) -> str:
         os.mkdir(_inside(root, name))
         os.chmod(_inside(root, name), mode)
     for m in sorted(spec.get("mounts", []), key=lambda m: m["target"].rstrip("/").count("/")):
-        target = _inside(root, m["target"])
+        target = _in_root(root, m["target"])
         if os.path.isdir(m["source"]):
             os.makedirs(target, exist_ok=True)
         else:
@@ -157,10 +188,10 @@ def build_root(spec: dict) -> str:
         mount(m["source"], target, None, MS_BIND | MS_REC)
         if m.get("readOnly"):
             mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
-    cwd = spec.get("cwd") or "/"
-    if not os.path.isdir(_inside(root, cwd)):
-        os.makedirs(_inside(root, cwd), exist_ok=True)
-        os.chown(_inside(root, cwd), spec.get("uid", 0), spec.get("gid", 0))
+    cwd = _in_root(root, spec.get("cwd") or "/")
+    if not os.path.isdir(cwd):
+        os.makedirs(cwd, exist_ok=True)
+        os.chown(cwd, spec.get("uid", 0), spec.get("gid", 0))
     if readonly_root:
         for target in folders:
             mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
