@@ -65,7 +65,7 @@ mounts = {line.split()[1]: line.split()[2] for line in open("/proc/self/mounts")
 print(json.dumps({
     "uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
     "hostname": socket.gethostname(), "address": socket.gethostbyname(socket.gethostname()), "cwd": os.getcwd(),
-    "env": {k: os.environ.get(k) for k in ("TOKEN", "MODE", "POD_IP", "POD_NAME", "THREADS", "CFG_n", "HOME",
+    "env": {k: os.environ.get(k) for k in ("TOKEN", "MODE", "POD_IP", "POD_NAME", "THREADS", "CFG_count", "HOME",
                                            "QWEN_PORT", "LINK")},
     "secret": open("/etc/creds/token").read(), "config": open("/etc/cfg/mode").read(),
     "labels": open("/etc/podinfo/labels").read(),
@@ -97,7 +97,7 @@ def test_a_job_pod_runs_with_its_env_volumes_user_and_network(cluster, tmp_path)
     threading.Thread(target=host.serve_forever, daemon=True).start()
     cluster.apply([
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"token": "s3cret"}},
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"mode": "fast", "n": "3"}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"mode": "fast", "count": "3"}},
         {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"},
          "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}},
     ], ns)
@@ -114,7 +114,7 @@ def test_a_job_pod_runs_with_its_env_volumes_user_and_network(cluster, tmp_path)
                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                 {"name": "THREADS", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}}},
                 {"name": "HOME", "value": "/tmp"},
-                {"name": "LINK", "value": "$(MODE)-$(CFG_n)"},
+                {"name": "LINK", "value": "$(MODE)-$(CFG_count)"},
                 {"name": "HOST_URL", "value": f"http://{cluster.host_ip}:{host.server_address[1]}/"},
             ],
             "resources": {"limits": {"cpu": "500m", "memory": "512Mi"}},
@@ -157,7 +157,7 @@ def test_a_job_pod_runs_with_its_env_volumes_user_and_network(cluster, tmp_path)
     assert report["address"] == report["env"]["POD_IP"] == p["status"]["podIP"]
     assert ipaddress.ip_address(report["address"]) in ipaddress.ip_network(cluster.dc.pod_network["subnet"])
     assert report["env"] == {"TOKEN": "s3cret", "MODE": "fast", "POD_IP": report["address"],
-                             "POD_NAME": p["metadata"]["name"], "THREADS": "1", "CFG_n": "3", "HOME": "/tmp",
+                             "POD_NAME": p["metadata"]["name"], "THREADS": "1", "CFG_count": "3", "HOME": "/tmp",
                              "QWEN_PORT": "8000", "LINK": "fast-3"}  # QWEN_PORT: from the image's ENV
     assert report["secret"] == "s3cret" and report["config"] == "fast" and 'probe="yes"' in report["labels"]
     assert report["write"] == {"/scratch/f": "ok", "/memory/f": "ok", "/cache/written-by-the-pod": "ok",
