@@ -290,6 +290,7 @@ class DevCluster:
         self.run = self.state / "run"
         self.ports_file = self.state / "ports.json"
         self.apiserver_starts: list[float] = []  # wall-clock times the API server was (re)started
+        self.procs: dict[str, subprocess.Popen] = {}  # what this object started (reaped when it stops)
 
     # paths and addresses
     @property
@@ -345,6 +346,7 @@ class DevCluster:
         p = subprocess.Popen([*(cmd or [binary]), *args], stdout=log, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         self._pidfile(name).write_text(str(p.pid))
+        self.procs[name] = p
         return p
 
     def _alive(self, name: str) -> bool:
@@ -364,15 +366,24 @@ class DevCluster:
         try:
             pid = int(pf.read_text())
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
+            proc = self.procs.pop(name, None)
+            if proc is not None and proc.pid == pid:
+                # our own child: wait for it (and reap it: a zombie would look alive to kill(pid, 0))
                 try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.1)
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
             else:
-                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    try:
+                        os.kill(pid, 0)
+                    except ProcessLookupError:
+                        break
+                    time.sleep(0.1)
+                else:
+                    os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, ValueError):
             pass
         pf.unlink(missing_ok=True)

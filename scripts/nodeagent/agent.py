@@ -515,8 +515,14 @@ class Agent:
         workers = list(self.workers.values())
         for w in workers:
             w.wake.set()
+        containers = [c for w in workers for c in w.init_containers + w.containers]
+        deadline = time.monotonic() + 3
+        while any(c.running for c in containers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for c in containers:
+            c.force_kill()
         for w in workers:
-            w.join(15)
+            w.join(10)
         if self.log_server is not None:
             self.log_server.stop()
         if self.cgroups is not None:

@@ -567,6 +567,18 @@ class Container:
         threading.Thread(target=self._stop, args=(inst, grace, run_pre_stop), daemon=True,
                          name=f"stop-{self.name}").start()
 
+    def force_kill(self) -> None:
+        """SIGKILL at once, every process of the running instance (the agent is going away)."""
+        inst = self.instance
+        if inst is None or inst.proc is None or inst.done.is_set():
+            return
+        try:
+            os.killpg(inst.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if inst.cgroup is not None:
+            inst.cgroup.kill_all()
+
     def _stop(self, inst: Instance, grace: float, run_pre_stop: bool) -> None:
         deadline = time.monotonic() + grace
         pre = (self.spec.get("lifecycle") or {}).get("preStop")
