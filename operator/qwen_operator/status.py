@@ -160,7 +160,9 @@ def _deployment_counts(dep: dict) -> tuple[int, int, int, bool]:
     st = dep.get("status") or {}
     meta = dep.get("metadata") or {}
     desired = (dep.get("spec") or {}).get("replicas", 1)
-    settled = st.get("observedGeneration", 0) >= meta.get("generation", 0)
+    # settled also means no pod of an older revision is left running (`kubectl rollout status` waits for that)
+    settled = (st.get("observedGeneration", 0) >= meta.get("generation", 0)
+               and (st.get("replicas") or 0) <= (st.get("updatedReplicas") or 0))
     return desired, st.get("readyReplicas") or 0, st.get("updatedReplicas") or 0, settled
 
 

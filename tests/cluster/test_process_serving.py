@@ -238,8 +238,9 @@ def test_a_rolling_update_drains_in_flight_requests_while_the_operator_restarts(
     finally:
         operator.start()
     st = cluster.wait_phase("roll", ns, "Ready", timeout=300)["status"]
-    new = {p["metadata"]["name"] for p in server_pods(cluster, ns, "roll")}
-    assert st["readyReplicas"] == 2 and not new & set(old)
+    serving = {p["metadata"]["name"] for p in server_pods(cluster, ns, "roll") if not p["metadata"].get(
+        "deletionTimestamp")}
+    assert st["readyReplicas"] == 2 and len(serving) == 2 and not serving & set(old)
     dep = cluster.get("deployment", "roll", ns)
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["QWEN_MAX_QUEUE"] == "32"

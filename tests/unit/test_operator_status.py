@@ -31,11 +31,11 @@ def failed_pod(message="line one\nqwen-model: error: no such model\n"):
                 "exitCode": 3, "reason": "Error", "message": message}}}]}}
 
 
-def deployment(ready=2, updated=2, desired=2, generation=1, observed=1, key=KEY):
+def deployment(ready=2, updated=2, desired=2, generation=1, observed=1, key=KEY, replicas=None):
     return {"metadata": {"generation": generation, "annotations": {builders.ANNOTATION_MODEL_KEY: key}},
             "spec": {"replicas": desired},
             "status": {"observedGeneration": observed, "readyReplicas": ready, "updatedReplicas": updated,
-                       "replicas": desired}}
+                       "replicas": desired if replicas is None else replicas}}
 
 
 def pod(waiting=None, last=None, unschedulable=False):
@@ -72,6 +72,9 @@ def conds(st: dict) -> dict:
     (dict(pvc=pvc(), jobs=[job("done")], deployment=deployment(generation=2, observed=1)), "Starting", "RollingOut"),
     (dict(pvc=pvc(), jobs=[job("done")], deployment=deployment(ready=2, updated=1)), "Starting", "RollingOut"),
     (dict(pvc=pvc(), jobs=[job("done")], deployment=deployment()), "Ready", "Ready"),
+    # the new pods are all ready, but a pod of the old revision still runs: not rolled out yet
+    (dict(pvc=pvc(), jobs=[job("done")], deployment=deployment(ready=3, updated=2, replicas=3)), "Starting",
+     "RollingOut"),
     (dict(pvc=pvc(), jobs=[job("done")], deployment=deployment(ready=1)), "Degraded", "ReplicasUnavailable"),
     (dict(pvc=pvc(), jobs=[job("done")], deployment=deployment(ready=1), pods=[pod(waiting="CrashLoopBackOff")]),
      "Degraded", "CrashLoopBackOff"),
