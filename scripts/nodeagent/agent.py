@@ -491,6 +491,8 @@ class Agent:
         self.network.setup()
         self.cgroups = Cgroups(self.id)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.network.record(cgroups=[str(p) for p in self.cgroups.roots.values()],
+                            folders=[str(self.run_dir), str(Path("/dev/shm") / "qwen-process-nodes" / self.id)])
         log.info("pod network %s on bridge %s (host %s); cgroups: %s", self.network.subnet, self.network.bridge,
                  self.network.host_ip, self.cgroups.mode)
         from .logserver import LogServer

@@ -62,11 +62,17 @@ class Cgroups:
 
     def remove_all(self) -> None:
         for root in self.roots.values():
-            if root.exists():
-                for child in root.iterdir():
-                    if child.is_dir():
-                        _remove_dir(child)
-                _remove_dir(root)
+            remove_tree(root)
+
+
+def remove_tree(path: Path) -> None:
+    """A cgroup folder and every one below it, their processes killed first."""
+    if not path.is_dir():
+        return
+    for child in path.iterdir():
+        if child.is_dir():
+            remove_tree(child)
+    _remove_dir(path)
 
 
 def _remove_dir(path: Path) -> None:

@@ -13,6 +13,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,7 +71,14 @@ def _registry_lock():
 
 
 def _remove(entry: dict) -> None:
-    """Everything an agent made: its pods' namespaces (their veths go with them) and its bridge."""
+    """Everything an agent made: its pods' namespaces (their veths go with them), its bridge, and the folders
+    it recorded (its cgroups, whose processes are killed, and its memory-backed volumes)."""
+    from .cgroups import remove_tree
+
+    for folder in entry.get("cgroups", []):
+        remove_tree(Path(folder))
+    for folder in entry.get("folders", []):
+        shutil.rmtree(folder, ignore_errors=True)
     prefix = entry["netnsPrefix"]
     for line in ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
@@ -123,6 +131,14 @@ class PodNetwork:
             ip("addr", "add", f"{self.host_ip}/16", "dev", self.bridge)
             ip("link", "set", self.bridge, "up")
             (REGISTRY / f"{self.bridge}.json").write_text(json.dumps(entry))
+
+    def record(self, **extra) -> None:
+        """Add what else this agent made to its registry entry, for whoever cleans up after it."""
+        with _registry_lock():
+            path = REGISTRY / f"{self.bridge}.json"
+            entry = json.loads(path.read_text())
+            entry.update(extra)
+            path.write_text(json.dumps(entry))
 
     def teardown(self) -> None:
         with _registry_lock():

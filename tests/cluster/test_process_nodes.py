@@ -181,8 +181,10 @@ def test_pods_that_cannot_start_say_why(cluster):
         pod("missing-secret", [{"name": "c", "command": ["true"], "env": [
             {"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]}]),
         pod("no-such-command", [{"name": "c", "command": ["no-such-program"]}], restartPolicy="Never"),
-        pod("fails", [{"name": "c", "command": python("import sys; print('about to fail'); sys.exit(7)"),
-                       "terminationMessagePolicy": "FallbackToLogsOnError"}], restartPolicy="Never"),
+        pod("fails", [{"name": "c", "command": python("import os, sys; print('about to fail in', os.getcwd()); "
+                                                      "sys.exit(7)"),
+                       "workingDir": "/var/work", "terminationMessagePolicy": "FallbackToLogsOnError"}],
+            restartPolicy="Never"),
     ], ns)
     p = wait_pod(cluster, ns, "unknown-image", lambda p: container_status(p, "c")["state"].get("waiting", {}).get(
         "reason") in ("ErrImagePull", "ImagePullBackOff"), "an image pull error")
@@ -198,7 +200,8 @@ def test_pods_that_cannot_start_say_why(cluster):
     assert 'exec: "no-such-program": executable file not found in $PATH' in term["message"]
     p = wait_pod(cluster, ns, "fails", lambda p: p["status"].get("phase") == "Failed", "Failed")
     term = container_status(p, "c")["state"]["terminated"]
-    assert term["exitCode"] == 7 and term["reason"] == "Error" and term["message"].strip() == "about to fail"
+    assert term["exitCode"] == 7 and term["reason"] == "Error"
+    assert term["message"].strip() == "about to fail in /var/work"  # the log's tail, from its workingDir
 
 
 WEB = r"""
