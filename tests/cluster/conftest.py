@@ -109,7 +109,12 @@ class Cluster:
             return self.wait(f"{namespace}/{name} to be {phase}", check, timeout)
         except AssertionError:
             obj = self.qwd(name, namespace)
-            raise AssertionError(f"{namespace}/{name} did not reach {phase}: status={json.dumps((obj or {}).get('status'), indent=1)}")
+            pods = [{"name": p["metadata"]["name"], "node": p["spec"].get("nodeName"),
+                     "phase": (p.get("status") or {}).get("phase"),
+                     "containers": [c.get("state") for c in (p.get("status") or {}).get("containerStatuses") or []]}
+                    for p in self.get("pods", namespace=namespace) or []]
+            raise AssertionError(f"{namespace}/{name} did not reach {phase}: status={json.dumps((obj or {}).get('status'), indent=1)}"
+                                 f"\npods={json.dumps(pods, indent=1)}")
 
     def events(self, namespace: str, name: str) -> list[dict]:
         r = self.kubectl("get", "events", "-n", namespace, "--field-selector",
