@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class PodNetwork:
         self.subnet: ipaddress.IPv4Network | None = None
         self._next: dict[int, int] = {}
         self._taken: set[str] = set()
+        self._lock = threading.Lock()  # pod workers allocate and release addresses from their own threads
 
     @property
     def host_ip(self) -> str:
@@ -149,13 +151,14 @@ class PodNetwork:
         """The next free address of a node's /24, round-robin so a pod's address is not reused at once."""
         cidr = ipaddress.ip_network(self.node_cidr(node_index))
         hosts = list(cidr.hosts())
-        start = self._next.get(node_index, 0)
-        for i in range(len(hosts)):
-            addr = str(hosts[(start + i) % len(hosts)])
-            if addr not in self._taken:
-                self._taken.add(addr)
-                self._next[node_index] = (start + i + 1) % len(hosts)
-                return addr
+        with self._lock:
+            start = self._next.get(node_index, 0)
+            for i in range(len(hosts)):
+                addr = str(hosts[(start + i) % len(hosts)])
+                if addr not in self._taken:
+                    self._taken.add(addr)
+                    self._next[node_index] = (start + i + 1) % len(hosts)
+                    return addr
         raise NetworkError(f"no free pod address in {cidr}")
 
     def netns_path(self, key: str) -> str:
@@ -183,4 +186,5 @@ class PodNetwork:
     def remove_pod(self, key: str, addr: str | None) -> None:
         ip("netns", "delete", f"{self.netns_prefix}{key}", check=False)
         if addr:
-            self._taken.discard(addr)
+            with self._lock:
+                self._taken.discard(addr)
