@@ -155,7 +155,8 @@ class Controller:
             await self._converge(owner, spec, obs)
         status = derive_status(owner, obs)
         await self._write_status(obj, previous, status)
-        if obs.fetch_log is not None and key not in self.refreshing:  # one refresh timer per key at a time
+        # a fetch pod whose log could be read: look again soon, so its progress moves (one timer per key)
+        if obs.fetch_log is not None and key not in self.refreshing:
             self.refreshing.add(key)
             asyncio.get_running_loop().call_later(self.config.progress_seconds, self._refresh, key)
 
@@ -235,7 +236,7 @@ class Controller:
             return await asyncio.to_thread(self.kube.pod_log, ns, pod["metadata"]["name"], "fetch", 20)
         except Exception as exc:  # noqa: BLE001: no progress is no reason to fail the reconcile
             log.debug("no log from %s/%s: %s", ns, pod["metadata"]["name"], exc)
-            return ""
+            return None
 
     async def _optional(self, desired: dict | None, api_version: str, kind: str, owner: Owner, force: bool) -> None:
         live = await asyncio.to_thread(self.kube.get, api_version, kind, owner.namespace, owner.name)

@@ -160,8 +160,6 @@ class PodWorker(threading.Thread):
         self.start_mono = time.monotonic()
         self.published: dict | None = None
         self.conditions: dict[str, dict] = {}
-        self.events_seen: set[tuple[str, str]] = set()
-        self._services: tuple[float, list[dict]] = (0.0, [])
 
     # -- helpers for containers --
     def lookup(self, kind: str, name: str) -> dict | None:
