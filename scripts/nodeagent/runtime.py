@@ -545,6 +545,9 @@ class Container:
                                                   self.spec.get("terminationMessagePolicy", "File"), code)
         inst.terminated = {"exitCode": code, "reason": reason, "startedAt": inst.started_at, "finishedAt": finished,
                            "containerID": f"process://{inst.proc.pid}", **({"message": message} if message else {})}
+        tail = [line for line in (message or "").splitlines() if line.strip()][-3:]
+        log.info("pod %s: container %s (run %d) ended: %s, exit code %d%s", self.worker.label, self.name,
+                 inst.number, reason, code, "".join(f"\n    {line[:300]}" for line in tail))
         inst.done.set()
         if inst.cgroup is not None:
             inst.cgroup.remove()
@@ -562,6 +565,8 @@ class Container:
             return
         inst.killing = True
         inst.kill_reason = reason
+        log.info("pod %s: stopping container %s within %gs%s", self.worker.label, self.name, grace,
+                 f": {reason}" if reason else "")
         self.worker.event("Normal", "Killing", f"Stopping container {self.name}" + (f": {reason}" if reason else ""))
         self.worker.wake.set()
         threading.Thread(target=self._stop, args=(inst, grace, run_pre_stop), daemon=True,
