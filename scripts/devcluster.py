@@ -461,6 +461,10 @@ class DevCluster:
             f"--kubeconfig={self.kubeconfig_path}", f"--config={self.state / 'kwok.yaml'}",
             "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--cidr=10.244.0.0/16", "--node-ip=127.0.0.1", f"--server-address=127.0.0.1:{ports['kwok']}",
+            # kwok renews the nodes' leases (its heartbeat-with-lease stage updates node status only every 10
+            # minutes): without them the node controller found every kwok node NotReady every ~55 seconds and
+            # marked its pods not ready, for good
+            "--node-lease-duration-seconds=40",
         ])
         insecure = self._insecure()
         for comp, port in (("kube-controller-manager", ports["controller_manager"]),
