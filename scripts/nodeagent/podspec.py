@@ -224,6 +224,8 @@ def user_of(pod: dict, container: dict, image_user: str | None) -> tuple[int, in
         image_gid = int(g) if g.isdigit() else image_uid
     uid = csc.get("runAsUser", psc.get("runAsUser", image_uid))
     gid = csc.get("runAsGroup", psc.get("runAsGroup", image_gid))
+    if csc.get("runAsNonRoot", psc.get("runAsNonRoot")) and int(uid) == 0:
+        raise ConfigError("container has runAsNonRoot and image will run as root")
     groups = list(psc.get("supplementalGroups") or [])
     if psc.get("fsGroup") is not None:
         groups.append(psc["fsGroup"])

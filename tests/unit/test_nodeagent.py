@@ -100,6 +100,8 @@ def test_users_groups_and_ports():
     assert podspec.user_of(pod, {}, "0:0") == (1000, 1000, [2000, 3000])
     assert podspec.user_of(pod, {"securityContext": {"runAsUser": 5}}, None)[0] == 5
     assert podspec.user_of({"spec": {}}, {}, "1000:1000") == (1000, 1000, [])
+    with pytest.raises(podspec.ConfigError, match="runAsNonRoot and image will run as root"):
+        podspec.user_of({"spec": {"securityContext": {"runAsNonRoot": True}}}, {}, None)
     c = {"name": "server", "ports": [{"name": "http", "containerPort": 8000}]}
     assert podspec.probe_port(c, "http") == 8000 and podspec.probe_port(c, 9000) == 9000
     with pytest.raises(podspec.ConfigError, match="not a port"):
