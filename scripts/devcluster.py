@@ -2,10 +2,19 @@
 kube-scheduler and kwok's simulated nodes, on loopback ports, from binaries `scripts/k8s-bin` builds.
 
 The API server is real (schema and CEL validation, RBAC, admission with Pod Security, garbage collection),
-so are the Deployment, Job, ReplicaSet, PV and garbage-collector controllers and the scheduler. kwok plays
-the kubelets: it marks scheduled pods running and ready and Job pods succeeded. There is no volume
-provisioner, so a default StorageClass and a pool of pre-made PersistentVolumes stand in for one, bound by
-the real PV controller.
+so are the Deployment, Job, ReplicaSet, PV, EndpointSlice and garbage-collector controllers and the
+scheduler. Two kinds of node play the kubelets:
+
+- kwok's simulated nodes mark scheduled pods running and ready and Job pods succeeded, and run nothing;
+- process nodes (scripts/nodeagent, needs root) run every pod bound to them for real, as processes with
+  their own network namespace and address on a local bridge, volumes, probes and restarts. The project's
+  two images map to their Dockerfile ENTRYPOINTs run from the project's virtualenv.
+
+In the test session's cluster the process node carries a taint (PROCESS_TAINT), so only pods that tolerate
+it run for real; in the developer's cluster (`scripts/dev-cluster up`) it is the only CPU node, so every pod
+that asks for no GPU runs for real, and the kwok GPU node stays for GPU scheduling. There is no volume
+provisioner, so a default StorageClass and a pool of pre-made hostPath PersistentVolumes (in the cluster's
+state folder) stand in for one, bound by the real PV controller.
 
 Used by `scripts/dev-cluster up|down|env` (and `make dev-cluster`) and by the cluster tests.
 """
@@ -28,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KWOK_VERSION = "v0.8.0"
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "node-agent")
 SIMULATE = "qwen-test.io/simulate"  # pod annotation the test stages react to (what a kubelet would report)
 UNFETCHABLE = "qwen-test/unfetchable"  # a model whose fetch Job fails, as a missing hub repo would
 
@@ -38,6 +47,9 @@ NODES = [
     {"name": "gpu-node-1", "cpu": "32", "memory": "256Gi", "gpu": "2"},
 ]
 PV_POOL = 160
+PROCESS_NODE = "process-node-1"
+PROCESS_LABEL = {"qwen-test.io/node-kind": "process"}
+PROCESS_TAINT = {"key": "qwen-test.io/process-node", "value": "true", "effect": "NoSchedule"}
 
 
 def bin_dir() -> Path:
@@ -138,6 +150,7 @@ def make_pki(pki: Path) -> None:
     issue("controller-manager", "system:kube-controller-manager", [], server=False)
     issue("scheduler", "system:kube-scheduler", [], server=False)
     issue("front-proxy-client", "front-proxy-client", [], server=False)  # the aggregation layer's client
+    issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client", ["system:masters"], server=False)
     sa = _key()
     _write_key(pki / "sa.key", sa)
     (pki / "sa.pub").write_bytes(sa.public_key().public_bytes(serialization.Encoding.PEM,
@@ -264,14 +277,22 @@ def _stage(name: str, exprs: list[dict], template: str) -> dict:
 
 
 class DevCluster:
-    def __init__(self, state: Path, bins: Path | None = None) -> None:
+    """`process_nodes`: run a process node (needs root). `process_default`: it is the only CPU node and takes
+    every pod that asks for no GPU (the developer's cluster); otherwise it is tainted with PROCESS_TAINT and
+    the kwok CPU nodes take the rest (the test session's cluster)."""
+
+    def __init__(self, state: Path, bins: Path | None = None, process_nodes: bool = True,
+                 process_default: bool = False) -> None:
         self.state = Path(state)
         self.bins = bins or bin_dir()
+        self.process_nodes = process_nodes
+        self.process_default = process_default and process_nodes
         self.pki = self.state / "pki"
         self.logs = self.state / "logs"
         self.run = self.state / "run"
         self.ports_file = self.state / "ports.json"
         self.apiserver_starts: list[float] = []  # wall-clock times the API server was (re)started
+        self.procs: dict[str, subprocess.Popen] = {}  # what this object started (reaped when it stops)
 
     # paths and addresses
     @property
@@ -289,6 +310,23 @@ class DevCluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig_path)}
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        return COMPONENTS if self.process_nodes else COMPONENTS[:-1]
+
+    @property
+    def kwok_nodes(self) -> list[dict]:
+        return [n for n in NODES if n["gpu"]] if self.process_default else NODES
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n["name"] for n in self.kwok_nodes] + ([PROCESS_NODE] if self.process_nodes else [])
+
+    @property
+    def pod_network(self) -> dict:
+        """The process nodes' network: hostIP (the host's address on the pod bridge), subnet, bridge."""
+        return json.loads((self.run / "node-agent.json").read_text())
+
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60,
                 kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
         cmd = [str(self.bins / "kubectl"), "--kubeconfig", str(kubeconfig or self.kubeconfig_path), *args]
@@ -301,14 +339,16 @@ class DevCluster:
     def _pidfile(self, name: str) -> Path:
         return self.run / f"{name}.pid"
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, args: list[str], cmd: list[str] | None = None,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.run.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")
         binary = str(self.bins / ("etcd" if name == "etcd" else name))
-        p = subprocess.Popen([binary, *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
+        p = subprocess.Popen([*(cmd or [binary]), *args], stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         self._pidfile(name).write_text(str(p.pid))
+        self.procs[name] = p
         return p
 
     def _alive(self, name: str) -> bool:
@@ -328,15 +368,24 @@ class DevCluster:
         try:
             pid = int(pf.read_text())
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
+            proc = self.procs.pop(name, None)
+            if proc is not None and proc.pid == pid:
+                # our own child: wait for it (and reap it: a zombie would look alive to kill(pid, 0))
                 try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.1)
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
             else:
-                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    try:
+                        os.kill(pid, 0)
+                    except ProcessLookupError:
+                        break
+                    time.sleep(0.1)
+                else:
+                    os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, ValueError):
             pass
         pf.unlink(missing_ok=True)
@@ -358,15 +407,18 @@ class DevCluster:
 
     # lifecycle
     def up(self, timeout: float = 180) -> "DevCluster":
-        if self.ports_file.exists() and all(self._alive(c) for c in COMPONENTS):
+        if self.ports_file.exists() and all(self._alive(c) for c in self.components):
             return self
         self.down()
         started = time.monotonic()
         for binary in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kubectl"):
             if not (self.bins / binary).exists():
                 raise StartError(f"{self.bins / binary} is missing: run scripts/k8s-bin first")
+        if self.process_nodes and os.geteuid() != 0:
+            raise StartError("process nodes need root (network namespaces, mounts, cgroups); run as root, or "
+                             "without them: QWEN_DEV_CLUSTER_PROCESS_NODES=0")
         self.state.mkdir(parents=True, exist_ok=True)
-        if not (self.pki / "sa.key").exists():
+        if not (self.pki / "apiserver-kubelet-client.key").exists():
             make_pki(self.pki)
         ports = {k: free_port() for k in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler",
                                           "kwok")}
@@ -411,6 +463,10 @@ class DevCluster:
             f"--kubeconfig={self.kubeconfig_path}", f"--config={self.state / 'kwok.yaml'}",
             "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--cidr=10.244.0.0/16", "--node-ip=127.0.0.1", f"--server-address=127.0.0.1:{ports['kwok']}",
+            # kwok renews the nodes' leases (its heartbeat-with-lease stage updates node status only every 10
+            # minutes): without them the node controller found every kwok node NotReady every ~55 seconds and
+            # marked its pods not ready, for good
+            "--node-lease-duration-seconds=40",
         ])
         insecure = self._insecure()
         for comp, port in (("kube-controller-manager", ports["controller_manager"]),
@@ -418,9 +474,11 @@ class DevCluster:
             wait_for(comp, lambda port=port: self._get(f"https://127.0.0.1:{port}/healthz", insecure) == "ok", 60,
                      logs=self.logs / f"{comp}.log")
         self._seed()
+        if self.process_nodes:
+            self.start_node_agent()
         wait_for("the default ServiceAccount", lambda: self.kubectl(
             "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0, 60)
-        wait_for("kwok nodes to be Ready", self._nodes_ready, 60, logs=self.logs / "kwok.log")
+        wait_for("the nodes to be Ready", self._nodes_ready, 60, logs=self.logs / "kwok.log")
         print(f"dev-cluster: up in {time.monotonic() - started:.1f}s; export KUBECONFIG={self.kubeconfig_path}",
               file=sys.stderr)
         return self
@@ -439,6 +497,9 @@ class DevCluster:
             "--service-cluster-ip-range=10.0.0.0/24", "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NodeRestriction", "--allow-privileged=true", "--anonymous-auth=false",
             "--endpoint-reconciler-type=none", "--v=1",
+            f"--kubelet-client-certificate={self.pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={self.pki / 'apiserver-kubelet-client.key'}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             f"--audit-policy-file={self._audit_policy()}", f"--audit-log-path={self.audit_log}",
             "--audit-log-format=json", "--audit-log-maxsize=200",
             *self._aggregation_flags(),
@@ -473,16 +534,38 @@ class DevCluster:
     def stop_apiserver(self) -> None:
         self.stop_component("kube-apiserver")
 
+    def start_node_agent(self) -> None:
+        """The process-node agent, as root, with the cluster's admin credentials and CA."""
+        ready = self.run / "node-agent.json"
+        ready.unlink(missing_ok=True)
+        args = ["--kubeconfig", str(self.kubeconfig_path), "--state", str(self.state / "process-nodes"),
+                "--node", PROCESS_NODE, "--pki", str(self.pki), "--ready-file", str(ready),
+                "--kubelet-version", self.bins.name if self.bins.name.startswith("v") else "v1.37.2"]
+        for k, v in PROCESS_LABEL.items():
+            args += ["--label", f"{k}={v}"]
+        if not self.process_default:
+            t = PROCESS_TAINT
+            args += ["--taint", f"{t['key']}={t['value']}:{t['effect']}"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts"), "PYTHONUNBUFFERED": "1"}
+        proc = self._start("node-agent", args, cmd=[sys.executable, "-m", "nodeagent"], env=env)
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join((self.logs / "node-agent.log").read_text(errors="replace").splitlines()[-20:])
+                raise StartError(f"the process-node agent did not register its node:\n{tail}")
+            time.sleep(0.2)
+
     def _nodes_ready(self) -> bool:
         out = json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)
-        ready = [n for n in out["items"] if any(c["type"] == "Ready" and c["status"] == "True"
-                                                for c in n["status"].get("conditions", []))]
-        return len(ready) == len(NODES)
+        ready = {n["metadata"]["name"] for n in out["items"] if any(
+            c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+            and not any(t["key"] == "node.kubernetes.io/not-ready" for t in n["spec"].get("taints") or [])}
+        return set(self.node_names) <= ready
 
     def _seed(self) -> None:
         """Nodes, a default StorageClass and a pool of PersistentVolumes."""
         docs = []
-        for n in NODES:
+        for n in self.kwok_nodes:
             capacity = {"cpu": n["cpu"], "memory": n["memory"], "pods": "110"}
             node = {
                 "apiVersion": "v1", "kind": "Node",
@@ -511,13 +594,14 @@ class DevCluster:
                 "metadata": {"name": f"pool-{i:03d}", "labels": {"pool": "qwen-dev"}},
                 "spec": {"capacity": {"storage": "200Gi"}, "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
                          "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "standard",
-                         "hostPath": {"path": f"/tmp/qwen-dev-pv/{i:03d}", "type": "DirectoryOrCreate"}},
+                         "hostPath": {"path": str(self.state / "volumes" / f"{i:03d}"), "type": "DirectoryOrCreate"}},
             })
         self.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs), timeout=120)
 
     def down(self) -> None:
         for name in reversed(COMPONENTS):
-            self.stop_component(name)
+            # the agent stops its pods' processes and removes its network first
+            self.stop_component(name, timeout=30 if name == "node-agent" else 5)
 
     def destroy(self) -> None:
         self.down()
@@ -528,7 +612,8 @@ def main(argv: list[str]) -> int:
     state = Path(os.environ.get("QWEN_DEV_CLUSTER_STATE", ROOT / ".state" / "dev-cluster"))
     cmd = argv[0] if argv else "up"
     if cmd == "up":
-        dc = DevCluster(state).up()
+        process = os.environ.get("QWEN_DEV_CLUSTER_PROCESS_NODES", "1") not in ("0", "false", "no")
+        dc = DevCluster(state, process_nodes=process, process_default=True).up()
         # the QwenDeployment CRD, so `kubectl apply -f manifests/examples/...` works at once
         dc.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "qwendeployments.yaml"))
         dc.kubectl("wait", "--for=condition=Established", "crd/qwendeployments.qwen-operator.io", "--timeout=60s")

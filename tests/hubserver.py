@@ -238,12 +238,14 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class FakeHub:
-    def __init__(self) -> None:
+    """`host`: the address to listen on (loopback, or the process nodes' bridge address for pods to reach)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.state = HubState()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
         self.httpd.hub = self.state  # type: ignore[attr-defined]
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"http://{host}:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> "FakeHub":

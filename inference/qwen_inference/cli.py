@@ -54,10 +54,20 @@ def serve(settings) -> int:
     state = app.state.qwen
 
     class Server(uvicorn.Server):
+        load_failed = False
+
         def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: fail readiness at once, then drain
             state.shutting_down = True
             log.info("shutting down: finishing running requests", extra={"grace_seconds": settings.shutdown_grace})
             super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            # a model that cannot load never will: exit, so the kubelet restarts the pod with back-off and
+            # reports why, instead of a pod that stays unready until its startup probe gives up
+            if state.status == "failed":
+                self.load_failed = True
+                return True
+            return await super().on_tick(counter)
 
     config = uvicorn.Config(
         app,
@@ -68,21 +78,31 @@ def serve(settings) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace) if settings.shutdown_grace else None,
         timeout_keep_alive=5,
     )
-    Server(config).run()
+    server = Server(config)
+    server.run()
+    if server.load_failed:
+        print(f"qwen-serve: error: {state.reason}", file=sys.stderr, flush=True)
+        _termination_message(state.reason)
+        return 1
     return 0
 
 
 # ---- qwen-model ------------------------------------------------------------------------------------
 
 
-def _report(folder: Path) -> None:
-    """On Kubernetes, leave the result where the operator reads it: the container's termination message."""
-    from .modelcache import folder_bytes
-
+def _termination_message(text: str) -> None:
+    """On Kubernetes, leave `text` where the kubelet keeps it for the operator: the termination message."""
     path = os.environ.get(TERMINATION_LOG_ENV, "/dev/termination-log")
     if os.path.exists(path) and os.access(path, os.W_OK):
         with open(path, "w") as f:
-            f.write(TerminationMessage(path=str(folder), bytes=folder_bytes(folder)).dumps())
+            f.write(text)
+
+
+def _report(folder: Path) -> None:
+    """The result of a fetch, as the termination message the operator reads."""
+    from .modelcache import folder_bytes
+
+    _termination_message(TerminationMessage(path=str(folder), bytes=folder_bytes(folder)).dumps())
 
 
 class Download(BaseModel):

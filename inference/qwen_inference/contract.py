@@ -71,7 +71,9 @@ OTHER_ENV: frozenset[str] = frozenset({
     # where the engine's compiled CPU kernels live (read wherever the engine runs, qwen-serve or not)
     "QWEN_KERNELS_DIR",
     # scripts/devcluster.py: where the local control plane keeps its state
-    "QWEN_DEV_CLUSTER_STATE",
+    "QWEN_DEV_CLUSTER_STATE", "QWEN_DEV_CLUSTER_PROCESS_NODES",
+    # scripts/nodeagent: where the process nodes keep their shared network registry
+    "QWEN_PROCESS_NODES_RUN",
     # the long soak (make soak), and the kind cluster of tests/e2e/kind.sh
     "QWEN_SOAK", "QWEN_E2E_CLUSTER",
 })

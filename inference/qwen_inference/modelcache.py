@@ -171,11 +171,44 @@ class DownloadOptions:
     endpoint: str | None = None
     stall_timeout: float = 300.0
     lock_timeout: float = 6 * 3600.0
-    progress_interval: float = 10.0
+    progress_interval: float = 5.0
+    total_bytes: int | None = None  # set by the fetcher once the hub said how much there is
+
+
+# One line every few seconds while a download runs, read by people in a Job's log and by the operator (which
+# shows it in the QwenDeployment's status), so its form is fixed:
+#   progress: <done> of <total> bytes (<pct>%), <rate> MB/s, ETA <duration>
+#   progress: <done> bytes, <rate> MB/s                       (when the total is not known)
+PROGRESS_PREFIX = "progress: "
+
+
+def format_duration(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h{m}m" if m else f"{h}h"
+    if m:
+        return f"{m}m{sec}s" if sec else f"{m}m"
+    return f"{sec}s"
+
+
+def progress_line(done: int, total: int | None, rate: float) -> str:
+    """`rate` in bytes a second, over the last few seconds."""
+    if total:
+        pct = min(100.0, 100.0 * done / total)
+        eta = format_duration((total - done) / rate) if rate > 0 and total > done else ("0s" if done >= total
+                                                                                          else "unknown")
+        return f"{PROGRESS_PREFIX}{done} of {total} bytes ({pct:.1f}%), {rate / 1e6:.2f} MB/s, ETA {eta}"
+    return f"{PROGRESS_PREFIX}{done} bytes, {rate / 1e6:.2f} MB/s"
 
 
 class _Progress(threading.Thread):
-    """Prints bytes fetched so far and stops the process when nothing arrives for `stall_timeout` seconds."""
+    """Prints how far the download got (bytes on disk, partial files included, so a resumed run starts from
+    what an earlier one left), the rate over the last half minute and, with a known total, the time left;
+    stops the process when nothing arrives for `stall_timeout` seconds."""
+
+    WINDOW = 30.0
 
     def __init__(self, folder: Path, opts: DownloadOptions, on_stall: Callable[[], None], out=sys.stderr) -> None:
         super().__init__(daemon=True, name="download-progress")
@@ -183,19 +216,25 @@ class _Progress(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        last_bytes, last_change, started = -1, time.monotonic(), time.monotonic()
-        while not self.done.wait(min(self.opts.progress_interval, max(1.0, self.opts.stall_timeout / 4))):
+        samples: list[tuple[float, int]] = [(time.monotonic(), folder_bytes(self.folder))]
+        last_change = samples[0][0]
+        interval = min(self.opts.progress_interval, max(1.0, self.opts.stall_timeout / 4))
+        while not self.done.wait(interval):
             now = time.monotonic()
             current = folder_bytes(self.folder)
-            if current != last_bytes:
-                last_bytes, last_change = current, now
-                rate = current / max(1e-9, now - started)
-                print(f"progress: {current / 1e6:.1f} MB fetched ({rate / 1e6:.1f} MB/s)", file=self.out, flush=True)
-            elif now - last_change > self.opts.stall_timeout:
+            if current != samples[-1][1]:
+                last_change = now
+            samples.append((now, current))
+            while len(samples) > 2 and now - samples[1][0] >= self.WINDOW:
+                samples.pop(0)
+            t0, b0 = samples[0]
+            rate = max(0.0, (current - b0) / max(1e-9, now - t0))
+            if now - last_change > self.opts.stall_timeout:
                 print(f"error: no data arrived for {self.opts.stall_timeout:.0f}s; giving up (the next run resumes)",
                       file=self.out, flush=True)
                 self.on_stall()
                 return
+            print(progress_line(current, self.opts.total_bytes, rate), file=self.out, flush=True)
 
 
 def _fetch_huggingface(model_id: str, dest: Path, opts: DownloadOptions) -> str | None:
@@ -215,6 +254,7 @@ def _fetch_huggingface(model_id: str, dest: Path, opts: DownloadOptions) -> str 
     files = [s for s in info.siblings or [] if any(fnmatch.fnmatch(s.rfilename, pat) for pat in ALLOW_PATTERNS)]
     if not any(s.rfilename == "config.json" for s in files):
         raise ModelCacheError(f"{model_id}@{opts.revision} has no config.json: is it a transformers model?")
+    opts.total_bytes = sum((s.lfs.size if s.lfs else s.size) or 0 for s in files) or None
     headers = build_hf_headers(token=token or False, library_name="qwen-operator")
     timeout = httpx.Timeout(30.0, read=max(60.0, opts.stall_timeout * 2))
     with httpx.Client(headers=headers, timeout=timeout, follow_redirects=True) as client:

@@ -332,6 +332,8 @@ def build_deployment(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorD
         "livenessProbe": {"httpGet": {"path": "/livez", "port": "http"}, "periodSeconds": 10,
                           "timeoutSeconds": 5, "failureThreshold": 6},
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
+        # qwen-serve writes why it exits (a model that cannot load); a crash leaves the end of its log instead
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": resources(spec, serving_key),
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT, "readOnly": True},

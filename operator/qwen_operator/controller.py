@@ -47,6 +47,7 @@ class ControllerConfig:
     workers: int = 4
     force_apply_seconds: float = 300.0  # re-apply unchanged children anyway, to undo hand edits
     monitoring_check_seconds: float = 60.0
+    progress_seconds: float = 10.0  # while a fetch Job runs, reconcile this often to refresh its progress
 
 
 class Controller:
@@ -63,6 +64,7 @@ class Controller:
         self._monitoring: tuple[float, bool] = (0.0, False)
         self._apis: dict[tuple[str, str], tuple[float, bool]] = {}
         self.phases: dict[Key, str] = {}
+        self.refreshing: set[Key] = set()
 
     # ---- queue ---------------------------------------------------------------------------------------
     def enqueue(self, key: Key, delay: float = 0.0) -> None:
@@ -171,6 +173,14 @@ class Controller:
             await self._converge(owner, spec, obs)
         status = derive_status(owner, obs)
         await self._write_status(obj, previous, status)
+        # a fetch pod whose log could be read: look again soon, so its progress moves (one timer per key)
+        if obs.fetch_log is not None and key not in self.refreshing:
+            self.refreshing.add(key)
+            asyncio.get_running_loop().call_later(self.config.progress_seconds, self._refresh, key)
+
+    def _refresh(self, key: Key) -> None:
+        self.refreshing.discard(key)
+        self.enqueue(key)
 
     async def _converge(self, owner: Owner, spec: QwenDeploymentSpec, obs: Observed) -> None:
         k, ns = self.kube, owner.namespace
@@ -199,6 +209,8 @@ class Controller:
         if current is not None:
             obs.job_pods = await asyncio.to_thread(k.list, "v1", "Pod", ns, {"job-name": wanted})
         state = job_state(current)
+        if state == "running":
+            obs.fetch_log = await self._fetch_log(ns, obs.job_pods)
         if state == "succeeded":
             for j in jobs:
                 if j["metadata"]["name"] != wanted:
@@ -270,6 +282,18 @@ class Controller:
             obs.autoscaling = "http-missing"
         else:
             obs.autoscaling = "applied"
+
+    async def _fetch_log(self, ns: str, pods: list[dict]) -> str | None:
+        """The last lines of the running fetch pod's log (its progress), or None."""
+        running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+        if not running:
+            return None
+        pod = max(running, key=lambda p: p["metadata"].get("creationTimestamp") or "")
+        try:
+            return await asyncio.to_thread(self.kube.pod_log, ns, pod["metadata"]["name"], "fetch", 20)
+        except Exception as exc:  # noqa: BLE001: no progress is no reason to fail the reconcile
+            log.debug("no log from %s/%s: %s", ns, pod["metadata"]["name"], exc)
+            return None
 
     async def _optional(self, desired: dict | None, api_version: str, kind: str, owner: Owner, force: bool,
                         name: str | None = None) -> dict | None:

@@ -137,6 +137,7 @@ def build_crd() -> dict[str, Any]:
         {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
         {"name": "Min", "type": "integer", "jsonPath": ".spec.autoscaling.minReplicas", "priority": 1},
         {"name": "Max", "type": "integer", "jsonPath": ".spec.autoscaling.maxReplicas", "priority": 1},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.download.progress", "priority": 1},
     ]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -45,7 +45,8 @@ async def startup(settings: kopf.OperatorSettings, **_) -> None:
                                                    cluster_domain=s.cluster_domain),
                          resync_seconds=s.resync_seconds, workers=s.workers,
                          force_apply_seconds=s.force_apply_seconds,
-                         monitoring_check_seconds=s.monitoring_check_seconds),
+                         monitoring_check_seconds=s.monitoring_check_seconds,
+                         progress_seconds=s.progress_seconds),
     )
     await CONTROLLER.start()
     if s.metrics_port:

@@ -51,7 +51,7 @@ class Kube:
         self.api = api_client
 
     def _call(self, method: str, path: str, body: Any = None, query: list | None = None,
-              content_type: str | None = None) -> Any:
+              content_type: str | None = None, raw: bool = False, timeout: float = 60) -> Any:
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
@@ -61,10 +61,12 @@ class Kube:
         method, url, headers, payload, _ = self.api.param_serialize(
             method, path, query_params=query or [], header_params=headers, body=payload,
             auth_settings=["BearerToken"])
-        resp = self.api.call_api(method, url, header_params=headers, body=payload, _request_timeout=(10, 60))
+        resp = self.api.call_api(method, url, header_params=headers, body=payload, _request_timeout=(10, timeout))
         data = resp.read()
         if resp.status >= 400:
             raise ApiError(resp.status, resp.reason or "", data.decode(errors="replace") if data else "")
+        if raw:
+            return data.decode(errors="replace") if data else ""
         return json.loads(data) if data else None
 
     @staticmethod
@@ -116,6 +118,12 @@ class Kube:
     def patch_status(self, namespace: str, name: str, status: dict) -> dict:
         path = self.path(f"{GROUP}/{VERSION}", "QwenDeployment", namespace, name, "status")
         return self._call("PATCH", path, body={"status": status}, content_type="application/merge-patch+json")
+
+    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str:
+        """The last lines a pod's container wrote (pods/log)."""
+        path = self.path("v1", "Pod", namespace, name, "log")
+        return self._call("GET", path, query=[("container", container), ("tailLines", str(tail_lines))], raw=True,
+                          timeout=10)
 
     def list_qwen(self, namespace: str | None) -> list[dict]:
         path = f"/apis/{GROUP}/{VERSION}/{PLURAL}" if namespace is None else self.path(

@@ -33,6 +33,8 @@ class OperatorSettings(BaseSettings):
                                             "interceptor proxy Service.")
     keda_http_interceptor_port: int = Field(8080, ge=1, le=65535, description="Its port.")
     cluster_domain: str = Field("cluster.local", min_length=1, description="The cluster's DNS domain.")
+    progress_seconds: float = Field(10.0, gt=0, description="While a model downloads, how often its progress in "
+                                    "the status is refreshed.")
     workers: int = Field(4, ge=1, le=64, description="QwenDeployments reconciled at once.")
     watch_server_timeout: int = Field(300, ge=1, description="Seconds the API server keeps one watch open.")
     watch_client_timeout: int = Field(330, ge=1, description="Seconds before the operator drops a silent watch.")

@@ -306,6 +306,14 @@ class CacheStatus(Base):
     model_path: str | None = Field(None, description="The folder served, inside the volume.")
 
 
+class DownloadStatus(Base):
+    bytes: int | None = Field(None, description="Bytes fetched so far (a resumed download counts what it found).")
+    total_bytes: int | None = Field(None, description="Bytes in all, when the hub said.")
+    bytes_per_second: int | None = Field(None, description="Rate over the last half minute.")
+    eta_seconds: int | None = Field(None, description="Time left at that rate, when the total is known.")
+    progress: str | None = Field(None, description="All of the above in a few words (the PROGRESS column).")
+
+
 class QwenDeploymentStatus(Base):
     phase: Phase | None = Field(None, description="Pending, Downloading, Starting, Ready, Degraded or Failed.")
     reason: str | None = Field(None, description="Why the phase is what it is.")
@@ -317,6 +325,7 @@ class QwenDeploymentStatus(Base):
     endpoint: str | None = Field(None, description="In-cluster URL of the OpenAI-compatible API.")
     model: str | None = Field(None, description="The model being served.")
     cache: CacheStatus | None = Field(None, description="The model cache.")
+    download: DownloadStatus | None = Field(None, description="How far the fetch Job got, while it runs.")
     conditions: list[Condition] | None = Field(None, description="Detailed state.")
 
 

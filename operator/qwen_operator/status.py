@@ -3,6 +3,7 @@ the same status. Nothing is remembered but each condition's lastTransitionTime, 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ class Observed:
     scaled_object: dict | None = None  # KEDA's ScaledObject, as applied
     interceptor: dict | None = None  # the <name>-interceptor Service, when the deployment scales from zero
     inference_pool: str = "disabled"  # applied | missing | disabled
+    fetch_log: str | None = None  # the last lines of the running fetch pod's log
     previous: dict[str, Any] = field(default_factory=dict)  # the status as it was
     now: str = ""
 
@@ -100,6 +102,46 @@ def serving_key(deployment: dict | None) -> ModelKey | None:
         return None
 
 
+# what `qwen-model download` prints every few seconds (qwen_inference.modelcache.progress_line)
+PROGRESS = re.compile(r"^progress: (\d+)(?: of (\d+) bytes \([\d.]+%\)| bytes), ([\d.]+) MB/s(?:, ETA (\S+))?\s*$")
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def _duration(text: str | None) -> int | None:
+    m = _DURATION.match(text or "")
+    if not text or not m or not any(m.groups()):
+        return None
+    h, mi, se = (int(g or 0) for g in m.groups())
+    return h * 3600 + mi * 60 + se
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def download_progress(log_tail: str | None) -> dict[str, Any] | None:
+    """The last progress line of a fetch pod's log, as the status's `download`."""
+    for line in reversed((log_tail or "").splitlines()):
+        m = PROGRESS.match(line.strip())
+        if not m:
+            continue
+        done, total, rate = int(m.group(1)), int(m.group(2)) if m.group(2) else None, float(m.group(3))
+        eta = _duration(m.group(4))
+        out: dict[str, Any] = {"bytes": done, "totalBytes": total, "bytesPerSecond": int(rate * 1e6),
+                               "etaSeconds": eta}
+        if total:
+            text = f"{min(100.0, 100 * done / total):.0f}% of {_size(total)}, {rate:.1f} MB/s"
+            text += f", ETA {m.group(4)}" if eta is not None else ""
+        else:
+            text = f"{_size(done)}, {rate:.1f} MB/s"
+        out["progress"] = text
+        return {k: v for k, v in out.items() if v is not None}
+    return None
+
+
 def pod_problem(pods: list[dict]) -> tuple[str, str] | None:
     """The first reason a person can act on, from the pods' scheduling and container states."""
     for pod in pods:
@@ -117,7 +159,12 @@ def pod_problem(pods: list[dict]) -> tuple[str, str] | None:
             reason = waiting.get("reason")
             if reason in POD_PROBLEMS:
                 key = "ImagePullBackOff" if reason in ("ErrImagePull", "InvalidImageName") else reason
-                return key, f"pod {name}: {reason}: {waiting.get('message', '')}".strip().rstrip(":")
+                message = f"pod {name}: {reason}: {waiting.get('message', '')}".strip().rstrip(":")
+                lines = [ln.strip() for ln in (last.get("message") or "").splitlines() if ln.strip()]
+                if reason == "CrashLoopBackOff" and last:
+                    message += f"; the container last exited with code {last.get('exitCode')}"
+                    message += f": {lines[-1]}" if lines else ""
+                return key, message
     return None
 
 
@@ -125,7 +172,9 @@ def _deployment_counts(dep: dict) -> tuple[int, int, int, bool]:
     st = dep.get("status") or {}
     meta = dep.get("metadata") or {}
     desired = (dep.get("spec") or {}).get("replicas", 1)
-    settled = st.get("observedGeneration", 0) >= meta.get("generation", 0)
+    # settled also means no pod of an older revision is left running (`kubectl rollout status` waits for that)
+    settled = (st.get("observedGeneration", 0) >= meta.get("generation", 0)
+               and (st.get("replicas") or 0) <= (st.get("updatedReplicas") or 0))
     return desired, st.get("readyReplicas") or 0, st.get("updatedReplicas") or 0, settled
 
 
@@ -297,6 +346,10 @@ def derive_status(owner: Owner, obs: Observed) -> dict[str, Any]:
             port = (obs.interceptor.get("spec") or {}).get("ports", [{}])[0].get("port")
             out["endpoint"] = f"http://{obs.interceptor['metadata']['name']}.{owner.namespace}.svc:{port}/v1"
         cache_ready = conds["CacheReady"][0] == "True"
+        if conds["CacheReady"][1] == "Downloading":
+            progress = download_progress(obs.fetch_log)
+            if progress:
+                out["download"] = progress
         out["cache"] = {"claim": builders.claim_name(owner, spec), "ready": cache_ready,
                         "bytes": cached_bytes(obs.job_pods) if cache_ready else None,
                         "modelPath": builders.model_path(key)}

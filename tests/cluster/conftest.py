@@ -1,6 +1,10 @@
 """One local control plane for the whole session (scripts/devcluster.py), the CRDs, and the operator running
 as a process under the ServiceAccount and RBAC the Helm chart installs. These tests fail, never skip, when
-the control plane cannot start."""
+the control plane cannot start.
+
+Pods land on kwok's simulated nodes unless a test places them on the process node (`on_process_node`):
+there they really run, as processes with their own address on the pod bridge (`cluster.host_ip` is the
+host's address on it, where test servers listen for pods)."""
 
 from __future__ import annotations
 
@@ -31,11 +35,23 @@ def k8s_bin() -> Path:
     return Path(r.stdout.strip().splitlines()[-1])
 
 
+def on_process_node(spec: dict) -> dict:
+    """A pod spec (or QwenDeployment spec) placed on the process node, where it really runs."""
+    spec["nodeSelector"] = dict(devcluster.PROCESS_LABEL)
+    spec["tolerations"] = [{"key": devcluster.PROCESS_TAINT["key"], "operator": "Exists", "effect": "NoSchedule"}]
+    return spec
+
+
 class Cluster:
     def __init__(self, dc: devcluster.DevCluster) -> None:
         self.dc = dc
         self.bins = dc.bins
         self.made: list[str] = []  # namespaces made by the running test, deleted after it
+
+    @property
+    def host_ip(self) -> str:
+        """The host's address on the process nodes' pod bridge."""
+        return self.dc.pod_network["hostIP"]
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60,
                 kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
@@ -92,7 +108,12 @@ class Cluster:
             return self.wait(f"{namespace}/{name} to be {phase}", check, timeout)
         except AssertionError:
             obj = self.qwd(name, namespace)
-            raise AssertionError(f"{namespace}/{name} did not reach {phase}: status={json.dumps((obj or {}).get('status'), indent=1)}")
+            pods = [{"name": p["metadata"]["name"], "node": p["spec"].get("nodeName"),
+                     "phase": (p.get("status") or {}).get("phase"),
+                     "containers": [c.get("state") for c in (p.get("status") or {}).get("containerStatuses") or []]}
+                    for p in self.get("pods", namespace=namespace) or []]
+            raise AssertionError(f"{namespace}/{name} did not reach {phase}: status={json.dumps((obj or {}).get('status'), indent=1)}"
+                                 f"\npods={json.dumps(pods, indent=1)}")
 
     def events(self, namespace: str, name: str) -> list[dict]:
         r = self.kubectl("get", "events", "-n", namespace, "--field-selector",
@@ -122,7 +143,8 @@ class Operator:
         e = dict(os.environ, KUBECONFIG=str(self.kubeconfig), QWEN_OPERATOR_RESYNC_SECONDS="3",
                  QWEN_OPERATOR_FORCE_APPLY_SECONDS="4", QWEN_OPERATOR_METRICS_PORT=str(self.metrics_port),
                  QWEN_OPERATOR_LIVENESS_PORT=str(self.liveness_port), QWEN_OPERATOR_MONITORING_CHECK_SECONDS="2",
-                 QWEN_OPERATOR_DEFAULT_IMAGE="registry.example/qwen-inference:test", PYTHONUNBUFFERED="1")
+                 QWEN_OPERATOR_DEFAULT_IMAGE="registry.example/qwen-inference:test", PYTHONUNBUFFERED="1",
+                 QWEN_OPERATOR_PROGRESS_SECONDS="2")
         e.update(env)
         out = open(self.log, "ab")
         cmd = [sys.executable, "-c", "from qwen_operator.main import main; raise SystemExit(main())"]

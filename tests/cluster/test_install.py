@@ -59,6 +59,21 @@ def test_namespaced_mode_uses_roles_not_a_cluster_role():
     assert env["QWEN_OPERATOR_NAMESPACES"] == "a,b"
 
 
+def test_helm_is_a_release_build_that_assumes_a_current_kubernetes():
+    """scripts/k8s-bin builds helm with the version flags of helm's own Makefile: it reports its release and,
+    without a cluster, a current Kubernetes, so the chart's `kubeVersion: >=1.30.0-0` holds for `helm template`."""
+    out = subprocess.run([str(ROOT / "scripts" / "k8s-bin"), "dir"], capture_output=True, text=True, check=True)
+    helm_bin = out.stdout.strip() + "/helm"
+    version = subprocess.run([helm_bin, "version", "--template", "{{.Version}}"], capture_output=True, text=True,
+                             check=True).stdout
+    pinned = next(line.split(":-")[1].rstrip("}") for line in (ROOT / "scripts" / "k8s-bin").read_text().splitlines()
+                  if line.startswith("HELM_VERSION="))
+    assert version == pinned
+    r = subprocess.run([helm_bin, "template", "x", str(CHART)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "kind: Deployment" in r.stdout
+
+
 def test_install_bundle_is_accepted_by_the_api_server(cluster):
     r = cluster.kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts", "-f",
                         str(ROOT / "manifests" / "install.yaml"), check=False)

@@ -119,18 +119,16 @@ def test_demo_model_banner_and_first_use(tmp_path):
     assert any("qwen-model download Qwen/Qwen3.5-2B" in line for line in head)
 
 
-def test_bad_model_is_reported_and_health_says_why(tmp_path):
-    p, url = start("--model", str(tmp_path / "missing"))
+def test_a_model_that_cannot_load_ends_the_process_with_the_reason(tmp_path):
+    """The reason goes to stderr and to the termination message, and the exit code is 1, so on Kubernetes the
+    pod restarts with back-off and says why instead of sitting unready until its startup probe gives up."""
+    term = tmp_path / "termination-log"
+    term.write_text("")
+    p, url = start("--model", str(tmp_path / "missing"), env={"QWEN_TERMINATION_LOG": str(term)})
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.get(url + "/health", timeout=2)
-                if "failed" in r.json().get("reason", ""):
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        assert r.status_code == 503 and "neither a folder" in r.json()["reason"]
+        code = p.wait(120)
     finally:
-        stop(p)
+        err = stop(p)
+    assert code == 1
+    assert "neither a folder" in err.splitlines()[-1] and err.splitlines()[-1].startswith("qwen-serve: error:")
+    assert term.read_text().startswith("loading the model failed:") and "neither a folder" in term.read_text()

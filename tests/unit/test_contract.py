@@ -118,7 +118,7 @@ def test_the_allowed_names_are_the_ones_the_programs_read():
     assert "os.environ.get(TERMINATION_LOG_ENV" in (ROOT / "inference/qwen_inference/cli.py").read_text()
     scripts = "".join((ROOT / p).read_text() for p in ("scripts/k8s-bin", "scripts/devcluster.py",
                                                         "tests/server/test_soak.py", "tests/e2e/kind.sh",
-                                                        "tests/cluster/test_keda.py",
+                                                        "tests/cluster/test_keda.py", "scripts/nodeagent/network.py",
                                                         "inference/qwen_inference/engine/kernels/__init__.py"))
     for name in contract.OTHER_ENV - {contract.TERMINATION_LOG_ENV}:
         assert name.startswith("QWEN_MODEL_") or name in scripts, name

@@ -366,3 +366,12 @@ def test_sizing_knows_each_generation_by_name():
     assert dense == sizing.default_resources("Qwen/Qwen3-1.7B", "huggingface", "cpu", "bfloat16", 0, 1)
     assert sizing.startup_seconds("Qwen/Qwen3.5-9B", "huggingface", "cpu", "auto") > \
         sizing.startup_seconds("Qwen/Qwen3.5-0.8B", "huggingface", "cpu", "auto")
+
+
+def test_the_server_keeps_why_it_exited():
+    from qwen_operator.builders import OperatorDefaults, Owner, build_deployment, model_key
+    from qwen_operator.spec import QwenDeploymentSpec
+
+    spec = QwenDeploymentSpec.model_validate({"model": {"name": "demo", "source": "demo"}})
+    dep = build_deployment(Owner("d", "ns", "u"), spec, OperatorDefaults(), model_key(spec))
+    assert dep["spec"]["template"]["spec"]["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"

@@ -31,11 +31,11 @@ def failed_pod(message="line one\nqwen-model: error: no such model\n"):
                 "exitCode": 3, "reason": "Error", "message": message}}}]}}
 
 
-def deployment(ready=2, updated=2, desired=2, generation=1, observed=1, key=KEY):
+def deployment(ready=2, updated=2, desired=2, generation=1, observed=1, key=KEY, replicas=None):
     return {"metadata": {"generation": generation, "annotations": {builders.ANNOTATION_MODEL_KEY: str(key)}},
             "spec": {"replicas": desired},
             "status": {"observedGeneration": observed, "readyReplicas": ready, "updatedReplicas": updated,
-                       "replicas": desired}}
+                       "replicas": desired if replicas is None else replicas}}
 
 
 def pod(waiting=None, last=None, unschedulable=False):
@@ -72,6 +72,9 @@ def conds(st: dict) -> dict:
     (dict(pvc=pvc(), jobs=[job("done")], deployment=deployment(generation=2, observed=1)), "Starting", "RollingOut"),
     (dict(pvc=pvc(), jobs=[job("done")], deployment=deployment(ready=2, updated=1)), "Starting", "RollingOut"),
     (dict(pvc=pvc(), jobs=[job("done")], deployment=deployment()), "Ready", "Ready"),
+    # the new pods are all ready, but a pod of the old revision still runs: not rolled out yet
+    (dict(pvc=pvc(), jobs=[job("done")], deployment=deployment(ready=3, updated=2, replicas=3)), "Starting",
+     "RollingOut"),
     (dict(pvc=pvc(), jobs=[job("done")], deployment=deployment(ready=1)), "Degraded", "ReplicasUnavailable"),
     (dict(pvc=pvc(), jobs=[job("done")], deployment=deployment(ready=1), pods=[pod(waiting="CrashLoopBackOff")]),
      "Degraded", "CrashLoopBackOff"),
@@ -169,3 +172,46 @@ def test_subset():
     assert not subset({"a": [1]}, {"a": [1, 2]})
     assert not subset({"ports": [{"port": 8000}]}, {"ports": [{"port": 9999}]})
     assert subset(None, None) and not subset({"x": 1}, None)
+
+
+def test_download_progress_from_the_fetch_pods_last_progress_line():
+    from qwen_inference.modelcache import progress_line
+
+    log = "\n".join([
+        "downloading Qwen/Qwen2.5-0.5B-Instruct@main from huggingface into /cache/...",
+        progress_line(100_000_000, 1_000_000_000, 5e6),
+        progress_line(250_000_000, 1_000_000_000, 12.5e6),
+        "[1/9] config.json (0.0 MB)",
+    ])
+    st = status(pvc=pvc(), jobs=[job()], fetch_log=log)
+    assert st["phase"] == "Downloading"
+    assert st["download"] == {"bytes": 250_000_000, "totalBytes": 1_000_000_000, "bytesPerSecond": 12_500_000,
+                              "etaSeconds": 60, "progress": "25% of 1.0 GB, 12.5 MB/s, ETA 1m"}
+    # no total known (the modelscope fetcher): bytes and rate, no ETA
+    st = status(pvc=pvc(), jobs=[job()], fetch_log=progress_line(3_500_000, None, 0.25e6))
+    assert st["download"] == {"bytes": 3_500_000, "bytesPerSecond": 250_000, "progress": "3.5 MB, 0.2 MB/s"}
+    # stalled: the rate is 0 and the time left unknown
+    st = status(pvc=pvc(), jobs=[job()], fetch_log=progress_line(10, 100, 0.0))
+    assert st["download"]["bytesPerSecond"] == 0 and "etaSeconds" not in st["download"]
+
+
+@pytest.mark.parametrize("obs", [
+    dict(pvc=pvc(), jobs=[job()], fetch_log=""),  # no line yet (or no log to read)
+    dict(pvc=pvc(), jobs=[job()], fetch_log="progress: garbled"),
+    dict(pvc=pvc(), jobs=[job("done")], fetch_log="progress: 1 of 2 bytes (50.0%), 1.00 MB/s, ETA 1s"),
+    dict(pvc=pvc(), jobs=[job()], job_pods=[pod(waiting="ImagePullBackOff")],
+         fetch_log="progress: 1 of 2 bytes (50.0%), 1.00 MB/s, ETA 1s"),
+])
+def test_no_download_progress_unless_a_fetch_is_under_way(obs):
+    assert "download" not in status(**obs)
+
+
+def test_a_crash_loop_says_how_the_container_last_ended():
+    p = {"metadata": {"name": "chat-x"}, "status": {"containerStatuses": [{
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s restarting failed container"}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                                     "message": "loading the model failed: bad config\n"}}}]}}
+    st = status(pvc=pvc(), jobs=[job("done")], deployment=deployment(ready=0), pods=[p])
+    assert st["phase"] == "Degraded" and st["reason"] == "CrashLoopBackOff"
+    assert st["message"] == ("pod chat-x: CrashLoopBackOff: back-off 10s restarting failed container; the container "
+                             "last exited with code 1: loading the model failed: bad config")
