@@ -11,8 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
-from .contract import (EXIT_FAILED, EXIT_OK, EXIT_PERMANENT, EXIT_USAGE, TERMINATION_LOG_ENV,
-                       TerminationMessage)
+from .contract import (EXIT_FAILED, EXIT_MODEL_NOT_SUPPORTED, EXIT_OK, EXIT_PERMANENT, EXIT_USAGE,
+                       TERMINATION_LOG_ENV, TerminationMessage)
 
 log = logging.getLogger("qwen_inference.cli")
 
@@ -83,7 +83,7 @@ def serve(settings) -> int:
     if server.load_failed:
         print(f"qwen-serve: error: {state.reason}", file=sys.stderr, flush=True)
         _termination_message(state.reason)
-        return 1
+        return EXIT_MODEL_NOT_SUPPORTED if state.permanent else EXIT_FAILED
     return 0
 
 

@@ -95,6 +95,10 @@ EXIT_PERMANENT = 3  # failed for good: no such model, no access, a broken folder
 EXIT_STALLED = 75  # no data arrived for --stall-timeout seconds; the next run resumes (EX_TEMPFAIL)
 # the fetch Job fails at once on these (its podFailurePolicy); it retries the others
 EXIT_CODES_NOT_RETRIED: tuple[int, ...] = (EXIT_USAGE, EXIT_PERMANENT)
+# qwen-serve exits EXIT_MODEL_NOT_SUPPORTED when the model cannot be served by this server at all (an unknown or
+# refused architecture, a checkpoint without the tensors its config names), with one line saying why as its
+# termination message; the operator's status then says ModelNotSupported. Other load failures exit EXIT_FAILED.
+EXIT_MODEL_NOT_SUPPORTED = EXIT_PERMANENT
 
 
 # ---- the termination message ------------------------------------------------------------------------

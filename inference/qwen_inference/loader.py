@@ -65,8 +65,11 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass  # already set in this process
-    path = resolve(settings.model, settings.model_cache_dir, settings.revision)
-    family(model_type_of(path))  # an unsupported architecture fails here, before anything is read
+    def supported(folder: Path) -> None:  # an unsupported architecture fails first, before anything is read
+        if (folder / "config.json").is_file():
+            family(model_type_of(folder))
+
+    path = resolve(settings.model, settings.model_cache_dir, settings.revision, check=supported)
     platform = Platform.resolve(settings.device, settings.dtype, settings.quantize)
     log.info("loading %s from %s on %s (%s, %d threads)", settings.model, path,
              ",".join(str(d) for d in platform.devices), platform.dtype_name(), threads)

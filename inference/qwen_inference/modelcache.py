@@ -462,21 +462,22 @@ def ensure_demo(cache_dir: Path) -> Path:
     return folder
 
 
-def resolve(model: str, cache_dir: Path, revision: str = "main") -> Path:
-    """A local folder, `demo`, or a hub id already in the cache."""
+def resolve(model: str, cache_dir: Path, revision: str = "main", check=None) -> Path:
+    """A local folder, `demo`, or a hub id already in the cache. `check(folder)`, when given, runs before the
+    folder's files are verified (the server refuses an architecture it does not run before anything else)."""
     if model == DEMO:
         return ensure_demo(cache_dir)
     p = Path(model).expanduser()
+    if is_hub_id(model) and not p.is_dir():
+        p = model_path(cache_dir, model, revision)
+        if not p.is_dir():
+            raise ModelCacheError(
+                f"{model}@{revision} is not in the cache {cache_dir}; fetch it first with "
+                f"`qwen-model download {model} --cache-dir {cache_dir} --revision {revision}`"
+            )
     if p.is_dir():
+        if check is not None:
+            check(p)
         verify(p)
         return p
-    if is_hub_id(model):
-        folder = model_path(cache_dir, model, revision)
-        if folder.is_dir():
-            verify(folder)
-            return folder
-        raise ModelCacheError(
-            f"{model}@{revision} is not in the cache {cache_dir}; fetch it first with "
-            f"`qwen-model download {model} --cache-dir {cache_dir} --revision {revision}`"
-        )
     raise ModelCacheError(f"--model {model!r} is neither a folder, `demo`, nor a hub id (org/name)")

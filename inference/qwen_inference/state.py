@@ -23,6 +23,7 @@ class ServerState:
         self.model = None
         self.status = "loading"
         self.reason = "the model is loading"
+        self.permanent = False  # the load failed for good: the model cannot be served here
         self.shutting_down = False
         self.load_thread: threading.Thread | None = None
         self.api_keys = [k.encode() for k in settings.api_keys()]
@@ -39,11 +40,16 @@ class ServerState:
 
     def load(self) -> None:
         """Load the model (the engine loop is started by the caller)."""
+        from .engine.weights import UnsupportedModel
         from .loader import load
 
         started = time.monotonic()
         try:
             self.model = load(self.settings, metrics=self.metrics)
+        except UnsupportedModel as exc:  # never servable here: one line, no traceback
+            log.error("the model cannot be served: %s", exc)
+            self.status, self.reason, self.permanent = "failed", f"model not supported: {exc}", True
+            return
         except Exception as exc:  # noqa: BLE001: reported by /health and the log
             log.exception("loading the model failed")
             self.status, self.reason = "failed", f"loading the model failed: {exc}"

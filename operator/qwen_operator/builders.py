@@ -28,6 +28,7 @@ UID = 1000
 PRESTOP_SECONDS = 5
 SHUTDOWN_GRACE = 25
 GPU_RESOURCE = "nvidia.com/gpu"
+SERVER_CONTAINER = "server"
 
 
 @dataclass(frozen=True)
@@ -320,7 +321,7 @@ def build_deployment(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorD
     startup = sizing.startup_seconds(name, source, spec.device, spec.dtype)
     period = 10
     container: dict[str, Any] = {
-        "name": "server",
+        "name": SERVER_CONTAINER,
         "image": image(spec, defaults),
         "imagePullPolicy": spec.image_pull_policy,
         "env": server_env(spec, serving_key),

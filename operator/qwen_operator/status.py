@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen_inference.contract import ModelKey, TerminationMessage
+from qwen_inference.contract import EXIT_MODEL_NOT_SUPPORTED, ModelKey, TerminationMessage
 
 from . import builders
 from .builders import Owner
@@ -161,6 +161,10 @@ def pod_problem(pods: list[dict]) -> tuple[str, str] | None:
                 key = "ImagePullBackOff" if reason in ("ErrImagePull", "InvalidImageName") else reason
                 message = f"pod {name}: {reason}: {waiting.get('message', '')}".strip().rstrip(":")
                 lines = [ln.strip() for ln in (last.get("message") or "").splitlines() if ln.strip()]
+                if reason == "CrashLoopBackOff" and last.get("exitCode") == EXIT_MODEL_NOT_SUPPORTED \
+                        and cs.get("name") == builders.SERVER_CONTAINER and lines:
+                    # the server's own verdict: this model cannot be served here, whatever the retries
+                    return "ModelNotSupported", f"pod {name}: {lines[-1]}"
                 if reason == "CrashLoopBackOff" and last:
                     message += f"; the container last exited with code {last.get('exitCode')}"
                     message += f": {lines[-1]}" if lines else ""

@@ -122,8 +122,13 @@ def hub(cluster, tmp_path_factory):
     import torch
 
     save_file({"model.embed_tokens.weight": torch.zeros(4, 4)}, str(broken / "model.safetensors"))
+    moe = tmp_path_factory.mktemp("moe")  # an architecture the server does not run
+    for f in tiny.iterdir():
+        shutil.copy(f, moe / f.name)
+    (moe / "config.json").write_text(json.dumps({**json.loads((tiny / "config.json").read_text()),
+                                                 "model_type": "qwen3_5_moe"}))
     with FakeHub(host=cluster.host_ip) as h:
-        h.state.repos = {"qwen-test/tiny": tiny, "qwen-test/broken": broken}
+        h.state.repos = {"qwen-test/tiny": tiny, "qwen-test/broken": broken, "qwen-test/moe": moe}
         yield h
 
 
@@ -165,21 +170,36 @@ def test_a_hub_model_downloads_with_progress_resumes_after_its_pod_is_killed_and
 
 
 def test_a_model_that_cannot_load_is_reported_with_the_reason(cluster, operator, hub):
+    """Two at once: a checkpoint that does not match its config (the server exits 1 and the pods crash-loop,
+    the status carrying the server's last line), and an architecture the server does not run (exit 3: the
+    status says ModelNotSupported with the model type and the supported ones)."""
     ns = cluster.namespace("real-broken")
-    cluster.apply(qwd("broken", model={"name": "qwen-test/broken", "source": "huggingface", "hubEndpoint": hub.url},
-                      cache={"size": "1Gi"}, dtype="float32"), ns)
+    for name, repo in (("broken", "qwen-test/broken"), ("moe", "qwen-test/moe")):
+        cluster.apply(qwd(name, model={"name": repo, "source": "huggingface", "hubEndpoint": hub.url},
+                          cache={"size": "1Gi"}, dtype="float32"), ns)
 
-    def reported():
-        st = (cluster.qwd("broken", ns) or {}).get("status") or {}
-        return st if st.get("phase") == "Degraded" and "loading the model failed" in st.get("message", "") else None
+    def reported(name, words):
+        def check():
+            st = (cluster.qwd(name, ns) or {}).get("status") or {}
+            return st if st.get("phase") == "Degraded" and words in st.get("message", "") else None
+        return check
 
-    st = cluster.wait("Degraded with the reason", reported, 240, 0.5)
+    st = cluster.wait("Degraded with the reason", reported("broken", "loading the model failed"), 240, 0.5)
     assert st["reason"] == "CrashLoopBackOff" and st["cache"]["ready"], st
+    assert "the checkpoint has no tensor" in st["message"], st
     # the server exited by itself with the reason (exit 1), rather than being killed (137) once its startup
     # probe's budget of 300 seconds ran out
     (p,) = server_pods(cluster, ns, "broken")
     last = container(p, "server")["lastState"]["terminated"]
     assert last["exitCode"] == 1 and last["message"].startswith("loading the model failed"), last
+
+    st = cluster.wait("ModelNotSupported", reported("moe", "qwen3_5_moe"), 120, 0.5)
+    assert st["reason"] == "ModelNotSupported", st
+    assert "model not supported: model type 'qwen3_5_moe'" in st["message"] and "qwen3_5" in st["message"], st
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Degraded"]["reason"] == "ModelNotSupported" and conds["Available"]["status"] == "False"
+    (p,) = server_pods(cluster, ns, "moe")
+    assert container(p, "server")["lastState"]["terminated"]["exitCode"] == 3
 
 
 def test_a_rolling_update_drains_in_flight_requests_while_the_operator_restarts(cluster, operator):

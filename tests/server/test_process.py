@@ -132,3 +132,25 @@ def test_a_model_that_cannot_load_ends_the_process_with_the_reason(tmp_path):
     assert code == 1
     assert "neither a folder" in err.splitlines()[-1] and err.splitlines()[-1].startswith("qwen-serve: error:")
     assert term.read_text().startswith("loading the model failed:") and "neither a folder" in term.read_text()
+
+def test_an_unsupported_architecture_exits_3_before_reading_anything_else(tmp_path):
+    """One line naming the model type and the supported ones, on stderr and as the termination message; exit 3
+    (the operator's status then says ModelNotSupported). The folder holds nothing but its config: the
+    architecture is checked before the tokenizer or any weight is read."""
+    import json
+
+    model = tmp_path / "moe"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe"}))
+    term = tmp_path / "termination-log"
+    term.write_text("")
+    p, url = start("--model", str(model), env={"QWEN_TERMINATION_LOG": str(term)})
+    try:
+        code = p.wait(120)
+    finally:
+        err = stop(p)
+    assert code == 3
+    line = err.splitlines()[-1]
+    assert line.startswith("qwen-serve: error: model not supported: model type 'qwen3_5_moe'"), err[-2000:]
+    assert "supported: llama, qwen2, qwen3, qwen3_5, qwen3_5_text" in line
+    assert term.read_text() == line.removeprefix("qwen-serve: error: ")

@@ -215,3 +215,23 @@ def test_a_crash_loop_says_how_the_container_last_ended():
     assert st["phase"] == "Degraded" and st["reason"] == "CrashLoopBackOff"
     assert st["message"] == ("pod chat-x: CrashLoopBackOff: back-off 10s restarting failed container; the container "
                              "last exited with code 1: loading the model failed: bad config")
+
+
+def test_a_server_that_cannot_serve_its_model_says_model_not_supported():
+    """qwen-serve's exit code for an architecture it does not run (the contract's EXIT_MODEL_NOT_SUPPORTED),
+    from the server container only, turns the crash loop into ModelNotSupported with the server's line."""
+    from qwen_inference.contract import EXIT_MODEL_NOT_SUPPORTED
+
+    def crashed(code, name="server"):
+        line = "model not supported: model type 'qwen3_5_moe': not yet (supported: llama, qwen2)"
+        return {"metadata": {"name": "chat-x"}, "status": {"containerStatuses": [{
+            "name": name, "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}},
+            "lastState": {"terminated": {"exitCode": code, "reason": "Error", "message": line + "\n"}}}]}}
+
+    st = status(pvc=pvc(), jobs=[job("done")], deployment=deployment(ready=0), pods=[crashed(EXIT_MODEL_NOT_SUPPORTED)])
+    assert st["phase"] == "Degraded" and st["reason"] == "ModelNotSupported"
+    assert st["message"] == ("pod chat-x: model not supported: model type 'qwen3_5_moe': not yet (supported: "
+                             "llama, qwen2)")
+    for other in (crashed(1), crashed(EXIT_MODEL_NOT_SUPPORTED, name="sidecar")):
+        st = status(pvc=pvc(), jobs=[job("done")], deployment=deployment(ready=0), pods=[other])
+        assert st["reason"] == "CrashLoopBackOff"

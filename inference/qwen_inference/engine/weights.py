@@ -12,7 +12,11 @@ import torch.nn.functional as F
 
 
 class UnsupportedModel(ValueError):
-    """The folder holds a model this engine cannot run (an unknown architecture, a missing tensor)."""
+    """The folder holds a model of an architecture (or a feature of one) this engine does not run."""
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not hold what its configuration says (a missing tensor, a wrong shape)."""
 
 
 def release_memory() -> None:
@@ -41,7 +45,7 @@ class Checkpoint:
 
             single = self.folder / "model.safetensors"
             if not single.is_file():
-                raise UnsupportedModel(f"{self.folder} has no model.safetensors or model.safetensors.index.json")
+                raise CheckpointError(f"{self.folder} has no model.safetensors or model.safetensors.index.json")
             with safe_open(str(single), framework="pt") as f:
                 self.where = {k: "model.safetensors" for k in f.keys()}
         self.files: dict[str, Any] = {}
@@ -59,7 +63,7 @@ class Checkpoint:
         from safetensors import safe_open
 
         if name not in self.where:
-            raise UnsupportedModel(f"the checkpoint has no tensor {name}")
+            raise CheckpointError(f"the checkpoint has no tensor {name}")
         shard = self.where[name]
         if shard not in self.files:
             self.files[shard] = safe_open(str(self.folder / shard), framework="pt")

@@ -44,11 +44,11 @@ def model_type_of(folder: Path) -> str:
 
 
 def family(model_type: str) -> type[CausalLM]:
+    supported = f"supported: {', '.join(supported_model_types())}"
     if model_type in REFUSED:
-        raise UnsupportedModel(f"model type {model_type!r}: {REFUSED[model_type]}")
+        raise UnsupportedModel(f"model type {model_type!r}: {REFUSED[model_type]} ({supported})")
     if model_type not in FAMILIES:
-        raise UnsupportedModel(
-            f"model type {model_type!r} is not supported (supported: {', '.join(supported_model_types())})")
+        raise UnsupportedModel(f"model type {model_type!r} is not supported ({supported})")
     module, cls = FAMILIES[model_type].split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..cache import Caches, PagedAttentionSpec, RecurrentStateSpec
 from ..platform import Platform
-from ..weights import Checkpoint, Int8Weight, Quantized, UnsupportedModel, Weight, release_memory
+from ..weights import Checkpoint, CheckpointError, Int8Weight, Quantized, UnsupportedModel, Weight, release_memory
 from .base import CausalLM, DeviceBatch, ForwardBatch
 
 DELTA_CHUNK = 64  # tokens per chunk of the chunked delta rule
@@ -157,7 +157,7 @@ class Qwen3_5Decoder(CausalLM):
         ln1, ln2 = self._norms(ckpt, p, device)
         conv = ckpt.get(a + "conv1d.weight", torch.float32, device)
         if conv.shape != (self.conv_dim, 1, self.kernel):
-            raise UnsupportedModel(f"{a}conv1d.weight has shape {tuple(conv.shape)}, expected "
+            raise CheckpointError(f"{a}conv1d.weight has shape {tuple(conv.shape)}, expected "
                                    f"{(self.conv_dim, 1, self.kernel)}")
         return DeltaNetLayer(
             device=device, ln1=ln1, ln2=ln2,
