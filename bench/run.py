@@ -156,10 +156,11 @@ def servers(model: Path, smoke: bool, skip_llamacpp: bool) -> list[Server]:
     out = [Server("qwen-serve", [str(bin_dir / "qwen-serve"), "--model", str(model), "--port", str(p),
                                  "--dtype", dtype, "--max-concurrency", "16", "--log-level", "warning"], p, "/health")]
     if not smoke:
-        p = free_port()
-        out.append(Server("qwen-serve-int8", [str(bin_dir / "qwen-serve"), "--model", str(model), "--port", str(p),
-                                              "--dtype", dtype, "--quantize", "int8", "--max-concurrency", "16",
-                                              "--log-level", "warning"], p, "/health"))
+        for q in ("int8", "int4"):
+            p = free_port()
+            out.append(Server(f"qwen-serve-{q}", [str(bin_dir / "qwen-serve"), "--model", str(model), "--port",
+                                                  str(p), "--dtype", dtype, "--quantize", q, "--max-concurrency",
+                                                  "16", "--log-level", "warning"], p, "/health"))
     if not smoke and "qwen3.5" not in model.name:
         # transformers' own continuous batching (paged cache), in bf16 as its maintainers run it on CPU; it refuses
         # `ignore_eos`, so a request may end early: throughput counts the tokens its usage reports
@@ -174,8 +175,8 @@ def servers(model: Path, smoke: bool, skip_llamacpp: bool) -> list[Server]:
         from . import llamacpp
 
         bins = llamacpp.binaries()
-        for outtype in ("bf16", "q8_0"):
-            gguf = llamacpp.convert(model, outtype)
+        for outtype in ("bf16", "q8_0", "q4_k_m"):
+            gguf = llamacpp.quantize(model, "Q4_K_M") if outtype == "q4_k_m" else llamacpp.convert(model, outtype)
             p = free_port()
             out.append(Server(f"llama.cpp-{outtype}", [str(bins / "llama-server"), "-m", str(gguf), "--port", str(p),
                                                       "--host", "127.0.0.1", "-np", "16", "-c", str(16 * 512),
