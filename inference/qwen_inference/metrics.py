@@ -85,7 +85,7 @@ class ServerMetrics(EngineMetrics):
         self.vllm_cache_config = Gauge("vllm:cache_config_info", "Information of the KV cache: block size in "
                                        "tokens, number of blocks, prefix caching.",
                                        ["block_size", "num_gpu_blocks", "enable_prefix_caching"], registry=r)
-        for reason in ("stop", "length"):
+        for reason in ("stop", "length", "tool_calls"):
             self.success.labels(reason)
         for reason in ERROR_REASONS:
             self.errors.labels(reason)
