@@ -160,6 +160,9 @@ class ChatService(GenerationService):
     def tool_plan(self, tools: list[dict] | None, tool_choice: Any, parallel: bool | None) -> ToolPlan:
         from .structured import StructuredOutputError, _check_tool_choice, _check_tools, check_json_schema
 
+        if isinstance(tool_choice, dict) and tool_choice.get("type") in ("allowed_tools", "custom"):
+            raise bad_request(f"tool_choice of type {tool_choice['type']!r} is not supported: use 'none', 'auto', "
+                              "'required' or a named function", "tool_choice", "invalid_tools")
         try:
             functions = _check_tools(tools)
             choice = _check_tool_choice(tool_choice, functions)

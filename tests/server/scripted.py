@@ -20,25 +20,33 @@ class Scripted:
         self.engine = model.engine
         self.tokenizer = model.tokenizer
         self.end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")  # ends the reply
-        self.scripts: dict[str, list[int]] = {}
+        self.scripts: dict = {}
         self.lock = threading.Lock()
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def say(self, request_id: str | None, text: str, *, end: bool = True) -> list[int]:
-        """The reply of request `request_id` (None: of every request without a script of its own): `text`,
-        then the end marker (or, with end=False, the text and then whatever the model writes)."""
+    def say(self, request_id: str | None, text: str, *, end: bool = True, index: int | None = None) -> list[int]:
+        """The reply of request `request_id` (None: of every request without a script of its own), or of its
+        choice `index`: `text`, then the end marker (or, with end=False, the text and then whatever the model
+        writes)."""
         ids = self.ids(text) + ([self.end] if end else [])
         with self.lock:
-            self.scripts[request_id] = ids
+            self.scripts[request_id if index is None else (request_id, index)] = ids
         return ids
+
+    def _script(self, seq) -> list[int] | None:
+        rid = seq.handle.request_id
+        with self.lock:
+            for key in ((rid, seq.index), rid, None):
+                if key in self.scripts:
+                    return self.scripts[key]
+        return None
 
     def _process(self, logits: torch.Tensor, sampled) -> None:
         self._original(logits, sampled)
         for i, s in enumerate(sampled):
-            with self.lock:
-                ids = self.scripts.get(s.handle.request_id, self.scripts.get(None))
+            ids = self._script(s)
             k = len(s.output_ids)
             if ids is None or k >= len(ids):
                 continue
