@@ -240,13 +240,13 @@ class CompletionRequest(SamplingFields):
     @classmethod
     def _prompt_shape(cls, v: Any) -> Any:
         def ids(x: Any) -> bool:
-            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
 
         if isinstance(v, str) or ids(v) or (isinstance(v, list) and (
                 all(isinstance(x, str) for x in v) or all(ids(x) for x in v))):
             return v
-        raise ValueError("prompt must be a string, a list of strings, a list of token ids, or a list of lists of "
-                         "token ids")
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids (integers from 0), or a "
+                         "list of lists of token ids")
 
     @model_validator(mode="after")
     def _checks(self) -> "CompletionRequest":
