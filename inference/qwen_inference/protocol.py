@@ -1,16 +1,17 @@
 """OpenAI's wire format: requests are validated with these models, and responses are built from them.
 
 Request models forbid fields they do not declare, so an unknown field is answered 400 naming it. Fields of
-OpenAI's schema that this server does not implement are declared with `refused(...)`: any value but the
-ones that change nothing is answered 400 naming the field and saying why."""
+OpenAI's schema that this server does not implement are declared with `Refused(...)`: any value but the
+ones that ask for nothing is answered 400 naming the field and saying why. Fields checked by the structured
+output and tool-call code (structured.py) carry the JSON schema of what they accept, for the OpenAPI document."""
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializerFunctionWrapHandler, WithJsonSchema,
+                      field_validator, model_serializer, model_validator)
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -20,19 +21,17 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
 
-def refused(why: str, allowed: Callable[[Any], bool] = lambda v: False):
-    """A field of OpenAI's schema this server does not implement: None (or a value `allowed` accepts: one
-    that asks for nothing) passes, anything else is refused with `why`."""
+def Refused(why: str, *no_ops: Any) -> Any:
+    """The type of a field of OpenAI's schema that this server does not implement: null, or one of `no_ops`
+    (values that ask for nothing the server does not do), passes; anything else is refused with `why`. The
+    OpenAPI schema lists the values that pass."""
 
     def check(value: Any) -> Any:
-        if value is None or allowed(value):
+        if value is None or any(value == ok and type(value) is type(ok) for ok in no_ops):
             return value
         raise ValueError(why)
 
-    return BeforeValidator(check)
-
-
-Refused = Any  # the type of a refused field: checked by its validator only
+    return Annotated[Any, BeforeValidator(check), WithJsonSchema({"enum": [None, *no_ops], "description": why})]
 
 
 class FieldError(ValueError):
@@ -69,9 +68,9 @@ class ChatMessage(OpenAIModel):
     tool_call_id: str | None = None  # tool
     reasoning: str | None = None  # assistant: its reasoning (vLLM's name)
     reasoning_content: str | None = None  # assistant: its reasoning (the older name)
-    refusal: Annotated[Refused, refused("refusal messages are not supported; send the text as content")] = None
-    audio: Annotated[Refused, refused("audio is not supported: this server serves text models")] = None
-    function_call: Annotated[Refused, refused("function_call is deprecated and not supported; use tool_calls")] = None
+    refusal: Refused("refusal messages are not supported; send the text as content") = None
+    audio: Refused("audio is not supported: this server serves text models") = None
+    function_call: Refused("function_call is deprecated and not supported; use tool_calls") = None
 
     @model_validator(mode="after")
     def _by_role(self) -> "ChatMessage":
@@ -108,9 +107,8 @@ class ChatMessage(OpenAIModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
-    include_obfuscation: Annotated[Refused, refused(
-        "stream obfuscation is not supported; leave include_obfuscation out or set it to false",
-        lambda v: v is False)] = None
+    include_obfuscation: Refused(
+        "stream obfuscation is not supported; leave include_obfuscation out or set it to false", False) = None
 
 
 def _stops(v: str | list[str] | None) -> list[str] | None:
@@ -123,6 +121,36 @@ def _stops(v: str | list[str] | None) -> list[str] | None:
         raise ValueError("stop strings must not be empty")
     return stops
 
+
+_JSON_SCHEMA = {"type": "object", "description": "a JSON schema"}
+RESPONSE_FORMAT = {"oneOf": [
+    {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"], "additionalProperties": False},
+    {"type": "object", "properties": {"type": {"const": "json_object"}}, "required": ["type"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"type": {"const": "json_schema"}, "json_schema": {
+        "type": "object", "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                                         "description": {"type": "string"}, "schema": _JSON_SCHEMA,
+                                         "strict": {"type": ["boolean", "null"]}},
+        "required": ["name", "schema"], "additionalProperties": False}},
+     "required": ["type", "json_schema"], "additionalProperties": False},
+]}
+STRUCTURED_OUTPUTS = {"type": "object", "description": "exactly one of json, regex, choice, grammar, json_object",
+                      "properties": {"json": {"oneOf": [_JSON_SCHEMA, {"type": "string"}]}, "regex": {"type": "string"},
+                                     "choice": {"type": "array", "items": {"type": "string"}},
+                                     "grammar": {"type": "string"}, "json_object": {"type": "boolean"}},
+                      "minProperties": 1, "maxProperties": 1, "additionalProperties": False}
+TOOL = {"type": "object", "properties": {"type": {"const": "function"}, "function": {
+    "type": "object", "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
+                                     "description": {"type": "string"}, "parameters": _JSON_SCHEMA,
+                                     "strict": {"type": ["boolean", "null"]}},
+    "required": ["name"]}}, "required": ["type", "function"]}
+TOOL_CHOICE = {"oneOf": [{"enum": ["none", "auto", "required"]}, {
+    "type": "object", "properties": {"type": {"const": "function"}, "function": {
+        "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+        "additionalProperties": False}}, "required": ["type", "function"], "additionalProperties": False}]}
+TEMPLATE_KWARGS = {"type": "object", "description": "variables of the chat template: enable_thinking, "
+                   "preserve_thinking (Qwen3.5), or any other the model's template reads",
+                   "properties": {"enable_thinking": {"type": "boolean"}, "preserve_thinking": {"type": "boolean"}}}
 
 _NO_LOGIT_BIAS = "logit_bias is not supported"
 _NOT_STORED = "this server does not store completions"
@@ -145,9 +173,10 @@ class SamplingFields(OpenAIModel):
     stream_options: StreamOptions | None = None
     user: str | None = None  # written to the access log
     ignore_eos: bool = False  # vLLM
-    logit_bias: Annotated[Refused, refused(_NO_LOGIT_BIAS, lambda v: v == {})] = None
-    response_format: Any = None  # checked by structured.Grammars.for_response_format
-    structured_outputs: Any = None  # vLLM; checked by structured.Grammars.for_structured_outputs
+    logit_bias: Refused(_NO_LOGIT_BIAS, {}) = None
+    # checked by structured.Grammars.for_response_format and for_structured_outputs (vLLM's)
+    response_format: Annotated[Any, WithJsonSchema(RESPONSE_FORMAT)] = None
+    structured_outputs: Annotated[Any, WithJsonSchema(STRUCTURED_OUTPUTS)] = None
 
     @field_validator("stop")
     @classmethod
@@ -180,34 +209,31 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None  # checked by structured._check_tools
-    tool_choice: Any = None  # checked by structured._check_tool_choice
+    # checked by structured._check_tools and _check_tool_choice
+    tools: Annotated[list[dict[str, Any]] | None, WithJsonSchema({"type": "array", "items": TOOL})] = None
+    tool_choice: Annotated[Any, WithJsonSchema(TOOL_CHOICE)] = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: ReasoningEffort | None = None
-    chat_template_kwargs: dict[str, Any] | None = None  # vLLM
+    chat_template_kwargs: Annotated[dict[str, Any] | None, WithJsonSchema(TEMPLATE_KWARGS)] = None  # vLLM
     # accepted, with what they mean here
     prompt_cache_key: str | None = None  # prompt prefixes are cached for every request alike
-    prompt_cache_retention: Annotated[Refused, refused(
-        "prompts are cached in memory only; prompt_cache_retention may be 'in_memory'",
-        lambda v: v == "in_memory")] = None
+    prompt_cache_retention: Refused(
+        "prompts are cached in memory only; prompt_cache_retention may be 'in_memory'", "in_memory") = None
     safety_identifier: str | None = None  # written to the access log
-    service_tier: Annotated[Refused, refused("this server has one service tier: 'auto' or 'default'",
-                                             lambda v: v in ("auto", "default"))] = None
-    store: Annotated[Refused, refused(_NOT_STORED, lambda v: v is False)] = None
-    modalities: Annotated[Refused, refused("this server answers text only: modalities may be ['text']",
-                                           lambda v: v == ["text"])] = None
+    service_tier: Refused("this server has one service tier: 'auto' or 'default'", "auto", "default") = None
+    store: Refused(_NOT_STORED, False) = None
+    modalities: Refused("this server answers text only: modalities may be ['text']", ["text"]) = None
     # refused
-    metadata: Annotated[Refused, refused("metadata is kept with stored completions, which this server does "
-                                         "not keep", lambda v: v == {})] = None
-    audio: Annotated[Refused, refused("audio output is not supported")] = None
-    functions: Annotated[Refused, refused("functions is deprecated and not supported; use tools")] = None
-    function_call: Annotated[Refused, refused("function_call is deprecated and not supported; use tool_choice")] = None
-    prediction: Annotated[Refused, refused("predicted outputs are not supported")] = None
-    verbosity: Annotated[Refused, refused("verbosity is not supported: Qwen's models have no such control")] = None
-    web_search_options: Annotated[Refused, refused("web search is not supported")] = None
-    moderation: Annotated[Refused, refused("moderation is not supported")] = None
-    prompt_cache_options: Annotated[Refused, refused(
-        "prompt caching takes no options here: full 16-token prompt blocks are cached for every request")] = None
+    metadata: Refused("metadata is kept with stored completions, which this server does not keep", {}) = None
+    audio: Refused("audio output is not supported") = None
+    functions: Refused("functions is deprecated and not supported; use tools") = None
+    function_call: Refused("function_call is deprecated and not supported; use tool_choice") = None
+    prediction: Refused("predicted outputs are not supported") = None
+    verbosity: Refused("verbosity is not supported: Qwen's models have no such control") = None
+    web_search_options: Refused("web search is not supported") = None
+    moderation: Refused("moderation is not supported") = None
+    prompt_cache_options: Refused(
+        "prompt caching takes no options here: full 16-token prompt blocks are cached for every request") = None
 
     @model_validator(mode="after")
     def _logprobs(self) -> "ChatCompletionRequest":
@@ -234,7 +260,7 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = Field(None, ge=1)
-    suffix: Annotated[Refused, refused("suffix (insertion) is not supported")] = None
+    suffix: Refused("suffix (insertion) is not supported") = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -277,8 +303,8 @@ class TokenizeRequest(OpenAIModel):
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (vLLM's)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    tools: list[dict[str, Any]] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    tools: Annotated[list[dict[str, Any]] | None, WithJsonSchema({"type": "array", "items": TOOL})] = None
+    chat_template_kwargs: Annotated[dict[str, Any] | None, WithJsonSchema(TEMPLATE_KWARGS)] = None
     return_token_strs: bool = False
 
     @model_validator(mode="after")
