@@ -36,7 +36,7 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen
 PROMPT_TOKENS = 70
 LONG_PROMPT_TOKENS = 256
 OUTPUT_TOKENS = 48
-STRUCTURED_ROUNDS = 3
+STRUCTURED_ROUNDS = 4
 # a record whose JSON runs well past OUTPUT_TOKENS, so that json_schema replies are cut at the same length as free
 # text: objects, an array, a pattern, a format, an enum, numbers and free strings
 RECORD_SCHEMA = {
@@ -168,17 +168,28 @@ async def structured(server: Server, words: int, smoke: bool) -> dict:
     def med(kind: str, key: str) -> float:
         return statistics.median(r[kind][key] or 0.0 for r in rounds)
 
+    def cpu_ms(level: dict) -> float:
+        return 1000 * (level["server_cpu_seconds"] or 0.0) / max(1, level["generated_tokens"])
+
     free_tps, json_tps = med("free", "tokens_per_second"), med("json_schema", "tokens_per_second")
     free_tpot, json_tpot = med("free", "tpot_p50"), med("json_schema", "tpot_p50")
+    free_cpu = statistics.median(cpu_ms(r["free"]) for r in rounds)
+    json_cpu = statistics.median(cpu_ms(r["json_schema"]) for r in rounds)
+    # each round's own ratio, measured minutes apart at most: steadier than the ratio of medians when the machine's
+    # load moves between rounds
+    ratios = [r["json_schema"]["tokens_per_second"] / r["free"]["tokens_per_second"] for r in rounds
+              if r["free"]["tokens_per_second"]]
     out = {"concurrency": concurrency, "requests": requests, "max_tokens": max_tokens, "schema": schema,
            "rounds": rounds, "free_tokens_per_second": free_tps, "json_tokens_per_second": json_tps,
-           "throughput_overhead": 1 - json_tps / free_tps if free_tps else None,
+           "throughput_overhead": 1 - statistics.median(ratios) if ratios else None,
            "free_tpot_p50": free_tpot, "json_tpot_p50": json_tpot,
            "tpot_overhead": json_tpot / free_tpot - 1 if free_tpot else None,
+           "free_cpu_ms_per_token": free_cpu, "json_cpu_ms_per_token": json_cpu,
+           "cpu_overhead": json_cpu / free_cpu - 1 if free_cpu else None,
            "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0]}
     log(f"{server.label}: json_schema at {concurrency} streams: {json_tps:.1f} tok/s against {free_tps:.1f} free "
-        f"({100 * (out['throughput_overhead'] or 0):.1f}% less); time per token {json_tpot * 1000:.0f} against "
-        f"{free_tpot * 1000:.0f} ms")
+        f"(median of the rounds' ratios: {100 * (out['throughput_overhead'] or 0):.1f}% less); server CPU "
+        f"{json_cpu:.0f} against {free_cpu:.0f} ms per token")
     return out
 
 
@@ -226,7 +237,11 @@ def cpu_info() -> dict:
             "loadavg": os.getloadavg()[0]}
 
 
-def servers(model: Path, smoke: bool, skip_llamacpp: bool) -> list[Server]:
+def servers(model: Path, smoke: bool, skip_llamacpp: bool, only: list[str] | None = None) -> list[Server]:
+    """The servers to measure (with `only`, just those labels: llama.cpp is then built and converted only if
+    asked for)."""
+    if only and not any(label.startswith("llama.cpp") for label in only):
+        skip_llamacpp = True
     py = sys.executable
     bin_dir = Path(py).parent
     dtype = "float32" if smoke else "auto"
@@ -286,17 +301,18 @@ def structured_table(run: dict) -> str:
     rows = [f"\njson_schema output against free text on {run['label']}, {s['concurrency']} streams, {s['max_tokens']} "
             f"tokens out, {len(s['rounds'])} alternating rounds of {s['requests']} requests (medians; load average "
             f"{s['loadavg_before']:.1f} before, {s['loadavg_after']:.1f} after):\n",
-            "| output | tok/s | time per token p50 | tokens per reply | replies that finished as valid JSON |",
-            "|---|---|---|---|---|"]
+            "| output | tok/s | time per token p50 | server CPU per token | tokens per reply | replies that finished "
+            "as valid JSON |",
+            "|---|---|---|---|---|---|"]
     for kind, label in (("free", "free text"), ("json_schema", "json_schema (strict)")):
         lv = [r[kind] for r in s["rounds"]]
         tokens = sum(x["generated_tokens"] for x in lv) / max(1, sum(x["requests"] - x["errors"] for x in lv))
         valid = "–" if kind == "free" else f"{sum(x['valid_json'] or 0 for x in lv)} of {sum(x['requests'] for x in lv)}"
         key = "free" if kind == "free" else "json"
         rows.append(f"| {label} | {s[f'{key}_tokens_per_second']:.1f} | {s[f'{key}_tpot_p50'] * 1000:.0f} ms | "
-                    f"{tokens:.1f} | {valid} |")
-    rows.append(f"\nThroughput cost of json_schema: {pct(s['throughput_overhead'])} (time per token "
-                f"{pct(s['tpot_overhead'])}).\n")
+                    f"{s[f'{key}_cpu_ms_per_token']:.0f} ms | {tokens:.1f} | {valid} |")
+    rows.append(f"\nThroughput lost to json_schema (median of the rounds' ratios): {pct(s['throughput_overhead'])}; "
+                f"time per token {pct(s['tpot_overhead'])}; server CPU per token {pct(s['cpu_overhead'])}.\n")
     return "\n".join(rows)
 
 
@@ -319,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     long_words = words_for(LONG_PROMPT_TOKENS, model)
     log(f"model {model}; {words} words ≈ {PROMPT_TOKENS} prompt tokens; {long_words} ≈ {LONG_PROMPT_TOKENS}")
     runs = []
-    for server in servers(model, a.smoke, a.skip_llamacpp):
-        if a.only and server.label not in a.only.split(","):
+    only = a.only.split(",") if a.only else None
+    for server in servers(model, a.smoke, a.skip_llamacpp, only):
+        if only and server.label not in only:
             continue
         log(f"starting {server.label}")
         with server:

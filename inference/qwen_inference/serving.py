@@ -327,6 +327,14 @@ class GenerationService:
             return await self.grammar.run(lambda g: g.for_structured_outputs(so, thinking=thinking))
         return None
 
+    @staticmethod
+    def note_unenforced(request_id: str | None, constraint) -> None:
+        """Log what a schema asks that its grammar does not enforce (strict: false; strict refuses it)."""
+        notes = getattr(constraint, "not_enforced", ())
+        if notes:
+            log.warning("part of the requested schema is not enforced", extra={
+                "request_id": request_id, "kind": constraint.kind, "not_enforced": list(notes)})
+
     def submit(self, request_id: str, sub: Submission):
         engine = self.state.model.engine
         try:

@@ -192,7 +192,7 @@ class ChatService(GenerationService):
     def messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
         return [_template_message(i, m) for i, m in enumerate(messages)]
 
-    async def prepare(self, req: ChatCompletionRequest) -> ChatPlan:
+    async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None) -> ChatPlan:
         self.check_model(req.model)
         n = req.choices
         self.check_n(n)
@@ -217,6 +217,7 @@ class ChatService(GenerationService):
                 req.tools, req.tool_choice, tools.parallel, style, thinking=thinking))
         else:
             constraint = await self.structured(req, thinking)
+        self.note_unenforced(request_id, constraint)
         params = self.sampling(req, max_tokens, req.logprobs_k)
         return ChatPlan(
             submission=Submission(prompt_ids, params, EngineRequest(n=n, constraint=constraint)),
@@ -232,7 +233,7 @@ class ChatService(GenerationService):
     # ---- responses --------------------------------------------------------------------------------
     async def complete(self, req: ChatCompletionRequest, request: Request) -> Response:
         self.log_fields(request, user=req.user, safety_identifier=req.safety_identifier)
-        plan = await self.prepare(req)
+        plan = await self.prepare(req, request.state.request_id)
         handle = self.submit(request.state.request_id, plan.submission)
         request.state.input_tokens = handle.prompt_tokens
         if self.state.settings.log_prompts:  # the access log line carries them (--log-prompts, off by default)

@@ -73,6 +73,7 @@ class CompletionService(GenerationService):
         max_tokens = [self.limits(len(p.ids), max(1, req.max_tokens or 0), "max_tokens", 16, n, "prompt")
                       for p in prompts]
         constraint = await self.structured(req, Thinking.OFF)
+        self.note_unenforced(request.state.request_id, constraint)
         prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
         subs = [Submission(p.ids, self.sampling(req, mt, req.logprobs),
                            EngineRequest(n=n, constraint=constraint, prompt_logprobs=prompt_lp))

@@ -58,6 +58,9 @@ class LevelReport:
     error_samples: list[str] = field(default_factory=list)
     finish_reasons: dict[str, int] = field(default_factory=dict)
     valid_json: int | None = None  # replies that finished and parse as JSON (when asked to check)
+    # CPU time the server process (and its children) spent during the level: on a shared machine, steadier than
+    # wall time as a measure of what the work costs
+    server_cpu_seconds: float | None = None
 
 
 def pct(values: list[float], p: float) -> float | None:
@@ -119,6 +122,23 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str | None, pr
                   finish_reason=finish, text="".join(parts))
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User and system CPU time of a process and its children so far."""
+    if pid is None:
+        return None
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        total = 0.0
+        for proc in [p] + p.children(recursive=True):
+            t = proc.cpu_times()
+            total += t.user + t.system
+        return total
+    except psutil.Error:
+        return None
+
+
 class RssSampler(threading.Thread):
     """Peak resident memory of a process and its children."""
 
@@ -163,9 +183,11 @@ async def run_level(url: str, model: str | None, concurrency: int, requests: int
                 return await one_request(client, url, model, prompt_text(prompt_words, seed + i), max_tokens, api_key,
                                          ignore_eos, extra)
 
+        cpu_before = cpu_seconds(pid)
         start = time.perf_counter()
         results = await asyncio.gather(*(task(i) for i in range(requests)))
         wall = time.perf_counter() - start
+        cpu_after = cpu_seconds(pid)
     sampler.done.set()
     sampler.join()
     ok = [r for r in results if r.ok]
@@ -184,6 +206,7 @@ async def run_level(url: str, model: str | None, concurrency: int, requests: int
         error_samples=[r.error for r in results if not r.ok][:3],
         finish_reasons=dict(collections.Counter(r.finish_reason or "none" for r in ok)),
         valid_json=sum(_is_json(r) for r in ok) if check_json else None,
+        server_cpu_seconds=cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None,
     )
 
 
