@@ -11,10 +11,13 @@ import logging
 import re
 import time
 
+from typing import Literal
+
 import httpx
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from qwen_inference.structured import TokenConstraint
 
@@ -68,6 +71,27 @@ def test_json_schema_strict_validates_whole_and_streamed(srv):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+class Visitor(BaseModel):
+    name: str = Field(max_length=12)
+    age: int = Field(ge=0, le=120)
+    kind: Literal["guest", "member"]
+    badges: list[Literal["gold", "silver"]] = Field(max_length=2)
+
+
+def test_the_openai_clients_parse_helpers(srv):
+    """`chat.completions.parse` turns a pydantic model into a strict json_schema (and `pydantic_function_tool`
+    into a strict tool) and reads the reply back into the model."""
+    client = oai(srv)
+    r = client.chat.completions.parse(model="tiny", messages=[{"role": "user", "content": "Who came?"}],
+                                      response_format=Visitor, max_tokens=300, seed=2, temperature=1.0)
+    assert isinstance(r.choices[0].message.parsed, Visitor)
+    r = client.chat.completions.parse(model="tiny", messages=[{"role": "user", "content": "Log a visitor"}],
+                                      tools=[openai.pydantic_function_tool(Visitor, name="log_visitor")],
+                                      tool_choice="required", parallel_tool_calls=False, max_tokens=300, seed=2)
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "log_visitor" and isinstance(call.function.parsed_arguments, Visitor)
+
+
 def test_json_object_and_several_choices(server):
     r = oai(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "JSON please"}],
                                             response_format={"type": "json_object"}, max_tokens=300, n=3,
@@ -81,6 +105,20 @@ def test_json_object_and_several_choices(server):
             assert c.message.content.lstrip().startswith("{")
         replies.append(c.message.content)
     assert len(set(replies)) > 1  # every choice has its own grammar state and its own draws
+
+
+def grammar_seconds(server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("qwen_structured_output_seconds_total ")))
+
+
+def test_grammar_work_is_counted(server):
+    before = grammar_seconds(server)
+    assert post(server, max_tokens=8, temperature=0).status_code == 200
+    assert grammar_seconds(server) == before  # free text costs the grammar nothing
+    assert post(server, max_tokens=8, response_format={"type": "json_object"}).status_code == 200
+    assert grammar_seconds(server) > before
 
 
 def test_response_format_text_is_free_text(server):
