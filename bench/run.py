@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         with server:
             runs.append(asyncio.run(measure(server, levels, words, long_words, a.smoke, a.structured)))
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = "smoke" if a.smoke else f"{dt.date.today().isoformat()}-{a.model}"
+    stamp = "smoke" if a.smoke else f"{dt.date.today().isoformat()}-{a.model}" + (
+        "-structured" if a.structured == "only" else "")
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": model.name,
             "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS, "levels": levels,
             "cpus": os.cpu_count(), "cpu": cpu, "loadavg_after": os.getloadavg()[0],
