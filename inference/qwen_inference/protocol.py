@@ -71,6 +71,8 @@ class ChatMessage(OpenAIModel):
     refusal: Refused("refusal messages are not supported; send the text as content") = None
     audio: Refused("audio is not supported: this server serves text models") = None
     function_call: Refused("function_call is deprecated and not supported; use tool_calls") = None
+    # a field of OpenAI's response messages (web-search citations), there when a client sends a reply back whole
+    annotations: Refused("annotations are not supported", []) = None
 
     @model_validator(mode="after")
     def _by_role(self) -> "ChatMessage":

@@ -100,7 +100,9 @@ MESSAGES = {
                                           "tool_calls": HONOURED, "audio": REFUSED, "function_call": REFUSED,
                                           "refusal": REFUSED},
 }
-ASSISTANT_REFUSED = {"audio": {"id": "a1"}, "function_call": {"name": "f", "arguments": "{}"}, "refusal": "No."}
+# (annotations is no field of the request's assistant message, but of the reply a client may send back whole)
+ASSISTANT_REFUSED = {"audio": {"id": "a1"}, "function_call": {"name": "f", "arguments": "{}"}, "refusal": "No.",
+                     "annotations": [{"type": "url_citation"}]}
 STREAM_OPTIONS = {"include_usage": HONOURED, "include_obfuscation": REFUSED}
 
 

@@ -151,6 +151,26 @@ def test_auto_parses_whole_replies_too(srv):
     assert json.loads(one["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])["city"] == "Paris"
 
 
+def test_an_agent_loop_with_the_openai_client(srv):
+    """The usual loop: the model calls a tool, the client sends the reply back (as the SDK's object, or as its
+    model_dump(), every field included) with the tool's result, and the model answers."""
+    oai = client(srv)
+    for dump in (False, True):
+        with Scripted(srv) as script:
+            script.say("call", call_of(srv))
+            script.say("answer", "It is sunny in Paris.")
+            messages: list = [{"role": "user", "content": "Weather in Paris?"}]
+            first = oai.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, max_tokens=100,
+                                                extra_headers={"X-Request-ID": "call"})
+            reply = first.choices[0].message
+            messages.append(reply.model_dump() if dump else reply)
+            messages.append({"role": "tool", "tool_call_id": reply.tool_calls[0].id, "content": "Sunny, 24 C"})
+            final = oai.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, max_tokens=100,
+                                                extra_headers={"X-Request-ID": "answer"})
+        assert final.choices[0].message.content == "It is sunny in Paris."
+        assert final.choices[0].finish_reason == "stop"
+
+
 def test_malformed_call_stays_content(server):
     with Scripted(server) as script:
         script.say("bad", '<tool_call>\n{"name": "get_weather", "arguments": [1, 2]}\n</tool_call>')
