@@ -48,7 +48,8 @@ RECORD_SCHEMA = {
         "status": {"enum": ["active", "suspended", "closed"]},
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 3, "maxItems": 8},
         "address": {"type": "object", "properties": {
-            "street": {"type": "string"}, "city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "street": {"type": "string"}, "city": {"type": "string"},
+            "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
             "required": ["street", "city", "zip"], "additionalProperties": False},
         "balance": {"type": "number"},
         "notes": {"type": "string", "minLength": 200},
@@ -323,13 +324,14 @@ def structured_table(run: dict) -> str:
     for kind, label in (("free", "free text"), ("json_schema", "json_schema (strict)")):
         lv = [r[kind] for r in s["rounds"]]
         tokens = sum(x["generated_tokens"] for x in lv) / max(1, sum(x["requests"] - x["errors"] for x in lv))
-        valid = "–" if kind == "free" else f"{sum(x['valid_json'] or 0 for x in lv)} of {sum(x['requests'] for x in lv)}"
+        valid = ("–" if kind == "free" else
+                 f"{sum(x['valid_json'] or 0 for x in lv)} of {sum(x['requests'] for x in lv)}")
         key = "free" if kind == "free" else "json"
         rows.append(f"| {label} | {s[f'{key}_tokens_per_second']:.1f} | {s[f'{key}_tpot_p50'] * 1000:.0f} ms | "
                     f"{s[f'{key}_cpu_ms_per_token']:.0f} ms | {tokens:.1f} | {valid} |")
     rows.append(f"\nThe engine's grammar work (qwen_structured_output_seconds_total: filling and applying the token "
-                f"masks, advancing the grammars) took **{100 * s['grammar_share']:.1f}%** of the json_schema runs' wall "
-                f"time ({s['grammar_ms_per_token']:.2f} ms per generated token; medians over the rounds): the "
+                f"masks, advancing the grammars) took **{100 * s['grammar_share']:.1f}%** of the json_schema runs' "
+                f"wall time ({s['grammar_ms_per_token']:.2f} ms per generated token; medians over the rounds): the "
                 f"throughput it costs. Compared run against run on this machine: throughput "
                 f"{pct(-s['throughput_overhead'] if s['throughput_overhead'] is not None else None)}, time per token "
                 f"{pct(s['tpot_overhead'])}, server CPU per token {pct(s['cpu_overhead'])}.\n")

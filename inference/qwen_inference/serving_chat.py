@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import Request
@@ -15,7 +15,8 @@ from fastapi.responses import Response, StreamingResponse
 from .engine import FinishEvent, Request as EngineRequest, TokenEvent
 from .errors import bad_request
 from .protocol import (THINKING_BY_EFFORT, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage,
-                       Choice, ChoiceLogprobs, ChunkChoice, Delta, FunctionOut, ResponseMessage, ToolCallOut, error_body, now)
+                       Choice, ChoiceLogprobs, ChunkChoice, Delta, FunctionOut, ResponseMessage, ToolCallOut,
+                       error_body, now)
 from .reasoning import Thinking, thinking_mode
 from .serving import (_TEMPLATE_RESERVED, THINKING_KWARGS, ChoiceText, GenerationService, Pending, Submission, sse,
                       sse_event, until_disconnect, usage)

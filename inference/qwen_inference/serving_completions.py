@@ -92,7 +92,8 @@ class CompletionService(GenerationService):
             request.state.prompt = [p.text for p in prompts]
             request.state.reply = ""
         tok = self.state.model.tokenizer
-        choices = [TextChoice(i * n + j, i, ChoiceText(tok, req.stop, req.logprobs is not None))  # type: ignore[arg-type]
+        stops: list[str] | None = req.stop  # type: ignore[assignment]  (made a list by the request's validator)
+        choices = [TextChoice(i * n + j, i, ChoiceText(tok, stops, req.logprobs is not None))
                    for i in range(len(prompts)) for j in range(n)]
         if req.logprobs is not None:
             for c in choices:

@@ -3,8 +3,9 @@
 The test models have random weights, and their generation config keeps them from writing `<think>` or
 `<tool_call>` on their own. `Scripted` plays a model that does: for the requests it knows (by request id), it
 makes the next token of a given text the only one the sampler can pick, after the engine's own processing of
-the logits (penalties, the random model's suppressed ids; a grammar's mask must allow the token). Everything else — the real engine, tokenizer, detokenizer, parsers, SSE — runs
-as it does for any reply. Log-probabilities stay the random model's (they are taken before processing).
+the logits (penalties, the random model's suppressed ids; a grammar's mask must allow the token). Everything
+else — the real engine, tokenizer, detokenizer, parsers, SSE — runs as it does for any reply.
+Log-probabilities stay the random model's (they are taken before processing).
 """
 
 from __future__ import annotations

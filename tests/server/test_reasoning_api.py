@@ -37,7 +37,8 @@ def test_enable_thinking_and_reasoning_effort_reach_the_template(qwen35_server, 
     assert on.endswith("<|im_start|>assistant\n<think>\n")
     # Qwen3: thinking on unless switched off
     assert prompt_text(qwen3_server).endswith("<|im_start|>assistant\n")
-    assert prompt_text(qwen3_server, chat_template_kwargs={"enable_thinking": False}).endswith("<think>\n\n</think>\n\n")
+    off = prompt_text(qwen3_server, chat_template_kwargs={"enable_thinking": False})
+    assert off.endswith("<think>\n\n</think>\n\n")
     # reasoning_effort: none and minimal switch thinking off, every other effort on (Qwen has no budget)
     for effort, think in (("none", False), ("minimal", False), ("low", True), ("high", True), ("max", True)):
         usage = post(qwen35_server, reasoning_effort=effort, max_tokens=1).json()["usage"]
@@ -73,7 +74,8 @@ def test_reasoning_and_answer_whole_and_streamed(request, which, reply):
     oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
     with Scripted(srv) as script:
         script.say("r", reply)
-        whole = oai.chat.completions.create(model="tiny", messages=HI, max_tokens=50, extra_headers={"X-Request-ID": "r"},
+        whole = oai.chat.completions.create(model="tiny", messages=HI, max_tokens=50,
+                                            extra_headers={"X-Request-ID": "r"},
                                             extra_body={"chat_template_kwargs": {"enable_thinking": True}})
         raw = post(srv, "r", stream=True, max_tokens=50, chat_template_kwargs={"enable_thinking": True})
     msg = whole.choices[0].message

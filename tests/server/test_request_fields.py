@@ -21,7 +21,8 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 
 # field: (verdict, a value that asks for something, extra fields the value needs, the test that shows the effect)
 CHAT = {
-    "messages": (HONOURED, [{"role": "user", "content": "hi"}], {}, "test_chat_api::test_multi_turn_changes_the_prompt"),
+    "messages": (HONOURED, [{"role": "user", "content": "hi"}], {},
+                 "test_chat_api::test_multi_turn_changes_the_prompt"),
     "model": (HONOURED, "tiny", {}, "test_chat_api::test_unknown_model_is_404"),
     "audio": (REFUSED, {"voice": "alloy", "format": "mp3"}, {}, None),
     "frequency_penalty": (HONOURED, 0.5, {}, "test_engine::test_penalties"),
@@ -183,7 +184,8 @@ def test_unknown_fields_are_refused_by_name(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         for route, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi",
                                                                     "mood": "happy"}]}),
-                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "guided_json": {}}),
+                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                      "guided_json": {}}),
                             ("/v1/completions", {"prompt": "hi", "min_p": 0.1})):
             r = c.post(route, json=body)
             assert r.status_code == 400, r.text

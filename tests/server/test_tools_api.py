@@ -15,7 +15,6 @@ import openai
 import pytest
 
 from .scripted import Scripted
-from .test_chat_api import sse_events
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
                                             "days": {"type": "integer", "minimum": 1, "maximum": 7}},
@@ -151,7 +150,7 @@ def test_auto_parses_whole_replies_too(srv):
     assert json.loads(one["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])["city"] == "Paris"
 
 
-def test_an_agent_loop_with_the_openai_client(srv):
+def test_a_tool_loop_with_the_openai_client(srv):
     """The usual loop: the model calls a tool, the client sends the reply back (as the SDK's object, or as its
     model_dump(), every field included) with the tool's result, and the model answers."""
     oai = client(srv)
