@@ -6,6 +6,10 @@ CPU named.
     python -m bench.run --model qwen3.5-2b     # Qwen3.5-2B's architecture (hybrid DeltaNet + attention)
     python -m bench.run --smoke                # the harness on the tiny model: what CI runs
     python -m bench.run --skip-llamacpp        # qwen-serve and the baseline only
+    python -m bench.run --only qwen-serve --structured only   # json_schema against free text, nothing else
+
+The structured-output scenario (on qwen-serve, `--structured on` by default) runs 16 streams of free text and 16
+of json_schema output on the same server, alternating, and reports the throughput json_schema costs.
 """
 
 from __future__ import annotations
@@ -32,6 +36,31 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen
 PROMPT_TOKENS = 70
 LONG_PROMPT_TOKENS = 256
 OUTPUT_TOKENS = 48
+STRUCTURED_ROUNDS = 4
+# a record whose JSON runs well past OUTPUT_TOKENS, so that json_schema replies are cut at the same length as free
+# text: objects, an array, a pattern, a format, an enum, numbers and free strings
+RECORD_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 1},
+        "name": {"type": "string", "maxLength": 40},
+        "email": {"type": "string", "format": "email"},
+        "status": {"enum": ["active", "suspended", "closed"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 3, "maxItems": 8},
+        "address": {"type": "object", "properties": {
+            "street": {"type": "string"}, "city": {"type": "string"},
+            "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["street", "city", "zip"], "additionalProperties": False},
+        "balance": {"type": "number"},
+        "notes": {"type": "string", "minLength": 200},
+    },
+    "required": ["id", "name", "email", "status", "tags", "address", "balance", "notes"],
+    "additionalProperties": False,
+}
+# the smoke run's replies finish, so that each one is checked to parse
+SMOKE_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                                 "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["ok", "n"], "additionalProperties": False}
 
 
 def log(msg: str) -> None:
@@ -109,7 +138,80 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-async def measure(server: Server, levels: list[int], words: int, long_words: int, smoke: bool) -> dict:
+async def structured(server: Server, words: int, smoke: bool) -> dict:
+    """json_schema output against free text at 16 streams on one server: alternating runs of each (the order
+    swapped every round, different prompts every run), medians over the rounds."""
+    import statistics
+
+    from qwen_inference.bench.load import run_level, summary_line
+
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    schema = SMOKE_SCHEMA if smoke else RECORD_SCHEMA
+    extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "record", "schema": schema,
+                                                                        "strict": True}}}
+    concurrency, requests = (2, 2) if smoke else (16, 32)
+    max_tokens = 64 if smoke else OUTPUT_TOKENS
+    load_before = os.getloadavg()[0]
+    # a warm-up: the grammar compiler is built and the schema compiled on first use, not counted
+    await run_level(url, None, 1, 1, words, 4, seed=9 * 10**6, ignore_eos=True, extra=extra)
+    def grammar_seconds() -> float:
+        """The server's own count of the time its engine spent on grammar work (masks and grammar state)."""
+        text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=30).text
+        return float(next(line.split()[1] for line in text.splitlines()
+                          if line.startswith("qwen_structured_output_seconds_total ")))
+
+    rounds = []
+    for r in range(1 if smoke else STRUCTURED_ROUNDS):
+        kinds = ["free", "json_schema"] if r % 2 == 0 else ["json_schema", "free"]
+        got = {}
+        for k, kind in enumerate(kinds):
+            before = grammar_seconds()
+            level = await run_level(url, None, concurrency, requests, words, max_tokens,
+                                    seed=5 * 10**6 + 1000 * (2 * r + k), pid=server.proc.pid, ignore_eos=True,
+                                    extra=extra if kind == "json_schema" else None, check_json=kind == "json_schema")
+            got[kind] = asdict(level)
+            got[kind]["grammar_seconds"] = grammar_seconds() - before
+            log(f"{server.label} {kind}: {summary_line(level)}; grammar {got[kind]['grammar_seconds']:.2f}s")
+        rounds.append(got)
+
+    def med(kind: str, key: str) -> float:
+        return statistics.median(r[kind][key] or 0.0 for r in rounds)
+
+    def cpu_ms(level: dict) -> float:
+        return 1000 * (level["server_cpu_seconds"] or 0.0) / max(1, level["generated_tokens"])
+
+    free_tps, json_tps = med("free", "tokens_per_second"), med("json_schema", "tokens_per_second")
+    free_tpot, json_tpot = med("free", "tpot_p50"), med("json_schema", "tpot_p50")
+    free_cpu = statistics.median(cpu_ms(r["free"]) for r in rounds)
+    json_cpu = statistics.median(cpu_ms(r["json_schema"]) for r in rounds)
+    # each round's own ratio, measured minutes apart at most: steadier than the ratio of medians when the machine's
+    # load moves between rounds
+    ratios = [r["json_schema"]["tokens_per_second"] / r["free"]["tokens_per_second"] for r in rounds
+              if r["free"]["tokens_per_second"]]
+    # the share of each json_schema run the engine spent on grammar work, measured in the same interval as the
+    # run itself: the throughput the grammar costs, whatever else slows the machine down
+    shares = [r["json_schema"]["grammar_seconds"] / r["json_schema"]["wall_seconds"] for r in rounds]
+    per_token = [1000 * r["json_schema"]["grammar_seconds"] / max(1, r["json_schema"]["generated_tokens"])
+                 for r in rounds]
+    out = {"concurrency": concurrency, "requests": requests, "max_tokens": max_tokens, "schema": schema,
+           "rounds": rounds, "free_tokens_per_second": free_tps, "json_tokens_per_second": json_tps,
+           "throughput_overhead": 1 - statistics.median(ratios) if ratios else None,
+           "free_tpot_p50": free_tpot, "json_tpot_p50": json_tpot,
+           "tpot_overhead": json_tpot / free_tpot - 1 if free_tpot else None,
+           "free_cpu_ms_per_token": free_cpu, "json_cpu_ms_per_token": json_cpu,
+           "cpu_overhead": json_cpu / free_cpu - 1 if free_cpu else None,
+           "grammar_share": statistics.median(shares), "grammar_ms_per_token": statistics.median(per_token),
+           "grammar_seconds_free_runs": sum(r["free"]["grammar_seconds"] for r in rounds),
+           "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0]}
+    log(f"{server.label}: json_schema at {concurrency} streams: {json_tps:.1f} tok/s against {free_tps:.1f} free "
+        f"(median of the rounds' ratios: {100 * (out['throughput_overhead'] or 0):.1f}% less); server CPU "
+        f"{json_cpu:.0f} against {free_cpu:.0f} ms per token; grammar work {100 * out['grammar_share']:.1f}% of the "
+        f"json_schema runs ({out['grammar_ms_per_token']:.2f} ms per token)")
+    return out
+
+
+async def measure(server: Server, levels: list[int], words: int, long_words: int, smoke: bool,
+                  scenario: str = "on") -> dict:
     from qwen_inference.bench.load import run_level, summary_line
 
     url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
@@ -118,6 +220,10 @@ async def measure(server: Server, levels: list[int], words: int, long_words: int
     eos = server.ignore_eos
     await run_level(url, None, 1, 1, words, 4, seed=10**6, pid=None, ignore_eos=eos)
     out = {"label": server.label, "levels": []}
+    if server.label == "qwen-serve" and scenario != "off":
+        out["structured"] = await structured(server, words, smoke)
+        if scenario == "only":
+            return out
     for i, c in enumerate(levels):
         n = 2 if smoke else (3 if c == 1 else c)
         level = await run_level(url, None, c, n, words, OUTPUT_TOKENS if not smoke else 8, seed=1000 * (i + 1),
@@ -148,7 +254,11 @@ def cpu_info() -> dict:
             "loadavg": os.getloadavg()[0]}
 
 
-def servers(model: Path, smoke: bool, skip_llamacpp: bool) -> list[Server]:
+def servers(model: Path, smoke: bool, skip_llamacpp: bool, only: list[str] | None = None) -> list[Server]:
+    """The servers to measure (with `only`, just those labels: llama.cpp is then built and converted only if
+    asked for)."""
+    if only and not any(label.startswith("llama.cpp") for label in only):
+        skip_llamacpp = True
     py = sys.executable
     bin_dir = Path(py).parent
     dtype = "float32" if smoke else "auto"
@@ -203,6 +313,32 @@ def table(runs: list[dict], baseline: str = "seeds-design") -> str:
     return "\n".join(rows)
 
 
+def structured_table(run: dict) -> str:
+    s = run["structured"]
+    pct = lambda x: "–" if x is None else f"{100 * x:+.1f}%"  # noqa: E731
+    rows = [f"\njson_schema output against free text on {run['label']}, {s['concurrency']} streams, {s['max_tokens']} "
+            f"tokens out, {len(s['rounds'])} alternating rounds of {s['requests']} requests (medians; load average "
+            f"{s['loadavg_before']:.1f} before, {s['loadavg_after']:.1f} after):\n",
+            "| output | tok/s | time per token p50 | server CPU per token | tokens per reply | replies that finished "
+            "as valid JSON |",
+            "|---|---|---|---|---|---|"]
+    for kind, label in (("free", "free text"), ("json_schema", "json_schema (strict)")):
+        lv = [r[kind] for r in s["rounds"]]
+        tokens = sum(x["generated_tokens"] for x in lv) / max(1, sum(x["requests"] - x["errors"] for x in lv))
+        valid = ("–" if kind == "free" else
+                 f"{sum(x['valid_json'] or 0 for x in lv)} of {sum(x['requests'] for x in lv)}")
+        key = "free" if kind == "free" else "json"
+        rows.append(f"| {label} | {s[f'{key}_tokens_per_second']:.1f} | {s[f'{key}_tpot_p50'] * 1000:.0f} ms | "
+                    f"{s[f'{key}_cpu_ms_per_token']:.0f} ms | {tokens:.1f} | {valid} |")
+    rows.append(f"\nThe engine's grammar work (qwen_structured_output_seconds_total: filling and applying the token "
+                f"masks, advancing the grammars) took **{100 * s['grammar_share']:.1f}%** of the json_schema runs' "
+                f"wall time ({s['grammar_ms_per_token']:.2f} ms per generated token; medians over the rounds): the "
+                f"throughput it costs. Compared run against run on this machine: throughput "
+                f"{pct(-s['throughput_overhead'] if s['throughput_overhead'] is not None else None)}, time per token "
+                f"{pct(s['tpot_overhead'])}, server CPU per token {pct(s['cpu_overhead'])}.\n")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="make bench")
     ap.add_argument("--smoke", action="store_true", help="the harness on the tiny model (CI)")
@@ -211,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--only", default=None, help="comma-separated server labels to run")
     ap.add_argument("--model", choices=MODELS, default=MODELS[0], help="the architecture to measure")
+    ap.add_argument("--structured", choices=("on", "off", "only"), default="on",
+                    help="json_schema against free text at 16 streams on qwen-serve (only: nothing else)")
     a = ap.parse_args(argv)
     levels = [int(x) for x in (a.levels or ("1,2" if a.smoke else "1,4,16")).split(",")]
     model = model_dir(a.smoke, a.model)
@@ -220,14 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     long_words = words_for(LONG_PROMPT_TOKENS, model)
     log(f"model {model}; {words} words ≈ {PROMPT_TOKENS} prompt tokens; {long_words} ≈ {LONG_PROMPT_TOKENS}")
     runs = []
-    for server in servers(model, a.smoke, a.skip_llamacpp):
-        if a.only and server.label not in a.only.split(","):
+    only = a.only.split(",") if a.only else None
+    for server in servers(model, a.smoke, a.skip_llamacpp, only):
+        if only and server.label not in only:
             continue
         log(f"starting {server.label}")
         with server:
-            runs.append(asyncio.run(measure(server, levels, words, long_words, a.smoke)))
+            runs.append(asyncio.run(measure(server, levels, words, long_words, a.smoke, a.structured)))
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = "smoke" if a.smoke else f"{dt.date.today().isoformat()}-{a.model}"
+    stamp = "smoke" if a.smoke else f"{dt.date.today().isoformat()}-{a.model}" + (
+        "-structured" if a.structured == "only" else "")
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": model.name,
             "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS, "levels": levels,
             "cpus": os.cpu_count(), "cpu": cpu, "loadavg_after": os.getloadavg()[0],
@@ -235,10 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     (a.out_dir / f"{stamp}.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
     from qwen_inference.bench.cli import chart
 
-    chart(runs, a.out_dir / f"{stamp}.png", title=f"{model.name}, {PROMPT_TOKENS}-token prompts, "
-                                                  f"{OUTPUT_TOKENS} tokens out")
+    measured = [r for r in runs if r["levels"]]
+    if measured:
+        chart(measured, a.out_dir / f"{stamp}.png", title=f"{model.name}, {PROMPT_TOKENS}-token prompts, "
+                                                          f"{OUTPUT_TOKENS} tokens out")
     md = (f"Run {meta['date']} on {cpu['model']} ({cpu['cpus']} CPUs; {', '.join(cpu['flags'])}), model {model.name}: "
-          f"`{meta['command']}`\n\n" + table(runs) + "\n")
+          f"`{meta['command']}`\n\n" + (table(measured) + "\n" if measured else "")
+          + "".join(structured_table(r) for r in runs if "structured" in r))
     (a.out_dir / f"{stamp}.md").write_text(md)
     print(md)
     return 0

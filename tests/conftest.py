@@ -132,6 +132,20 @@ def server(tiny_model):
         yield s
 
 
+@pytest.fixture(scope="session")
+def qwen3_server(tiny_qwen3_model):
+    """A server of the tiny Qwen3 model (the model opens <think> itself; Hermes tool calls)."""
+    with running_server(tiny_qwen3_model, max_concurrency=8) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def qwen35_server(tiny_qwen35_model):
+    """A server of the tiny Qwen3.5 model (the template opens <think>; XML tool calls)."""
+    with running_server(tiny_qwen35_model, max_concurrency=8) as s:
+        yield s
+
+
 @pytest.fixture
 def client(server):
     with httpx.Client(base_url=server.url, timeout=120) as c:

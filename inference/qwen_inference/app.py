@@ -19,7 +19,10 @@ from .api import ROUTERS
 from .api.common import BODY_MODELS, validation_message
 from .errors import APIError
 from .protocol import error_body
-from .serving import ChatService
+from .serving import GrammarService
+from .serving_chat import ChatService
+from .serving_completions import CompletionService
+from .serving_tokenize import TokenizeService
 from .settings import ServeSettings
 from .state import ServerState
 
@@ -88,6 +91,7 @@ class ObservabilityMiddleware:
                         "inference_time_ms": st.get("inference_time_ms"),
                         "total_time_ms": round(elapsed * 1000, 1),
                         **({"error": st["stream_error"]} if st.get("stream_error") else {}),
+                        **st.get("log_fields", {}),
                         **({"prompt": st["prompt"], "reply": st.get("reply")} if "prompt" in st else {}),
                     },
                 )
@@ -106,7 +110,12 @@ def create_app(settings: ServeSettings | None = None, *, load: bool = True) -> F
 
     app = FastAPI(title="qwen-serve", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.qwen = state
-    app.state.chat = ChatService(state)
+    grammars = GrammarService(state)
+    state.on_stop(grammars.shutdown)
+    app.state.grammars = grammars
+    app.state.chat = ChatService(state, grammars)
+    app.state.completions = CompletionService(state, grammars)
+    app.state.tokenize = TokenizeService(state, app.state.chat)
     for router in ROUTERS:
         app.include_router(router)
 

@@ -18,6 +18,10 @@ from prometheus_client import (
     generate_latest,
 )
 
+import sys
+
+from prometheus_client.core import CounterMetricFamily
+
 from .engine.engine import EngineMetrics
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
@@ -30,12 +34,25 @@ ERROR_REASONS = ("validation", "auth", "queue_full", "timeout", "cancelled", "ge
                  "context_length", "not_found", "internal")
 
 
+class _StructuredOutputTime:
+    """qwen_structured_output_seconds_total: read from the grammar code's clock when it is scraped (0 until a
+    request first asks for structured output; the module is not imported for a scrape)."""
+
+    def collect(self):
+        mod = sys.modules.get("qwen_inference.structured")
+        c = CounterMetricFamily("qwen_structured_output_seconds", "Time the engine spent on constrained decoding: "
+                                "filling and applying token masks and advancing grammars.")
+        c.add_metric([], mod.GRAMMAR_TIME.seconds if mod is not None else 0.0)
+        yield c
+
+
 class ServerMetrics(EngineMetrics):
     def __init__(self, model: str) -> None:
         """`model`: the served model name, the `model_name` label of the vLLM-named series."""
         disable_created_metrics()  # no *_created series: they double the scrape for nothing here
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)
+        r.register(_StructuredOutputTime())
         PlatformCollector(registry=r)
         self.http_requests = Counter(
             "http_requests_total", "HTTP requests by method, route template and status code.",
@@ -85,7 +102,7 @@ class ServerMetrics(EngineMetrics):
         self.vllm_cache_config = Gauge("vllm:cache_config_info", "Information of the KV cache: block size in "
                                        "tokens, number of blocks, prefix caching.",
                                        ["block_size", "num_gpu_blocks", "enable_prefix_caching"], registry=r)
-        for reason in ("stop", "length"):
+        for reason in ("stop", "length", "tool_calls"):
             self.success.labels(reason)
         for reason in ERROR_REASONS:
             self.errors.labels(reason)

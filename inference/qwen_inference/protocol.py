@@ -1,16 +1,45 @@
-"""OpenAI's wire format: requests are validated with these models, and responses are built from them."""
+"""OpenAI's wire format: requests are validated with these models, and responses are built from them.
+
+Request models forbid fields they do not declare, so an unknown field is answered 400 naming it. Fields of
+OpenAI's schema that this server does not implement are declared with `Refused(...)`: any value but the
+ones that ask for nothing is answered 400 naming the field and saying why. Fields checked by the structured
+output and tool-call code (structured.py) carry the JSON schema of what they accept, for the OpenAPI document."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializerFunctionWrapHandler, WithJsonSchema,
+                      field_validator, model_serializer, model_validator)
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+
+def Refused(why: str, *no_ops: Any) -> Any:
+    """The type of a field of OpenAI's schema that this server does not implement: null, or one of `no_ops`
+    (values that ask for nothing the server does not do), passes; anything else is refused with `why`. The
+    OpenAPI schema lists the values that pass."""
+
+    def check(value: Any) -> Any:
+        if value is None or any(value == ok and type(value) is type(ok) for ok in no_ops):
+            return value
+        raise ValueError(why)
+
+    return Annotated[Any, BeforeValidator(check), WithJsonSchema({"enum": [None, *no_ops], "description": why})]
+
+
+class FieldError(ValueError):
+    """A check across fields that names the field at fault (`api.common.validation_message` reads `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class TextPart(OpenAIModel):
@@ -18,15 +47,52 @@ class TextPart(OpenAIModel):
     text: str
 
 
+class ToolCallFunction(OpenAIModel):
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallParam(OpenAIModel):
+    """A tool call of an earlier assistant turn."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: str | None = None  # passed to the chat template (Qwen's templates do not show it)
+    tool_calls: list[ToolCallParam] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    reasoning: str | None = None  # assistant: its reasoning (vLLM's name)
+    reasoning_content: str | None = None  # assistant: its reasoning (the older name)
+    refusal: Refused("refusal messages are not supported; send the text as content") = None
+    audio: Refused("audio is not supported: this server serves text models") = None
+    function_call: Refused("function_call is deprecated and not supported; use tool_calls") = None
+    # a field of OpenAI's response messages (web-search citations), there when a client sends a reply back whole
+    annotations: Refused("annotations are not supported", []) = None
 
     @model_validator(mode="after")
-    def _content(self) -> "ChatMessage":
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
+    def _by_role(self) -> "ChatMessage":
+        role = self.role
+        if role != "assistant":
+            if self.content is None:
+                raise FieldError("content", f"a {role} message needs content")
+            for name in ("tool_calls", "reasoning", "reasoning_content"):
+                if getattr(self, name) is not None:
+                    raise FieldError(name, f"{name} is allowed in assistant messages only")
+        elif self.content is None and not self.tool_calls and self.reasoning is None \
+                and self.reasoning_content is None:
+            raise FieldError("content", "an assistant message needs content or tool_calls")
+        if role == "tool" and not self.tool_call_id:
+            raise FieldError("tool_call_id", "a tool message needs tool_call_id")
+        if role != "tool" and self.tool_call_id is not None:
+            raise FieldError("tool_call_id", "tool_call_id is allowed in tool messages only")
+        if self.reasoning is not None and self.reasoning_content is not None \
+                and self.reasoning != self.reasoning_content:
+            raise FieldError("reasoning_content", "reasoning and reasoning_content differ: send one of them")
         return self
 
     def text(self) -> str:
@@ -36,54 +102,231 @@ class ChatMessage(OpenAIModel):
             return self.content
         return "".join(p.text for p in self.content)
 
+    @property
+    def thought(self) -> str | None:
+        return self.reasoning if self.reasoning is not None else self.reasoning_content
+
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    include_obfuscation: Refused(
+        "stream obfuscation is not supported; leave include_obfuscation out or set it to false", False) = None
 
 
-class ChatCompletionRequest(OpenAIModel):
+def _stops(v: str | list[str] | None) -> list[str] | None:
+    if v is None:
+        return None
+    stops = [v] if isinstance(v, str) else v
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+    if any(s == "" for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return stops
+
+
+_JSON_SCHEMA = {"type": "object", "description": "a JSON schema"}
+RESPONSE_FORMAT = {"oneOf": [
+    {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"], "additionalProperties": False},
+    {"type": "object", "properties": {"type": {"const": "json_object"}}, "required": ["type"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"type": {"const": "json_schema"}, "json_schema": {
+        "type": "object", "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                                         "description": {"type": "string"}, "schema": _JSON_SCHEMA,
+                                         "strict": {"type": ["boolean", "null"]}},
+        "required": ["name", "schema"], "additionalProperties": False}},
+     "required": ["type", "json_schema"], "additionalProperties": False},
+]}
+STRUCTURED_OUTPUTS = {"type": "object", "description": "exactly one of json, regex, choice, grammar, json_object",
+                      "properties": {"json": {"oneOf": [_JSON_SCHEMA, {"type": "string"}]}, "regex": {"type": "string"},
+                                     "choice": {"type": "array", "items": {"type": "string"}},
+                                     "grammar": {"type": "string"}, "json_object": {"type": "boolean"}},
+                      "minProperties": 1, "maxProperties": 1, "additionalProperties": False}
+TOOL = {"type": "object", "properties": {"type": {"const": "function"}, "function": {
+    "type": "object", "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
+                                     "description": {"type": "string"}, "parameters": _JSON_SCHEMA,
+                                     "strict": {"type": ["boolean", "null"]}},
+    "required": ["name"]}}, "required": ["type", "function"]}
+TOOL_CHOICE = {"oneOf": [{"enum": ["none", "auto", "required"]}, {
+    "type": "object", "properties": {"type": {"const": "function"}, "function": {
+        "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+        "additionalProperties": False}}, "required": ["type", "function"], "additionalProperties": False}]}
+TEMPLATE_KWARGS = {"type": "object", "description": "variables of the chat template: enable_thinking, "
+                   "preserve_thinking (Qwen3.5), or any other the model's template reads",
+                   "properties": {"enable_thinking": {"type": "boolean"}, "preserve_thinking": {"type": "boolean"}}}
+
+_NO_LOGIT_BIAS = "logit_bias is not supported"
+_NOT_STORED = "this server does not store completions"
+
+
+class SamplingFields(OpenAIModel):
+    """What chat and text completions share: sampling, stop strings, streaming, and vLLM's extensions."""
+
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1)  # vLLM: -1 or 0 turn it off
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)  # vLLM
     n: int | None = Field(None, ge=1)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | None = None
-    user: str | None = None
-    ignore_eos: bool = False
+    user: str | None = None  # written to the access log
+    ignore_eos: bool = False  # vLLM
+    logit_bias: Refused(_NO_LOGIT_BIAS, {}) = None
+    # checked by structured.Grammars.for_response_format and for_structured_outputs (vLLM's)
+    response_format: Annotated[Any, WithJsonSchema(RESPONSE_FORMAT)] = None
+    structured_outputs: Annotated[Any, WithJsonSchema(STRUCTURED_OUTPUTS)] = None
 
     @field_validator("stop")
     @classmethod
-    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
-        if v is None:
-            return None
-        stops = [v] if isinstance(v, str) else v
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop strings")
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return stops
+    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
+        return _stops(v)
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "ChatCompletionRequest":
-        if self.n is not None and self.n != 1:
-            raise ValueError("only n=1 is supported")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
+    def _stream_options(self) -> "SamplingFields":
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "stream_options is only allowed when stream is true")
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise FieldError("structured_outputs",
+                             "response_format and structured_outputs cannot be combined: send one of them")
+        return self
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+# what each effort turns the model's thinking into: Qwen's models think or do not, with no budget in between
+THINKING_BY_EFFORT: dict[str, bool] = {"none": False, "minimal": False, "low": True, "medium": True, "high": True,
+                                       "xhigh": True, "max": True}
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # checked by structured._check_tools and _check_tool_choice
+    tools: Annotated[list[dict[str, Any]] | None, WithJsonSchema({"type": "array", "items": TOOL})] = None
+    tool_choice: Annotated[Any, WithJsonSchema(TOOL_CHOICE)] = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    chat_template_kwargs: Annotated[dict[str, Any] | None, WithJsonSchema(TEMPLATE_KWARGS)] = None  # vLLM
+    # accepted, with what they mean here
+    prompt_cache_key: str | None = None  # prompt prefixes are cached for every request alike
+    prompt_cache_retention: Refused(
+        "prompts are cached in memory only; prompt_cache_retention may be 'in_memory'", "in_memory") = None
+    safety_identifier: str | None = None  # written to the access log
+    service_tier: Refused("this server has one service tier: 'auto' or 'default'", "auto", "default") = None
+    store: Refused(_NOT_STORED, False) = None
+    modalities: Refused("this server answers text only: modalities may be ['text']", ["text"]) = None
+    # refused
+    metadata: Refused("metadata is kept with stored completions, which this server does not keep", {}) = None
+    audio: Refused("audio output is not supported") = None
+    functions: Refused("functions is deprecated and not supported; use tools") = None
+    function_call: Refused("function_call is deprecated and not supported; use tool_choice") = None
+    prediction: Refused("predicted outputs are not supported") = None
+    verbosity: Refused("verbosity is not supported: Qwen's models have no such control") = None
+    web_search_options: Refused("web search is not supported") = None
+    moderation: Refused("moderation is not supported") = None
+    prompt_cache_options: Refused(
+        "prompt caching takes no options here: full 16-token prompt blocks are cached for every request") = None
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
         return self
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """None: no log-probabilities; k: the chosen token's and the k most likely."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+TokenIds = list[Annotated[int, Field(ge=0)]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 (with echo) scores the prompt alone
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: int | None = Field(None, ge=1)
+    suffix: Refused("suffix (insertion) is not supported") = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> Any:
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
+
+        if isinstance(v, str) or ids(v) or (isinstance(v, list) and (
+                all(isinstance(x, str) for x in v) or all(ids(x) for x in v))):
+            return v
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids (integers from 0), or a "
+                         "list of lists of token ids")
+
+    @model_validator(mode="after")
+    def _checks(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of != self.choices:
+            raise FieldError("best_of", "best_of must equal n (or be left out): this server returns every "
+                             "sequence it generates")
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens", "max_tokens may be 0 only with echo: true (to score the prompt)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            return []
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TokenizeRequest(OpenAIModel):
+    """vLLM's /tokenize: a `prompt`, or `messages` rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (vLLM's)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: Annotated[list[dict[str, Any]] | None, WithJsonSchema({"type": "array", "items": TOOL})] = None
+    chat_template_kwargs: Annotated[dict[str, Any] | None, WithJsonSchema(TEMPLATE_KWARGS)] = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise FieldError("prompt", "send either prompt or messages")
+        if self.prompt is not None:
+            for name in ("tools", "chat_template_kwargs"):
+                if getattr(self, name) is not None:
+                    raise FieldError(name, f"{name} goes with messages, not with a prompt")
+            if self.continue_final_message:
+                raise FieldError("continue_final_message", "continue_final_message goes with messages")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise FieldError("continue_final_message", "continue_final_message needs add_generation_prompt: false")
+        return self
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: TokenIds
 
 
 # ---- responses ----------------------------------------------------------------------------------------
@@ -95,16 +338,58 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionOut
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class ResponseMessage(BaseModel):
+    """The reply: `reasoning` (and, for older clients, `reasoning_content`) is what the model wrote between
+    <think> and </think>, null when it did not think; `tool_calls` is left out when there are none."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _no_empty_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if not out.get("tool_calls"):
+            out.pop("tool_calls", None)
+        return out
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"]
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -117,10 +402,14 @@ class ChatCompletion(BaseModel):
 
 
 class Delta(BaseModel):
-    """What a chunk adds: the role in the first, then content; fields left out are not sent."""
+    """What a chunk adds: the role in the first, then reasoning, content or tool-call fragments; fields left out
+    are not sent."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _only_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -130,8 +419,8 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -147,6 +436,49 @@ class ChatCompletionChunk(BaseModel):
 
     def dumps(self, include_usage: bool) -> str:
         return self.model_dump_json(exclude=None if include_usage else {"usage"})
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy shape: per token its text, log-probability (null for a prompt's first token), the most likely
+    tokens with theirs (the chosen one included), and where its text starts in the choice's text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(BaseModel):
+    """A text completion, whole or (object the same, `finish_reason` null until a choice ends) one streamed
+    event."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+    def dumps(self, include_usage: bool) -> str:
+        return self.model_dump_json(exclude=None if include_usage else {"usage"})
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

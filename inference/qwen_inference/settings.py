@@ -88,6 +88,10 @@ class ServeSettings(BaseSettings):
         25.0, ge=0, description="Seconds running requests get to finish after SIGTERM."
     )
     seed: int = Field(0, description="Seed for requests that give none.")
+    default_thinking: Literal["template", "on", "off"] = Field(
+        "template", description="Whether Qwen3 and Qwen3.5 think when a request sets neither "
+        "chat_template_kwargs.enable_thinking nor reasoning_effort: template keeps the chat template's default "
+        "(Qwen3: on, Qwen3.5: off).")
 
     @model_validator(mode="before")
     @classmethod

@@ -27,6 +27,7 @@ class ServerState:
         self.shutting_down = False
         self.load_thread: threading.Thread | None = None
         self.api_keys = [k.encode() for k in settings.api_keys()]
+        self._on_stop: list = []
 
     def health(self) -> tuple[bool, str]:
         if self.shutting_down:
@@ -76,8 +77,14 @@ class ServerState:
         self.load_thread = threading.Thread(target=load_and_run, name="qwen-engine", daemon=True)
         self.load_thread.start()
 
+    def on_stop(self, fn) -> None:
+        """Call `fn` when the server stops (after the engine)."""
+        self._on_stop.append(fn)
+
     def stop(self) -> None:
         self.shutting_down = True
         self.metrics.model_loaded.set(0)
         if self.model is not None:
             self.model.engine.stop()
+        for fn in self._on_stop:
+            fn()

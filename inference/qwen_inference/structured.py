@@ -50,6 +50,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -68,6 +69,19 @@ SUPPORTED_FORMATS = frozenset({
 })
 _AFTER_THINK_WS = r"[ \t\r\n]{0,4}"
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class _Clock:
+    """Seconds spent on constrained decoding by the threads that decode (the engine's): filling and applying
+    token masks and advancing grammars. Read by the server's metrics (qwen_structured_output_seconds_total)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+GRAMMAR_TIME = _Clock()
 
 
 class StructuredOutputError(ValueError):
@@ -92,6 +106,14 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] |
     """Set to -inf, in place, the logits of tokens whose bit is 0. `logits` [B, V] (CPU or accelerator);
     `bitmask` [>= B, ceil(V/32)] int32 on the CPU, row i for logits row i; `rows`: the rows to mask (None:
     all of them)."""
+    started = time.perf_counter()
+    try:
+        _apply_bitmask(logits, bitmask, rows)
+    finally:
+        GRAMMAR_TIME.seconds += time.perf_counter() - started
+
+
+def _apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None) -> None:
     if logits.dim() != 2 or bitmask.dim() != 2 or bitmask.dtype != torch.int32:
         raise ValueError("apply_bitmask wants logits [B, V] and an int32 bitmask [rows, ceil(V/32)]")
     vocab = logits.shape[1]
@@ -364,6 +386,13 @@ class TokenConstraint:
         return self._phase == _THINK
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        started = time.perf_counter()
+        try:
+            self._fill(bitmask, row)
+        finally:
+            GRAMMAR_TIME.seconds += time.perf_counter() - started
+
+    def _fill(self, bitmask: torch.Tensor, row: int) -> None:
         g = self._factory._grammars
         if self._phase == _THINK:
             bitmask[row].copy_(g._free_mask)
@@ -375,6 +404,13 @@ class TokenConstraint:
 
     def accept(self, token_id: int) -> bool:
         """Advance by the sampled token; False if the grammar does not allow it (the state is unchanged)."""
+        started = time.perf_counter()
+        try:
+            return self._accept(token_id)
+        finally:
+            GRAMMAR_TIME.seconds += time.perf_counter() - started
+
+    def _accept(self, token_id: int) -> bool:
         if self._done:
             return False
         g = self._factory._grammars

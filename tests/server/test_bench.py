@@ -25,6 +25,15 @@ def test_bench_smoke_run_writes_results_chart_and_table(tmp_path):
     assert png.startswith(b"\x89PNG")
     table = (tmp_path / "smoke.md").read_text()
     assert "| qwen-serve |" in table and "| seeds-design |" in table and "×baseline" in table
+    # json_schema against free text on the same server: every constrained reply finished and parses
+    s = data["runs"][0]["structured"]
+    [round_] = s["rounds"]
+    assert round_["json_schema"]["valid_json"] == 2 and round_["json_schema"]["errors"] == 0
+    assert round_["free"]["errors"] == 0 and round_["free"]["valid_json"] is None
+    assert s["json_tokens_per_second"] > 0 and s["throughput_overhead"] is not None
+    assert round_["json_schema"]["grammar_seconds"] > 0 and s["grammar_seconds_free_runs"] == 0
+    assert 0 < s["grammar_share"] < 1
+    assert "| json_schema (strict) |" in table and "2 of 2" in table
     cpu = data["meta"]["cpu"]  # every run names the machine it measured
     assert cpu["model"] != "unknown" and cpu["model"] in table and cpu["cpus"] >= 1
 

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from ..conftest import running_server
+from .scripted import Scripted
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.browser
@@ -132,3 +133,33 @@ def test_429_is_explained(tiny_model, page):
         for h in list(engine._running):
             h.handle.cancel()
         busy.join(60)
+
+
+def test_reasoning_shows_collapsed_above_the_answer(qwen3_server, page):
+    """Qwen3 opens its thinking block itself: the page shows the reasoning folded above the answer, and sends
+    it back with the next turn."""
+    with Scripted(qwen3_server) as script:
+        script.say(None, "<think>\nFirst, greet.\n</think>\n\nHello!")
+        page.goto(qwen3_server.url + "/")
+        page.select_option("#thinking", "on")
+        with page.expect_request("**/v1/chat/completions") as sent:
+            send(page, "hi")
+        assert sent.value.post_data_json["chat_template_kwargs"] == {"enable_thinking": True}
+        page.wait_for_function("document.getElementById('status').textContent.includes('tokens/s')", timeout=60000)
+        details = page.locator(".msg.assistant details.reasoning")
+        assert details.count() == 1
+        assert details.evaluate("d => !d.open && d.nextElementSibling.className === 'answer'")
+        assert not page.is_visible(".reasoning-text")
+        assert page.text_content(".reasoning-text") == "First, greet."
+        assert page.inner_text(".msg.assistant .answer") == "Hello!"
+        page.click("details.reasoning summary")
+        assert page.is_visible(".reasoning-text")
+        # the next turn carries the reasoning back, as the chat template expects it
+        page.select_option("#thinking", "off")
+        with page.expect_request("**/v1/chat/completions") as sent:
+            send(page, "and then?")
+        body = sent.value.post_data_json
+        assert body["messages"][1] == {"role": "assistant", "content": "Hello!", "reasoning_content": "First, greet."}
+        assert body["chat_template_kwargs"] == {"enable_thinking": False}
+        page.wait_for_function("document.querySelectorAll('.msg.assistant').length == 2 && "
+                               "!document.querySelector('.streaming')", timeout=60000)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from ..protocol import ChatCompletion, ChatCompletionRequest
-from ..serving import ChatService
+from ..serving_chat import ChatService
 from .common import json_body, read_json, require_key, require_ready
 
 router = APIRouter()

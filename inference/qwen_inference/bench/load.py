@@ -4,6 +4,7 @@ measuring time to first token, time per output token, end-to-end latency, throug
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import statistics
@@ -32,6 +33,8 @@ class Result:
     tokens: int = 0
     itl: list[float] = field(default_factory=list)  # gaps between content chunks
     error: str | None = None
+    finish_reason: str | None = None
+    text: str = ""
 
 
 @dataclass
@@ -53,6 +56,11 @@ class LevelReport:
     e2e_p99: float | None
     peak_rss_bytes: int | None = None
     error_samples: list[str] = field(default_factory=list)
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+    valid_json: int | None = None  # replies that finished and parse as JSON (when asked to check)
+    # CPU time the server process (and its children) spent during the level: on a shared machine, steadier than
+    # wall time as a measure of what the work costs
+    server_cpu_seconds: float | None = None
 
 
 def pct(values: list[float], p: float) -> float | None:
@@ -65,9 +73,10 @@ def pct(values: list[float], p: float) -> float | None:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str | None, prompt: str, max_tokens: int,
-                      api_key: str | None, ignore_eos: bool = True) -> Result:
+                      api_key: str | None, ignore_eos: bool = True, extra: dict | None = None) -> Result:
+    """One streamed chat completion; `extra` adds fields to the body (e.g. a response_format)."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     if ignore_eos:  # vLLM's and llama.cpp's extension: every request generates max_tokens
         body["ignore_eos"] = True
     if model:
@@ -78,6 +87,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str | None, pr
     chunks = 0
     usage_tokens = None
     gaps: list[float] = []
+    parts: list[str] = []
+    finish = None
     try:
         async with client.stream("POST", url, json=body, headers=headers) as r:
             if r.status_code != 200:
@@ -93,7 +104,9 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str | None, pr
                     usage_tokens = data["usage"].get("completion_tokens")
                 for choice in data.get("choices") or []:
                     content = (choice.get("delta") or {}).get("content")
+                    finish = choice.get("finish_reason") or finish
                     if content:
+                        parts.append(content)
                         now = time.perf_counter()
                         if first is None:
                             first = now
@@ -105,7 +118,25 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str | None, pr
         return Result(False, error=f"{type(exc).__name__}: {exc}"[:200])
     end = time.perf_counter()
     tokens = usage_tokens if usage_tokens is not None else chunks
-    return Result(True, ttft=(first - start) if first else None, e2e=end - start, tokens=tokens, itl=gaps)
+    return Result(True, ttft=(first - start) if first else None, e2e=end - start, tokens=tokens, itl=gaps,
+                  finish_reason=finish, text="".join(parts))
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User and system CPU time of a process and its children so far."""
+    if pid is None:
+        return None
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        total = 0.0
+        for proc in [p] + p.children(recursive=True):
+            t = proc.cpu_times()
+            total += t.user + t.system
+        return total
+    except psutil.Error:
+        return None
 
 
 class RssSampler(threading.Thread):
@@ -136,7 +167,10 @@ class RssSampler(threading.Thread):
 
 async def run_level(url: str, model: str | None, concurrency: int, requests: int, prompt_words: int,
                     max_tokens: int, seed: int, pid: int | None = None, api_key: str | None = None,
-                    timeout: float = 1800, ignore_eos: bool = True) -> LevelReport:
+                    timeout: float = 1800, ignore_eos: bool = True, extra: dict | None = None,
+                    check_json: bool = False) -> LevelReport:
+    """`extra`: fields added to every request's body; `check_json`: count the replies that finished and parse
+    as JSON."""
     sem = asyncio.Semaphore(concurrency)
     sampler = RssSampler(pid)
     sampler.start()
@@ -147,11 +181,13 @@ async def run_level(url: str, model: str | None, concurrency: int, requests: int
         async def task(i: int) -> Result:
             async with sem:
                 return await one_request(client, url, model, prompt_text(prompt_words, seed + i), max_tokens, api_key,
-                                         ignore_eos)
+                                         ignore_eos, extra)
 
+        cpu_before = cpu_seconds(pid)
         start = time.perf_counter()
         results = await asyncio.gather(*(task(i) for i in range(requests)))
         wall = time.perf_counter() - start
+        cpu_after = cpu_seconds(pid)
     sampler.done.set()
     sampler.join()
     ok = [r for r in results if r.ok]
@@ -168,7 +204,20 @@ async def run_level(url: str, model: str | None, concurrency: int, requests: int
         e2e_p50=pct(e2e, 0.5), e2e_p95=pct(e2e, 0.95), e2e_p99=pct(e2e, 0.99),
         peak_rss_bytes=sampler.peak or None,
         error_samples=[r.error for r in results if not r.ok][:3],
+        finish_reasons=dict(collections.Counter(r.finish_reason or "none" for r in ok)),
+        valid_json=sum(_is_json(r) for r in ok) if check_json else None,
+        server_cpu_seconds=cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None,
     )
+
+
+def _is_json(r: Result) -> bool:
+    if r.finish_reason != "stop":
+        return False
+    try:
+        json.loads(r.text)
+    except ValueError:
+        return False
+    return True
 
 
 def report_dict(levels: list[LevelReport]) -> list[dict]:
