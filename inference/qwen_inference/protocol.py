@@ -95,6 +95,39 @@ class ChatMessage(OpenAIModel):
             raise FieldError("reasoning_content", "reasoning and reasoning_content differ: send one of them")
         return self
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        """The OpenAPI schema says what `_by_role` checks: one shape per role, as OpenAI's own schema has it."""
+        ref = handler(core_schema)
+        target = handler.resolve_ref_schema(ref)
+        props = target.pop("properties")
+        target.pop("required", None)
+        closed = target.pop("additionalProperties", False)
+        target.pop("type", None)
+        content = {k: v for k, v in props["content"].items() if k != "default"}
+        content["anyOf"] = [t for t in content["anyOf"] if t != {"type": "null"}]
+        variants = []
+        for role in props["role"]["enum"]:
+            shape = {k: v for k, v in props.items()
+                     if role == "assistant" or k not in ("tool_calls", "reasoning", "reasoning_content")}
+            if role != "tool":
+                shape.pop("tool_call_id")
+            shape["role"] = {"const": role, "type": "string"}
+            required = ["role"]
+            variant: dict[str, Any] = {"type": "object", "additionalProperties": closed}
+            if role == "assistant":
+                variant["anyOf"] = [{"required": [k], "properties": {k: {"not": {"type": "null"}}}}
+                                    for k in ("content", "tool_calls", "reasoning", "reasoning_content")]
+            else:
+                shape["content"] = content
+                required.append("content")
+            if role == "tool":
+                shape["tool_call_id"] = {"type": "string", "minLength": 1}
+                required.append("tool_call_id")
+            variants.append({**variant, "properties": shape, "required": required})
+        target["oneOf"] = variants
+        return ref
+
     def text(self) -> str:
         if self.content is None:
             return ""
