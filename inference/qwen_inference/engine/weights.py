@@ -88,15 +88,12 @@ class Quantized:
         raise NotImplementedError
 
 
-WEIGHT_ONLY_MAX_ROWS = 16  # up to this many rows, int8 weights multiply unquantized activations
-
-
 @dataclass
 class Int8Weight(Quantized):
-    """An int8 weight with one float32 scale per output channel (symmetric). Steps of a few rows (decode)
-    multiply their activations as they are by the int8 weight (weight-only: memory-bound, so the fewer bytes
-    are the whole gain); bigger steps quantize each row of activations to int8 too and run integer products
-    (compute-bound, where int8 products win)."""
+    """An int8 weight with one float32 scale per output channel (symmetric). Activations are quantized per
+    row (token) on the fly and multiplied with integer products, at every batch size: torch's weight-only
+    int8 kernel (`_weight_int8pack_mm`) measured slower at every row count, one row included
+    (bench/README.md), and per-row activation scales keep a sequence's output independent of its batch."""
 
     q: torch.Tensor  # [out, in] int8
     scale: torch.Tensor  # [out] float32
@@ -120,8 +117,6 @@ class Int8Weight(Quantized):
         return self.q[ids].float() * self.scale[ids][:, None]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= WEIGHT_ONLY_MAX_ROWS:
-            return torch._weight_int8pack_mm(x, self.q, self.scale.to(x.dtype))
         return int8_linear(x, self)
 
 
