@@ -241,14 +241,18 @@ def cpu_info() -> dict:
     """The CPU this run measured: model name, the flags that choose kernels, cores and the load around it."""
     from qwen_inference.sysinfo import cpu_flags
 
-    name = "unknown"
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break  # the first CPU's block is enough
     except OSError:
         pass
+    name = fields.get("model name", "unknown")
+    if "cpu family" in fields and "model" in fields:  # a VM may hide the marketing name ("AMD EPYC"): say which
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
     return {"model": name, "flags": [f for f in wanted if f in cpu_flags()], "cpus": os.cpu_count(),
             "loadavg": os.getloadavg()[0]}

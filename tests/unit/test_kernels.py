@@ -50,10 +50,10 @@ def test_linear_bf16_refuses_what_it_cannot_do(k):
 
 
 def test_bf16_models_use_the_kernel_for_decode_rows_and_agree_with_torch(tiny_model):
-    """A bf16 model's decode step on the kernel gives the logits of torch's own bf16 matmuls (to bf16
-    rounding), and prompt chunks past the kernel's row limit go to torch."""
+    """A bf16 model's step on the kernel gives the logits of torch's own bf16 matmuls (to bf16 rounding), and
+    steps of other row counts go to torch."""
     from qwen_inference.engine.models import load_model
-    from qwen_inference.engine.platform import KERNEL_MAX_ROWS, Platform
+    from qwen_inference.engine.platform import KERNEL_ROWS, Platform
     from qwen_inference.engine.weights import linear
 
     from .test_engine import prompt_logits
@@ -62,7 +62,8 @@ def test_bf16_models_use_the_kernel_for_decode_rows_and_agree_with_torch(tiny_mo
     assert fast.linear is not linear and fast.linear.__name__ == "linear_small_rows"
     slow = load_model(tiny_model, Platform.cpu(torch.bfloat16))
     slow.linear = linear
-    for n in (1, 5, KERNEL_MAX_ROWS, 40):
+    assert 2 in KERNEL_ROWS
+    for n in (1, *KERNEL_ROWS, 5, 40):
         ids = list(range(900, 900 + n))
         a, b = prompt_logits(fast, ids), prompt_logits(slow, ids)
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999

@@ -58,6 +58,7 @@ def load_model(folder: Path, platform: Platform) -> CausalLM:
     from transformers import AutoConfig
 
     cls = family(model_type_of(folder))  # before transformers reads a config it may not know
+    platform.use_huge_pages()  # before the weights are allocated
     config = AutoConfig.from_pretrained(str(folder))
     return cls(Path(folder), config, platform)
 
