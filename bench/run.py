@@ -231,7 +231,8 @@ async def measure(server: Server, levels: list[int], words: int, long_words: int
         log(f"{server.label}: {summary_line(level)}")
         out["levels"].append(asdict(level))
     long = await run_level(url, None, 1, 1 if smoke else 3, long_words, 4, seed=777000, pid=pid, ignore_eos=eos)
-    log(f"{server.label}: {LONG_PROMPT_TOKENS}-token prompt alone: ttft p50 {long.ttft_p50:.2f}s")
+    ttft = "not measured (no token streamed)" if long.ttft_p50 is None else f"{long.ttft_p50:.2f}s"
+    log(f"{server.label}: {LONG_PROMPT_TOKENS}-token prompt alone: ttft p50 {ttft}")
     out["ttft_long_prompt_p50"] = long.ttft_p50
     out["peak_rss_bytes"] = max([lv["peak_rss_bytes"] or 0 for lv in out["levels"]] + [long.peak_rss_bytes or 0])
     return out
@@ -311,9 +312,10 @@ def table(runs: list[dict], baseline: str = "seeds-design") -> str:
         one, many = level(r, 1), level(r, top)
         b1, bm = (level(base, 1), level(base, top)) if base else (None, None)
         ratio = lambda x, y: f"{x['tokens_per_second'] / y['tokens_per_second']:.1f}×" if x and y and y["tokens_per_second"] else "–"  # noqa: E731
+        secs = lambda t: "–" if t is None else f"{t:.2f} s"  # noqa: E731  (no token streamed: not measured)
         rows.append(f"| {r['label']} | {one['tokens_per_second']:.1f} | {ratio(one, b1)} | "
-                    f"{many['tokens_per_second']:.1f} | {ratio(many, bm)} | {many['ttft_p50']:.2f} s | "
-                    f"{r['ttft_long_prompt_p50']:.2f} s | {r['peak_rss_bytes'] / 2**30:.2f} GiB |")
+                    f"{many['tokens_per_second']:.1f} | {ratio(many, bm)} | {secs(many['ttft_p50'])} | "
+                    f"{secs(r['ttft_long_prompt_p50'])} | {r['peak_rss_bytes'] / 2**30:.2f} GiB |")
     return "\n".join(rows)
 
 

@@ -314,7 +314,7 @@ def autoscaling_condition(spec: QwenDeploymentSpec, obs: Observed) -> tuple[str,
     if ready.get("status") != "True":
         if ready.get("message"):  # KEDA is on it, and not sure yet
             return ("Unknown", "WaitingForKEDA", f"KEDA: {ready['message']}; " + scope)
-        return ("Unknown", "WaitingForKEDA", f"the ScaledObject is applied and KEDA has not reported on it yet (is "
+        return ("Unknown", "WaitingForKEDA", "the ScaledObject is applied and KEDA has not reported on it yet (is "
                 "the KEDA operator running?); " + scope)
     active = (keda.get("Active") or {}).get("status") == "True"
     return ("True", "Active" if active else "Idle", scope + ("" if active else "; no load now"))

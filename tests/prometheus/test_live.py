@@ -8,7 +8,6 @@ import re
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest

@@ -113,7 +113,6 @@ async def test_request_timeout_ends_the_request(tiny_model):
                                                            "max_tokens": 2000, "temperature": 0})
             assert r.status_code == 504
             assert r.json()["error"]["code"] == "timeout"
-            text, _ = "", None
             r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
                                                            "max_tokens": 2000, "stream": True})
             last = [line for line in r.text.split("\n\n") if line][-2]

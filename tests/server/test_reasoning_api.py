@@ -138,3 +138,20 @@ def test_bad_reasoning_switches_are_400(request, which, body, param, words):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and words in err["message"], err
+
+
+def test_the_load_generator_times_a_reply_that_is_all_reasoning(qwen35_server):
+    """qwen-bench counts reasoning deltas as generated tokens: a reply cut inside its thinking still has a time
+    to first token (llama-server streams a Qwen3.5 reply as reasoning_content, qwen-serve as reasoning)."""
+    import asyncio
+
+    from qwen_inference.bench.load import one_request
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await one_request(c, qwen35_server.url + "/v1/chat/completions", None, "Say something", 5, None,
+                                     extra={"chat_template_kwargs": {"enable_thinking": True}})
+
+    r = asyncio.run(go())
+    assert r.ok and r.finish_reason == "length" and r.text == ""  # no answer, only reasoning
+    assert r.ttft is not None and r.ttft > 0 and r.tokens == 5 and len(r.itl) >= 1

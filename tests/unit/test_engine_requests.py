@@ -3,7 +3,6 @@ log-probabilities of generated and prompt tokens, and a grammar that constrains 
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import jsonschema

@@ -31,7 +31,7 @@ class Result:
     ttft: float | None = None
     e2e: float | None = None
     tokens: int = 0
-    itl: list[float] = field(default_factory=list)  # gaps between content chunks
+    itl: list[float] = field(default_factory=list)  # gaps between content (or reasoning) chunks
     error: str | None = None
     finish_reason: str | None = None
     text: str = ""
@@ -103,10 +103,14 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str | None, pr
                 if data.get("usage"):
                     usage_tokens = data["usage"].get("completion_tokens")
                 for choice in data.get("choices") or []:
-                    content = (choice.get("delta") or {}).get("content")
+                    delta = choice.get("delta") or {}
+                    content = delta.get("content")
+                    # a reasoning model's first tokens may arrive as reasoning (llama-server: reasoning_content)
+                    thought = delta.get("reasoning") or delta.get("reasoning_content")
                     finish = choice.get("finish_reason") or finish
                     if content:
                         parts.append(content)
+                    if content or thought:
                         now = time.perf_counter()
                         if first is None:
                             first = now

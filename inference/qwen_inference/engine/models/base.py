@@ -18,7 +18,7 @@ import torch
 from ..attention import AttentionMetadata
 from ..cache import CacheSpec, Caches
 from ..platform import Platform
-from ..weights import tensor_bytes
+from ..weights import Checkpoint, tensor_bytes
 
 
 @dataclass
@@ -81,6 +81,25 @@ class CausalLM(ABC):
     @property
     def output_device(self) -> torch.device:
         return self.layer_devices[-1]
+
+    def _load_output_layer(self, ckpt: "Checkpoint", tied: bool, dtype: torch.dtype) -> None:
+        """`lm_head` from the checkpoint, or the embedding table (`self.embed`, loaded) when the two are tied or the
+        checkpoint has none; quantized as the platform stores output layers, in which case a tied embedding table
+        becomes the lm_head's int8 rows."""
+        from ..weights import Int8Weight, release_memory
+
+        first, last = self.platform.first_device, self.output_device
+        if tied or not ckpt.has("lm_head.weight"):
+            tied = True
+            self.lm_head = self.embed if last == first else self.embed.to(last)
+        else:
+            self.lm_head = ckpt.get("lm_head.weight", dtype, last)
+        release_memory()
+        if self.platform.quantize != "none":
+            self.lm_head = self.platform.quantize_weight(self.lm_head, output=True)
+            if tied and isinstance(self.lm_head, Int8Weight):
+                self.embed = None
+            release_memory()
 
     @abstractmethod
     def cache_specs(self) -> list[CacheSpec]:

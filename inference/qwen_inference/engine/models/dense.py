@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..attention import paged_attention
 from ..cache import Caches, PagedAttentionSpec
 from ..platform import Platform
-from ..weights import Checkpoint, Int8Weight, Quantized, UnsupportedModel, Weight, release_memory
+from ..weights import Checkpoint, Quantized, UnsupportedModel, Weight
 from .base import CausalLM, ForwardBatch
 
 
@@ -92,19 +92,8 @@ class DenseDecoder(CausalLM):
                 self.layers.append(layer)
             self.embed = ckpt.get("model.embed_tokens.weight", dtype, first)
             self.norm = ckpt.get("model.norm.weight", dtype, last)
-            if tied or not ckpt.has("lm_head.weight"):
-                tied = True
-                self.lm_head = self.embed if last == first else self.embed.to(last)
-            else:
-                self.lm_head = ckpt.get("lm_head.weight", dtype, last)
+            self._load_output_layer(ckpt, tied, dtype)
         self.rotary = {d: rotary_module(config, d) for d in set(self.layer_devices)}
-        release_memory()
-        if quantized:
-            # the embedding table becomes the lm_head's int8 rows when the two are tied
-            self.lm_head = platform.quantize_weight(self.lm_head, output=True)
-            if tied and isinstance(self.lm_head, Int8Weight):
-                self.embed = None
-            release_memory()
 
     def _layer(self, ckpt: Checkpoint, i: int, device: torch.device) -> DenseLayer:
         p = f"model.layers.{i}."

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..cache import Caches, PagedAttentionSpec, RecurrentStateSpec
 from ..platform import Platform
-from ..weights import Checkpoint, CheckpointError, Int8Weight, Quantized, UnsupportedModel, Weight, release_memory
+from ..weights import Checkpoint, CheckpointError, Quantized, UnsupportedModel, Weight
 from .base import CausalLM, DeviceBatch, ForwardBatch
 
 DELTA_CHUNK = 64  # tokens per chunk of the chunked delta rule
@@ -127,18 +127,8 @@ class Qwen3_5Decoder(CausalLM):
                 self.layers.append(layer)
             self.embed = ckpt.get(self.prefix + "embed_tokens.weight", dt, first)
             self.norm = 1.0 + ckpt.get(self.prefix + "norm.weight", torch.float32, last)
-            if tied or not ckpt.has("lm_head.weight"):
-                tied = True
-                self.lm_head = self.embed if last == first else self.embed.to(last)
-            else:
-                self.lm_head = ckpt.get("lm_head.weight", dt, last)
+            self._load_output_layer(ckpt, tied, dt)
         self.inv_freq, self.rope_scaling = self._rope(text)
-        release_memory()
-        if quantized:
-            self.lm_head = platform.quantize_weight(self.lm_head, output=True)
-            if tied and isinstance(self.lm_head, Int8Weight):
-                self.embed = None
-            release_memory()
 
     # ---- loading -----------------------------------------------------------------------------------
     def _mlp(self, ckpt: Checkpoint, p: str, device: torch.device) -> MLP:
@@ -263,7 +253,7 @@ class Qwen3_5Decoder(CausalLM):
         from ..attention import paged_attention
 
         T = h.shape[0]
-        H, KV, D, R = self.num_heads, self.kv_heads, self.head_dim, self.rotary_dim
+        H, KV, D = self.num_heads, self.kv_heads, self.head_dim
         qkv = self.linear(h, layer.w_qkv, layer.b_qkv)
         qg = qkv[:, : 2 * H * D].view(T, H, 2 * D)
         q, gate = qg[..., :D], qg[..., D:].reshape(T, H * D)
@@ -290,7 +280,7 @@ class Qwen3_5Decoder(CausalLM):
     def _delta_net(self, h: torch.Tensor, layer: DeltaNetLayer, state: dict[str, torch.Tensor],
                    batch: ForwardBatch, m: DeviceBatch) -> torch.Tensor:
         T = h.shape[0]
-        kd, vd, hv = self.key_dim, self.value_dim, self.hv
+        vd, hv = self.value_dim, self.hv
         proj = self.linear(h, layer.w_in)
         mixed = proj[:, : self.conv_dim]
         z = proj[:, self.conv_dim: self.conv_dim + vd]
