@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import podspec
 from .cgroups import Cgroups
-from .images import load_images, traverse_paths
+from .images import image_paths, load_images, traverse_paths
 from .network import REGISTRY, PodNetwork
 from .runtime import Container, VolumeNotReady, now_iso, prepare_volumes
 
@@ -465,6 +465,7 @@ class Agent:
         self.run_dir = REGISTRY / self.id
         self.images = load_images()
         self.traverse = traverse_paths()
+        self.image_paths = image_paths()
         self.version = version
         self.pki = pki
         self.stopping = False

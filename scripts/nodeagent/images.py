@@ -130,6 +130,15 @@ def traverse_paths(root: Path = ROOT) -> list[str]:
     return sorted(out)
 
 
+def image_paths(root: Path = ROOT) -> list[str]:
+    """The folders an image's files live in on a process node: the project (with its virtualenv) and the
+    interpreter the virtualenv was made from."""
+    import os
+    import sys
+
+    return sorted({str(root.resolve()), os.path.realpath(sys.base_prefix)})
+
+
 def resolve(images: dict[str, Image], image: str) -> Image:
     repo = repository(image)
     if repo not in images:

@@ -465,7 +465,7 @@ class Container:
             "cwd": cwd, "uid": uid, "gid": gid, "groups": groups,
             "noNewPrivs": sc.get("allowPrivilegeEscalation") is False, "argv": argv, "env": env,
             "errorFile": str(error_file), "cgroups": inst.cgroup.procs_files, "cgroupMounts": inst.cgroup.mounts,
-            "traverse": w.agent.traverse,
+            "traverse": w.agent.traverse, "imagePaths": w.agent.image_paths,
         }
         inst.enter_spec = {k: launch[k] for k in ("cwd", "uid", "gid", "groups", "noNewPrivs", "env", "cgroups")}
         (files / "launch.json").write_text(json.dumps(launch))

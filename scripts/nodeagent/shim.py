@@ -35,6 +35,7 @@ EXIT_START_ERROR = 128  # what a container runtime reports when the command coul
 
 # host folders never bound into a container's root: made fresh or left out
 SPECIAL = {"proc", "sys", "dev", "tmp", "run", "lost+found"}
+FRESH = ("tmp", "run")  # the container's own, empty: not the host's
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -179,6 +180,14 @@ def build_root(spec: dict) -> str:
     for name, mode in (("tmp", 0o1777), ("run", 0o755)):
         os.mkdir(_inside(root, name))
         os.chmod(_inside(root, name), mode)
+    # the image's own files stay where they are when they sit in one of those (a checkout under /tmp), read-only
+    # as an image's layers are
+    for path in spec.get("imagePaths", []):
+        if path.strip("/").split("/")[0] in FRESH:
+            target = _in_root(root, path)
+            os.makedirs(target, exist_ok=True)
+            mount(path, target, None, MS_BIND | MS_REC)
+            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
     for m in sorted(spec.get("mounts", []), key=lambda m: m["target"].rstrip("/").count("/")):
         target = _in_root(root, m["target"])
         if os.path.isdir(m["source"]):
