@@ -180,14 +180,6 @@ def build_root(spec: dict) -> str:
     for name, mode in (("tmp", 0o1777), ("run", 0o755)):
         os.mkdir(_inside(root, name))
         os.chmod(_inside(root, name), mode)
-    # the image's own files stay where they are when they sit in one of those (a checkout under /tmp), read-only
-    # as an image's layers are
-    for path in spec.get("imagePaths", []):
-        if path.strip("/").split("/")[0] in FRESH:
-            target = _in_root(root, path)
-            os.makedirs(target, exist_ok=True)
-            mount(path, target, None, MS_BIND | MS_REC)
-            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
     for m in sorted(spec.get("mounts", []), key=lambda m: m["target"].rstrip("/").count("/")):
         target = _in_root(root, m["target"])
         if os.path.isdir(m["source"]):
@@ -196,6 +188,15 @@ def build_root(spec: dict) -> str:
             _touch(target)
         mount(m["source"], target, None, MS_BIND | MS_REC)
         if m.get("readOnly"):
+            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+    # the image's own files (the project and its interpreter) where they sit in a folder the container gets fresh
+    # or a volume covers (a checkout under /tmp, and an emptyDir at /tmp): a real image keeps them elsewhere, so
+    # they stay visible, read-only as an image's layers are
+    for path in spec.get("imagePaths", []):
+        if path.strip("/").split("/")[0] in FRESH:
+            target = _in_root(root, path)
+            os.makedirs(target, exist_ok=True)
+            mount(path, target, None, MS_BIND | MS_REC)
             mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
     cwd = _in_root(root, spec.get("cwd") or "/")
     if not os.path.isdir(cwd):

@@ -65,3 +65,10 @@ class Scripted:
 
     def __exit__(self, *exc) -> None:
         del self.engine._process  # the class's method again
+
+
+def client(server):
+    """The official openai client, against a test server."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

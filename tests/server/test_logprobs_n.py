@@ -6,23 +6,13 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 
 from ..conftest import running_server
-from .scripted import Scripted
+from .scripted import Scripted, client
 from .test_chat_api import sse_events
 
 HI = [{"role": "user", "content": "Say something"}]
-
-
-@pytest.fixture(params=["tiny", "tiny-qwen3.5"])
-def srv(request):
-    return request.getfixturevalue("server" if request.param == "tiny" else "qwen35_server")
-
-
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def post(server, rid: str | None = None, **body) -> httpx.Response:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from qwen_inference.structured import TokenConstraint
 
-from .scripted import Scripted
+from .scripted import Scripted, client as oai
 from .test_chat_api import sse_events
 
 PERSON = {
@@ -39,15 +39,6 @@ PERSON = {
     "additionalProperties": False,
 }
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
-
-
-@pytest.fixture(params=["tiny", "tiny-qwen3.5"])
-def srv(request):
-    return request.getfixturevalue("server" if request.param == "tiny" else "qwen35_server")
-
-
-def oai(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def post(server, **body):

@@ -11,10 +11,9 @@ import re
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
-from .scripted import Scripted
+from .scripted import Scripted, client
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
                                             "days": {"type": "integer", "minimum": 1, "maximum": 7}},
@@ -26,15 +25,6 @@ SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
 XML_CALL = ('<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n'
             '</parameter>\n</function>\n</tool_call>')
-
-
-@pytest.fixture(params=["tiny", "tiny-qwen3.5"])
-def srv(request):
-    return request.getfixturevalue("server" if request.param == "tiny" else "qwen35_server")
-
-
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def post(server, rid: str | None = None, **body) -> httpx.Response:
