@@ -577,6 +577,11 @@ class Container:
         inst = self.instance
         if inst is None or inst.proc is None or inst.done.is_set():
             return
+        self._kill(inst)
+
+    @staticmethod
+    def _kill(inst: Instance) -> None:
+        """SIGKILL to the instance's process group, then to whatever else is left in its cgroup."""
         try:
             os.killpg(inst.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -598,12 +603,7 @@ class Container:
         except ProcessLookupError:
             pass
         if not inst.done.wait(max(0.0, deadline - time.monotonic())):
-            try:
-                os.killpg(inst.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            if inst.cgroup is not None:
-                inst.cgroup.kill_all()
+            self._kill(inst)
 
     # -- probes and handlers --
     def pod_ip(self) -> str:
