@@ -594,9 +594,9 @@ def _init(shape: tuple[int, ...], how: str, dtype, gen):
         if how == "a_log":
             # Decay rates from 0.01 to 1: with softplus(a + dt_bias) near 1, heads keep from about 99% down to about
             # 30% of their state per token, so the recurrent state carries context across many tokens.
-            x = torch.rand(block.shape, generator=gen) * math.log(100.0) + math.log(0.01)
+            x = torch.rand(block.shape, generator=gen, device=gen.device) * math.log(100.0) + math.log(0.01)
         else:
-            x = torch.randn(block.shape, generator=gen)
+            x = torch.randn(block.shape, generator=gen, device=gen.device)
             if how == "linear":
                 # projections at 1/sqrt(fan_in): every layer moves the residual stream, so a random model's next
                 # token depends on the whole context instead of echoing the last embedding
@@ -607,11 +607,11 @@ def _init(shape: tuple[int, ...], how: str, dtype, gen):
     return out
 
 
-def _write_weights(out: Path, p: Preset, dtype: str, seed: int) -> None:
+def _write_weights(out: Path, p: Preset, dtype: str, seed: int, device: str = "cpu") -> None:
     import torch
     from safetensors.torch import save_file
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     specs = tensor_specs(p)
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}
     total = checkpoint_bytes(p, dtype)
@@ -640,8 +640,10 @@ def _write_weights(out: Path, p: Preset, dtype: str, seed: int) -> None:
 
 
 def make_random_model(preset_name: str, out: Path, dtype: str | None = None, seed: int = 0,
-                      tokenizer_cache: Path | None = None) -> Path:
-    """Write a random-weight model of `preset_name` into `out` (made atomically: a temporary folder renamed)."""
+                      tokenizer_cache: Path | None = None, device: str = "cpu") -> Path:
+    """Write a random-weight model of `preset_name` into `out` (made atomically: a temporary folder renamed).
+    `device`: where the random numbers are drawn (a GPU draws a 9B model's in seconds); each device's generator
+    gives its own weights for a seed, so models made on different devices differ."""
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
@@ -658,7 +660,7 @@ def make_random_model(preset_name: str, out: Path, dtype: str | None = None, see
         make_tokenizer(tmp, preset.vocab, preset.max_position_embeddings, tokenizer_cache)
         (tmp / "config.json").write_text(json.dumps(model_config(preset, dtype), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(preset)))
-        _write_weights(tmp, preset, dtype, seed)
+        _write_weights(tmp, preset, dtype, seed, device)
         (tmp / "RANDOM_WEIGHTS.md").write_text(
             f"Random weights in the {preset_name} architecture, made by `qwen-model make-random` "
             f"(format {FORMAT_VERSION}). Its replies are random tokens: use it to test and to benchmark, not to chat.\n"
