@@ -9,7 +9,7 @@ PORT ?= 8000
 HOST ?= 127.0.0.1
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-unit test-server test-cluster test-keda bench bench-smoke soak dev-cluster dev-cluster-down \
+.PHONY: help venv run test test-unit test-server test-cluster test-keda bench bench-gpu bench-smoke soak dev-cluster dev-cluster-down \
         e2e-kind manifests system-deps k8s-bin clean
 
 help: ## list targets
@@ -47,6 +47,9 @@ test-keda: $(STAMP) system-deps k8s-bin ## the real KEDA scales a QwenDeployment
 
 bench: $(STAMP) ## benchmark qwen-serve against the seeds' design and llama.cpp (slow; see bench/README.md)
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-gpu: $(STAMP) ## the CUDA path on a GPU: parity with transformers, throughput at 1-256 streams (needs a GPU)
+	$(PY) -m bench.gpu $(BENCH_ARGS)
 
 bench-smoke: $(STAMP) ## a quick run of the benchmark harness on the tiny model
 	$(PY) -m bench.run --smoke

@@ -95,3 +95,28 @@ def test_ignore_eos_can_be_left_out_for_servers_that_refuse_it():
         assert ok.errors == 0 and ok.generated_tokens == 6
     finally:
         httpd.shutdown()
+
+
+def test_gpu_harness_runs_its_parts_on_the_cpu(tmp_path):
+    """`make bench-gpu` needs a GPU; its harness (parity against transformers in three precisions, throughput
+    through qwen-serve against transformers' continuous batching) runs here on the CPU and tiny models, so it is
+    known to work before a GPU runs it."""
+    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--device", "cpu", "--models", "tiny", "--levels", "1,2",
+                        "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [out] = tmp_path.glob("*-gpu.json")
+    data = json.loads(out.read_text())
+    assert [p["arch"] for p in data["parity"]] == ["qwen2", "qwen3", "qwen3_5"]
+    for p in data["parity"]:
+        assert "error" not in p, p.get("error")
+        assert p["float32_alone_equal"] == p["alone"] == 3 and p["float32_together_equal"] == p["prompts"] == 8
+        for low in ("bfloat16", "float16"):
+            assert 0 < p[low]["max_abs_diff"] < 1 and p[low]["cosine_min"] > 0.9
+    [t] = data["throughput"]
+    assert "error" not in t and "transformers_error" not in t, t
+    for side in ("qwen_serve", "transformers"):
+        assert [lv["concurrency"] for lv in t[side]] == [1, 2]
+        assert all(lv["generated_tokens"] == lv["requests"] * 48 and lv["tokens_per_second"] > 0 for lv in t[side])
+    assert t["transformers"][0]["mode"].startswith("generate_batch")
+    table = out.with_suffix(".md").read_text()
+    assert "| qwen2 | 3/3 | 8/8 |" in table and "| qwen3_5 | 3/3 | 8/8 |" in table
