@@ -41,7 +41,8 @@ test-unit: $(STAMP) ## unit and server tests only
 test-cluster: $(STAMP) k8s-bin ## the operator against the local control plane
 	$(PY) -m pytest tests/cluster $(PYTEST_ARGS)
 
-test-keda: $(STAMP) system-deps k8s-bin ## the real KEDA scales a QwenDeployment on queue depth (builds KEDA first: long)
+test-keda: $(STAMP) k8s-bin ## the real KEDA scales a QwenDeployment on queue depth (builds KEDA first: long)
+	scripts/system-deps keda
 	scripts/k8s-bin keda >/dev/null
 	QWEN_TEST_KEDA=1 $(PY) -m pytest tests/cluster/test_keda.py $(PYTEST_ARGS)
 
