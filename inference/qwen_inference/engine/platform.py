@@ -15,10 +15,10 @@ import torch
 CPU_CACHE_SHARE = 0.25  # of the memory left after the weights
 GPU_CACHE_SHARE = 0.80
 CPU_WIDEN_MIN_TOKENS = 48
-# steps of this many rows run the engine's bf16 kernel: with the weights in 2 MiB pages it beat torch's matmul
-# (oneDNN) at 2 rows (1.33 against 1.52-1.67 ms a layer), was level at 1 and behind from 3 rows on
-# (bench/README.md)
-KERNEL_ROWS = range(2, 3)
+# steps of this many rows run the engine's own kernels (bf16, and int8 on CPUs with AVX512-VNNI): with the weights
+# in 2 MiB pages a one-row step of Qwen2.5-0.5B in bf16 took 47-49 ms on them against 57 ms on torch's matmul
+# (oneDNN), two rows 1.33 against 1.52-1.67 ms a layer, and from 3 rows on oneDNN leads (bench/README.md)
+KERNEL_ROWS = range(1, 3)
 QUANTIZATIONS = ("none", "int8", "int4")
 # torch's CPU allocator backs buffers of 2 MiB and more with transparent huge pages when this is "1" at its first
 # large allocation
@@ -169,23 +169,35 @@ class Platform:
         return w
 
     def linear_fn(self):
-        """The matmul the model's layers call: x @ w.T (+ b). On CPUs with AVX512 and bfloat16 weights, steps of
-        `KERNEL_ROWS` rows (decode of two sequences) run on the engine's own kernel, which streams each weight row
-        once for all rows; everything else runs on torch's."""
-        from .weights import linear
+        """The matmul the model's layers call: x @ w.T (+ b). On CPUs with AVX512, steps of `KERNEL_ROWS` rows (decode
+        of one or two sequences) run on the engine's own kernels, which stream each weight row once for all rows,
+        add the bias and round in the same pass: bfloat16 weights, and int8 ones where the CPU has AVX512-VNNI
+        (activations quantized per row inside the kernel, as torch's path does). Everything else runs on torch's."""
+        from .weights import Int8Weight, linear
 
-        if self.kind != "cpu" or self.dtype != torch.bfloat16 or self.quantize != "none":
+        if self.kind != "cpu" or self.quantize not in ("none", "int8") or \
+                (self.quantize == "none" and self.dtype != torch.bfloat16):
             return linear
         from . import kernels
 
         if not kernels.load():
             return linear
-        fast = torch.ops.qwen.linear_bf16
+        ops = torch.ops.qwen
+        if self.quantize == "int8":
+            if not ops.has_vnni():
+                return linear
+
+            def linear_int8_small_rows(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+                if x.shape[0] in KERNEL_ROWS and isinstance(w, Int8Weight) and x.dtype == torch.float32:
+                    return ops.linear_int8(x.contiguous(), w.q, w.scale, w.rowsum, b)
+                return linear(x, w, b)
+
+            return linear_int8_small_rows
 
         def linear_small_rows(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
             if x.shape[0] in KERNEL_ROWS and x.dtype == torch.bfloat16 and getattr(w, "dtype", None) == \
                     torch.bfloat16:
-                return fast(x.contiguous(), w, b)
+                return ops.linear_bf16(x.contiguous(), w, b)
             return linear(x, w, b)
 
         return linear_small_rows

@@ -97,16 +97,17 @@ class Int8Weight(Quantized):
 
     q: torch.Tensor  # [out, in] int8
     scale: torch.Tensor  # [out] float32
+    rowsum: torch.Tensor  # [out] int32, each row's sum (the engine's int8 kernel takes its unsigned offset out)
 
     @classmethod
     def of(cls, w: torch.Tensor) -> "Int8Weight":
         wf = w.float()
         scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q.contiguous(), scale.contiguous())
+        return cls(q.contiguous(), scale.contiguous(), q.sum(dim=1, dtype=torch.int32).contiguous())
 
     def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * 4
+        return self.q.numel() + self.scale.numel() * 4 + self.rowsum.numel() * 4
 
     @property
     def device(self) -> torch.device:

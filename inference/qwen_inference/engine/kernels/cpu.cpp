@@ -1,17 +1,22 @@
 // CPU kernels of qwen-serve's engine, for what torch does slowly on CPUs: matmuls of a few rows (decode steps)
-// against bfloat16 weights. A decode step reads every weight once and is bound by memory bandwidth; these
+// against bfloat16 or int8 weights. A decode step reads every weight once and is bound by memory bandwidth; these
 // kernels stream each weight row once for all the step's rows, with AVX512-BF16 dot products where the CPU
-// has them and AVX512F (bf16 widened by a shift) where it does not. Threads come from ATen's pool.
+// has them and AVX512F (bf16 widened by a shift) where it does not, and AVX512-VNNI for int8. The bias and the
+// output's rounding happen in the same pass, so a projection is one operator. Threads come from ATen's pool.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 namespace {
 
 constexpr int MR = 4;  // activation rows per pass over a weight row (which stays in L1 between passes)
 
 inline bool has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16"); }
+inline bool has_avx512_vnni() { return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"); }
 inline bool has_avx512f() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
@@ -25,7 +30,8 @@ inline __m512 widen(__m256i v) {  // 16 bf16 -> 16 fp32
 // matmul is bound by memory bandwidth. Two accumulators per activation row hide the dot products' latency.
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl")))
-void rows_bf16_dp(const uint16_t* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1) {
+void rows_bf16_dp(const uint16_t* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1,
+                  int64_t base) {
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* wr = w + n * K;
     __m512 a0[R], a1[R];
@@ -45,13 +51,14 @@ void rows_bf16_dp(const uint16_t* x, const uint16_t* w, float* out, int64_t K, i
       for (int j = 0; j < R; j++)
         a0[j] = _mm512_dpbf16_ps(a0[j], w0, (__m512bh)_mm512_maskz_loadu_epi16(m, x + j * K + k));
     }
-    for (int j = 0; j < R; j++) out[j * ldo + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
+    for (int j = 0; j < R; j++) out[j * ldo + n - base] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
   }
 }
 
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void rows_bf16_f(const uint16_t* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1) {
+void rows_bf16_f(const uint16_t* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1,
+                 int64_t base) {
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* wr = w + n * K;
     __m512 a0[R], a1[R];
@@ -70,32 +77,95 @@ void rows_bf16_f(const uint16_t* x, const uint16_t* w, float* out, int64_t K, in
       const __m512 w0 = widen(_mm256_maskz_loadu_epi16(m, wr + k));
       for (int j = 0; j < R; j++) a0[j] = _mm512_fmadd_ps(w0, widen(_mm256_maskz_loadu_epi16(m, x + j * K + k)), a0[j]);
     }
-    for (int j = 0; j < R; j++) out[j * ldo + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
+    for (int j = 0; j < R; j++) out[j * ldo + n - base] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
   }
 }
+
+// Where a kernel's float sums go: the bias added and rounded to bfloat16 (round to nearest even, as torch rounds),
+// or kept in float32.
+struct Out {
+  float* f32;          // [M, N] or null
+  uint16_t* bf16;      // [M, N] or null
+  const uint16_t* bias_bf16;  // [N] or null
+  const float* bias_f32;      // [N] or null
+  int64_t N;
+  inline void store(int64_t m, int64_t n, float v) const {
+    if (bias_bf16) {
+      uint32_t u = uint32_t(bias_bf16[n]) << 16;
+      float b;
+      memcpy(&b, &u, 4);
+      v += b;
+    } else if (bias_f32) {
+      v += bias_f32[n];
+    }
+    if (f32) {
+      f32[m * N + n] = v;
+    } else {
+      uint32_t u;
+      memcpy(&u, &v, 4);
+      bf16[m * N + n] = (u & 0x7fffffff) > 0x7f800000 ? 0x7fc0 : uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    }
+  }
+};
 
 // All M activation rows against weight rows n0..n1: groups of up to MR rows per pass; a pass over a block of
 // weight rows small enough for L1 serves every group before the next block is read.
 template <bool DP>
-void block_rows(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t ldo, int64_t n0,
-                int64_t n1) {
+void block_rows(const uint16_t* x, const uint16_t* w, const Out& out, int64_t M, int64_t K, int64_t n0, int64_t n1) {
   const int64_t block = std::max<int64_t>(1, 16384 / (2 * K));  // weight rows per L1 block
-  for (int64_t b0 = n0; b0 < n1; b0 += block) {
-    const int64_t b1 = std::min(n1, b0 + block);
+  float tmp[MR * 64];
+  const int64_t rows = std::min<int64_t>(block, 64);
+  for (int64_t b0 = n0; b0 < n1; b0 += rows) {
+    const int64_t b1 = std::min(n1, b0 + rows);
     for (int64_t m = 0; m < M; m += MR) {
       const uint16_t* xr = x + m * K;
-      float* o = out + m * ldo;
-      switch (std::min<int64_t>(MR, M - m)) {
-        case 1: DP ? rows_bf16_dp<1>(xr, w, o, K, ldo, b0, b1) : rows_bf16_f<1>(xr, w, o, K, ldo, b0, b1); break;
-        case 2: DP ? rows_bf16_dp<2>(xr, w, o, K, ldo, b0, b1) : rows_bf16_f<2>(xr, w, o, K, ldo, b0, b1); break;
-        case 3: DP ? rows_bf16_dp<3>(xr, w, o, K, ldo, b0, b1) : rows_bf16_f<3>(xr, w, o, K, ldo, b0, b1); break;
-        default: DP ? rows_bf16_dp<4>(xr, w, o, K, ldo, b0, b1) : rows_bf16_f<4>(xr, w, o, K, ldo, b0, b1);
+      const int64_t r = std::min<int64_t>(MR, M - m);
+      float* o = tmp;  // o[j * 64 + (n - b0)]
+      switch (r) {
+        case 1: DP ? rows_bf16_dp<1>(xr, w, o, K, 64, b0, b1, b0) : rows_bf16_f<1>(xr, w, o, K, 64, b0, b1, b0); break;
+        case 2: DP ? rows_bf16_dp<2>(xr, w, o, K, 64, b0, b1, b0) : rows_bf16_f<2>(xr, w, o, K, 64, b0, b1, b0); break;
+        case 3: DP ? rows_bf16_dp<3>(xr, w, o, K, 64, b0, b1, b0) : rows_bf16_f<3>(xr, w, o, K, 64, b0, b1, b0); break;
+        default: DP ? rows_bf16_dp<4>(xr, w, o, K, 64, b0, b1, b0) : rows_bf16_f<4>(xr, w, o, K, 64, b0, b1, b0);
       }
+      for (int64_t j = 0; j < r; j++)
+        for (int64_t n = b0; n < b1; n++) out.store(m + j, n, tmp[j * 64 + (n - b0)]);
     }
   }
 }
 
-}  // namespace
+// int8: activation rows quantized per row to int8 (scale max|x| / 127) and stored offset by 128 as unsigned bytes,
+// so that AVX512-VNNI's unsigned-by-signed dot products apply; the weight row's sum, times 128, takes the offset
+// back out. The integer sums are exact, so the result is what int8 products of the same quantized values give.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void rows_int8(const uint8_t* xu, int64_t ldx, const int8_t* w, const int32_t* rowsum, const float* sx,
+               const float* scale, const Out& out, int64_t m0, int64_t K, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* wr = w + n * K;
+    __m512i a0[R], a1[R];
+    for (int j = 0; j < R; j++) a0[j] = a1[j] = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+      const __m512i w0 = _mm512_loadu_si512(wr + k);
+      const __m512i w1 = _mm512_loadu_si512(wr + k + 64);
+      for (int j = 0; j < R; j++) {
+        a0[j] = _mm512_dpbusd_epi32(a0[j], _mm512_loadu_si512(xu + j * ldx + k), w0);
+        a1[j] = _mm512_dpbusd_epi32(a1[j], _mm512_loadu_si512(xu + j * ldx + k + 64), w1);
+      }
+    }
+    for (; k < K; k += 64) {
+      const __mmask64 m = K - k >= 64 ? ~0ull : ((1ull << (K - k)) - 1);
+      const __m512i w0 = _mm512_maskz_loadu_epi8(m, wr + k);  // zero weights past K: the products vanish
+      for (int j = 0; j < R; j++) a0[j] = _mm512_dpbusd_epi32(a0[j], _mm512_maskz_loadu_epi8(m, xu + j * ldx + k), w0);
+    }
+    for (int j = 0; j < R; j++) {
+      const int32_t acc = _mm512_reduce_add_epi32(_mm512_add_epi32(a0[j], a1[j])) - 128 * rowsum[n];
+      out.store(m0 + j, n, float(acc) * sx[j] * scale[n]);
+    }
+  }
+}
+
+}  // namespace}  // namespace
 
 // Which instruction set linear_bf16 uses here: "avx512_bf16", "avx512f", or "" (none: use torch).
 std::string isa() {
@@ -114,18 +184,77 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
   TORCH_CHECK(!set.empty(), "linear_bf16: this CPU has no AVX512");
   TORCH_CHECK(set == "avx512f" || (set == "avx512_bf16" && has_avx512_bf16()), "linear_bf16: unknown isa ", set);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto acc = torch::empty({M, N}, torch::dtype(torch::kFloat32));
+  auto result = torch::empty({M, N}, torch::dtype(fp32_out ? torch::kFloat32 : torch::kBFloat16));
+  Out out{fp32_out ? result.data_ptr<float>() : nullptr,
+          fp32_out ? nullptr : reinterpret_cast<uint16_t*>(result.data_ptr()), nullptr, nullptr, N};
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "linear_bf16: bias shape");
+    b = bias->scalar_type() == at::kBFloat16 ? bias->contiguous() : bias->to(torch::kFloat32).contiguous();
+    if (b.scalar_type() == at::kBFloat16) out.bias_bf16 = reinterpret_cast<const uint16_t*>(b.data_ptr());
+    else out.bias_f32 = b.data_ptr<float>();
+  }
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  float* ap = acc.data_ptr<float>();
   const bool dp = set == "avx512_bf16";
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    if (dp) block_rows<true>(xp, wp, ap, M, K, N, n0, n1);
-    else block_rows<false>(xp, wp, ap, M, K, N, n0, n1);
+    if (dp) block_rows<true>(xp, wp, out, M, K, n0, n1);
+    else block_rows<false>(xp, wp, out, M, K, n0, n1);
   });
-  if (bias.has_value() && bias->defined()) acc.add_(bias->to(torch::kFloat32));
-  return fp32_out ? acc : acc.to(torch::kBFloat16);
+  return result;
 }
+
+// x [M, K] float32 (contiguous), q [N, K] int8, scale [N] float32, rowsum [N] int32 (each q row's sum), bias [N]
+// or undefined -> x @ (q * scale).T + bias in float32, x quantized per row to int8 on the way (as the engine's
+// int8 path does with torch's integer matmul, with the same rounding and the same order of the float products).
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                          const torch::Tensor& rowsum, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(has_avx512_vnni(), "linear_int8: this CPU has no AVX512-VNNI");
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "linear_int8: shapes");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
+              rowsum.scalar_type() == at::kInt, "linear_int8: float32 x, int8 q, float32 scale, int32 rowsum");
+  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && scale.is_contiguous() && rowsum.is_contiguous(),
+              "linear_int8: contiguous tensors only");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(scale.numel() == N && rowsum.numel() == N, "linear_int8: one scale and one row sum per output");
+  auto result = torch::empty({M, N}, torch::dtype(torch::kFloat32));
+  Out out{result.data_ptr<float>(), nullptr, nullptr, nullptr, N};
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "linear_int8: bias shape");
+    b = bias->to(torch::kFloat32).contiguous();
+    out.bias_f32 = b.data_ptr<float>();
+  }
+  // the activations, quantized: [M, K] unsigned bytes (value + 128), and each row's scale
+  std::vector<uint8_t> xu(M * K);
+  std::vector<float> sx(M);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; m++) {
+    const float* r = xp + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(r[k]));
+    const float s = std::max(amax, 1e-12f) / 127.0f;
+    sx[m] = s;
+    for (int64_t k = 0; k < K; k++) xu[m * K + k] = uint8_t(int(std::nearbyint(r[k] / s)) + 128);
+  }
+  const auto* qp = q.data_ptr<int8_t>();
+  const int32_t* rs = rowsum.data_ptr<int32_t>();
+  const float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; m += MR) {
+      const uint8_t* xr = xu.data() + m * K;
+      switch (std::min<int64_t>(MR, M - m)) {
+        case 1: rows_int8<1>(xr, K, qp, rs, &sx[m], sp, out, m, K, n0, n1); break;
+        case 2: rows_int8<2>(xr, K, qp, rs, &sx[m], sp, out, m, K, n0, n1); break;
+        case 3: rows_int8<3>(xr, K, qp, rs, &sx[m], sp, out, m, K, n0, n1); break;
+        default: rows_int8<4>(xr, K, qp, rs, &sx[m], sp, out, m, K, n0, n1);
+      }
+    }
+  });
+  return result;
+}
+
+bool has_vnni_op() { return has_avx512_vnni(); }
 
 std::string isa_op() { return isa(); }
 
@@ -134,5 +263,10 @@ std::string isa_op() { return isa(); }
 TORCH_LIBRARY(qwen, m) {
   m.def("isa() -> str", &isa_op);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None, bool fp32_out=False, str isa=\"\") -> Tensor");
+  m.def("has_vnni() -> bool", &has_vnni_op);
+  m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor rowsum, Tensor? bias=None) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(qwen, CPU, m) { m.impl("linear_bf16", &linear_bf16); }
+TORCH_LIBRARY_IMPL(qwen, CPU, m) {
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_int8", &linear_int8);
+}
