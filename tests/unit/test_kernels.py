@@ -37,6 +37,93 @@ def test_linear_bf16_matches_a_float32_matmul(k, isa, m, k_dim, n):
     assert torch.allclose(got16.float(), want - b.float(), atol=1e-3 * k_dim ** 0.5, rtol=1e-2)
 
 
+@pytest.mark.parametrize("m, k_dim, n", [(1, 896, 1152), (2, 4864, 896), (3, 64, 1517), (4, 50, 33), (1, 31, 7),
+                                         (5, 1000, 17), (2, 200, 3)])
+def test_linear_int8_gives_exactly_the_torch_int8_paths_result(k, m, k_dim, n):
+    """Same per-row activation quantization, exact integer sums, the same float products in the same order: the
+    same bits as torch's integer matmul path, with and without a bias, tails of K included."""
+    from qwen_inference.engine.weights import Int8Weight, int8_linear
+
+    if not k.has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI (the engine uses torch's int8 path)")
+    g = torch.Generator().manual_seed(m * 7 + k_dim + n)
+    w = Int8Weight.of(torch.randn(n, k_dim, generator=g))
+    x = torch.randn(m, k_dim, generator=g) * torch.rand(m, 1, generator=g) * 10
+    b = torch.randn(n, generator=g)
+    assert torch.equal(w.rowsum, w.q.sum(dim=1, dtype=torch.int32))
+    assert torch.equal(k.linear_int8(x, w.q, w.scale, w.rowsum, b), int8_linear(x, w, b))
+    assert torch.equal(k.linear_int8(x, w.q, w.scale, w.rowsum, None), int8_linear(x, w))
+
+
+def test_linear_bf16_rounds_and_adds_the_bias_as_torch_does(k):
+    g = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in ((2, 896), (1152, 896), (1152,)))
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    got = k.linear_bf16(x, w, b)
+    assert got.dtype == torch.bfloat16
+    # one rounding to bf16 of the float sum plus the bias: within half a bf16 step of the exact result
+    assert ((got.float() - want).abs() <= want.abs() * 2 ** -8 + 1e-3).all()
+
+
+def test_linear_int8_refuses_what_it_cannot_do(k):
+    from qwen_inference.engine.weights import Int8Weight
+
+    if not k.has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    w = Int8Weight.of(torch.randn(8, 64))
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="float32 x"):
+        k.linear_int8(x.bfloat16(), w.q, w.scale, w.rowsum)
+    with pytest.raises(RuntimeError, match="shapes"):
+        k.linear_int8(torch.randn(2, 32), w.q, w.scale, w.rowsum)
+    with pytest.raises(RuntimeError, match="one scale"):
+        k.linear_int8(x, w.q, w.scale[:4], w.rowsum)
+    with pytest.raises(RuntimeError, match="bias shape"):
+        k.linear_int8(x, w.q, w.scale, w.rowsum, torch.zeros(3))
+
+
+def test_int8_models_use_the_kernel_for_decode_rows_with_the_same_logits(tiny_model):
+    """An int8 model's one- and two-row steps on the kernel give exactly the logits of torch's int8 path."""
+    from qwen_inference.engine.models import load_model
+    from qwen_inference.engine.platform import KERNEL_ROWS, Platform
+    from qwen_inference.engine.weights import linear
+
+    from .test_engine import prompt_logits
+
+    if not torch.ops.qwen.has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    fast = load_model(tiny_model, Platform.cpu(torch.float32, "int8"))
+    assert fast.linear.__name__ == "linear_int8_small_rows"
+    slow = load_model(tiny_model, Platform.cpu(torch.float32, "int8"))
+    slow.linear = linear
+    assert list(KERNEL_ROWS) == [1, 2]
+    for n in (*KERNEL_ROWS, 5):
+        ids = list(range(900, 900 + n))
+        assert torch.equal(prompt_logits(fast, ids), prompt_logits(slow, ids))
+
+
+@pytest.mark.parametrize("t, d", [(1, 896), (2, 4864), (1, 7)])
+def test_fused_small_ops_round_as_torchs_operators_do(k, t, d):
+    """Residual add with RMSNorm, and SiLU times the up-projection, in one operator each: torch's results for the
+    same bf16 inputs (the sum of squares' order is the only freedom, and it leaves these values unchanged)."""
+    g = torch.Generator().manual_seed(t * d)
+    x, r = (torch.randn(t, d, generator=g) * 3).bfloat16(), torch.randn(t, d, generator=g).bfloat16()
+    w = torch.randn(d, generator=g).bfloat16()
+    h, s = k.add_rms_norm_bf16(x, r, w, 1e-6)
+    want_s = x + r
+    want_h = torch.nn.functional.rms_norm(want_s.float(), (d,), eps=1e-6).to(torch.bfloat16) * w
+    assert torch.equal(s, want_s)
+    assert torch.allclose(h.float(), want_h.float(), rtol=2 ** -7, atol=0) and (h != want_h).float().mean() < 0.01
+    gu = (torch.randn(t, 2 * d, generator=g) * 4).bfloat16()
+    assert torch.equal(k.silu_mul_bf16(gu), torch.nn.functional.silu(gu[:, :d]) * gu[:, d:])
+    with pytest.raises(RuntimeError, match="shapes"):
+        k.add_rms_norm_bf16(x, r[:, :-1].contiguous(), w, 1e-6)
+    with pytest.raises(RuntimeError, match="bf16 only"):
+        k.add_rms_norm_bf16(x.float(), r, w, 1e-6)
+    with pytest.raises(RuntimeError, match="contiguous bf16 only"):
+        k.silu_mul_bf16(gu.float())
+
+
 def test_linear_bf16_refuses_what_it_cannot_do(k):
     x, w = torch.randn(2, 64).bfloat16(), torch.randn(8, 64).bfloat16()
     with pytest.raises(RuntimeError, match="bf16 only"):
@@ -59,11 +146,11 @@ def test_bf16_models_use_the_kernel_for_decode_rows_and_agree_with_torch(tiny_mo
     from .test_engine import prompt_logits
 
     fast = load_model(tiny_model, Platform.cpu(torch.bfloat16))
-    assert fast.linear is not linear and fast.linear.__name__ == "linear_small_rows"
+    assert fast.linear is not linear and fast.linear.__name__ == "linear_small_rows" and fast.fused
     slow = load_model(tiny_model, Platform.cpu(torch.bfloat16))
-    slow.linear = linear
-    assert 2 in KERNEL_ROWS
-    for n in (1, *KERNEL_ROWS, 5, 40):
+    slow.linear, slow.fused = linear, False
+    assert list(KERNEL_ROWS) == [1, 2]
+    for n in (*KERNEL_ROWS, 5, 40):
         ids = list(range(900, 900 + n))
         a, b = prompt_logits(fast, ids), prompt_logits(slow, ids)
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999

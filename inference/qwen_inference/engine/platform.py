@@ -202,6 +202,16 @@ class Platform:
 
         return linear_small_rows
 
+    def fused_small_ops(self) -> bool:
+        """Whether bfloat16 steps of `KERNEL_ROWS` rows run the engine's fused small operators (residual add with
+        RMSNorm, SiLU times up-projection): on CPU in bf16, where the kernels load. A decode step's layer runs
+        some thirty small operators whose dispatch, not arithmetic, is what they cost."""
+        if self.kind != "cpu" or self.dtype != torch.bfloat16 or self.quantize != "none":
+            return False
+        from . import kernels
+
+        return kernels.load()
+
     @property
     def attention_backend(self) -> str:
         """How attention reads the paged KV cache: gathered per step into dense tensors for SDPA."""

@@ -256,6 +256,75 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
 
 bool has_vnni_op() { return has_avx512_vnni(); }
 
+namespace {
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_bf16(float v) {  // round to nearest even, as torch rounds
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return (u & 0x7fffffff) > 0x7f800000 ? 0x7fc0 : uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+}  // namespace
+
+// The small operators of a decode step's layer, fused, for bfloat16 rows (each a few thousand values: one pass
+// instead of four or five operators, whose dispatch costs more than their arithmetic). Each rounds where torch's
+// sequence of operators rounds, so the results are torch's up to the order of a float sum.
+
+// s = x + residual (rounded to bf16), h = bf16(bf16(s / rms(s)) * w), rms in float32 -> (h, s)
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& residual,
+                                                          const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0) && residual.sizes() == x.sizes(),
+              "add_rms_norm_bf16: shapes");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+              residual.scalar_type() == at::kBFloat16, "add_rms_norm_bf16: bf16 only");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && residual.is_contiguous(),
+              "add_rms_norm_bf16: contiguous tensors only");
+  const int64_t T = x.size(0), D = x.size(1);
+  auto h = torch::empty_like(x);
+  auto sum = torch::empty_like(x);
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const auto* rp = reinterpret_cast<const uint16_t*>(residual.data_ptr());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  auto* hp = reinterpret_cast<uint16_t*>(h.data_ptr());
+  auto* sp = reinterpret_cast<uint16_t*>(sum.data_ptr());
+  std::vector<float> row(D);
+  for (int64_t t = 0; t < T; t++) {
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; d++) {
+      const uint16_t r = float_to_bf16(bf16_to_float(xp[t * D + d]) + bf16_to_float(rp[t * D + d]));
+      sp[t * D + d] = r;
+      const float v = bf16_to_float(r);
+      row[d] = v;
+      ss += v * v;
+    }
+    const float inv = 1.0f / std::sqrt(ss / float(D) + float(eps));
+    for (int64_t d = 0; d < D; d++)
+      hp[t * D + d] = float_to_bf16(bf16_to_float(float_to_bf16(row[d] * inv)) * bf16_to_float(wp[d]));
+  }
+  return {h, sum};
+}
+
+// gu [T, 2I] bf16 (gate, then up) -> bf16(bf16(silu(gate)) * up) [T, I]
+torch::Tensor silu_mul_bf16(const torch::Tensor& gu) {
+  TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0, "silu_mul_bf16: shapes");
+  TORCH_CHECK(gu.scalar_type() == at::kBFloat16 && gu.is_contiguous(), "silu_mul_bf16: contiguous bf16 only");
+  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  auto out = torch::empty({T, I}, gu.options());
+  const auto* p = reinterpret_cast<const uint16_t*>(gu.data_ptr());
+  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t i = 0; i < I; i++) {
+      const float g = bf16_to_float(p[t * 2 * I + i]);
+      const float s = bf16_to_float(float_to_bf16(g / (1.0f + std::exp(-g))));
+      o[t * I + i] = float_to_bf16(s * bf16_to_float(p[t * 2 * I + I + i]));
+    }
+  return out;
+}
+
 std::string isa_op() { return isa(); }
 
 // torch operators (torch.ops.qwen.*): a prebuilt library loads with torch.ops.load_library, no compiler needed,
@@ -265,8 +334,12 @@ TORCH_LIBRARY(qwen, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None, bool fp32_out=False, str isa=\"\") -> Tensor");
   m.def("has_vnni() -> bool", &has_vnni_op);
   m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor rowsum, Tensor? bias=None) -> Tensor");
+  m.def("add_rms_norm_bf16(Tensor x, Tensor residual, Tensor w, float eps) -> (Tensor, Tensor)");
+  m.def("silu_mul_bf16(Tensor gu) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(qwen, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
+  m.impl("add_rms_norm_bf16", &add_rms_norm_bf16);
+  m.impl("silu_mul_bf16", &silu_mul_bf16);
 }

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..attention import paged_attention
 from ..cache import Caches, PagedAttentionSpec
-from ..platform import Platform
+from ..platform import KERNEL_ROWS, Platform
 from ..weights import Checkpoint, Quantized, UnsupportedModel, Weight
 from .base import CausalLM, ForwardBatch
 
@@ -68,6 +68,7 @@ class DenseDecoder(CausalLM):
     def __init__(self, folder: Path, config, platform: Platform) -> None:
         super().__init__(folder, config, platform)
         self.linear = platform.linear_fn()
+        self.fused = platform.fused_small_ops()
         if getattr(config, "use_sliding_window", False):
             raise UnsupportedModel("sliding-window attention is not supported")
         dtype = platform.dtype
@@ -126,6 +127,21 @@ class DenseDecoder(CausalLM):
             return F.rms_norm(x, (x.shape[-1],), w.float(), self.eps)  # one fused op
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * w
 
+    def _add_rms(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor):
+        """(RMSNorm of x + residual, x + residual): one fused operator for bf16 decode rows."""
+        if residual is None:
+            return self._rms(x, w), x
+        if self.fused and x.dtype == torch.bfloat16 and x.shape[0] in KERNEL_ROWS and residual.dtype == x.dtype:
+            return torch.ops.qwen.add_rms_norm_bf16(x, residual.contiguous(), w, self.eps)
+        x = x + residual
+        return self._rms(x, w), x
+
+    def _silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        if self.fused and gu.dtype == torch.bfloat16 and gu.shape[0] in KERNEL_ROWS:
+            return torch.ops.qwen.silu_mul_bf16(gu.contiguous())
+        inter = gu.shape[-1] // 2
+        return F.silu(gu[:, :inter]) * gu[:, inter:]
+
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed is None:
             return self.lm_head.rows(ids)
@@ -138,14 +154,16 @@ class DenseDecoder(CausalLM):
         x = self._embed(batch.token_ids.to(self.platform.first_device)).to(act)
         H, KV, D = self.num_heads, self.kv_heads, self.head_dim
         kv = caches.kv
+        mlp_out = None  # each layer's MLP output, added to the residual stream by the next layer's first norm
         for li, lw in enumerate(self.layers):
             if x.device != lw.device:
                 x = x.to(lw.device)
+                mlp_out = mlp_out.to(lw.device) if mlp_out is not None else None
             m = batch.on(lw.device)
             if "rope" not in m.extra:
                 m.extra["rope"] = rope_tables(self.rotary[lw.device], m.positions, {self.platform.dtype, torch.float32})
             cos, sin = m.extra["rope"][act]
-            h = self._rms(x, lw.ln1)
+            h, x = self._add_rms(x, mlp_out, lw.ln1)
             qkv = self.linear(h, lw.wqkv, lw.bqkv)
             v = qkv[:, (H + KV) * D:].view(T, KV, D)
             if lw.q_norm is not None:
@@ -155,11 +173,9 @@ class DenseDecoder(CausalLM):
                 qk = rotate(qkv[:, : (H + KV) * D].view(T, H + KV, D), cos, sin)
                 q, k = qk[:, :H], qk[:, H:]
             out = paged_attention(q, k, v, kv.k[li], kv.v[li], m.attention)
-            x = x + self.linear(out, lw.wo)
-            h = self._rms(x, lw.ln2)
-            gu = self.linear(h, lw.w_gate_up)
-            inter = gu.shape[-1] // 2
-            x = x + self.linear(F.silu(gu[:, :inter]) * gu[:, inter:], lw.w_down)
+            h, x = self._add_rms(x, self.linear(out, lw.wo), lw.ln2)
+            mlp_out = self.linear(self._silu_mul(self.linear(h, lw.w_gate_up)), lw.w_down)
+        x = x + mlp_out
         x = x.to(self.output_device)
         rows = batch.logit_rows.to(self.output_device)
         if isinstance(self.lm_head, Quantized):
