@@ -138,7 +138,8 @@ def port_open(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def keda(cluster, tmp_path_factory):
-    """KEDA's operator and metrics adapter and the HTTP add-on's scaler, registered and running."""
+    """KEDA's operator and metrics adapter, the HTTP add-on's scaler and interceptor, and kube-proxy, registered and
+    running."""
     bins = keda_bins()
     tmp = tmp_path_factory.mktemp("keda")
     certs = tmp / "certs"
@@ -150,27 +151,19 @@ def keda(cluster, tmp_path_factory):
     docs = module_manifests("keda", "general/namespace.yaml", "service_account/service_account.yaml",
                             "rbac/role.yaml", "rbac/role_binding.yaml", "metrics-server/role.yaml",
                             "metrics-server/role_binding.yaml")
-    # the HTTP add-on's scaler, named as its kustomization names it
-    for d in module_manifests("keda-http", "scaler/service-account.yaml", "scaler/role.yaml",
-                              "scaler/role-binding.yaml"):
-        d["metadata"]["name"] = "keda-add-ons-http-" + d["metadata"]["name"]
-        if d["kind"] == "ServiceAccount":
-            d["metadata"]["namespace"] = NS
-        if "roleRef" in d:
-            d["roleRef"]["name"] = "keda-add-ons-http-" + d["roleRef"]["name"]
-            d["subjects"] = [{"kind": "ServiceAccount", "name": "keda-add-ons-http-scaler", "namespace": NS}]
-        docs.append(d)
-    # the interceptor likewise, and its admin Service (where the scaler reads the queue of every interceptor)
-    # naming the interceptor's process: the host's address on the pod bridge
-    for d in module_manifests("keda-http", "interceptor/service-account.yaml", "interceptor/role.yaml",
-                              "interceptor/role-binding.yaml"):
-        d["metadata"]["name"] = "keda-add-ons-http-" + d["metadata"]["name"]
-        if d["kind"] == "ServiceAccount":
-            d["metadata"]["namespace"] = NS
-        if "roleRef" in d:
-            d["roleRef"]["name"] = "keda-add-ons-http-" + d["roleRef"]["name"]
-            d["subjects"] = [{"kind": "ServiceAccount", "name": "keda-add-ons-http-interceptor", "namespace": NS}]
-        docs.append(d)
+    # the HTTP add-on's scaler and interceptor, named as its kustomization names them; then the interceptor's admin
+    # Service (where the scaler reads the queue of every interceptor) naming the interceptor's process: the host's
+    # address on the pod bridge
+    for part in ("scaler", "interceptor"):
+        for d in module_manifests("keda-http", f"{part}/service-account.yaml", f"{part}/role.yaml",
+                                  f"{part}/role-binding.yaml"):
+            d["metadata"]["name"] = "keda-add-ons-http-" + d["metadata"]["name"]
+            if d["kind"] == "ServiceAccount":
+                d["metadata"]["namespace"] = NS
+            if "roleRef" in d:
+                d["roleRef"]["name"] = "keda-add-ons-http-" + d["roleRef"]["name"]
+                d["subjects"] = [{"kind": "ServiceAccount", "name": f"keda-add-ons-http-{part}", "namespace": NS}]
+            docs.append(d)
     admin = "keda-add-ons-http-interceptor-admin"
     docs += [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": admin, "namespace": NS},
               "spec": {"ports": [{"name": "admin", "port": admin_port}]}},
