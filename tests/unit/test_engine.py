@@ -405,3 +405,23 @@ def test_sampling_runs_on_the_logits_device():
         assert token.device.type == "meta" and token.dim() == 0
         assert mode.seen == {"meta"}, (params, mode.seen)
         assert mode.generators == []
+
+
+def test_decode_rows_of_one_length_attend_without_a_mask_and_get_the_masked_result():
+    """No padding in a decode batch (one sequence, or all at one length): no mask goes to SDPA, and the result is
+    what the all-true mask gives; rows of different lengths keep their mask."""
+    from qwen_inference.engine.attention import build_metadata, paged_attention
+
+    assert build_metadata([(9, [1])], [], 16).decode_mask is None
+    assert build_metadata([(9, [1]), (9, [2])], [], 16).decode_mask is None
+    mixed = build_metadata([(9, [1]), (4, [2])], [], 16)
+    assert mixed.decode_mask is not None and mixed.decode_mask[1, 0, 0].tolist() == [True] * 5 + [False] * 5
+    g = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(48, 2, 8, generator=g), torch.randn(48, 2, 8, generator=g)
+    q, k, v = torch.randn(2, 4, 8, generator=g), torch.randn(2, 2, 8, generator=g), torch.randn(2, 2, 8, generator=g)
+    meta = build_metadata([(9, [1]), (9, [2])], [], 16)
+    masked = build_metadata([(9, [1]), (9, [2])], [], 16)
+    masked.decode_mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    a = paged_attention(q, k, v, kc.clone(), vc.clone(), meta)
+    b = paged_attention(q, k, v, kc.clone(), vc.clone(), masked)
+    assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)

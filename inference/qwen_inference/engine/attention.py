@@ -28,7 +28,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot each token's key and value go to
     num_decode: int  # the first num_decode rows are single tokens of running sequences
     decode_gather: torch.Tensor | None  # [B, L] cache slots of each decode row's history (padding: block 0)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool; None when every row sees all L positions (no padding)
     prefills: list[PrefillSegment]
     _grouped: dict = field(default_factory=dict, repr=False)
 
@@ -68,6 +68,8 @@ def build_metadata(decode: list[tuple[int, list[int]]], prefill: list[tuple[int,
             decode_gather[i, : pos + 1] = slots
             decode_mask[i, 0, 0, : pos + 1] = True
             slot_mapping.append(slots[-1:])
+        if all(pos + 1 == lmax for pos, _ in decode):
+            decode_mask = None  # nothing padded (one sequence, or all at one length): SDPA needs no mask
     segments: list[PrefillSegment] = []
     row = len(decode)
     for first, n, table in prefill:
