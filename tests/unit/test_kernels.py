@@ -124,6 +124,56 @@ def test_fused_small_ops_round_as_torchs_operators_do(k, t, d):
         k.silu_mul_bf16(gu.float())
 
 
+@pytest.mark.parametrize("m, k_dim, n", [(1, 896, 1152), (2, 4864, 896), (5, 64, 32), (17, 896, 160)])
+def test_linear_int4_computes_the_quantized_activations_against_the_dequantized_weights(k, m, k_dim, n):
+    """The engine's int4 layout holds what torch's layout holds (the same groups, scales and minimums), and its
+    kernel gives x, quantized per row to int8, times the dequantized weights, to float32 rounding: one row, a few,
+    and more rows than a pass takes (a prompt chunk); float32 and bf16 activations; with a bias."""
+    from qwen_inference.engine.weights import Int4BlockWeight, Int4Weight
+
+    if not k.has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI (the engine keeps torch's int4 layout and kernel)")
+    g = torch.Generator().manual_seed(m + k_dim + n)
+    w = torch.randn(n, k_dim, generator=g)
+    q = Int4BlockWeight.of(w)
+    d = q.dequantized()
+    grouped = w.view(n, -1, 32)
+    step = (grouped.amax(-1) - grouped.amin(-1)) / 15  # one quantization step per group
+    assert ((d - w).view(n, -1, 32).abs() <= step[..., None] * 0.51 + 0.02).all()
+    assert q.nbytes() == n * k_dim // 2 + n * k_dim // 32 * 4
+    x = torch.randn(m, k_dim, generator=g)
+    sx = x.abs().amax(1, keepdim=True) / 127
+    want = (torch.round(x / sx) * sx).double() @ d.double().t()
+    got = k.linear_int4(x, q.packed, q.scale_min, None)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-4 * want.abs().max(), rtol=1e-5)
+    b = torch.randn(n, generator=g)
+    got16 = k.linear_int4(x.bfloat16(), q.packed, q.scale_min, b)
+    want16 = (torch.round(x.bfloat16().float() / sx) * sx).double() @ d.double().t()  # bf16 x, quantized
+    assert got16.dtype == torch.bfloat16
+    assert torch.allclose(got16.double(), want16 + b.double(), atol=0.02 * want.abs().max(), rtol=2 ** -7)
+    # and torch's own int4 kernel, on its layout of the same weight, nearly agrees (it multiplies bf16 activations)
+    theirs = Int4Weight.of(w).matmul(x.bfloat16()).float()
+    assert torch.nn.functional.cosine_similarity(theirs.flatten(), got.flatten(), dim=0) > 0.999
+
+
+def test_linear_int4_refuses_what_it_cannot_do(k):
+    from qwen_inference.engine.weights import Int4BlockWeight, UnsupportedModel
+
+    if not k.has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    q = Int4BlockWeight.of(torch.randn(32, 64))
+    with pytest.raises(RuntimeError, match="shapes"):
+        k.linear_int4(torch.randn(2, 32), q.packed, q.scale_min, None)
+    with pytest.raises(RuntimeError, match="bf16 or float32 x"):
+        k.linear_int4(torch.randn(2, 64).half(), q.packed, q.scale_min, None)
+    with pytest.raises(RuntimeError, match="one scale and one minimum"):
+        k.linear_int4(torch.randn(2, 64), q.packed, q.scale_min[:1].contiguous(), None)
+    with pytest.raises(RuntimeError, match="bias shape"):
+        k.linear_int4(torch.randn(2, 64), q.packed, q.scale_min, torch.zeros(3))
+    with pytest.raises(UnsupportedModel, match="multiples of 16"):
+        Int4BlockWeight.of(torch.randn(24, 64))
+
+
 def test_linear_bf16_refuses_what_it_cannot_do(k):
     x, w = torch.randn(2, 64).bfloat16(), torch.randn(8, 64).bfloat16()
     with pytest.raises(RuntimeError, match="bf16 only"):

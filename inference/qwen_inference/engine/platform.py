@@ -159,14 +159,24 @@ class Platform:
 
     def quantize_weight(self, w: torch.Tensor, output: bool = False):
         """A projection's weight as this platform stores it. int4 keeps the output layer in int8, as llama.cpp's
-        Q4_K_M keeps it at 6 bits: it decides every token."""
-        from .weights import Int4Weight, Int8Weight
+        Q4_K_M keeps it at 6 bits: it decides every token. int4 weights take the engine's block layout where its
+        kernel runs (AVX512-VNNI), torch's int4 layout elsewhere."""
+        from .weights import Int4BlockWeight, Int4Weight, Int8Weight
 
         if self.quantize == "int8" or (self.quantize == "int4" and output):
             return Int8Weight.of(w)
         if self.quantize == "int4":
-            return Int4Weight.of(w)
+            return Int4BlockWeight.of(w) if self.vnni_kernels() and Int4BlockWeight.fits(w) else Int4Weight.of(w)
         return w
+
+    def vnni_kernels(self) -> bool:
+        """Whether the engine's int8 and int4 kernels run here: on CPU, where the kernels load and the CPU has
+        AVX512-VNNI."""
+        if self.kind != "cpu":
+            return False
+        from . import kernels
+
+        return kernels.load() and torch.ops.qwen.has_vnni()
 
     def linear_fn(self):
         """The matmul the model's layers call: x @ w.T (+ b). On CPUs with AVX512, steps of `KERNEL_ROWS` rows (decode
@@ -175,21 +185,21 @@ class Platform:
         (activations quantized per row inside the kernel, as torch's path does). Everything else runs on torch's."""
         from .weights import Int8Weight, linear
 
-        if self.kind != "cpu" or self.quantize not in ("none", "int8") or \
-                (self.quantize == "none" and self.dtype != torch.bfloat16):
+        if self.kind != "cpu" or (self.quantize == "none" and self.dtype != torch.bfloat16):
             return linear
         from . import kernels
 
         if not kernels.load():
             return linear
         ops = torch.ops.qwen
-        if self.quantize == "int8":
+        if self.quantize in ("int8", "int4"):
             if not ops.has_vnni():
                 return linear
 
             def linear_int8_small_rows(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-                if x.shape[0] in KERNEL_ROWS and isinstance(w, Int8Weight) and x.dtype == torch.float32:
-                    return ops.linear_int8(x.contiguous(), w.q, w.scale, w.rowsum, b)
+                # int4 models keep their output layer in int8 and run bf16 activations: widened for the kernel
+                if x.shape[0] in KERNEL_ROWS and isinstance(w, Int8Weight):
+                    return ops.linear_int8(x.float().contiguous(), w.q, w.scale, w.rowsum, b)
                 return linear(x, w, b)
 
             return linear_int8_small_rows

@@ -174,6 +174,56 @@ class Int4Weight(Quantized):
         return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
 
 
+@dataclass
+class Int4BlockWeight(Quantized):
+    """A 4-bit weight in groups of 32 inputs (a scale and a minimum each, in bfloat16: w = q * scale + min, as
+    `Int4Weight`), laid out for the engine's AVX512-VNNI kernel (`linear_int4`): blocks of 16 rows, each 64-byte
+    word holding 8 inputs of the block's 16 rows, so that one load gives two dot-product operands. The kernel
+    quantizes each activation row to int8 on the way, as llama.cpp does for its 4-bit formats, and serves every
+    row count: a decode row streams the weights once; a prompt chunk reuses each block from L1 for all rows."""
+
+    packed: torch.Tensor  # [out / 16, in / 8, 64] uint8
+    scale_min: torch.Tensor  # [out / 16, in / 32, 32] bfloat16: 16 scales, then 16 minimums
+    shape: tuple[int, int]
+
+    @staticmethod
+    def fits(w: torch.Tensor) -> bool:
+        return w.dim() == 2 and w.shape[0] % 16 == 0 and w.shape[1] % INT4_GROUP == 0
+
+    @classmethod
+    def of(cls, w: torch.Tensor) -> "Int4BlockWeight":
+        n, k = w.shape
+        if not cls.fits(w):
+            raise UnsupportedModel(f"int4 needs output sizes that are multiples of 16 and input sizes that are "
+                                   f"multiples of {INT4_GROUP} (this weight is {n} × {k})")
+        g = w.float().view(n, k // INT4_GROUP, INT4_GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(n // 16, 16, k // 8, 8)
+        words = (q[..., :4] | (q[..., 4:] << 4)).permute(0, 2, 1, 3).reshape(n // 16, k // 8, 64)
+        per_block = lambda t: t.view(n // 16, 16, -1).permute(0, 2, 1)  # noqa: E731  [blocks, groups, 16 rows]
+        sm = torch.cat([per_block(scale), per_block(lo)], dim=-1).to(torch.bfloat16)
+        return cls(words.contiguous(), sm.contiguous(), (n, k))
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight these bits stand for, float32 `[out, in]` (for tests and for checking)."""
+        n, k = self.shape
+        w = self.packed.view(n // 16, k // 8, 16, 4)
+        q = torch.cat([w & 15, w >> 4], dim=-1).permute(0, 2, 1, 3).reshape(n, k // INT4_GROUP, INT4_GROUP).float()
+        sm = self.scale_min.float().view(n // 16, k // INT4_GROUP, 2, 16).permute(0, 3, 1, 2).reshape(n, -1, 2)
+        return (q * sm[..., :1] + sm[..., 1:]).view(n, k)
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scale_min.numel() * 2
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qwen.linear_int4(x.contiguous(), self.packed, self.scale_min, None)
+
+
 Weight = torch.Tensor | Quantized
 
 

@@ -165,7 +165,58 @@ void rows_int8(const uint8_t* xu, int64_t ldx, const int8_t* w, const int32_t* r
   }
 }
 
-}  // namespace}  // namespace
+
+// int4: weights in blocks of 16 rows; each 64-byte word holds, for 8 consecutive inputs k..k+7 of the block's 16
+// rows, one 32-bit lane per row whose 4 bytes carry q[k+j] in their low nibble and q[k+4+j] in their high one, so
+// one load and a mask or a shift give two operands of AVX512-VNNI's unsigned-by-signed dot product (16 rows by 4
+// inputs each). Each group of 32 inputs has a scale and a minimum per row (w = q * scale + min): the group's
+// integer sums are scaled, and the minimum meets the sum of the group's quantized activations.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void blocks_int4(const int8_t* xq, int64_t ldx, const int32_t* xsum, const float* sx, const uint8_t* w,
+                 const uint16_t* sm, const Out& out, int64_t m0, int64_t K, int64_t b0, int64_t b1) {
+  const int64_t G = K / 32;
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  for (int64_t b = b0; b < b1; b++) {
+    const uint8_t* wb = w + b * (K / 8) * 64;
+    const uint16_t* sb = sm + b * G * 32;
+    __m512 y[R];
+    for (int j = 0; j < R; j++) y[j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+      __m512i acc[R];
+      for (int j = 0; j < R; j++) acc[j] = _mm512_setzero_si512();
+      for (int o = 0; o < 4; o++) {
+        const __m512i v = _mm512_loadu_si512(wb + (g * 4 + o) * 64);
+        const __m512i lo = _mm512_and_si512(v, nib);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        const int64_t k = g * 32 + o * 8;
+        for (int j = 0; j < R; j++) {
+          int32_t x0, x1;
+          memcpy(&x0, xq + j * ldx + k, 4);
+          memcpy(&x1, xq + j * ldx + k + 4, 4);
+          acc[j] = _mm512_dpbusd_epi32(acc[j], lo, _mm512_set1_epi32(x0));
+          acc[j] = _mm512_dpbusd_epi32(acc[j], hi, _mm512_set1_epi32(x1));
+        }
+      }
+      const __m512i smv = _mm512_loadu_si512(sb + g * 32);  // 16 scales, then 16 minimums, bf16
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm512_castsi512_si256(smv)), 16));
+      const __m512 mn = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(smv, 1)), 16));
+      for (int j = 0; j < R; j++) {
+        y[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), scale, y[j]);
+        y[j] = _mm512_fmadd_ps(_mm512_set1_ps(float(xsum[j * G + g])), mn, y[j]);
+      }
+    }
+    for (int j = 0; j < R; j++) {
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, _mm512_mul_ps(y[j], _mm512_set1_ps(sx[j])));
+      for (int r = 0; r < 16; r++) out.store(m0 + j, b * 16 + r, tmp[r]);
+    }
+  }
+}
+
+}  // namespace
 
 // Which instruction set linear_bf16 uses here: "avx512_bf16", "avx512f", or "" (none: use torch).
 std::string isa() {
@@ -256,6 +307,66 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
 
 bool has_vnni_op() { return has_avx512_vnni(); }
 
+// x [M, K] bf16 or float32, packed [N / 16, K / 8, 64] uint8 and scale_min [N / 16, K / 32, 32] bf16 (the layout
+// blocks_int4 reads, made by int4_pack), bias [N] or undefined -> [M, N] in x's dtype. x is quantized per row to
+// int8 (scale max|x| / 127) as llama.cpp quantizes activations for its 4-bit dot products.
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale_min,
+                          const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(has_avx512_vnni(), "linear_int4: this CPU has no AVX512-VNNI");
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 64 && packed.size(1) * 8 == x.size(1) &&
+              x.size(1) % 32 == 0, "linear_int4: shapes");
+  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
+              packed.scalar_type() == at::kByte && scale_min.scalar_type() == at::kBFloat16,
+              "linear_int4: bf16 or float32 x, uint8 packed, bf16 scale_min");
+  TORCH_CHECK(x.is_contiguous() && packed.is_contiguous() && scale_min.is_contiguous(),
+              "linear_int4: contiguous tensors only");
+  const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0), N = NB * 16, G = K / 32;
+  TORCH_CHECK(scale_min.numel() == NB * G * 32, "linear_int4: one scale and one minimum per row and group");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  auto result = torch::empty({M, N}, x.options());
+  Out out{bf16 ? nullptr : result.data_ptr<float>(), bf16 ? reinterpret_cast<uint16_t*>(result.data_ptr()) : nullptr,
+          nullptr, nullptr, N};
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "linear_int4: bias shape");
+    b = bias->to(torch::kFloat32).contiguous();
+    out.bias_f32 = b.data_ptr<float>();
+  }
+  // the activations: int8 per row, each group's sum, each row's scale
+  const torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  std::vector<int8_t> xq(M * K);
+  std::vector<int32_t> xsum(M * G, 0);
+  std::vector<float> sx(M);
+  for (int64_t m = 0; m < M; m++) {
+    const float* r = xp + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(r[k]));
+    const float s = std::max(amax, 1e-12f) / 127.0f;
+    sx[m] = s;
+    for (int64_t k = 0; k < K; k++) {
+      const int v = int(std::nearbyint(r[k] / s));
+      xq[m * K + k] = int8_t(v);
+      xsum[m * G + k / 32] += v;
+    }
+  }
+  const auto* wp = packed.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scale_min.data_ptr());
+  at::parallel_for(0, NB, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t m = 0; m < M; m += MR) {
+      const int8_t* xr = xq.data() + m * K;
+      const int32_t* xs = xsum.data() + m * G;
+      switch (std::min<int64_t>(MR, M - m)) {
+        case 1: blocks_int4<1>(xr, K, xs, &sx[m], wp, sp, out, m, K, b0, b1); break;
+        case 2: blocks_int4<2>(xr, K, xs, &sx[m], wp, sp, out, m, K, b0, b1); break;
+        case 3: blocks_int4<3>(xr, K, xs, &sx[m], wp, sp, out, m, K, b0, b1); break;
+        default: blocks_int4<4>(xr, K, xs, &sx[m], wp, sp, out, m, K, b0, b1);
+      }
+    }
+  });
+  return result;
+}
+
 namespace {
 inline float bf16_to_float(uint16_t h) {
   const uint32_t u = uint32_t(h) << 16;
@@ -336,10 +447,12 @@ TORCH_LIBRARY(qwen, m) {
   m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor rowsum, Tensor? bias=None) -> Tensor");
   m.def("add_rms_norm_bf16(Tensor x, Tensor residual, Tensor w, float eps) -> (Tensor, Tensor)");
   m.def("silu_mul_bf16(Tensor gu) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor packed, Tensor scale_min, Tensor? bias=None) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(qwen, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
   m.impl("add_rms_norm_bf16", &add_rms_norm_bf16);
   m.impl("silu_mul_bf16", &silu_mul_bf16);
+  m.impl("linear_int4", &linear_int4);
 }
