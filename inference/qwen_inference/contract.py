@@ -66,6 +66,7 @@ OTHER_ENV: frozenset[str] = frozenset({
     # scripts/k8s-bin: the pinned versions of the local control plane
     "QWEN_K8S_VERSION", "QWEN_ETCD_VERSION", "QWEN_KWOK_VERSION", "QWEN_HELM_VERSION",
     "QWEN_PROM_OPERATOR_VERSION", "QWEN_KEDA_VERSION", "QWEN_KEDA_HTTP_VERSION", "QWEN_INFERENCE_EXTENSION_VERSION",
+    "QWEN_PROMETHEUS_VERSION",
     # the opt-in test of the real KEDA operator (make test-keda)
     "QWEN_TEST_KEDA",
     # where the engine's compiled CPU kernels live (read wherever the engine runs, qwen-serve or not)
