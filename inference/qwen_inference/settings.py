@@ -54,9 +54,9 @@ class ServeSettings(BaseSettings):
     )
     quantize: Literal["none", "int8", "int4"] = Field(
         "none", description="CPU only. int8: int8 weights and per-token int8 activations: half the memory of "
-        "bfloat16 and the most throughput under load. int4: 4-bit weights in groups of 32 (the output layer in "
-        "int8): a quarter of the memory, the fastest single stream on small dense models. Each costs some accuracy "
-        "(bench/README.md).")
+        "bfloat16, the fastest single stream and the most throughput under load. int4: 4-bit weights in groups of "
+        "32 (the output layer in int8): a quarter of the memory, a single stream about as fast as int8's. Each costs "
+        "some accuracy (bench/README.md).")
     max_model_len: int | None = Field(
         None, ge=16, description="Longest prompt plus reply, in tokens (default: the model's, at most 8192)."
     )

@@ -73,9 +73,9 @@ class ModelSpec(Base):
 
 class EngineSpec(Base):
     quantize: Literal["none", "int8", "int4"] = Field(
-        "none", description="Device cpu only. int8: int8 weights, half the memory of bfloat16 and the most "
-        "throughput under load; int4: 4-bit weights, a quarter of the memory and the fastest single stream on small "
-        "dense models. Each costs some accuracy.")
+        "none", description="Device cpu only. int8: int8 weights, half the memory of bfloat16, the fastest single "
+        "stream and the most throughput under load; int4: 4-bit weights, a quarter of the memory, a single stream "
+        "about as fast as int8's. Each costs some accuracy.")
     max_concurrency: int = Field(16, ge=1, le=1024, description="Sequences decoded together in one batch.")
     max_queue: int = Field(64, ge=0, le=100000, description="Requests that may wait for a slot before 429.")
     max_model_len: int | None = Field(None, ge=16, le=1048576,
