@@ -151,6 +151,8 @@ def test_linear_int4_computes_the_quantized_activations_against_the_dequantized_
     want16 = (torch.round(x.bfloat16().float() / sx) * sx).double() @ d.double().t()  # bf16 x, quantized
     assert got16.dtype == torch.bfloat16
     assert torch.allclose(got16.double(), want16 + b.double(), atol=0.02 * want.abs().max(), rtol=2 ** -7)
+    if k.isa() == "avx512_bf16":  # long prompt chunks: the weight back in bf16, exactly the dequantized values
+        assert torch.equal(k.int4_to_bf16(q.packed, q.scale_min), d.bfloat16())
     # and torch's own int4 kernel, on its layout of the same weight, nearly agrees (it multiplies bf16 activations)
     theirs = Int4Weight.of(w).matmul(x.bfloat16()).float()
     assert torch.nn.functional.cosine_similarity(theirs.flatten(), got.flatten(), dim=0) > 0.999

@@ -216,6 +216,55 @@ void blocks_int4(const int8_t* xq, int64_t ldx, const int32_t* xsum, const float
   }
 }
 
+inline float bf16f(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+// The int4 block layout back to bfloat16 weights [N, K]: a prompt chunk's rows then run one bf16 GEMM (oneDNN)
+// instead of reusing the GEMV once per four rows. Per block of 16 rows and group of 32 inputs, the group's four
+// words are transposed so that each row's four 32-bit lanes sit together, unpacked in input order, scaled and
+// offset, and stored as 32 bf16 values of that row.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void dequant_int4_blocks(const uint8_t* w, const uint16_t* sm, uint16_t* out, int64_t K, int64_t b0, int64_t b1) {
+  const int64_t G = K / 32;
+  const __m128i nib = _mm_set1_epi8(0x0f);
+  for (int64_t b = b0; b < b1; b++) {
+    for (int64_t g = 0; g < G; g++) {
+      const uint8_t* wg = w + (b * (K / 8) + g * 4) * 64;
+      const __m512i w0 = _mm512_loadu_si512(wg), w1 = _mm512_loadu_si512(wg + 64);
+      const __m512i w2 = _mm512_loadu_si512(wg + 128), w3 = _mm512_loadu_si512(wg + 192);
+      // 4 x 4 transposes of 32-bit lanes inside each 128-bit lane: t[c] lane l holds rows 4l + c's four words
+      const __m512i a0 = _mm512_unpacklo_epi32(w0, w1), a1 = _mm512_unpackhi_epi32(w0, w1);
+      const __m512i a2 = _mm512_unpacklo_epi32(w2, w3), a3 = _mm512_unpackhi_epi32(w2, w3);
+      __m512i t[4] = {_mm512_unpacklo_epi64(a0, a2), _mm512_unpackhi_epi64(a0, a2), _mm512_unpacklo_epi64(a1, a3),
+                      _mm512_unpackhi_epi64(a1, a3)};
+      const uint16_t* sg = sm + (b * G + g) * 32;
+      for (int l = 0; l < 4; l++) {
+        for (int c = 0; c < 4; c++) {
+          const int r = 4 * l + c;
+          __m128i v;
+          switch (l) {
+            case 0: v = _mm512_extracti32x4_epi32(t[c], 0); break;
+            case 1: v = _mm512_extracti32x4_epi32(t[c], 1); break;
+            case 2: v = _mm512_extracti32x4_epi32(t[c], 2); break;
+            default: v = _mm512_extracti32x4_epi32(t[c], 3);
+          }
+          const __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+          // word o's low nibbles are inputs 8o..8o+3, its high ones 8o+4..8o+7
+          const __m128i q0 = _mm_unpacklo_epi32(lo, hi), q1 = _mm_unpackhi_epi32(lo, hi);
+          const __m512 scale = _mm512_set1_ps(bf16f(sg[r])), mn = _mm512_set1_ps(bf16f(sg[16 + r]));
+          const __m512 f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q0)), scale, mn);
+          const __m512 f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q1)), scale, mn);
+          _mm512_storeu_si512(out + (b * 16 + r) * K + g * 32, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // Which instruction set linear_bf16 uses here: "avx512_bf16", "avx512f", or "" (none: use torch).
@@ -306,6 +355,21 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
 }
 
 bool has_vnni_op() { return has_avx512_vnni(); }
+
+// packed [N / 16, K / 8, 64] uint8, scale_min [N / 16, K / 32, 32] bf16 (linear_int4's layout) -> [N, K] bf16
+torch::Tensor int4_to_bf16(const torch::Tensor& packed, const torch::Tensor& scale_min) {
+  TORCH_CHECK(has_avx512_bf16(), "int4_to_bf16: this CPU has no AVX512-BF16");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.size(1) % 4 == 0 && packed.scalar_type() == at::kByte
+              && scale_min.scalar_type() == at::kBFloat16 && packed.is_contiguous() && scale_min.is_contiguous() &&
+              scale_min.numel() == packed.size(0) * (packed.size(1) / 4) * 32, "int4_to_bf16: layout");
+  const int64_t NB = packed.size(0), K = packed.size(1) * 8;
+  auto out = torch::empty({NB * 16, K}, torch::dtype(torch::kBFloat16));
+  const auto* wp = packed.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scale_min.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) { dequant_int4_blocks(wp, sp, op, K, b0, b1); });
+  return out;
+}
 
 // x [M, K] bf16 or float32, packed [N / 16, K / 8, 64] uint8 and scale_min [N / 16, K / 32, 32] bf16 (the layout
 // blocks_int4 reads, made by int4_pack), bias [N] or undefined -> [M, N] in x's dtype. x is quantized per row to
@@ -448,6 +512,7 @@ TORCH_LIBRARY(qwen, m) {
   m.def("add_rms_norm_bf16(Tensor x, Tensor residual, Tensor w, float eps) -> (Tensor, Tensor)");
   m.def("silu_mul_bf16(Tensor gu) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor packed, Tensor scale_min, Tensor? bias=None) -> Tensor");
+  m.def("int4_to_bf16(Tensor packed, Tensor scale_min) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(qwen, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
@@ -455,4 +520,5 @@ TORCH_LIBRARY_IMPL(qwen, CPU, m) {
   m.impl("add_rms_norm_bf16", &add_rms_norm_bf16);
   m.impl("silu_mul_bf16", &silu_mul_bf16);
   m.impl("linear_int4", &linear_int4);
+  m.impl("int4_to_bf16", &int4_to_bf16);
 }
