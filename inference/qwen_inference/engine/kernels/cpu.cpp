@@ -13,6 +13,18 @@
 
 namespace {
 
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_bf16(float v) {  // round to nearest even, as torch rounds
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return (u & 0x7fffffff) > 0x7f800000 ? 0x7fc0 : uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
 constexpr int MR = 4;  // activation rows per pass over a weight row (which stays in L1 between passes)
 
 inline bool has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16"); }
@@ -90,21 +102,10 @@ struct Out {
   const float* bias_f32;      // [N] or null
   int64_t N;
   inline void store(int64_t m, int64_t n, float v) const {
-    if (bias_bf16) {
-      uint32_t u = uint32_t(bias_bf16[n]) << 16;
-      float b;
-      memcpy(&b, &u, 4);
-      v += b;
-    } else if (bias_f32) {
-      v += bias_f32[n];
-    }
-    if (f32) {
-      f32[m * N + n] = v;
-    } else {
-      uint32_t u;
-      memcpy(&u, &v, 4);
-      bf16[m * N + n] = (u & 0x7fffffff) > 0x7f800000 ? 0x7fc0 : uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-    }
+    if (bias_bf16) v += bf16_to_float(bias_bf16[n]);
+    else if (bias_f32) v += bias_f32[n];
+    if (f32) f32[m * N + n] = v;
+    else bf16[m * N + n] = float_to_bf16(v);
   }
 };
 
@@ -216,13 +217,6 @@ void blocks_int4(const int8_t* xq, int64_t ldx, const int32_t* xsum, const float
   }
 }
 
-inline float bf16f(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
 // The int4 block layout back to bfloat16 weights [N, K]: a prompt chunk's rows then run one bf16 GEMM (oneDNN)
 // instead of reusing the GEMV once per four rows. Per block of 16 rows and group of 32 inputs, the group's four
 // words are transposed so that each row's four 32-bit lanes sit together, unpacked in input order, scaled and
@@ -255,7 +249,7 @@ void dequant_int4_blocks(const uint8_t* w, const uint16_t* sm, uint16_t* out, in
           const __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
           // word o's low nibbles are inputs 8o..8o+3, its high ones 8o+4..8o+7
           const __m128i q0 = _mm_unpacklo_epi32(lo, hi), q1 = _mm_unpackhi_epi32(lo, hi);
-          const __m512 scale = _mm512_set1_ps(bf16f(sg[r])), mn = _mm512_set1_ps(bf16f(sg[16 + r]));
+          const __m512 scale = _mm512_set1_ps(bf16_to_float(sg[r])), mn = _mm512_set1_ps(bf16_to_float(sg[16 + r]));
           const __m512 f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q0)), scale, mn);
           const __m512 f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q1)), scale, mn);
           _mm512_storeu_si512(out + (b * 16 + r) * K + g * 32, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
@@ -431,19 +425,6 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   return result;
 }
 
-namespace {
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-inline uint16_t float_to_bf16(float v) {  // round to nearest even, as torch rounds
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  return (u & 0x7fffffff) > 0x7f800000 ? 0x7fc0 : uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-}  // namespace
 
 // The small operators of a decode step's layer, fused, for bfloat16 rows (each a few thousand values: one pass
 // instead of four or five operators, whose dispatch costs more than their arithmetic). Each rounds where torch's
