@@ -193,7 +193,7 @@ class Platform:
             return linear
         ops = torch.ops.qwen
         if self.quantize in ("int8", "int4"):
-            if not ops.has_vnni():
+            if not self.vnni_kernels():
                 return linear
 
             def linear_int8_small_rows(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,8 +215,8 @@ class Platform:
     def fused_small_ops(self) -> bool:
         """Whether bfloat16 steps of `KERNEL_ROWS` rows run the engine's fused small operators (residual add with
         RMSNorm, SiLU times up-projection): on CPU in bf16 (int4 included: its activations are bf16), where the
-        kernels load. A decode step's layer runs
-        some thirty small operators whose dispatch, not arithmetic, is what they cost."""
+        kernels load. A decode step's layer runs some thirty small operators whose dispatch, not arithmetic, is what
+        they cost."""
         if self.kind != "cpu" or self.dtype != torch.bfloat16 or self.quantize == "int8":  # int8 runs float32
             return False
         from . import kernels

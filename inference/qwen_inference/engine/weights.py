@@ -136,6 +136,16 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None
 INT4_GROUP = 32
 
 
+def int4_groups(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit groups of `group` inputs, as both int4 layouts store them: (q `[out, in / group, group]`
+    in 0..15, float32; each group's scale and minimum `[out, in / group]`), w ≈ q * scale + min."""
+    n, k = w.shape
+    g = w.float().view(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    return torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15), scale, lo
+
+
 @dataclass
 class Int4Weight(Quantized):
     """A 4-bit weight in groups of 32 inputs, each group with its own scale and offset (asymmetric, as
@@ -151,10 +161,8 @@ class Int4Weight(Quantized):
         n, k = w.shape
         if k % group:
             raise UnsupportedModel(f"int4 needs input sizes that are multiples of {group} (this one is {k})")
-        g = w.float().view(n, k // group, group)
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+        q, scale, lo = int4_groups(w, group)
+        q = q.to(torch.int32).view(n, k)
         # the kernel computes (q - 8) * scale + zero: the group's minimum sits at zero - 8 * scale
         zero = lo + 8 * scale
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -202,10 +210,8 @@ class Int4BlockWeight(Quantized):
         if not cls.fits(w):
             raise UnsupportedModel(f"int4 needs output sizes that are multiples of 16 and input sizes that are "
                                    f"multiples of {INT4_GROUP} (this weight is {n} × {k})")
-        g = w.float().view(n, k // INT4_GROUP, INT4_GROUP)
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(n // 16, 16, k // 8, 8)
+        q, scale, lo = int4_groups(w)
+        q = q.to(torch.uint8).view(n // 16, 16, k // 8, 8)
         words = (q[..., :4] | (q[..., 4:] << 4)).permute(0, 2, 1, 3).reshape(n // 16, k // 8, 64)
         per_block = lambda t: t.view(n // 16, 16, -1).permute(0, 2, 1)  # noqa: E731  [blocks, groups, 16 rows]
         sm = torch.cat([per_block(scale), per_block(lo)], dim=-1).to(torch.bfloat16)

@@ -298,6 +298,33 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
   return result;
 }
 
+bool has_vnni_op() { return has_avx512_vnni(); }
+
+namespace {
+// A float32 bias for the int kernels' outputs: kept alive by the returned tensor, named in `out`.
+torch::Tensor float_bias(const c10::optional<torch::Tensor>& bias, Out& out, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return {};
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out.N, op, ": bias shape");
+  torch::Tensor b = bias->to(torch::kFloat32).contiguous();
+  out.bias_f32 = b.data_ptr<float>();
+  return b;
+}
+
+// Each activation row quantized to int8 with scale max|x| / 127, rounded half to even (as torch rounds): `sx[m]`
+// gets the row's scale, and `put(m, k, v)` each quantized value.
+template <typename Put>
+void quantize_rows(const float* xp, int64_t M, int64_t K, float* sx, Put put) {
+  for (int64_t m = 0; m < M; m++) {
+    const float* r = xp + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(r[k]));
+    const float s = std::max(amax, 1e-12f) / 127.0f;
+    sx[m] = s;
+    for (int64_t k = 0; k < K; k++) put(m, k, int(std::nearbyint(r[k] / s)));
+  }
+}
+}  // namespace
+
 // x [M, K] float32 (contiguous), q [N, K] int8, scale [N] float32, rowsum [N] int32 (each q row's sum), bias [N]
 // or undefined -> x @ (q * scale).T + bias in float32, x quantized per row to int8 on the way (as the engine's
 // int8 path does with torch's integer matmul, with the same rounding and the same order of the float products).
@@ -313,24 +340,12 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
   TORCH_CHECK(scale.numel() == N && rowsum.numel() == N, "linear_int8: one scale and one row sum per output");
   auto result = torch::empty({M, N}, torch::dtype(torch::kFloat32));
   Out out{result.data_ptr<float>(), nullptr, nullptr, nullptr, N};
-  torch::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "linear_int8: bias shape");
-    b = bias->to(torch::kFloat32).contiguous();
-    out.bias_f32 = b.data_ptr<float>();
-  }
+  const torch::Tensor b = float_bias(bias, out, "linear_int8");
   // the activations, quantized: [M, K] unsigned bytes (value + 128), and each row's scale
   std::vector<uint8_t> xu(M * K);
   std::vector<float> sx(M);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; m++) {
-    const float* r = xp + m * K;
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(r[k]));
-    const float s = std::max(amax, 1e-12f) / 127.0f;
-    sx[m] = s;
-    for (int64_t k = 0; k < K; k++) xu[m * K + k] = uint8_t(int(std::nearbyint(r[k] / s)) + 128);
-  }
+  quantize_rows(x.data_ptr<float>(), M, K, sx.data(),
+                [&](int64_t m, int64_t k, int v) { xu[m * K + k] = uint8_t(v + 128); });
   const auto* qp = q.data_ptr<int8_t>();
   const int32_t* rs = rowsum.data_ptr<int32_t>();
   const float* sp = scale.data_ptr<float>();
@@ -348,7 +363,6 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
   return result;
 }
 
-bool has_vnni_op() { return has_avx512_vnni(); }
 
 // packed [N / 16, K / 8, 64] uint8, scale_min [N / 16, K / 32, 32] bf16 (linear_int4's layout) -> [N, K] bf16
 torch::Tensor int4_to_bf16(const torch::Tensor& packed, const torch::Tensor& scale_min) {
@@ -366,8 +380,8 @@ torch::Tensor int4_to_bf16(const torch::Tensor& packed, const torch::Tensor& sca
 }
 
 // x [M, K] bf16 or float32, packed [N / 16, K / 8, 64] uint8 and scale_min [N / 16, K / 32, 32] bf16 (the layout
-// blocks_int4 reads, made by int4_pack), bias [N] or undefined -> [M, N] in x's dtype. x is quantized per row to
-// int8 (scale max|x| / 127) as llama.cpp quantizes activations for its 4-bit dot products.
+// blocks_int4 reads, made by Int4BlockWeight.of), bias [N] or undefined -> [M, N] in x's dtype. x is quantized per
+// row to int8 (scale max|x| / 127) as llama.cpp quantizes activations for its 4-bit dot products.
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale_min,
                           const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(has_avx512_vnni(), "linear_int4: this CPU has no AVX512-VNNI");
@@ -384,30 +398,16 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   auto result = torch::empty({M, N}, x.options());
   Out out{bf16 ? nullptr : result.data_ptr<float>(), bf16 ? reinterpret_cast<uint16_t*>(result.data_ptr()) : nullptr,
           nullptr, nullptr, N};
-  torch::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "linear_int4: bias shape");
-    b = bias->to(torch::kFloat32).contiguous();
-    out.bias_f32 = b.data_ptr<float>();
-  }
+  const torch::Tensor b = float_bias(bias, out, "linear_int4");
   // the activations: int8 per row, each group's sum, each row's scale
   const torch::Tensor xf = x.to(torch::kFloat32).contiguous();
-  const float* xp = xf.data_ptr<float>();
   std::vector<int8_t> xq(M * K);
   std::vector<int32_t> xsum(M * G, 0);
   std::vector<float> sx(M);
-  for (int64_t m = 0; m < M; m++) {
-    const float* r = xp + m * K;
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(r[k]));
-    const float s = std::max(amax, 1e-12f) / 127.0f;
-    sx[m] = s;
-    for (int64_t k = 0; k < K; k++) {
-      const int v = int(std::nearbyint(r[k] / s));
-      xq[m * K + k] = int8_t(v);
-      xsum[m * G + k / 32] += v;
-    }
-  }
+  quantize_rows(xf.data_ptr<float>(), M, K, sx.data(), [&](int64_t m, int64_t k, int v) {
+    xq[m * K + k] = int8_t(v);
+    xsum[m * G + k / 32] += v;
+  });
   const auto* wp = packed.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scale_min.data_ptr());
   at::parallel_for(0, NB, 8, [&](int64_t b0, int64_t b1) {
