@@ -15,10 +15,11 @@ import torch
 CPU_CACHE_SHARE = 0.25  # of the memory left after the weights
 GPU_CACHE_SHARE = 0.80
 CPU_WIDEN_MIN_TOKENS = 48
-# steps of this many rows run the engine's own kernels (bf16, and int8 on CPUs with AVX512-VNNI): with the weights
-# in 2 MiB pages a one-row step of Qwen2.5-0.5B in bf16 took 47-49 ms on them against 57 ms on torch's matmul
-# (oneDNN), two rows 1.33 against 1.52-1.67 ms a layer, and from 3 rows on oneDNN leads (bench/README.md)
-KERNEL_ROWS = range(1, 3)
+# steps of this many rows run the engine's own kernels (bf16, and int8 on CPUs with AVX512-VNNI): on 2 threads of
+# an AMD EPYC (Zen 4) the matmuls of Qwen2.5-0.5B's 24 layers took 24 against 33 ms at one row, 31 against 47 at
+# four, 60 against 64 at twelve (bf16; int8 10 against 20, 19 against 34, 42 against 46); from 16 rows on oneDNN
+# is level or ahead (bench/README.md)
+KERNEL_ROWS = range(1, 13)
 QUANTIZATIONS = ("none", "int8", "int4")
 # torch's CPU allocator backs buffers of 2 MiB and more with transparent huge pages when this is "1" at its first
 # large allocation

@@ -21,7 +21,9 @@ from pathlib import Path
 log = logging.getLogger("qwen_inference.kernels")
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
-FLAGS = ["-O3"]  # torch picks the C++ standard its headers need
+# -fopenmp: ATen's parallel_for splits a kernel over torch's threads only in code compiled with OpenMP (without it
+# every kernel runs on one thread); the OpenMP runtime is torch's own, which the library finds through libtorch
+FLAGS = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
 _lock = threading.Lock()
 _state: dict = {}
 

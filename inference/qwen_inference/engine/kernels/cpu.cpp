@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -483,10 +484,18 @@ torch::Tensor silu_mul_bf16(const torch::Tensor& gu) {
 
 std::string isa_op() { return isa(); }
 
+// How many of torch's threads an at::parallel_for over n items runs on (tests check that the kernels are parallel)
+int64_t parallel_threads(int64_t n) {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { seen |= uint64_t(1) << (at::get_thread_num() % 64); });
+  return __builtin_popcountll(seen.load());
+}
+
 // torch operators (torch.ops.qwen.*): a prebuilt library loads with torch.ops.load_library, no compiler needed,
 // and profiles show the kernels by name
 TORCH_LIBRARY(qwen, m) {
   m.def("isa() -> str", &isa_op);
+  m.def("parallel_threads(int n) -> int", &parallel_threads);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None, bool fp32_out=False, str isa=\"\") -> Tensor");
   m.def("has_vnni() -> bool", &has_vnni_op);
   m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor rowsum, Tensor? bias=None) -> Tensor");
