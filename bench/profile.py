@@ -24,7 +24,8 @@ from .run import MODELS, ROOT, cpu_info, log, model_dir
 
 MATMUL_OPS = ("aten::linear", "aten::mm", "aten::addmm", "aten::_int_mm", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "aten::matmul", "aten::bmm")
-KERNEL_PREFIX = "qwen::"  # the engine's own kernels
+KERNEL_MATMUL_PREFIX = "qwen::linear_"  # the engine's own matmul kernels
+ATTENTION_OPS = ("qwen::decode_attention",)  # and torch's SDPA
 
 
 def steps(runner, chunks_for, repeat: int) -> list[float]:
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             events = prof.key_averages()
             total = sum(e.self_cpu_time_total for e in events)
             matmul = sum(e.self_cpu_time_total for e in events
-                         if e.key in MATMUL_OPS or e.key.startswith(KERNEL_PREFIX) or "linear_bf16" in e.key)
-            attention = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
+                         if e.key in MATMUL_OPS or e.key.startswith(KERNEL_MATMUL_PREFIX))
+            attention = sum(e.self_cpu_time_total for e in events
+                            if "scaled_dot_product" in e.key or e.key in ATTENTION_OPS)
             top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
             lines += [f"## {name}: {wall * 1000:.1f} ms per step", "",
                       f"matmuls {100 * matmul / total:.0f}%, attention {100 * attention / total:.0f}%, "

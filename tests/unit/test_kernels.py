@@ -96,7 +96,7 @@ def test_linear_int8_refuses_what_it_cannot_do(k):
         k.linear_int8(x, w.q, w.scale, w.rowsum, torch.zeros(3))
 
 
-def test_int8_models_use_the_kernel_for_decode_rows_with_the_same_logits(tiny_model):
+def test_int8_models_use_the_kernel_for_decode_rows_with_the_same_logits(k, tiny_model):
     """An int8 model's one- and two-row steps on the kernel give exactly the logits of torch's int8 path."""
     from qwen_inference.engine.models import load_model
     from qwen_inference.engine.platform import KERNEL_ROWS, Platform
@@ -202,7 +202,7 @@ def test_linear_bf16_refuses_what_it_cannot_do(k):
         k.linear_bf16(x, w, None, False, "sse")
 
 
-def test_bf16_models_use_the_kernel_for_decode_rows_and_agree_with_torch(tiny_model):
+def test_bf16_models_use_the_kernel_for_decode_rows_and_agree_with_torch(k, tiny_model):
     """A bf16 model's step on the kernel gives the logits of torch's own bf16 matmuls (to bf16 rounding), and
     steps of other row counts go to torch."""
     from qwen_inference.engine.models import load_model
@@ -248,3 +248,94 @@ def test_a_built_library_loads_without_a_compiler(k, tmp_path):
                              env={**env, "QWEN_KERNELS_DIR": str(tmp_path / "empty")}, capture_output=True, text=True,
                              timeout=120)
     assert missing.stdout.startswith("False not built"), missing.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, h, kv, d", [(1, 14, 2, 64), (5, 8, 2, 256), (3, 4, 4, 24)])
+def test_decode_attention_reads_the_paged_cache_as_sdpa_over_the_gathered_rows_does(k, dtype, b, h, kv, d):
+    """The kernel against SDPA over keys and values gathered from the same scattered slots, rows of different
+    lengths masked; head sizes a multiple of 16 (vector path) and not (scalar path)."""
+    g = torch.Generator().manual_seed(b * h * d)
+    slots = 300
+    kc, vc = torch.randn(slots, kv, d, generator=g).to(dtype), torch.randn(slots, kv, d, generator=g).to(dtype)
+    q = torch.randn(b, h, d, generator=g).to(dtype)
+    lens = torch.randint(1, 41, (b,), generator=g)
+    lens[0] = 40
+    gather = torch.zeros(b, 40, dtype=torch.long)
+    for i in range(b):
+        gather[i, : lens[i]] = torch.randperm(slots, generator=g)[: lens[i]]
+    mask = (torch.arange(40)[None, :] < lens[:, None])[:, None, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(b, kv, h // kv, d).float(), kc[gather].transpose(1, 2).float(), vc[gather].transpose(1, 2).float(),
+        attn_mask=mask).reshape(b, h * d)
+    got = k.decode_attention(q, kc, vc, gather, lens)
+    assert got.dtype == dtype and got.shape == (b, h * d)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_decode_attention_refuses_what_it_cannot_read(k):
+    q, kc, gather = torch.randn(1, 4, 8), torch.randn(10, 2, 8), torch.zeros(1, 3, dtype=torch.long)
+    lens = torch.tensor([3])
+    assert k.decode_attention(q, kc, kc, gather, lens).shape == (1, 32)
+    with pytest.raises(RuntimeError, match="shapes"):
+        k.decode_attention(q, kc, kc[:, :, :4].contiguous(), gather, lens)
+    with pytest.raises(RuntimeError, match="bf16 or float32"):
+        k.decode_attention(q.bfloat16(), kc, kc, gather, lens)
+    with pytest.raises(RuntimeError, match="1 to L positions"):
+        k.decode_attention(q, kc, kc, gather, torch.tensor([4]))
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        k.decode_attention(q, kc, kc, torch.tensor([[0, 10, 1]]), lens)
+
+
+def test_models_use_the_attention_kernel_for_decode_rows_and_agree_with_sdpa(k, tiny_model):
+    """A float32 model on the "cpu-kernel" backend: decode rows (of different lengths) attend on the kernel and give
+    the logits SDPA over gathered rows gives."""
+    from qwen_inference.engine.models import load_model
+    from qwen_inference.engine.platform import Platform
+    from qwen_inference.engine.runner import ModelRunner, SeqChunk
+
+    model = load_model(tiny_model, Platform.cpu(torch.float32))
+    assert model.platform.attention_backend == "cpu-kernel"
+    runners = {}
+    for backend in ("cpu-kernel", "sdpa-gather"):
+        r = runners[backend] = ModelRunner(model, kv_tokens=256)
+        r.attention_backend = backend
+        r.execute([SeqChunk(list(range(900, 920)), 0, [1, 2]), SeqChunk(list(range(700, 705)), 0, [3])])
+    calls = []
+    real = torch.ops.qwen.decode_attention
+
+    def counted(*a):
+        calls.append(a[0].shape[0])
+        return real(*a)
+
+    steps = {}
+    for backend, r in runners.items():
+        torch.ops.qwen.decode_attention = counted if backend == "cpu-kernel" else real
+        try:
+            steps[backend] = r.execute([SeqChunk([5], 20, [1, 2], logits=True), SeqChunk([6], 5, [3], logits=True)])
+        finally:
+            torch.ops.qwen.decode_attention = real
+    assert calls and set(calls) == {2}
+    assert torch.allclose(steps["cpu-kernel"], steps["sdpa-gather"], atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_logits_come_from_the_kernel_in_float32(k, tiny_model):
+    """The output layer's rows on the bf16 kernel come out in float32 (not rounded to bf16 first), close to torch's
+    float32 matmul of the same bf16 values; more rows than `LOGIT_KERNEL_ROWS` go to torch."""
+    from qwen_inference.engine.platform import LOGIT_KERNEL_ROWS, Platform
+
+    logits = Platform.cpu(torch.bfloat16).logits_fn()
+    assert logits.__name__ == "logits"
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1000, 64, generator=g).bfloat16()
+    for n in (1, LOGIT_KERNEL_ROWS[-1], LOGIT_KERNEL_ROWS[-1] + 1):
+        x = torch.randn(n, 64, generator=g).bfloat16()
+        got = logits(x, w)
+        want = x.float() @ w.float().T
+        assert got.dtype == torch.float32
+        if n in LOGIT_KERNEL_ROWS:
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4) and not torch.equal(got, got.bfloat16().float())
+        else:
+            assert torch.allclose(got, want, atol=0.1, rtol=1e-2) and torch.equal(got, got.bfloat16().float())
+    assert Platform.cpu(torch.float32).logits_fn().__name__ == "widened"

@@ -3,8 +3,9 @@ tables, and the one function attention layers call.
 
 Decode rows (one new token per sequence) attend in one batched call; each prompt chunk attends in a call of
 its own. Grouped-query heads are folded into the query length, so no key is ever repeated. The backend
-(`Platform.attention_backend`) gathers each sequence's keys and values from their blocks into dense
-tensors for SDPA.
+(`Platform.attention_backend`) is "sdpa-gather", which gathers each sequence's keys and values from their blocks
+into dense tensors for SDPA, or, on CPUs where the engine's kernels load, "cpu-kernel": decode rows attend straight
+from the blocks in one operator (`torch.ops.qwen.decode_attention`), prompt chunks as with "sdpa-gather".
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class AttentionMetadata:
     decode_gather: torch.Tensor | None  # [B, L] cache slots of each decode row's history (padding: block 0)
     decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool; None when every row sees all L positions (no padding)
     prefills: list[PrefillSegment]
+    decode_lens: torch.Tensor | None = None  # [B] positions each decode row attends to
+    decode_kernel: bool = False  # decode rows on the engine's CPU kernel ("cpu-kernel")
     _grouped: dict = field(default_factory=dict, repr=False)
 
     def to(self, device: torch.device) -> "AttentionMetadata":
@@ -38,7 +41,8 @@ class AttentionMetadata:
 
         return AttentionMetadata(
             mv(self.slot_mapping), self.num_decode, mv(self.decode_gather), mv(self.decode_mask),
-            [PrefillSegment(p.start, p.length, mv(p.gather), mv(p.mask)) for p in self.prefills])
+            [PrefillSegment(p.start, p.length, mv(p.gather), mv(p.mask)) for p in self.prefills],
+            mv(self.decode_lens), self.decode_kernel and device.type == "cpu")
 
     def prefill_mask(self, i: int, groups: int) -> torch.Tensor:
         """Segment i's mask with query rows repeated for each query head sharing a KV head."""
@@ -49,17 +53,19 @@ class AttentionMetadata:
 
 
 def build_metadata(decode: list[tuple[int, list[int]]], prefill: list[tuple[int, int, list[int]]],
-                   block_size: int) -> AttentionMetadata:
+                   block_size: int, backend: str = "sdpa-gather") -> AttentionMetadata:
     """From block tables: `decode` holds (position, block_table) of each single-token row, in row order;
-    `prefill` holds (first position, length, block_table) of each prompt chunk, after the decode rows."""
+    `prefill` holds (first position, length, block_table) of each prompt chunk, after the decode rows. `backend`
+    is the platform's `attention_backend`."""
 
     def slots_upto(table: list[int], n: int) -> torch.Tensor:
         blocks = torch.tensor(table[: -(-n // block_size)], dtype=torch.long)
         return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
 
     slot_mapping: list[torch.Tensor] = []
-    decode_gather = decode_mask = None
+    decode_gather = decode_mask = decode_lens = None
     if decode:
+        decode_lens = torch.tensor([pos + 1 for pos, _ in decode], dtype=torch.long)
         lmax = max(pos + 1 for pos, _ in decode)
         decode_gather = torch.zeros(len(decode), lmax, dtype=torch.long)
         decode_mask = torch.zeros(len(decode), 1, 1, lmax, dtype=torch.bool)
@@ -80,7 +86,7 @@ def build_metadata(decode: list[tuple[int, list[int]]], prefill: list[tuple[int,
         segments.append(PrefillSegment(row, n, gather, causal))
         row += n
     return AttentionMetadata(torch.cat(slot_mapping) if slot_mapping else torch.zeros(0, dtype=torch.long),
-                             len(decode), decode_gather, decode_mask, segments)
+                             len(decode), decode_gather, decode_mask, segments, decode_lens, backend == "cpu-kernel")
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -112,6 +118,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 def _decode(q, k_cache, v_cache, meta: AttentionMetadata, KV: int, G: int, act) -> torch.Tensor:
     B, _, D = q.shape
     g = meta.decode_gather
+    if meta.decode_kernel and act == k_cache.dtype:
+        return torch.ops.qwen.decode_attention(q.contiguous(), k_cache, v_cache, g, meta.decode_lens)
     qd = q.reshape(B, KV, G, D)
     kd = k_cache[g].to(act).transpose(1, 2)
     vd = v_cache[g].to(act).transpose(1, 2)

@@ -20,6 +20,9 @@ CPU_WIDEN_MIN_TOKENS = 48
 # four, 60 against 64 at twelve (bf16; int8 10 against 20, 19 against 34, 42 against 46); from 16 rows on oneDNN
 # is level or ahead (bench/README.md)
 KERNEL_ROWS = range(1, 13)
+# the output layer's rows (one per sequence that samples) on the bf16 kernel, float32 out: 9.1 against 12.0 ms at one
+# row and 20.8 against 24.3 at sixteen for Qwen2.5-0.5B's 151 936 × 896 output layer, 39 against 35 at 32
+LOGIT_KERNEL_ROWS = range(1, 17)
 QUANTIZATIONS = ("none", "int8", "int4")
 # torch's CPU allocator backs buffers of 2 MiB and more with transparent huge pages when this is "1" at its first
 # large allocation
@@ -213,6 +216,30 @@ class Platform:
 
         return linear_small_rows
 
+    def logits_fn(self):
+        """float32 logits `x @ w.T` from the output layer's float weights: on CPUs with the engine's kernels, rows of
+        `LOGIT_KERNEL_ROWS` go to the bf16 kernel, which writes float32 straight from its sums (one operator, no
+        rounding of the logits to bf16); elsewhere the matmul in the weights' dtype, widened."""
+        from .weights import linear
+
+        def widened(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return linear(x, w).float()
+
+        if self.kind != "cpu" or self.dtype != torch.bfloat16:
+            return widened
+        from . import kernels
+
+        if not kernels.load():
+            return widened
+        op = torch.ops.qwen.linear_bf16
+
+        def logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] in LOGIT_KERNEL_ROWS and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:
+                return op(x.contiguous(), w, None, True)
+            return widened(x, w)
+
+        return logits
+
     def fused_small_ops(self) -> bool:
         """Whether bfloat16 steps of `KERNEL_ROWS` rows run the engine's fused small operators (residual add with
         RMSNorm, SiLU times up-projection): on CPU in bf16 (int4 included: its activations are bf16), where the
@@ -226,7 +253,14 @@ class Platform:
 
     @property
     def attention_backend(self) -> str:
-        """How attention reads the paged KV cache: gathered per step into dense tensors for SDPA."""
+        """How attention reads the paged KV cache: "cpu-kernel" on CPUs where the engine's kernels load (decode rows
+        attend straight from the cache's blocks, in one operator per layer; prompt chunks as below), otherwise
+        "sdpa-gather" (each step's keys and values gathered into dense tensors for SDPA)."""
+        if self.kind == "cpu":
+            from . import kernels
+
+            if kernels.load():
+                return "cpu-kernel"
         return "sdpa-gather"
 
     @property

@@ -32,6 +32,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, *, kv_tokens: int, block_size: int = 16, state_slots: int = 0) -> None:
         self.model = model
         self.block_size = block_size
+        self.attention_backend = model.platform.attention_backend
         specs = model.cache_specs()
         kv_spec = next((s for s in specs if isinstance(s, PagedAttentionSpec)), None)
         state_spec = next((s for s in specs if isinstance(s, RecurrentStateSpec)), None)
@@ -125,7 +126,7 @@ class ModelRunner:
         if self.caches.kv is not None:
             batch.attention = build_metadata([(c.start, c.block_table) for c in singles],
                                              [(c.start, len(c.tokens), c.block_table) for c in multis],
-                                             self.block_size)
+                                             self.block_size, self.attention_backend)
         if self.caches.states is not None:
             ordered = singles + multis
             if any(c.state_slot is None for c in ordered):

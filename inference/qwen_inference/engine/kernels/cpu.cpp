@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -482,6 +483,116 @@ torch::Tensor silu_mul_bf16(const torch::Tensor& gu) {
   return out;
 }
 
+namespace {
+template <typename T>
+inline float load_f(const T* p, int64_t i);
+template <>
+inline float load_f<float>(const float* p, int64_t i) { return p[i]; }
+template <>
+inline float load_f<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const uint16_t* p) {
+  return widen(_mm256_loadu_si256((const __m256i*)p));
+}
+inline void store_f(float* p, int64_t i, float v) { p[i] = v; }
+inline void store_f(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+
+// Decode rows' attention, straight from the paged cache: for each row and KV head, the scores of its G query heads
+// against the row's n = lens[b] cached keys (slots gather[b, :n]), a softmax in float32, and the weighted sum of the
+// values. One task per (row, KV head), spread over torch's threads.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void decode_attention_tasks(const T* q, const T* kc, const T* vc, const int64_t* gather, const int64_t* lens, T* out,
+                            int64_t H, int64_t KV, int64_t D, int64_t L, float scale, int64_t t0, int64_t t1) {
+  const int64_t G = H / KV;
+  std::vector<float> qf(G * D), acc(G * D), s;
+  for (int64_t t = t0; t < t1; t++) {
+    const int64_t b = t / KV, h = t % KV, n = lens[b];
+    const int64_t* slots = gather + b * L;
+    for (int64_t g = 0; g < G; g++)
+      for (int64_t d = 0; d < D; d++) qf[g * D + d] = load_f(q, ((b * H) + h * G + g) * D + d);
+    s.resize(G * n);
+    for (int64_t l = 0; l < n; l++) {
+      const T* kr = kc + (slots[l] * KV + h) * D;
+      if (D % 16 == 0) {
+        for (int64_t g = 0; g < G; g++) {
+          __m512 a = _mm512_setzero_ps();
+          for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[g * D + d]), load16(kr + d), a);
+          s[g * n + l] = _mm512_reduce_add_ps(a) * scale;
+        }
+        continue;
+      }
+      for (int64_t g = 0; g < G; g++) {
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; d++) dot += qf[g * D + d] * load_f(kr, d);
+        s[g * n + l] = dot * scale;
+      }
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    std::vector<float> total(G);
+    for (int64_t g = 0; g < G; g++) {
+      float mx = -INFINITY;
+      for (int64_t l = 0; l < n; l++) mx = std::max(mx, s[g * n + l]);
+      float sum = 0.f;
+      for (int64_t l = 0; l < n; l++) sum += (s[g * n + l] = std::exp(s[g * n + l] - mx));
+      total[g] = sum;
+    }
+    for (int64_t l = 0; l < n; l++) {
+      const T* vr = vc + (slots[l] * KV + h) * D;
+      for (int64_t g = 0; g < G; g++) {
+        const float p = s[g * n + l];
+        if (D % 16 == 0) {
+          const __m512 pv = _mm512_set1_ps(p);
+          for (int64_t d = 0; d < D; d += 16)
+            _mm512_storeu_ps(&acc[g * D + d], _mm512_fmadd_ps(pv, load16(vr + d), _mm512_loadu_ps(&acc[g * D + d])));
+          continue;
+        }
+        for (int64_t d = 0; d < D; d++) acc[g * D + d] += p * load_f(vr, d);
+      }
+    }
+    for (int64_t g = 0; g < G; g++)
+      for (int64_t d = 0; d < D; d++) store_f(out, ((b * H) + h * G + g) * D + d, acc[g * D + d] / total[g]);
+  }
+}
+}  // namespace
+
+// q [B, H, D], k_cache and v_cache [S, KV, D] (q's dtype: bf16 or float32), gather [B, L] int64 cache slots of each
+// row's positions, lens [B] int64 (each row attends to gather[b, :lens[b]]) -> [B, H * D] in q's dtype; scale
+// 1/sqrt(D), as SDPA's default.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                               const torch::Tensor& gather, const torch::Tensor& lens) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && gather.dim() == 2 &&
+              lens.dim() == 1 && gather.size(0) == q.size(0) && lens.size(0) == q.size(0) &&
+              k_cache.size(2) == q.size(2) && q.size(1) % k_cache.size(1) == 0, "decode_attention: shapes");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type() &&
+              (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat) &&
+              gather.scalar_type() == at::kLong && lens.scalar_type() == at::kLong,
+              "decode_attention: bf16 or float32 q and caches alike, int64 gather and lens");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && gather.is_contiguous() &&
+              lens.is_contiguous(), "decode_attention: contiguous tensors only");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k_cache.size(1), L = gather.size(1);
+  const int64_t S = k_cache.size(0);
+  const auto* lp = lens.data_ptr<int64_t>();
+  const auto* gp = gather.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "decode_attention: each row attends to 1 to L positions");
+    for (int64_t l = 0; l < lp[b]; l++) TORCH_CHECK(gp[b * L + l] >= 0 && gp[b * L + l] < S, "decode_attention: slot out of range");
+  }
+  auto out = torch::empty({B, H * D}, q.options());
+  const float scale = 1.0f / std::sqrt(float(D));
+  at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
+    if (q.scalar_type() == at::kFloat)
+      decode_attention_tasks<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), gp, lp,
+                                    out.data_ptr<float>(), H, KV, D, L, scale, t0, t1);
+    else
+      decode_attention_tasks<uint16_t>(reinterpret_cast<const uint16_t*>(q.data_ptr()),
+                                       reinterpret_cast<const uint16_t*>(k_cache.data_ptr()),
+                                       reinterpret_cast<const uint16_t*>(v_cache.data_ptr()), gp, lp,
+                                       reinterpret_cast<uint16_t*>(out.data_ptr()), H, KV, D, L, scale, t0, t1);
+  });
+  return out;
+}
+
 std::string isa_op() { return isa(); }
 
 // How many of torch's threads an at::parallel_for over n items runs on (tests check that the kernels are parallel)
@@ -503,6 +614,7 @@ TORCH_LIBRARY(qwen, m) {
   m.def("silu_mul_bf16(Tensor gu) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor packed, Tensor scale_min, Tensor? bias=None) -> Tensor");
   m.def("int4_to_bf16(Tensor packed, Tensor scale_min) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor gather, Tensor lens) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(qwen, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
@@ -511,4 +623,5 @@ TORCH_LIBRARY_IMPL(qwen, CPU, m) {
   m.impl("silu_mul_bf16", &silu_mul_bf16);
   m.impl("linear_int4", &linear_int4);
   m.impl("int4_to_bf16", &int4_to_bf16);
+  m.impl("decode_attention", &decode_attention);
 }

@@ -68,6 +68,7 @@ class DenseDecoder(CausalLM):
     def __init__(self, folder: Path, config, platform: Platform) -> None:
         super().__init__(folder, config, platform)
         self.linear = platform.linear_fn()
+        self.logits = platform.logits_fn()
         self.fused = platform.fused_small_ops()
         if getattr(config, "use_sliding_window", False):
             raise UnsupportedModel("sliding-window attention is not supported")
@@ -181,4 +182,4 @@ class DenseDecoder(CausalLM):
         if isinstance(self.lm_head, Quantized):
             return self.linear(self._rms(x[rows], self.norm), self.lm_head).float()
         h = self._rms(x[rows].to(self.platform.dtype), self.norm)
-        return self.linear(h, self.lm_head).float()
+        return self.logits(h, self.lm_head)

@@ -83,6 +83,7 @@ class Qwen3_5Decoder(CausalLM):
     def __init__(self, folder: Path, config, platform: Platform) -> None:
         super().__init__(folder, config, platform)
         self.linear = platform.linear_fn()
+        self.logits = platform.logits_fn()
         text = config.get_text_config() if config.model_type == "qwen3_5" else config
         self.text = text
         self.prefix = "model.language_model." if config.model_type == "qwen3_5" else "model."
@@ -246,7 +247,7 @@ class Qwen3_5Decoder(CausalLM):
         h = _zc_norm(x[rows], self.norm, self.eps)
         if isinstance(self.lm_head, Quantized):
             return self.linear(h, self.lm_head).float()
-        return self.linear(h.to(self.platform.dtype), self.lm_head).float()
+        return self.logits(h.to(self.platform.dtype), self.lm_head)
 
     def _attention(self, h: torch.Tensor, layer: AttentionLayer, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    m: DeviceBatch) -> torch.Tensor:
