@@ -37,6 +37,11 @@ PROMPT_TOKENS = 70
 LONG_PROMPT_TOKENS = 256
 OUTPUT_TOKENS = 48
 STRUCTURED_ROUNDS = 4
+# one stream on two servers at once, a request on each in turn: qwen-serve against llama.cpp at the same precision
+# (the smoke run pairs qwen-serve with the seeds' design, to exercise the same code)
+PAIRS = (("qwen-serve", "llama.cpp-bf16"), ("qwen-serve-int8", "llama.cpp-q8_0"), ("qwen-serve-int4", "llama.cpp-q4_k_m"))
+SMOKE_PAIRS = (("qwen-serve", "seeds-design"),)
+PAIRED_ROUNDS = 6
 # a record whose JSON runs well past OUTPUT_TOKENS, so that json_schema replies are cut at the same length as free
 # text: objects, an array, a pattern, a format, an enum, numbers and free strings
 RECORD_SCHEMA = {
@@ -210,6 +215,49 @@ async def structured(server: Server, words: int, smoke: bool) -> dict:
     return out
 
 
+async def paired(a: Server, b: Server, words: int, smoke: bool) -> dict:
+    """One stream on two servers running side by side, one request on each in turn with the same prompt (the order
+    swapped every round), so that both see the machine as it is at that minute: on shared machines whose memory
+    bandwidth moves by a third within an hour, the ratio of each round's time per output token is steadier than
+    the ratio of two runs made minutes apart. `speed` is b's time per token over a's: above 1, a is faster."""
+    import statistics
+
+    from qwen_inference.bench.load import run_level
+
+    max_tokens = 8 if smoke else OUTPUT_TOKENS
+    for s in (a, b):  # warm-up, not counted
+        await run_level(f"http://127.0.0.1:{s.port}/v1/chat/completions", None, 1, 1, words, 4, seed=10**6,
+                        ignore_eos=s.ignore_eos)
+    rounds = []
+    for r in range(2 if smoke else PAIRED_ROUNDS):
+        tpot = {}
+        for s in ((a, b) if r % 2 == 0 else (b, a)):
+            level = await run_level(f"http://127.0.0.1:{s.port}/v1/chat/completions", None, 1, 1, words, max_tokens,
+                                    seed=3 * 10**6 + 100 * r, ignore_eos=s.ignore_eos)
+            if level.errors or level.tpot_p50 is None:
+                raise RuntimeError(f"{s.label}: the paired request failed: {level.error_samples}")
+            tpot[s.label] = level.tpot_p50
+        rounds.append(tpot)
+        log(f"paired {a.label} / {b.label}, round {r + 1}: {1000 * tpot[a.label]:.1f} / {1000 * tpot[b.label]:.1f} ms "
+            f"per token")
+    speeds = [t[b.label] / t[a.label] for t in rounds]
+    return {"a": a.label, "b": b.label, "rounds": rounds, "max_tokens": max_tokens,
+            "tpot_a_median": statistics.median(t[a.label] for t in rounds),
+            "tpot_b_median": statistics.median(t[b.label] for t in rounds),
+            "speed_median": statistics.median(speeds), "speed_min": min(speeds), "speed_max": max(speeds)}
+
+
+def paired_table(pairs: list[dict]) -> str:
+    rows = ["", "One stream, paired (both servers up, one request on each in turn):", "",
+            "| server | against | rounds | time per token | theirs | speed, median (min–max) |",
+            "|---|---|---|---|---|---|"]
+    for p in pairs:
+        rows.append(f"| {p['a']} | {p['b']} | {len(p['rounds'])} | {1000 * p['tpot_a_median']:.1f} ms | "
+                    f"{1000 * p['tpot_b_median']:.1f} ms | {p['speed_median']:.2f}× ({p['speed_min']:.2f}–"
+                    f"{p['speed_max']:.2f}) |")
+    return "\n".join(rows) + "\n"
+
+
 async def measure(server: Server, levels: list[int], words: int, long_words: int, smoke: bool,
                   scenario: str = "on") -> dict:
     from qwen_inference.bench.load import run_level, summary_line
@@ -355,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=MODELS, default=MODELS[0], help="the architecture to measure")
     ap.add_argument("--structured", choices=("on", "off", "only"), default="on",
                     help="json_schema against free text at 16 streams on qwen-serve (only: nothing else)")
+    ap.add_argument("--paired", choices=("on", "off", "only"), default="on",
+                    help="one stream on qwen-serve and llama.cpp side by side, alternating (only: nothing else)")
     a = ap.parse_args(argv)
     levels = [int(x) for x in (a.levels or ("1,2" if a.smoke else "1,4,16")).split(",")]
     model = model_dir(a.smoke, a.model)
@@ -365,12 +415,18 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {model}; {words} words ≈ {PROMPT_TOKENS} prompt tokens; {long_words} ≈ {LONG_PROMPT_TOKENS}")
     runs = []
     only = a.only.split(",") if a.only else None
-    for server in servers(model, a.smoke, a.skip_llamacpp, only):
-        if only and server.label not in only:
-            continue
+    chosen = [s for s in servers(model, a.smoke, a.skip_llamacpp, only) if not only or s.label in only]
+    for server in chosen if a.paired != "only" else []:
         log(f"starting {server.label}")
         with server:
             runs.append(asyncio.run(measure(server, levels, words, long_words, a.smoke, a.structured)))
+    pairs = []
+    by_label = {s.label: s for s in chosen}
+    for x, y in (SMOKE_PAIRS if a.smoke else PAIRS) if a.paired != "off" else ():
+        if x in by_label and y in by_label:
+            log(f"starting {x} and {y} side by side")
+            with by_label[x], by_label[y]:
+                pairs.append(asyncio.run(paired(by_label[x], by_label[y], words, a.smoke)))
     a.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = "smoke" if a.smoke else f"{dt.date.today().isoformat()}-{a.model}" + (
         "-structured" if a.structured == "only" else "")
@@ -378,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS, "levels": levels,
             "cpus": os.cpu_count(), "cpu": cpu, "loadavg_after": os.getloadavg()[0],
             "command": "python -m bench.run " + " ".join(argv or sys.argv[1:])}
-    (a.out_dir / f"{stamp}.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
+    if a.paired == "only":
+        stamp += "-paired"
+    (a.out_dir / f"{stamp}.json").write_text(json.dumps({"meta": meta, "runs": runs, "paired": pairs}, indent=2))
     from qwen_inference.bench.cli import chart
 
     measured = [r for r in runs if r["levels"]]
@@ -387,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           f"{OUTPUT_TOKENS} tokens out")
     md = (f"Run {meta['date']} on {cpu['model']} ({cpu['cpus']} CPUs; {', '.join(cpu['flags'])}), model {model.name}: "
           f"`{meta['command']}`\n\n" + (table(measured) + "\n" if measured else "")
-          + "".join(structured_table(r) for r in runs if "structured" in r))
+          + "".join(structured_table(r) for r in runs if "structured" in r) + (paired_table(pairs) if pairs else ""))
     (a.out_dir / f"{stamp}.md").write_text(md)
     print(md)
     return 0

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
+
+import pytest
 
 from ..conftest import ROOT
 
@@ -34,6 +37,15 @@ def test_bench_smoke_run_writes_results_chart_and_table(tmp_path):
     assert round_["json_schema"]["grammar_seconds"] > 0 and s["grammar_seconds_free_runs"] == 0
     assert 0 < s["grammar_share"] < 1
     assert "| json_schema (strict) |" in table and "2 of 2" in table
+    # one stream on two servers side by side, alternating: each round times both, the ratio is theirs over ours
+    [pair] = data["paired"]
+    assert (pair["a"], pair["b"]) == ("qwen-serve", "seeds-design") and len(pair["rounds"]) == 2
+    for round_ in pair["rounds"]:
+        assert set(round_) == {"qwen-serve", "seeds-design"} and all(v > 0 for v in round_.values())
+    assert pair["speed_min"] <= pair["speed_median"] <= pair["speed_max"]
+    assert pair["speed_median"] == pytest.approx(
+        statistics.median(r["seeds-design"] / r["qwen-serve"] for r in pair["rounds"]))
+    assert "| qwen-serve | seeds-design | 2 |" in table
     cpu = data["meta"]["cpu"]  # every run names the machine it measured
     assert cpu["model"] != "unknown" and cpu["model"] in table and cpu["cpus"] >= 1
 

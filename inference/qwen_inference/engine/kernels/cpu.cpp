@@ -474,12 +474,14 @@ torch::Tensor silu_mul_bf16(const torch::Tensor& gu) {
   auto out = torch::empty({T, I}, gu.options());
   const auto* p = reinterpret_cast<const uint16_t*>(gu.data_ptr());
   auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  for (int64_t t = 0; t < T; t++)
-    for (int64_t i = 0; i < I; i++) {
+  at::parallel_for(0, T * I, 2048, [&](int64_t a, int64_t b) {  // exp per value: worth both cores at one row
+    for (int64_t j = a; j < b; j++) {
+      const int64_t t = j / I, i = j % I;
       const float g = bf16_to_float(p[t * 2 * I + i]);
       const float s = bf16_to_float(float_to_bf16(g / (1.0f + std::exp(-g))));
-      o[t * I + i] = float_to_bf16(s * bf16_to_float(p[t * 2 * I + I + i]));
+      o[j] = float_to_bf16(s * bf16_to_float(p[t * 2 * I + I + i]));
     }
+  });
   return out;
 }
 
