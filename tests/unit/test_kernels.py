@@ -250,14 +250,18 @@ def test_a_built_library_loads_without_a_compiler(k, tmp_path):
     assert missing.stdout.startswith("False not built"), missing.stderr[-2000:]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("b, h, kv, d", [(1, 14, 2, 64), (5, 8, 2, 256), (3, 4, 4, 24)])
-def test_decode_attention_reads_the_paged_cache_as_sdpa_over_the_gathered_rows_does(k, dtype, b, h, kv, d):
+def test_decode_attention_reads_the_paged_cache_as_sdpa_over_the_gathered_rows_does(k, dtype, cache_dtype, b, h, kv,
+                                                                                     d):
     """The kernel against SDPA over keys and values gathered from the same scattered slots, rows of different
-    lengths masked; head sizes a multiple of 16 (vector path) and not (scalar path)."""
+    lengths masked; head sizes a multiple of 16 (vector path) and not (scalar path); float32 rows over a bf16
+    cache, as int8 models attend."""
     g = torch.Generator().manual_seed(b * h * d)
     slots = 300
-    kc, vc = torch.randn(slots, kv, d, generator=g).to(dtype), torch.randn(slots, kv, d, generator=g).to(dtype)
+    kc = torch.randn(slots, kv, d, generator=g).to(cache_dtype)
+    vc = torch.randn(slots, kv, d, generator=g).to(cache_dtype)
     q = torch.randn(b, h, d, generator=g).to(dtype)
     lens = torch.randint(1, 41, (b,), generator=g)
     lens[0] = 40
@@ -270,7 +274,7 @@ def test_decode_attention_reads_the_paged_cache_as_sdpa_over_the_gathered_rows_d
         attn_mask=mask).reshape(b, h * d)
     got = k.decode_attention(q, kc, vc, gather, lens)
     assert got.dtype == dtype and got.shape == (b, h * d)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # a bf16 cache's values are exact in float32
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
 
 

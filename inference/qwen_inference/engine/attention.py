@@ -118,7 +118,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 def _decode(q, k_cache, v_cache, meta: AttentionMetadata, KV: int, G: int, act) -> torch.Tensor:
     B, _, D = q.shape
     g = meta.decode_gather
-    if meta.decode_kernel and act == k_cache.dtype:
+    if meta.decode_kernel and act in (k_cache.dtype, torch.float32):  # float32 rows over a bf16 cache: int8 models
         return torch.ops.qwen.decode_attention(q.contiguous(), k_cache, v_cache, g, meta.decode_lens)
     qd = q.reshape(B, KV, G, D)
     kd = k_cache[g].to(act).transpose(1, 2)

@@ -502,9 +502,9 @@ inline void store_f(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); 
 // Decode rows' attention, straight from the paged cache: for each row and KV head, the scores of its G query heads
 // against the row's n = lens[b] cached keys (slots gather[b, :n]), a softmax in float32, and the weighted sum of the
 // values. One task per (row, KV head), spread over torch's threads.
-template <typename T>
+template <typename TQ, typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void decode_attention_tasks(const T* q, const T* kc, const T* vc, const int64_t* gather, const int64_t* lens, T* out,
+void decode_attention_tasks(const TQ* q, const T* kc, const T* vc, const int64_t* gather, const int64_t* lens, TQ* out,
                             int64_t H, int64_t KV, int64_t D, int64_t L, float scale, int64_t t0, int64_t t1) {
   const int64_t G = H / KV;
   std::vector<float> qf(G * D), acc(G * D), s;
@@ -558,18 +558,19 @@ void decode_attention_tasks(const T* q, const T* kc, const T* vc, const int64_t*
 }
 }  // namespace
 
-// q [B, H, D], k_cache and v_cache [S, KV, D] (q's dtype: bf16 or float32), gather [B, L] int64 cache slots of each
-// row's positions, lens [B] int64 (each row attends to gather[b, :lens[b]]) -> [B, H * D] in q's dtype; scale
-// 1/sqrt(D), as SDPA's default.
+// q [B, H, D], k_cache and v_cache [S, KV, D] (bf16 or float32 caches; q in the caches' dtype, or float32 over a bf16
+// cache, as int8 models run), gather [B, L] int64 cache slots of each row's positions, lens [B] int64 (each row
+// attends to gather[b, :lens[b]]) -> [B, H * D] in q's dtype; scale 1/sqrt(D), as SDPA's default.
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                const torch::Tensor& gather, const torch::Tensor& lens) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && gather.dim() == 2 &&
               lens.dim() == 1 && gather.size(0) == q.size(0) && lens.size(0) == q.size(0) &&
               k_cache.size(2) == q.size(2) && q.size(1) % k_cache.size(1) == 0, "decode_attention: shapes");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type() &&
-              (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat) &&
+  const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
+  TORCH_CHECK(ct == v_cache.scalar_type() && (ct == at::kBFloat16 || ct == at::kFloat) &&
+              (qt == ct || (qt == at::kFloat && ct == at::kBFloat16)) &&
               gather.scalar_type() == at::kLong && lens.scalar_type() == at::kLong,
-              "decode_attention: bf16 or float32 q and caches alike, int64 gather and lens");
+              "decode_attention: bf16 or float32 caches, q in their dtype or float32, int64 gather and lens");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && gather.is_contiguous() &&
               lens.is_contiguous(), "decode_attention: contiguous tensors only");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k_cache.size(1), L = gather.size(1);
@@ -583,14 +584,18 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
   auto out = torch::empty({B, H * D}, q.options());
   const float scale = 1.0f / std::sqrt(float(D));
   at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
-    if (q.scalar_type() == at::kFloat)
-      decode_attention_tasks<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), gp, lp,
-                                    out.data_ptr<float>(), H, KV, D, L, scale, t0, t1);
+    const auto* kb = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
+    const auto* vb = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
+    if (ct == at::kFloat)
+      decode_attention_tasks<float, float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                                           gp, lp, out.data_ptr<float>(), H, KV, D, L, scale, t0, t1);
+    else if (qt == at::kFloat)
+      decode_attention_tasks<float, uint16_t>(q.data_ptr<float>(), kb, vb, gp, lp, out.data_ptr<float>(), H, KV, D, L,
+                                              scale, t0, t1);
     else
-      decode_attention_tasks<uint16_t>(reinterpret_cast<const uint16_t*>(q.data_ptr()),
-                                       reinterpret_cast<const uint16_t*>(k_cache.data_ptr()),
-                                       reinterpret_cast<const uint16_t*>(v_cache.data_ptr()), gp, lp,
-                                       reinterpret_cast<uint16_t*>(out.data_ptr()), H, KV, D, L, scale, t0, t1);
+      decode_attention_tasks<uint16_t, uint16_t>(reinterpret_cast<const uint16_t*>(q.data_ptr()), kb, vb, gp, lp,
+                                                 reinterpret_cast<uint16_t*>(out.data_ptr()), H, KV, D, L, scale, t0,
+                                                 t1);
   });
   return out;
 }
