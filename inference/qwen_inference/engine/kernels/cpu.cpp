@@ -1,8 +1,10 @@
 // CPU kernels of qwen-serve's engine, for what torch does slowly on CPUs: matmuls of a few rows (decode steps)
-// against bfloat16 or int8 weights. A decode step reads every weight once and is bound by memory bandwidth; these
-// kernels stream each weight row once for all the step's rows, with AVX512-BF16 dot products where the CPU
-// has them and AVX512F (bf16 widened by a shift) where it does not, and AVX512-VNNI for int8. The bias and the
-// output's rounding happen in the same pass, so a projection is one operator. Threads come from ATen's pool.
+// against bfloat16, int8 or int4 weights, decode attention over the paged KV cache, and a decode layer's small
+// operators fused. A decode step reads every weight once and is bound by memory bandwidth; these kernels stream
+// each weight row once for all the step's rows, with AVX512-BF16 dot products where the CPU has them and AVX512F
+// (bf16 widened by a shift) where it does not, and AVX512-VNNI for int8 and int4. The bias and the output's
+// rounding happen in the same pass, so a projection is one operator. Threads come from ATen's pool: the library
+// is compiled with OpenMP, without which ATen's parallel_for runs on the calling thread alone.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
