@@ -97,7 +97,7 @@ def test_linear_int8_refuses_what_it_cannot_do(k):
 
 
 def test_int8_models_use_the_kernel_for_decode_rows_with_the_same_logits(k, tiny_model):
-    """An int8 model's one- and two-row steps on the kernel give exactly the logits of torch's int8 path."""
+    """An int8 model's steps of up to `KERNEL_ROWS` rows on the kernel give exactly the logits of torch's int8 path."""
     from qwen_inference.engine.models import load_model
     from qwen_inference.engine.platform import KERNEL_ROWS, Platform
     from qwen_inference.engine.weights import linear

@@ -184,7 +184,7 @@ class Platform:
 
     def linear_fn(self):
         """The matmul the model's layers call: x @ w.T (+ b). On CPUs with AVX512, steps of `KERNEL_ROWS` rows (decode
-        of one or two sequences) run on the engine's own kernels, which stream each weight row once for all rows,
+        of up to 12 sequences) run on the engine's own kernels, which stream each weight row once for all rows,
         add the bias and round in the same pass: bfloat16 weights, and int8 ones where the CPU has AVX512-VNNI
         (activations quantized per row inside the kernel, as torch's path does). Everything else runs on torch's."""
         from .weights import Int8Weight, linear
