@@ -118,6 +118,10 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.log = CACHE / "bench-logs" / f"{label}.log"
 
+    @property
+    def chat_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+
     def __enter__(self) -> "Server":
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
@@ -150,7 +154,7 @@ async def structured(server: Server, words: int, smoke: bool) -> dict:
 
     from qwen_inference.bench.load import run_level, summary_line
 
-    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    url = server.chat_url
     schema = SMOKE_SCHEMA if smoke else RECORD_SCHEMA
     extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "record", "schema": schema,
                                                                         "strict": True}}}
@@ -226,14 +230,13 @@ async def paired(a: Server, b: Server, words: int, smoke: bool) -> dict:
 
     max_tokens = 8 if smoke else OUTPUT_TOKENS
     for s in (a, b):  # warm-up, not counted
-        await run_level(f"http://127.0.0.1:{s.port}/v1/chat/completions", None, 1, 1, words, 4, seed=10**6,
-                        ignore_eos=s.ignore_eos)
+        await run_level(s.chat_url, None, 1, 1, words, 4, seed=10**6, ignore_eos=s.ignore_eos)
     rounds = []
     for r in range(2 if smoke else PAIRED_ROUNDS):
         tpot = {}
         for s in ((a, b) if r % 2 == 0 else (b, a)):
-            level = await run_level(f"http://127.0.0.1:{s.port}/v1/chat/completions", None, 1, 1, words, max_tokens,
-                                    seed=3 * 10**6 + 100 * r, ignore_eos=s.ignore_eos)
+            level = await run_level(s.chat_url, None, 1, 1, words, max_tokens, seed=3 * 10**6 + 100 * r,
+                                    ignore_eos=s.ignore_eos)
             if level.errors or level.tpot_p50 is None:
                 raise RuntimeError(f"{s.label}: the paired request failed: {level.error_samples}")
             tpot[s.label] = level.tpot_p50
@@ -262,7 +265,7 @@ async def measure(server: Server, levels: list[int], words: int, long_words: int
                   scenario: str = "on") -> dict:
     from qwen_inference.bench.load import run_level, summary_line
 
-    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    url = server.chat_url
     pid = server.proc.pid
     # a warm-up request, not counted
     eos = server.ignore_eos

@@ -79,10 +79,18 @@ class Checkpoint:
 
 
 class Quantized:
-    """A weight stored in fewer bits, with its own matmul."""
+    """A weight stored in fewer bits, with its own matmul. Subclasses are dataclasses whose tensors hold the weight
+    (codes, scales, sums), so its bytes and its device follow from them."""
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
 
     def nbytes(self) -> int:
-        raise NotImplementedError
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    @property
+    def device(self) -> torch.device:
+        return self._tensors()[0].device
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -105,13 +113,6 @@ class Int8Weight(Quantized):
         scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(q.contiguous(), scale.contiguous(), q.sum(dim=1, dtype=torch.int32).contiguous())
-
-    def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * 4 + self.rowsum.numel() * 4
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight, in float32 (an embedding table tied to this output layer)."""
@@ -169,13 +170,6 @@ class Int4Weight(Quantized):
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         return cls(packed, sz, group, (n, k))
 
-    def nbytes(self) -> int:
-        return self.packed.numel() + self.scales_zeros.numel() * 2
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed, self.group,
                                                 self.scales_zeros)
@@ -224,13 +218,6 @@ class Int4BlockWeight(Quantized):
         q = torch.cat([w & 15, w >> 4], dim=-1).permute(0, 2, 1, 3).reshape(n, k // INT4_GROUP, INT4_GROUP).float()
         sm = self.scale_min.float().view(n // 16, k // INT4_GROUP, 2, 16).permute(0, 3, 1, 2).reshape(n, -1, 2)
         return (q * sm[..., :1] + sm[..., 1:]).view(n, k)
-
-    def nbytes(self) -> int:
-        return self.packed.numel() + self.scale_min.numel() * 2
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= INT4_GEMM_ROWS and x.dtype == torch.bfloat16 and torch.ops.qwen.isa() == "avx512_bf16":

@@ -509,7 +509,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl")))
 void decode_attention_tasks(const TQ* q, const T* kc, const T* vc, const int64_t* gather, const int64_t* lens, TQ* out,
                             int64_t H, int64_t KV, int64_t D, int64_t L, float scale, int64_t t0, int64_t t1) {
   const int64_t G = H / KV;
-  std::vector<float> qf(G * D), acc(G * D), s;
+  std::vector<float> qf(G * D), acc(G * D), total(G), s;
   for (int64_t t = t0; t < t1; t++) {
     const int64_t b = t / KV, h = t % KV, n = lens[b];
     const int64_t* slots = gather + b * L;
@@ -533,7 +533,6 @@ void decode_attention_tasks(const TQ* q, const T* kc, const T* vc, const int64_t
       }
     }
     std::fill(acc.begin(), acc.end(), 0.f);
-    std::vector<float> total(G);
     for (int64_t g = 0; g < G; g++) {
       float mx = -INFINITY;
       for (int64_t l = 0; l < n; l++) mx = std::max(mx, s[g * n + l]);

@@ -38,11 +38,10 @@ class DenseLayer:
         their values, in the activations' dtype (float32 for int8), so that no step widens them again."""
         for name in ("wqkv", "wo", "w_gate_up", "w_down"):
             setattr(self, name, platform.quantize_weight(getattr(self, name)))
-        act = platform.compute_dtype(1)
-        for name in ("ln1", "ln2", "q_norm", "k_norm", "bqkv"):
-            t = getattr(self, name)
-            if t is not None and t.is_floating_point() and t.dtype != act and act == torch.float32:
-                setattr(self, name, t.float())
+        if platform.compute_dtype(1) == torch.float32:
+            for name in ("ln1", "ln2", "q_norm", "k_norm", "bqkv"):
+                if getattr(self, name) is not None:
+                    setattr(self, name, getattr(self, name).float())
 
 
 def rotary_module(config, device: torch.device):
