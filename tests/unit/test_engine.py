@@ -29,13 +29,17 @@ def runner(tiny_model):
     return load_model(tiny_model, Platform.cpu(torch.float32))
 
 
-@pytest.fixture(scope="module")
-def hf_model(tiny_model):
+def hf_causal_lm(folder):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     model.generation_config.suppress_tokens = None  # the engines under test are made without suppressed ids
     return model
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model):
+    return hf_causal_lm(tiny_model)
 
 
 def make_engine(runner, **kw):
@@ -70,6 +74,19 @@ def test_allocator_reserves_and_releases():
 
 
 async def test_greedy_matches_transformers_generate(runner, hf_model):
+    await greedy_matches_transformers(runner, hf_model)
+
+
+async def test_greedy_matches_transformers_generate_on_qwen3(tiny_qwen3_model):
+    """Qwen3's dense decoder (RMSNorm on queries and keys before the rotation, no qkv bias) too."""
+    model = load_model(tiny_qwen3_model, Platform.cpu(torch.float32))
+    assert model.layers[0].q_norm is not None and model.layers[0].bqkv is None
+    await greedy_matches_transformers(model, hf_causal_lm(tiny_qwen3_model))
+
+
+async def greedy_matches_transformers(runner, hf_model):
+    """Six prompts of different lengths at once (decode rows of different lengths in every step), each reply
+    transformers' own greedy one."""
     engine = make_engine(runner)
     try:
         prompts = [[151644] + list(range(1000 + 37 * i, 1000 + 37 * i + 5 + 13 * i)) for i in range(6)]
