@@ -129,13 +129,46 @@ def test_fused_small_ops_round_as_torchs_operators_do(k, t, d):
     assert torch.equal(s, want_s)
     assert torch.allclose(h.float(), want_h.float(), rtol=2 ** -7, atol=0) and (h != want_h).float().mean() < 0.01
     gu = (torch.randn(t, 2 * d, generator=g) * 4).bfloat16()
-    assert torch.equal(k.silu_mul_bf16(gu), torch.nn.functional.silu(gu[:, :d]) * gu[:, d:])
+    assert torch.equal(k.silu_mul(gu), torch.nn.functional.silu(gu[:, :d]) * gu[:, d:])
     with pytest.raises(RuntimeError, match="shapes"):
         k.add_rms_norm_bf16(x, r[:, :-1].contiguous(), w, 1e-6)
     with pytest.raises(RuntimeError, match="bf16 only"):
         k.add_rms_norm_bf16(x.float(), r, w, 1e-6)
-    with pytest.raises(RuntimeError, match="contiguous bf16 only"):
-        k.silu_mul_bf16(gu.float())
+    with pytest.raises(RuntimeError, match="contiguous float32 or bf16 only"):
+        k.silu_mul(gu.half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t, d", [(1, 2048), (3, 896), (2, 7)])
+def test_float32_weight_norm_and_silu_mul_round_as_torchs_operators_do(k, dtype, t, d):
+    """The norm whose float32 weight multiplies before the one rounding (Qwen3.5's zero-centred norm; F.rms_norm's
+    float32 rows with a weight), with and without a residual, and SiLU times up in float32 as in bf16."""
+    g = torch.Generator().manual_seed(t * d)
+    x, r = (torch.randn(t, d, generator=g) * 3).to(dtype), torch.randn(t, d, generator=g).to(dtype)
+    w = 1 + 0.5 * torch.randn(d, generator=g)
+    for residual in (r, None):
+        h, s = k.add_rms_norm_f32w(x, residual, w, 1e-6)
+        want_s = x + r if residual is not None else x
+        want_h = (torch.nn.functional.rms_norm(want_s.float(), (d,), eps=1e-6) * w).to(dtype)
+        assert torch.equal(s, want_s) and h.dtype == dtype
+        if dtype == torch.float32:
+            assert torch.allclose(h, want_h, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.allclose(h.float(), want_h.float(), rtol=2 ** -7, atol=0) and (h != want_h).float().mean() < 0.01
+    gu = (torch.randn(t, 2 * d, generator=g) * 4).to(dtype)
+    want = torch.nn.functional.silu(gu[:, :d]) * gu[:, d:]
+    got = k.silu_mul(gu)
+    assert got.dtype == dtype
+    assert torch.equal(got, want) if dtype == torch.bfloat16 else torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="shapes"):
+        k.add_rms_norm_f32w(x, r[:, :-1].contiguous(), w, 1e-6)
+    with pytest.raises(RuntimeError, match="float32 weight"):
+        k.add_rms_norm_f32w(x, r, w.bfloat16(), 1e-6)
+    with pytest.raises(RuntimeError, match="the residual alike"):
+        k.add_rms_norm_f32w(x, r.half(), w, 1e-6)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        k.add_rms_norm_f32w(x.t().contiguous().t(), None, w, 1e-6) if t > 1 else k.add_rms_norm_f32w(
+            x, None, torch.randn(2 * d)[::2], 1e-6)
 
 
 @pytest.mark.parametrize("m, k_dim, n", [(1, 896, 1152), (2, 4864, 896), (5, 64, 32), (17, 896, 160)])
@@ -343,3 +376,122 @@ def test_bf16_logits_come_from_the_kernel_in_float32(k, tiny_model):
         else:
             assert torch.allclose(got, want, atol=0.1, rtol=1e-2) and torch.equal(got, got.bfloat16().float())
     assert Platform.cpu(torch.float32).logits_fn().__name__ == "widened"
+
+
+def _delta_inputs(b, hk, hv, dk, dv, kernel, dtype, norm_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    c, slots = 2 * hk * dk + hv * dv, 6
+    return dict(
+        proj=torch.randn(b, c + hv * dv + 2 * hv, generator=g).to(dtype),
+        conv_state=torch.randn(slots, c, kernel - 1, generator=g),
+        conv_w=torch.randn(c, kernel, generator=g) * 0.5,
+        ssm=torch.randn(slots, hv, dk, dv, generator=g) * 0.1,
+        slots=torch.tensor([4, 1, 5, 0][:b]),
+        neg_a=-torch.rand(hv, generator=g).exp(),
+        dt_bias=torch.randn(hv, generator=g),
+        norm_w=(1 + 0.3 * torch.randn(dv, generator=g)).to(norm_dtype),
+        key_heads=hk, eps=1e-6)
+
+
+@pytest.mark.parametrize("dtype, norm_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("b, hk, hv, dk, dv, kernel", [(1, 16, 16, 128, 128, 4), (3, 2, 4, 16, 32, 4),
+                                                       (4, 1, 3, 8, 24, 3)])
+def test_delta_net_decode_updates_the_states_as_torchs_operators_do(k, dtype, norm_dtype, b, hk, hv, dk, dv, kernel):
+    """The fused DeltaNet decode step against the model's torch operators, three steps in a row on copies of the same
+    state pool: outputs, the convolution windows and the delta-rule states of the rows' slots, and every other slot
+    left as it was. Qwen3.5-2B's head sizes (vector path), several value heads per key head, a head size that is not
+    a multiple of 16 (scalar path); bf16 rows as bf16 models run, float32 rows over a bf16 norm as int8 models do."""
+    from qwen_inference.engine.models.qwen3_5 import delta_net_decode
+
+    args = _delta_inputs(b, hk, hv, dk, dv, kernel, dtype, norm_dtype, seed=b * hv * dv)
+    mine = {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in args.items()}
+    untouched = [s for s in range(6) if s not in args["slots"].tolist()]
+    ssm0, conv0 = args["ssm"].clone(), args["conv_state"].clone()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 rows: one rounding apart at most, here and there
+    for step in range(3):
+        if step:
+            args["proj"] = mine["proj"] = torch.randn_like(args["proj"].float()).to(dtype)
+        want = delta_net_decode(**args)
+        got = k.delta_net_decode(**mine)
+        assert got.dtype == dtype and got.shape == (b, hv * dv)
+        assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), step
+        assert torch.allclose(mine["ssm"], args["ssm"], atol=1e-5, rtol=1e-4)
+        assert torch.equal(mine["conv_state"], args["conv_state"])
+    rows = args["slots"]
+    assert not torch.allclose(mine["ssm"][rows], ssm0[rows], atol=1e-3)  # the rows' states moved
+    assert torch.equal(mine["conv_state"][rows][..., -1], mine["proj"][:, : conv0.shape[1]].float())
+    assert torch.equal(mine["ssm"][untouched], ssm0[untouched])
+    assert torch.equal(mine["conv_state"][untouched], conv0[untouched])
+
+
+def test_delta_net_decode_refuses_what_it_cannot_do(k):
+    args = _delta_inputs(2, 2, 4, 16, 32, 4, torch.float32, torch.float32, seed=1)
+    assert k.delta_net_decode(**args).shape == (2, 128)
+    with pytest.raises(RuntimeError, match="shapes"):
+        k.delta_net_decode(**{**args, "proj": args["proj"][:, 1:].contiguous()})
+    with pytest.raises(RuntimeError, match="multiple of key heads"):
+        k.delta_net_decode(**{**args, "key_heads": 3})
+    with pytest.raises(RuntimeError, match="float32 or bf16 rows"):
+        k.delta_net_decode(**{**args, "proj": args["proj"].half()})
+    with pytest.raises(RuntimeError, match="float32 states"):
+        k.delta_net_decode(**{**args, "ssm": args["ssm"].bfloat16()})
+    with pytest.raises(RuntimeError, match="contiguous"):
+        k.delta_net_decode(**{**args, "ssm": args["ssm"].transpose(2, 3).contiguous().transpose(2, 3)})
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        k.delta_net_decode(**{**args, "slots": torch.tensor([1, 6])})
+    with pytest.raises(RuntimeError, match="its own slot"):
+        k.delta_net_decode(**{**args, "slots": torch.tensor([3, 3])})
+
+
+@pytest.mark.parametrize("dtype, quantize", [(torch.float32, "none"), (torch.bfloat16, "none"), (torch.float32, "int8")])
+def test_qwen3_5_decode_rows_run_the_fused_operators_and_agree_with_torch(k, tiny_qwen35_text_model, dtype, quantize):
+    """A Qwen3.5 model's decode rows (two sequences, beside a prompt chunk in the same step) go through the fused
+    DeltaNet operator, once per DeltaNet layer, and (bf16 and int8) the fused norms and SiLU; they give the logits
+    (and leave the states) torch's operators give. Plain float32 models keep torch's small operators."""
+    from qwen_inference.engine.models import load_model
+    from qwen_inference.engine.models.qwen3_5 import delta_net_decode
+    from qwen_inference.engine.platform import Platform
+    from qwen_inference.engine.runner import ModelRunner, SeqChunk
+
+    fused = load_model(tiny_qwen35_text_model, Platform.cpu(dtype, quantize))
+    plain = load_model(tiny_qwen35_text_model, Platform.cpu(dtype, quantize))
+    assert fused.fused == (dtype == torch.bfloat16 or quantize != "none")
+    plain.delta_decode, plain.fused = delta_net_decode, False
+    calls = {"delta": [], "norm": 0, "silu": 0}
+    real = fused.delta_decode
+    fused.delta_decode = lambda proj, *a: calls["delta"].append(proj.shape[0]) or real(proj, *a)
+    ops = torch.ops.qwen
+    real_norm, real_silu = ops.add_rms_norm_f32w, ops.silu_mul
+
+    def norm(*a):
+        calls["norm"] += 1
+        return real_norm(*a)
+
+    def silu(*a):
+        calls["silu"] += 1
+        return real_silu(*a)
+
+    results = []
+    ops.add_rms_norm_f32w, ops.silu_mul = norm, silu
+    try:
+        for model in (fused, plain):
+            r = ModelRunner(model, kv_tokens=256, state_slots=3)
+            r.execute([SeqChunk(list(range(900, 920)), 0, [1, 2], 0), SeqChunk(list(range(700, 705)), 0, [3], 1)])
+            steps = [r.execute([SeqChunk([5 + i], 20 + i, [1, 2], 0, logits=True),
+                                SeqChunk([6 + i], 5 + i, [3], 1, logits=True)]) for i in range(3)]
+            steps.append(r.execute([SeqChunk([8], 23, [1, 2], 0, logits=True),
+                                    SeqChunk(list(range(300, 310)), 0, [4], 2, logits=True)]))
+            results.append((steps, r.caches.states))
+    finally:
+        ops.add_rms_norm_f32w, ops.silu_mul = real_norm, real_silu
+    layers = fused.num_layers
+    delta_layers = fused.layer_types.count("linear_attention")
+    assert calls["delta"] == [2] * 3 * delta_layers + [1] * delta_layers
+    # every step but the first (25 prompt rows) is within KERNEL_ROWS: three decode steps, and 1 + 10 rows
+    assert (calls["norm"], calls["silu"]) == ((4 * 2 * layers, 4 * layers) if fused.fused else (0, 0))
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for got, want in zip(results[0][0], results[1][0]):
+        assert torch.allclose(got, want, atol=tol, rtol=tol)
+    for layer, states in results[0][1].tensors.items():
+        assert torch.allclose(states["ssm"], results[1][1][layer]["ssm"], atol=tol, rtol=tol)

@@ -241,11 +241,18 @@ class Platform:
         return logits
 
     def fused_small_ops(self) -> bool:
-        """Whether bfloat16 steps of `KERNEL_ROWS` rows run the engine's fused small operators (residual add with
-        RMSNorm, SiLU times up-projection): on CPU in bf16 (int4 included: its activations are bf16), where the
-        kernels load. A decode step's layer runs some thirty small operators whose dispatch, not arithmetic, is what
-        they cost."""
-        if self.kind != "cpu" or self.dtype != torch.bfloat16 or self.quantize == "int8":  # int8 runs float32
+        """Whether steps of `KERNEL_ROWS` rows run the engine's fused small operators (residual add with RMSNorm, SiLU
+        times up-projection): on CPU where the kernels load, in bf16 and in the quantized modes (int4's activations
+        are bf16, int8's float32). A decode step's layer runs some thirty small operators whose dispatch, not
+        arithmetic, is what they cost. Plain float32 models (the reference the tests hold the engine to) keep torch's
+        operators."""
+        if self.dtype != torch.bfloat16 and self.quantize == "none":
+            return False
+        return self.cpu_kernels()
+
+    def cpu_kernels(self) -> bool:
+        """Whether the engine's own kernels run here: on CPU, where they load (AVX512)."""
+        if self.kind != "cpu":
             return False
         from . import kernels
 
@@ -256,12 +263,7 @@ class Platform:
         """How attention reads the paged KV cache: "cpu-kernel" on CPUs where the engine's kernels load (decode rows
         attend straight from the cache's blocks, in one operator per layer; prompt chunks as below), otherwise
         "sdpa-gather" (each step's keys and values gathered into dense tensors for SDPA)."""
-        if self.kind == "cpu":
-            from . import kernels
-
-            if kernels.load():
-                return "cpu-kernel"
-        return "sdpa-gather"
+        return "cpu-kernel" if self.cpu_kernels() else "sdpa-gather"
 
     @property
     def state_dtype(self) -> torch.dtype:

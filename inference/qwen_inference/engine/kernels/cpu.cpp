@@ -42,6 +42,36 @@ inline __m512 widen(__m256i v) {  // 16 bf16 -> 16 fp32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
+// exp of 16 floats (Cephes' expf: a degree-7 polynomial after reduction by ln 2; within 1 ulp of the true value, as
+// torch's vectorized exp is), so that SiLU over thousands of channels does not cost a scalar call each
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.72283935546875f)), _mm512_set1_ps(-103.972084045410f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// p[i] = silu(p[i]) = p[i] / (1 + exp(-p[i])), i < n
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline void silu_inplace(float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(m, p + i);
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+    _mm512_mask_storeu_ps(p + i, m, _mm512_div_ps(x, d));
+  }
+}
+
 // Weight rows n0..n1 one after another, each read from memory once: a sequential stream, as a decode step's
 // matmul is bound by memory bandwidth. Two accumulators per activation row hide the dot products' latency.
 template <int R>
@@ -468,25 +498,6 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_bf16(const torch::Tensor& 
   return {h, sum};
 }
 
-// gu [T, 2I] bf16 (gate, then up) -> bf16(bf16(silu(gate)) * up) [T, I]
-torch::Tensor silu_mul_bf16(const torch::Tensor& gu) {
-  TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0, "silu_mul_bf16: shapes");
-  TORCH_CHECK(gu.scalar_type() == at::kBFloat16 && gu.is_contiguous(), "silu_mul_bf16: contiguous bf16 only");
-  const int64_t T = gu.size(0), I = gu.size(1) / 2;
-  auto out = torch::empty({T, I}, gu.options());
-  const auto* p = reinterpret_cast<const uint16_t*>(gu.data_ptr());
-  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, T * I, 2048, [&](int64_t a, int64_t b) {  // exp per value: worth both cores at one row
-    for (int64_t j = a; j < b; j++) {
-      const int64_t t = j / I, i = j % I;
-      const float g = bf16_to_float(p[t * 2 * I + i]);
-      const float s = bf16_to_float(float_to_bf16(g / (1.0f + std::exp(-g))));
-      o[j] = float_to_bf16(s * bf16_to_float(p[t * 2 * I + I + i]));
-    }
-  });
-  return out;
-}
-
 namespace {
 template <typename T>
 inline float load_f(const T* p, int64_t i);
@@ -601,6 +612,292 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
   return out;
 }
 
+// A Gated DeltaNet layer's decode rows (Qwen3.5), after its input projection: per row, the causal depthwise
+// convolution over the q|k|v channels (its window updated in the state pool), SiLU, l2-normed queries and keys, the
+// decay and beta gates, the delta rule's state update, the read with the query and the gated RMSNorm, all in one
+// operator and in place in the pool's slots (the state matrix is read twice and written once; no gather and no
+// scatter). Each rounds where the model's torch code rounds, so results equal it up to the order of float sums.
+namespace {
+inline float softplus1(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // torch's threshold
+inline float round_as(float v, const float*) { return v; }
+inline float round_as(float v, const uint16_t*) { return bf16_to_float(float_to_bf16(v)); }
+
+// channels t0..t1 of the flattened [B, C] rows: the window's K-1 older inputs and this one, weighted; the window
+// shifted by one; SiLU of the sums into out
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void delta_conv_tasks(const T* proj, int64_t ldp, float* conv_state, const float* w, const int64_t* slots,
+                      float* out, int64_t C, int64_t K, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1;) {
+    const int64_t b = t / C, c0 = t % C, c1 = std::min(C, c0 + (t1 - t));
+    float* st = conv_state + slots[b] * C * (K - 1);
+    const T* x = proj + b * ldp;
+    float* o = out + b * C;
+    if (K == 4) {  // Qwen3.5's
+      for (int64_t c = c0; c < c1; c++) {
+        float* s = st + c * 3;
+        const float* wc = w + c * 4;
+        const float xv = load_f(x, c), s0 = s[0], s1 = s[1], s2 = s[2];
+        o[c] = s0 * wc[0] + s1 * wc[1] + s2 * wc[2] + xv * wc[3];
+        s[0] = s1;
+        s[1] = s2;
+        s[2] = xv;
+      }
+    } else {
+      for (int64_t c = c0; c < c1; c++) {
+        float* s = st + c * (K - 1);
+        const float* wc = w + c * K;
+        const float xv = load_f(x, c);
+        float acc = 0.f;
+        for (int64_t k = 0; k < K - 1; k++) acc += s[k] * wc[k];
+        o[c] = acc + xv * wc[K - 1];
+        for (int64_t k = 0; k + 1 < K - 1; k++) s[k] = s[k + 1];
+        s[K - 2] = xv;
+      }
+    }
+    silu_inplace(o + c0, c1 - c0);
+    t += c1 - c0;
+  }
+}
+
+// Columns j0..j0+16*NV of one head's state S [Dk, Dv] (decayed by eg, written by the delta rule) in two passes with
+// the columns' sums in registers: the first reads S for S^T k and S^T q, the second writes eg S + k delta^T. The
+// read comes out of the old state: o = (eg S + k delta^T)^T q = eg S^T q + delta (k . q).
+template <int NV>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline void delta_columns(float* S, int64_t Dk, int64_t Dv, int64_t j0, const float* k, const float* q,
+                          const float* cv, float eg, float beta, float kq, float* o) {
+  __m512 sk[NV], sq[NV], d[NV];
+  for (int v = 0; v < NV; v++) sk[v] = sq[v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < Dk; i++) {
+    const float* si = S + i * Dv + j0;
+    const __m512 ki = _mm512_set1_ps(k[i]), qi = _mm512_set1_ps(q[i]);
+    for (int v = 0; v < NV; v++) {
+      const __m512 x = _mm512_loadu_ps(si + 16 * v);
+      sk[v] = _mm512_fmadd_ps(x, ki, sk[v]);
+      sq[v] = _mm512_fmadd_ps(x, qi, sq[v]);
+    }
+  }
+  const __m512 egv = _mm512_set1_ps(eg), bv = _mm512_set1_ps(beta), kqv = _mm512_set1_ps(kq);
+  for (int v = 0; v < NV; v++) {
+    d[v] = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(cv + j0 + 16 * v), _mm512_mul_ps(egv, sk[v])), bv);
+    _mm512_storeu_ps(o + j0 + 16 * v, _mm512_fmadd_ps(d[v], kqv, _mm512_mul_ps(egv, sq[v])));
+  }
+  for (int64_t i = 0; i < Dk; i++) {
+    float* si = S + i * Dv + j0;
+    const __m512 ki = _mm512_set1_ps(k[i]);
+    for (int v = 0; v < NV; v++)
+      _mm512_storeu_ps(si + 16 * v, _mm512_fmadd_ps(ki, d[v], _mm512_mul_ps(_mm512_loadu_ps(si + 16 * v), egv)));
+  }
+}
+
+template <typename T, typename TW>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void delta_head_tasks(const T* proj, int64_t ldp, const float* conv, float* ssm, const int64_t* slots,
+                      const float* neg_a, const float* dt_bias, const TW* norm_w, T* out, int64_t C, int64_t Hk,
+                      int64_t Hv, int64_t Dk, int64_t Dv, float eps, int64_t t0, int64_t t1) {
+  const int64_t r = Hv / Hk, kd = Hk * Dk, vd = Hv * Dv;
+  const float scale = 1.0f / std::sqrt(float(Dk));
+  std::vector<float> q(Dk), k(Dk), kv(Dv), qs(Dv), delta(Dv), o(Dv), zs(Dv);
+  for (int64_t t = t0; t < t1; t++) {
+    const int64_t b = t / Hv, h = t % Hv, hk = h / r;
+    const float* row = conv + b * C;
+    const float* cq = row + hk * Dk;
+    const float* ck = row + kd + hk * Dk;
+    const float* cv = row + 2 * kd + h * Dv;
+    float sq = 0.f, sk = 0.f;
+    for (int64_t i = 0; i < Dk; i++) {
+      sq += cq[i] * cq[i];
+      sk += ck[i] * ck[i];
+    }
+    const float iq = 1.0f / std::sqrt(sq + 1e-6f), ik = 1.0f / std::sqrt(sk + 1e-6f);
+    for (int64_t i = 0; i < Dk; i++) {
+      q[i] = (cq[i] * iq) * scale;
+      k[i] = ck[i] * ik;
+    }
+    const T* prow = proj + b * ldp;
+    const float eg = std::exp(neg_a[h] * softplus1(load_f(prow, C + vd + Hv + h) + dt_bias[h]));
+    const float beta = 1.0f / (1.0f + std::exp(-load_f(prow, C + vd + h)));
+    float* S = ssm + (slots[b] * Hv + h) * Dk * Dv;
+    float kq = 0.f;
+    for (int64_t i = 0; i < Dk; i++) kq += k[i] * q[i];
+    int64_t j0 = 0;
+    for (; j0 + 128 <= Dv; j0 += 128) delta_columns<8>(S, Dk, Dv, j0, k.data(), q.data(), cv, eg, beta, kq, o.data());
+    for (; j0 + 16 <= Dv; j0 += 16) delta_columns<1>(S, Dk, Dv, j0, k.data(), q.data(), cv, eg, beta, kq, o.data());
+    if (j0 < Dv) {  // head sizes that are not a multiple of 16
+      std::fill(kv.begin(), kv.end(), 0.f);
+      std::fill(qs.begin(), qs.end(), 0.f);
+      for (int64_t i = 0; i < Dk; i++)
+        for (int64_t j = j0; j < Dv; j++) {
+          kv[j] += S[i * Dv + j] * k[i];
+          qs[j] += S[i * Dv + j] * q[i];
+        }
+      for (int64_t j = j0; j < Dv; j++) {
+        delta[j] = (cv[j] - eg * kv[j]) * beta;
+        o[j] = eg * qs[j] + delta[j] * kq;
+      }
+      for (int64_t i = 0; i < Dk; i++)
+        for (int64_t j = j0; j < Dv; j++) S[i * Dv + j] = S[i * Dv + j] * eg + k[i] * delta[j];
+    }
+    // gated RMSNorm over the head: norm(o) * w * silu(z), rounded as the activations' dtype rounds
+    float ss = 0.f;
+    for (int64_t j = 0; j < Dv; j++) {
+      ss += o[j] * o[j];
+      zs[j] = load_f(prow, C + h * Dv + j);
+    }
+    silu_inplace(zs.data(), Dv);
+    const float inv = 1.0f / std::sqrt(ss / float(Dv) + eps);
+    for (int64_t j = 0; j < Dv; j++) {
+      const float n = round_as(round_as(o[j] * inv, proj) * load_f(norm_w, j), proj);
+      store_f(out, b * vd + h * Dv + j, n * zs[j]);
+    }
+  }
+}
+}  // namespace
+
+// proj [B, C + Hv*Dv + 2*Hv] (float32 or bf16): the layer's input projection of B decode rows (q|k|v channels, the
+// output gate z, beta's and the decay's logits); conv_state [S, C, K-1] and ssm [S, Hv, Dk, Dv] float32 (the state
+// pool, updated in place at slots [B] int64), conv_w [C, K], neg_a and dt_bias [Hv] float32, norm_w [Dv];
+// key_heads = Hk (Hv a multiple of it) -> [B, Hv*Dv] in proj's dtype, ready for the output projection.
+torch::Tensor delta_net_decode(const torch::Tensor& proj, const torch::Tensor& conv_state, const torch::Tensor& conv_w,
+                               const torch::Tensor& ssm, const torch::Tensor& slots, const torch::Tensor& neg_a,
+                               const torch::Tensor& dt_bias, const torch::Tensor& norm_w, int64_t key_heads,
+                               double eps) {
+  TORCH_CHECK(proj.dim() == 2 && conv_state.dim() == 3 && conv_w.dim() == 2 && ssm.dim() == 4 && slots.dim() == 1 &&
+              neg_a.dim() == 1 && dt_bias.dim() == 1 && norm_w.dim() == 1, "delta_net_decode: shapes");
+  const int64_t B = proj.size(0), S = ssm.size(0), Hv = ssm.size(1), Dk = ssm.size(2), Dv = ssm.size(3);
+  const int64_t C = conv_state.size(1), K = conv_w.size(1);
+  TORCH_CHECK(key_heads >= 1 && Hv % key_heads == 0, "delta_net_decode: value heads must be a multiple of key heads");
+  TORCH_CHECK(conv_state.size(0) == S && conv_w.size(0) == C && conv_state.size(2) == K - 1 && K >= 2 &&
+              C == 2 * key_heads * Dk + Hv * Dv && proj.size(1) == C + Hv * Dv + 2 * Hv && slots.size(0) == B &&
+              neg_a.size(0) == Hv && dt_bias.size(0) == Hv && norm_w.size(0) == Dv, "delta_net_decode: shapes");
+  const auto pt = proj.scalar_type(), wt = norm_w.scalar_type();
+  TORCH_CHECK((pt == at::kFloat || pt == at::kBFloat16) && (wt == at::kFloat || wt == at::kBFloat16) &&
+              conv_state.scalar_type() == at::kFloat && conv_w.scalar_type() == at::kFloat &&
+              ssm.scalar_type() == at::kFloat && neg_a.scalar_type() == at::kFloat &&
+              dt_bias.scalar_type() == at::kFloat && slots.scalar_type() == at::kLong,
+              "delta_net_decode: float32 or bf16 rows and norm, float32 states and parameters, int64 slots");
+  for (const auto* t : {&proj, &conv_state, &conv_w, &ssm, &slots, &neg_a, &dt_bias, &norm_w})
+    TORCH_CHECK(t->is_contiguous(), "delta_net_decode: contiguous tensors only");
+  const auto* sp = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++) {
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < S, "delta_net_decode: slot out of range");
+    for (int64_t c = 0; c < b; c++) TORCH_CHECK(sp[c] != sp[b], "delta_net_decode: each row needs its own slot");
+  }
+  auto out = torch::empty({B, Hv * Dv}, proj.options());
+  std::vector<float> conv(B * C);
+  const int64_t ldp = proj.size(1);
+  const bool bf16 = pt == at::kBFloat16;
+  const auto* pb = reinterpret_cast<const uint16_t*>(proj.data_ptr());
+  float* cs = conv_state.data_ptr<float>();
+  const float* cw = conv_w.data_ptr<float>();
+  at::parallel_for(0, B * C, 1024, [&](int64_t t0, int64_t t1) {
+    if (bf16) delta_conv_tasks(pb, ldp, cs, cw, sp, conv.data(), C, K, t0, t1);
+    else delta_conv_tasks(proj.data_ptr<float>(), ldp, cs, cw, sp, conv.data(), C, K, t0, t1);
+  });
+  float* st = ssm.data_ptr<float>();
+  const float* na = neg_a.data_ptr<float>();
+  const float* db = dt_bias.data_ptr<float>();
+  const float e = float(eps);
+  at::parallel_for(0, B * Hv, 1, [&](int64_t t0, int64_t t1) {
+    auto* ob = reinterpret_cast<uint16_t*>(out.data_ptr());
+    const auto* wb = reinterpret_cast<const uint16_t*>(norm_w.data_ptr());
+    if (bf16 && wt == at::kBFloat16)
+      delta_head_tasks(pb, ldp, conv.data(), st, sp, na, db, wb, ob, C, key_heads, Hv, Dk, Dv, e, t0, t1);
+    else if (bf16)
+      delta_head_tasks(pb, ldp, conv.data(), st, sp, na, db, norm_w.data_ptr<float>(), ob, C, key_heads, Hv, Dk, Dv,
+                       e, t0, t1);
+    else if (wt == at::kBFloat16)
+      delta_head_tasks(proj.data_ptr<float>(), ldp, conv.data(), st, sp, na, db, wb, out.data_ptr<float>(), C,
+                       key_heads, Hv, Dk, Dv, e, t0, t1);
+    else
+      delta_head_tasks(proj.data_ptr<float>(), ldp, conv.data(), st, sp, na, db, norm_w.data_ptr<float>(),
+                       out.data_ptr<float>(), C, key_heads, Hv, Dk, Dv, e, t0, t1);
+  });
+  return out;
+}
+
+// RMSNorm whose float32 weight multiplies before the one rounding (Qwen3.5's zero-centred norm, its weight stored as
+// 1 + w): s = x + residual (rounded to x's dtype; x itself without a residual), h = round(float32(s / rms(s)) * w),
+// rms in float32 -> (h, s). Rows of float32 or bf16.
+namespace {
+template <typename T>
+void add_rms_rows(const T* x, const T* r, const float* w, T* h, T* s, int64_t rows, int64_t D, float eps) {
+  std::vector<float> row(D);
+  for (int64_t t = 0; t < rows; t++) {
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; d++) {
+      float v = load_f(x, t * D + d);
+      if (r) {
+        v = round_as(v + load_f(r, t * D + d), x);
+        store_f(s, t * D + d, v);
+      }
+      row[d] = v;
+      ss += v * v;
+    }
+    const float inv = 1.0f / std::sqrt(ss / float(D) + eps);
+    for (int64_t d = 0; d < D; d++) store_f(h, t * D + d, (row[d] * inv) * w[d]);
+  }
+}
+
+// out[t, i] = round(round(silu(gate)) * up) over gu [T, 2I] (gate, then up), in gu's dtype
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void silu_mul_rows(const T* gu, T* out, int64_t I, int64_t j0, int64_t j1) {
+  float g[16];
+  for (int64_t j = j0; j < j1;) {
+    const int64_t t = j / I, i0 = j % I, n = std::min<int64_t>({16, I - i0, j1 - j});
+    for (int64_t e = 0; e < n; e++) g[e] = load_f(gu, t * 2 * I + i0 + e);
+    silu_inplace(g, n);
+    for (int64_t e = 0; e < n; e++)
+      store_f(out, t * I + i0 + e, round_as(g[e], gu) * load_f(gu, t * 2 * I + I + i0 + e));
+    j += n;
+  }
+}
+}  // namespace
+
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_f32w(const torch::Tensor& x,
+                                                           const c10::optional<torch::Tensor>& residual,
+                                                           const torch::Tensor& w, double eps) {
+  const bool res = residual.has_value() && residual->defined();
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0) && (!res || residual->sizes() == x.sizes()),
+              "add_rms_norm_f32w: shapes");
+  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
+              (!res || residual->scalar_type() == x.scalar_type()) && w.scalar_type() == at::kFloat,
+              "add_rms_norm_f32w: float32 or bf16 rows (the residual alike), float32 weight");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && (!res || residual->is_contiguous()),
+              "add_rms_norm_f32w: contiguous tensors only");
+  auto h = torch::empty_like(x);
+  auto sum = res ? torch::empty_like(x) : x;
+  const int64_t rows = x.size(0), D = x.size(1);
+  if (x.scalar_type() == at::kFloat)
+    add_rms_rows(x.data_ptr<float>(), res ? residual->data_ptr<float>() : nullptr, w.data_ptr<float>(),
+                 h.data_ptr<float>(), sum.data_ptr<float>(), rows, D, float(eps));
+  else
+    add_rms_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()),
+                 res ? reinterpret_cast<const uint16_t*>(residual->data_ptr()) : nullptr, w.data_ptr<float>(),
+                 reinterpret_cast<uint16_t*>(h.data_ptr()), reinterpret_cast<uint16_t*>(sum.data_ptr()), rows, D,
+                 float(eps));
+  return {h, sum};
+}
+
+// gu [T, 2I] (gate, then up; float32 or bf16) -> round(round(silu(gate)) * up) [T, I], as F.silu(gate) * up rounds
+torch::Tensor silu_mul(const torch::Tensor& gu) {
+  TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0, "silu_mul: shapes");
+  TORCH_CHECK((gu.scalar_type() == at::kBFloat16 || gu.scalar_type() == at::kFloat) && gu.is_contiguous(),
+              "silu_mul: contiguous float32 or bf16 only");
+  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  auto out = torch::empty({T, I}, gu.options());
+  at::parallel_for(0, T * I, 2048, [&](int64_t a, int64_t b) {  // exp per value: worth both cores at one row
+    if (gu.scalar_type() == at::kFloat)
+      silu_mul_rows(gu.data_ptr<float>(), out.data_ptr<float>(), I, a, b);
+    else
+      silu_mul_rows(reinterpret_cast<const uint16_t*>(gu.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
+                    I, a, b);
+  });
+  return out;
+}
+
 std::string isa_op() { return isa(); }
 
 // How many of torch's threads an at::parallel_for over n items runs on (tests check that the kernels are parallel)
@@ -619,17 +916,22 @@ TORCH_LIBRARY(qwen, m) {
   m.def("has_vnni() -> bool", &has_vnni_op);
   m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor rowsum, Tensor? bias=None) -> Tensor");
   m.def("add_rms_norm_bf16(Tensor x, Tensor residual, Tensor w, float eps) -> (Tensor, Tensor)");
-  m.def("silu_mul_bf16(Tensor gu) -> Tensor");
+  m.def("silu_mul(Tensor gu) -> Tensor");
+  m.def("add_rms_norm_f32w(Tensor x, Tensor? residual, Tensor w, float eps) -> (Tensor, Tensor)");
   m.def("linear_int4(Tensor x, Tensor packed, Tensor scale_min, Tensor? bias=None) -> Tensor");
   m.def("int4_to_bf16(Tensor packed, Tensor scale_min) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor gather, Tensor lens) -> Tensor");
+  m.def("delta_net_decode(Tensor proj, Tensor(a!) conv_state, Tensor conv_w, Tensor(b!) ssm, Tensor slots, "
+        "Tensor neg_a, Tensor dt_bias, Tensor norm_w, int key_heads, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(qwen, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
   m.impl("add_rms_norm_bf16", &add_rms_norm_bf16);
-  m.impl("silu_mul_bf16", &silu_mul_bf16);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("add_rms_norm_f32w", &add_rms_norm_f32w);
   m.impl("linear_int4", &linear_int4);
   m.impl("int4_to_bf16", &int4_to_bf16);
   m.impl("decode_attention", &decode_attention);
+  m.impl("delta_net_decode", &delta_net_decode);
 }

@@ -137,14 +137,17 @@ class DenseDecoder(CausalLM):
         """(RMSNorm of x + residual, x + residual): one fused operator for bf16 decode rows."""
         if residual is None:
             return self._rms(x, w), x
-        if self.fused and x.dtype == torch.bfloat16 and x.shape[0] in KERNEL_ROWS and residual.dtype == x.dtype:
-            return torch.ops.qwen.add_rms_norm_bf16(x, residual.contiguous(), w, self.eps)
+        if self.fused and x.shape[0] in KERNEL_ROWS and residual.dtype == x.dtype:
+            if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:
+                return torch.ops.qwen.add_rms_norm_bf16(x, residual.contiguous(), w, self.eps)
+            if x.dtype == torch.float32 and w.dtype == torch.float32:  # int8's float32 rows: F.rms_norm's rounding
+                return torch.ops.qwen.add_rms_norm_f32w(x, residual.contiguous(), w, self.eps)
         x = x + residual
         return self._rms(x, w), x
 
     def _silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
-        if self.fused and gu.dtype == torch.bfloat16 and gu.shape[0] in KERNEL_ROWS:
-            return torch.ops.qwen.silu_mul_bf16(gu.contiguous())
+        if self.fused and gu.dtype in (torch.bfloat16, torch.float32) and gu.shape[0] in KERNEL_ROWS:
+            return torch.ops.qwen.silu_mul(gu.contiguous())
         inter = gu.shape[-1] // 2
         return F.silu(gu[:, :inter]) * gu[:, inter:]
 

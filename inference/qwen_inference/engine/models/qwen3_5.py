@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import Caches, PagedAttentionSpec, RecurrentStateSpec
-from ..platform import Platform
+from ..platform import KERNEL_ROWS, Platform
 from ..weights import Checkpoint, CheckpointError, Quantized, UnsupportedModel, Weight
 from .base import CausalLM, DeviceBatch, ForwardBatch
 
@@ -77,6 +77,68 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
 
 
+def split_heads(qkv: torch.Tensor, hk: int, dk: int, hv: int, dv: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """Convolution output `[n, 2*Hk*Dk + Hv*Dv]` (float32) to l2-normed, scaled queries and keys repeated to the
+    value heads, and values: `[n, Hv, Dk]`, `[n, Hv, Dk]`, `[n, Hv, Dv]`."""
+    n, kd, r = qkv.shape[0], hk * dk, hv // hk
+    q = _l2norm(qkv[:, :kd].reshape(n, hk, dk))
+    k = _l2norm(qkv[:, kd: 2 * kd].reshape(n, hk, dk))
+    if r > 1:
+        q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)
+    v = qkv[:, 2 * kd:].reshape(n, hv, dv)
+    return q * dk ** -0.5, k, v
+
+
+def gated_norm(core: torch.Tensor, z: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """The DeltaNet output's gated RMSNorm per head: norm(core) * weight * silu(z), in z's dtype. `core` `[n, Hv,
+    Dv]` float32, `z` `[n, Hv*Dv]` -> `[n, Hv*Dv]`."""
+    n, hv, dv = core.shape
+    normed = F.rms_norm(core, (dv,), eps=eps).to(z.dtype) * norm.to(z.dtype)
+    return (normed.float() * F.silu(z.float().view(n, hv, dv))).to(z.dtype).reshape(n, hv * dv)
+
+
+def delta_net_decode(proj: torch.Tensor, conv_state: torch.Tensor, conv_w: torch.Tensor, ssm: torch.Tensor,
+                     slots: torch.Tensor, neg_a: torch.Tensor, dt_bias: torch.Tensor, norm_w: torch.Tensor,
+                     key_heads: int, eps: float) -> torch.Tensor:
+    """A Gated DeltaNet layer's decode rows (one token per sequence), from its input projection `proj` `[B, C +
+    Hv*Dv + 2*Hv]` (the convolution's q|k|v channels, the output gate z, beta's and the decay's logits) to the gated,
+    normed output `[B, Hv*Dv]`: the convolution window `conv_state` `[S, C, K-1]` and the delta rule's state `ssm`
+    `[S, Hv, Dk, Dv]` of each row's slot are updated in place. torch's operators; on CPUs with the engine's kernels
+    `torch.ops.qwen.delta_net_decode` does the same in one operator."""
+    hv, dk, dv = ssm.shape[1:]
+    C, vd = conv_w.shape[0], hv * dv
+    beta = torch.sigmoid(proj[:, C + vd: C + vd + hv].float())
+    g = neg_a * F.softplus(proj[:, C + vd + hv:].float() + dt_bias)  # log of the per-token decay, <= 0
+    window = torch.cat((conv_state[slots], proj[:, :C].float()[:, :, None]), dim=-1)  # [B, C, K]
+    conv_state.index_copy_(0, slots, window[:, :, 1:])
+    q, k, v = split_heads(F.silu((window * conv_w[None]).sum(-1)), key_heads, dk, hv, dv)
+    s = ssm[slots]
+    # decay the state, write the delta-rule correction, read with the query
+    s.mul_(g.exp()[..., None, None])
+    kv_mem = (s * k[..., None]).sum(dim=-2)
+    delta = (v - kv_mem) * beta[..., None]
+    s.add_(k[..., None] * delta[..., None, :])
+    core = (s * q[..., None]).sum(dim=-2)
+    ssm.index_copy_(0, slots, s)
+    return gated_norm(core, proj[:, C: C + vd], norm_w, eps)
+
+
+def _delta_decode_fn(platform: Platform):
+    """`delta_net_decode` as this platform runs it: the engine's fused operator on CPUs where its kernels load
+    (float32 and bf16 rows), torch's operators elsewhere."""
+    if not platform.cpu_kernels():
+        return delta_net_decode
+    op = torch.ops.qwen.delta_net_decode
+
+    def fused(proj: torch.Tensor, *args) -> torch.Tensor:
+        if proj.dtype in (torch.float32, torch.bfloat16):
+            return op(proj.contiguous(), *args)
+        return delta_net_decode(proj, *args)
+
+    return fused
+
+
 class Qwen3_5Decoder(CausalLM):
     model_types = ("qwen3_5", "qwen3_5_text")
 
@@ -84,6 +146,8 @@ class Qwen3_5Decoder(CausalLM):
         super().__init__(folder, config, platform)
         self.linear = platform.linear_fn()
         self.logits = platform.logits_fn()
+        self.delta_decode = _delta_decode_fn(platform)
+        self.fused = platform.fused_small_ops()
         text = config.get_text_config() if config.model_type == "qwen3_5" else config
         self.text = text
         self.prefix = "model.language_model." if config.model_type == "qwen3_5" else "model."
@@ -229,25 +293,40 @@ class Qwen3_5Decoder(CausalLM):
             x = self.lm_head.rows(batch.token_ids.to(self.platform.first_device)).to(act)
         else:
             x = F.embedding(batch.token_ids.to(self.platform.first_device), self.embed).to(act)
+        mlp_out = None  # each layer's MLP output, added to the residual stream by the next layer's first norm
         for li, layer in enumerate(self.layers):
             if x.device != layer.device:
                 x = x.to(layer.device)
+                mlp_out = mlp_out.to(layer.device) if mlp_out is not None else None
             m = batch.on(layer.device)
-            h = _zc_norm(x, layer.ln1, self.eps)
+            h, x = self._add_norm(x, mlp_out, layer.ln1)
             if isinstance(layer, DeltaNetLayer):
-                x = x + self._delta_net(h, layer, caches.states[li], batch, m)
+                mixed = self._delta_net(h, layer, caches.states[li], batch, m)
             else:
-                x = x + self._attention(h, layer, caches.kv.k[li], caches.kv.v[li], m)
-            h = _zc_norm(x, layer.ln2, self.eps)
-            gu = self.linear(h, layer.mlp.w_gate_up)
-            inter = gu.shape[-1] // 2
-            x = x + self.linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.mlp.w_down)
-        x = x.to(self.output_device)
+                mixed = self._attention(h, layer, caches.kv.k[li], caches.kv.v[li], m)
+            h, x = self._add_norm(x, mixed, layer.ln2)
+            mlp_out = self.linear(self._silu_mul(self.linear(h, layer.mlp.w_gate_up)), layer.mlp.w_down)
+        x = (x + mlp_out).to(self.output_device)
         rows = batch.logit_rows.to(self.output_device)
         h = _zc_norm(x[rows], self.norm, self.eps)
         if isinstance(self.lm_head, Quantized):
             return self.linear(h, self.lm_head).float()
         return self.logits(h.to(self.platform.dtype), self.lm_head)
+
+    def _add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, w1: torch.Tensor):
+        """(zero-centred RMSNorm of x + residual, x + residual): one fused operator for decode rows."""
+        if self.fused and x.shape[0] in KERNEL_ROWS and x.dtype in (torch.bfloat16, torch.float32):
+            return torch.ops.qwen.add_rms_norm_f32w(x, None if residual is None else residual.contiguous(), w1,
+                                                    self.eps)
+        if residual is not None:
+            x = x + residual
+        return _zc_norm(x, w1, self.eps), x
+
+    def _silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        if self.fused and gu.shape[0] in KERNEL_ROWS and gu.dtype in (torch.bfloat16, torch.float32):
+            return torch.ops.qwen.silu_mul(gu.contiguous())
+        inter = gu.shape[-1] // 2
+        return F.silu(gu[:, :inter]) * gu[:, inter:]
 
     def _attention(self, h: torch.Tensor, layer: AttentionLayer, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    m: DeviceBatch) -> torch.Tensor:
@@ -280,63 +359,38 @@ class Qwen3_5Decoder(CausalLM):
 
     def _delta_net(self, h: torch.Tensor, layer: DeltaNetLayer, state: dict[str, torch.Tensor],
                    batch: ForwardBatch, m: DeviceBatch) -> torch.Tensor:
-        T = h.shape[0]
-        vd, hv = self.value_dim, self.hv
         proj = self.linear(h, layer.w_in)
-        mixed = proj[:, : self.conv_dim]
-        z = proj[:, self.conv_dim: self.conv_dim + vd]
-        b = proj[:, self.conv_dim + vd: self.conv_dim + vd + hv]
-        a = proj[:, self.conv_dim + vd + hv:]
-        beta = torch.sigmoid(b.float())
-        g = layer.neg_a * F.softplus(a.float() + layer.dt_bias)  # log of the per-token decay, <= 0
         conv_state, ssm = state["conv"], state["ssm"]
         slots = m.state_slots
         B = batch.num_decode
-        core = torch.empty(T, hv, self.dv, dtype=torch.float32, device=h.device)
+        parts = []
         if B:
-            rows = slots[:B]
-            window = torch.cat((conv_state[rows], mixed[:B].float()[:, :, None]), dim=-1)  # [B, C, K]
-            conv_state.index_copy_(0, rows, window[:, :, 1:])
-            qkv = F.silu((window * layer.conv[None]).sum(-1))
-            q, k, v = self._split_heads(qkv, B)
-            s = ssm[rows]
-            core[:B] = self._recurrent_step(q, k, v, g[:B], beta[:B], s)
-            ssm.index_copy_(0, rows, s)
+            parts.append(self.delta_decode(proj[:B], conv_state, layer.conv, ssm, slots[:B], layer.neg_a,
+                                           layer.dt_bias, layer.norm, self.hk, self.eps))
+        if batch.segments:
+            parts.append(self._delta_prompts(proj, layer, conv_state, ssm, batch, slots))
+        return self.linear(parts[0] if len(parts) == 1 else torch.cat(parts), layer.w_out)
+
+    def _delta_prompts(self, proj: torch.Tensor, layer: DeltaNetLayer, conv_state: torch.Tensor, ssm: torch.Tensor,
+                       batch: ForwardBatch, slots: torch.Tensor) -> torch.Tensor:
+        """The prompt chunks of a step (rows after the decode rows): each by the chunked delta rule from the state
+        its previous chunk left. Returns their gated, normed outputs `[rows, Hv*Dv]`."""
+        B, T = batch.num_decode, proj.shape[0]
+        C, vd, hv = self.conv_dim, self.value_dim, self.hv
+        rows = proj[B:]
+        beta = torch.sigmoid(rows[:, C + vd: C + vd + hv].float())
+        g = layer.neg_a * F.softplus(rows[:, C + vd + hv:].float() + layer.dt_bias)  # log of the per-token decay
+        core = torch.empty(T - B, hv, self.dv, dtype=torch.float32, device=proj.device)
         for j, (start, n) in enumerate(batch.segments):
             slot = slots[B + j: B + j + 1]
-            seq = torch.cat((conv_state[slot][0], mixed[start: start + n].float().t()), dim=-1)  # [C, K-1+n]
+            seq = torch.cat((conv_state[slot][0], proj[start: start + n, :C].float().t()), dim=-1)  # [C, K-1+n]
             conv_state[slot] = seq[:, -(self.kernel - 1):][None]
-            qkv = F.silu(F.conv1d(seq[None], layer.conv[:, None, :], groups=self.conv_dim)[0].t())  # [n, C]
-            q, k, v = self._split_heads(qkv, n)
-            s = ssm[slot][0]
-            core[start: start + n], s = self._chunked(q, k, v, g[start: start + n], beta[start: start + n], s)
+            qkv = F.silu(F.conv1d(seq[None], layer.conv[:, None, :], groups=C)[0].t())  # [n, C]
+            q, k, v = split_heads(qkv, self.hk, self.dk, hv, self.dv)
+            at = start - B
+            core[at: at + n], s = self._chunked(q, k, v, g[at: at + n], beta[at: at + n], ssm[slot][0])
             ssm[slot] = s[None]
-        # gated RMSNorm per head: norm(core) * weight * silu(z)
-        zf = z.float().view(T, hv, self.dv)
-        normed = F.rms_norm(core, (self.dv,), eps=self.eps).to(h.dtype) * layer.norm.to(h.dtype)
-        out = (normed.float() * F.silu(zf)).to(h.dtype).reshape(T, vd)
-        return self.linear(out, layer.w_out)
-
-    def _split_heads(self, qkv: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Conv output `[n, conv_dim]` (float32) to l2-normed, scaled queries and keys repeated to the value
-        heads, and values: `[n, Hv, Dk]`, `[n, Hv, Dk]`, `[n, Hv, Dv]`."""
-        kd, r = self.key_dim, self.hv // self.hk
-        q = _l2norm(qkv[:, :kd].reshape(n, self.hk, self.dk))
-        k = _l2norm(qkv[:, kd: 2 * kd].reshape(n, self.hk, self.dk))
-        if r > 1:
-            q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)
-        v = qkv[:, 2 * kd:].reshape(n, self.hv, self.dv)
-        return q * self.dk ** -0.5, k, v
-
-    @staticmethod
-    def _recurrent_step(q, k, v, g, beta, s: torch.Tensor) -> torch.Tensor:
-        """One token per row: decay the state, write the delta-rule correction, read with the query. `s`
-        `[B, Hv, Dk, Dv]` is updated in place; returns `[B, Hv, Dv]`."""
-        s.mul_(g.exp()[..., None, None])
-        kv_mem = (s * k[..., None]).sum(dim=-2)
-        delta = (v - kv_mem) * beta[..., None]
-        s.add_(k[..., None] * delta[..., None, :])
-        return (s * q[..., None]).sum(dim=-2)
+        return gated_norm(core, rows[:, C: C + vd], layer.norm, self.eps)
 
     @staticmethod
     def _chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = DELTA_CHUNK):
