@@ -8,7 +8,8 @@ rotary embeddings on a quarter of each head. Every RMSNorm but the DeltaNet outp
 
 Per sequence, the model keeps paged K/V for the attention layers and, in a pool of state slots, the
 convolution window and the delta-rule matrix of each DeltaNet layer. In one step:
-- decode rows (one token each) run the recurrent update, batched over every running sequence;
+- decode rows (one token each) run the recurrent update, batched over every running sequence, in place in the
+  state pool (`delta_net_decode`: on CPUs with the engine's kernels one operator a layer);
 - each prompt chunk runs the chunked delta rule (UT transform inside 64-token chunks, a scan across them),
   starting from the state its previous chunk left, so long prompts prefill in pieces.
 
