@@ -4,6 +4,7 @@ CPU named.
 
     python -m bench.run                        # Qwen2.5-0.5B's architecture (builds llama.cpp once)
     python -m bench.run --model qwen3.5-2b     # Qwen3.5-2B's architecture (hybrid DeltaNet + attention)
+    python -m bench.run --model qwen3.5-0.8b   # Qwen3.5-0.8B's, the smallest
     python -m bench.run --smoke                # the harness on the tiny model: what CI runs
     python -m bench.run --skip-llamacpp        # qwen-serve and the baseline only
     python -m bench.run --only qwen-serve --structured only   # json_schema against free text, nothing else
@@ -72,7 +73,7 @@ def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-MODELS = ("qwen2.5-0.5b", "qwen3.5-2b")
+MODELS = ("qwen2.5-0.5b", "qwen3.5-2b", "qwen3.5-0.8b")
 
 
 def model_dir(smoke: bool, preset: str = MODELS[0]) -> Path:

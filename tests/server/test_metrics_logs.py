@@ -81,6 +81,13 @@ class Collect(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
+    def wait_for(self, request_ids: set[str]) -> None:
+        """A request's line is written once the server has sent its last byte, which the client may read first."""
+        deadline = time.monotonic() + 30
+        while not request_ids <= {getattr(r, "request_id", None) for r in self.records}:
+            assert time.monotonic() < deadline, "no access-log line"
+            time.sleep(0.01)
+
 
 def test_one_json_log_line_per_request_without_prompt(client):
     secret = "my secret prompt text"
@@ -93,6 +100,7 @@ def test_one_json_log_line_per_request_without_prompt(client):
     try:
         r = client.post("/v1/chat/completions", headers={"X-Request-ID": "log-check-1"},
                         json={"messages": [{"role": "user", "content": secret}], "max_tokens": 3})
+        collect.wait_for({"log-check-1"})
     finally:
         access.removeHandler(collect)
         access.setLevel(old_level)
@@ -123,11 +131,7 @@ def access_lines(client: httpx.Client, requests: list[tuple[str, dict]]) -> tupl
     try:
         responses = [client.post("/v1/chat/completions", headers={"X-Request-ID": rid}, json=body)
                      for rid, body in requests]
-        # a stream's line is written when the server has sent its last byte, which the client may read first
-        deadline = time.monotonic() + 30
-        while not {rid for rid, _ in requests} <= {getattr(r, "request_id", None) for r in collect.records}:
-            assert time.monotonic() < deadline, "no access-log line"
-            time.sleep(0.01)
+        collect.wait_for({rid for rid, _ in requests})
     finally:
         access.removeHandler(collect)
         access.setLevel(old_level)
