@@ -176,11 +176,7 @@ class Platform:
     def vnni_kernels(self) -> bool:
         """Whether the engine's int8 and int4 kernels run here: on CPU, where the kernels load and the CPU has
         AVX512-VNNI."""
-        if self.kind != "cpu":
-            return False
-        from . import kernels
-
-        return kernels.load() and torch.ops.qwen.has_vnni()
+        return self.cpu_kernels() and torch.ops.qwen.has_vnni()
 
     def linear_fn(self):
         """The matmul the model's layers call: x @ w.T (+ b). On CPUs with AVX512, steps of `KERNEL_ROWS` rows (decode
@@ -189,11 +185,7 @@ class Platform:
         (activations quantized per row inside the kernel, as torch's path does). Everything else runs on torch's."""
         from .weights import Int8Weight, linear
 
-        if self.kind != "cpu" or (self.quantize == "none" and self.dtype != torch.bfloat16):
-            return linear
-        from . import kernels
-
-        if not kernels.load():
+        if (self.quantize == "none" and self.dtype != torch.bfloat16) or not self.cpu_kernels():
             return linear
         ops = torch.ops.qwen
         if self.quantize in ("int8", "int4"):
@@ -225,11 +217,7 @@ class Platform:
         def widened(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return linear(x, w).float()
 
-        if self.kind != "cpu" or self.dtype != torch.bfloat16:
-            return widened
-        from . import kernels
-
-        if not kernels.load():
+        if self.dtype != torch.bfloat16 or not self.cpu_kernels():
             return widened
         op = torch.ops.qwen.linear_bf16
 

@@ -459,45 +459,7 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   return result;
 }
 
-
-// The small operators of a decode step's layer, fused, for bfloat16 rows (each a few thousand values: one pass
-// instead of four or five operators, whose dispatch costs more than their arithmetic). Each rounds where torch's
-// sequence of operators rounds, so the results are torch's up to the order of a float sum.
-
-// s = x + residual (rounded to bf16), h = bf16(bf16(s / rms(s)) * w), rms in float32 -> (h, s)
-std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& residual,
-                                                          const torch::Tensor& w, double eps) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0) && residual.sizes() == x.sizes(),
-              "add_rms_norm_bf16: shapes");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
-              residual.scalar_type() == at::kBFloat16, "add_rms_norm_bf16: bf16 only");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && residual.is_contiguous(),
-              "add_rms_norm_bf16: contiguous tensors only");
-  const int64_t T = x.size(0), D = x.size(1);
-  auto h = torch::empty_like(x);
-  auto sum = torch::empty_like(x);
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  const auto* rp = reinterpret_cast<const uint16_t*>(residual.data_ptr());
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  auto* hp = reinterpret_cast<uint16_t*>(h.data_ptr());
-  auto* sp = reinterpret_cast<uint16_t*>(sum.data_ptr());
-  std::vector<float> row(D);
-  for (int64_t t = 0; t < T; t++) {
-    float ss = 0.f;
-    for (int64_t d = 0; d < D; d++) {
-      const uint16_t r = float_to_bf16(bf16_to_float(xp[t * D + d]) + bf16_to_float(rp[t * D + d]));
-      sp[t * D + d] = r;
-      const float v = bf16_to_float(r);
-      row[d] = v;
-      ss += v * v;
-    }
-    const float inv = 1.0f / std::sqrt(ss / float(D) + float(eps));
-    for (int64_t d = 0; d < D; d++)
-      hp[t * D + d] = float_to_bf16(bf16_to_float(float_to_bf16(row[d] * inv)) * bf16_to_float(wp[d]));
-  }
-  return {h, sum};
-}
-
+// Values of float32 or bf16 tensors, read and written as float
 namespace {
 template <typename T>
 inline float load_f(const T* p, int64_t i);
@@ -511,6 +473,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const 
 }
 inline void store_f(float* p, int64_t i, float v) { p[i] = v; }
 inline void store_f(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+inline float round_as(float v, const float*) { return v; }  // v rounded to the dtype p points to
+inline float round_as(float v, const uint16_t*) { return bf16_to_float(float_to_bf16(v)); }
 
 // Decode rows' attention, straight from the paged cache: for each row and KV head, the scores of its G query heads
 // against the row's n = lens[b] cached keys (slots gather[b, :n]), a softmax in float32, and the weighted sum of the
@@ -619,8 +583,6 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
 // scatter). Each rounds where the model's torch code rounds, so results equal it up to the order of float sums.
 namespace {
 inline float softplus1(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // torch's threshold
-inline float round_as(float v, const float*) { return v; }
-inline float round_as(float v, const uint16_t*) { return bf16_to_float(float_to_bf16(v)); }
 
 // channels t0..t1 of the flattened [B, C] rows: the window's K-1 older inputs and this one, weighted; the window
 // shifted by one; SiLU of the sums into out
@@ -817,12 +779,18 @@ torch::Tensor delta_net_decode(const torch::Tensor& proj, const torch::Tensor& c
   return out;
 }
 
-// RMSNorm whose float32 weight multiplies before the one rounding (Qwen3.5's zero-centred norm, its weight stored as
-// 1 + w): s = x + residual (rounded to x's dtype; x itself without a residual), h = round(float32(s / rms(s)) * w),
-// rms in float32 -> (h, s). Rows of float32 or bf16.
+// The small operators of a decode step's layer, fused (each a few thousand values: one pass instead of four or five
+// operators, whose dispatch costs more than their arithmetic). Each rounds where torch's sequence of operators
+// rounds, so the results are torch's up to the order of a float sum.
+
+// Residual add and RMSNorm: s = x + residual (rounded to x's dtype; x itself without a residual), rms in float32, and
+// h = round(round(s / rms(s)) * w) where the normed value is rounded before the weight multiplies (Qwen2/Qwen3's
+// norm in bf16: add_rms_norm_bf16), h = round(float32(s / rms(s)) * w) where a float32 weight multiplies before the
+// one rounding (Qwen3.5's zero-centred norm, its weight stored as 1 + w, and F.rms_norm on float32 rows:
+// add_rms_norm_f32w) -> (h, s).
 namespace {
-template <typename T>
-void add_rms_rows(const T* x, const T* r, const float* w, T* h, T* s, int64_t rows, int64_t D, float eps) {
+template <bool RoundFirst, typename T, typename TW>
+void add_rms_rows(const T* x, const T* r, const TW* w, T* h, T* s, int64_t rows, int64_t D, float eps) {
   std::vector<float> row(D);
   for (int64_t t = 0; t < rows; t++) {
     float ss = 0.f;
@@ -836,7 +804,10 @@ void add_rms_rows(const T* x, const T* r, const float* w, T* h, T* s, int64_t ro
       ss += v * v;
     }
     const float inv = 1.0f / std::sqrt(ss / float(D) + eps);
-    for (int64_t d = 0; d < D; d++) store_f(h, t * D + d, (row[d] * inv) * w[d]);
+    for (int64_t d = 0; d < D; d++) {
+      const float n = row[d] * inv;
+      store_f(h, t * D + d, (RoundFirst ? round_as(n, x) : n) * load_f(w, d));
+    }
   }
 }
 
@@ -856,6 +827,22 @@ void silu_mul_rows(const T* gu, T* out, int64_t I, int64_t j0, int64_t j1) {
 }
 }  // namespace
 
+// s = x + residual (rounded to bf16), h = bf16(bf16(s / rms(s)) * w), rms in float32 -> (h, s)
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& residual,
+                                                          const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0) && residual.sizes() == x.sizes(),
+              "add_rms_norm_bf16: shapes");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+              residual.scalar_type() == at::kBFloat16, "add_rms_norm_bf16: bf16 only");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && residual.is_contiguous(),
+              "add_rms_norm_bf16: contiguous tensors only");
+  auto h = torch::empty_like(x);
+  auto sum = torch::empty_like(x);
+  const auto bf = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+  add_rms_rows<true>(bf(x), bf(residual), bf(w), bf(h), bf(sum), x.size(0), x.size(1), float(eps));
+  return {h, sum};
+}
+
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_f32w(const torch::Tensor& x,
                                                            const c10::optional<torch::Tensor>& residual,
                                                            const torch::Tensor& w, double eps) {
@@ -871,10 +858,10 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_f32w(const torch::Tensor& 
   auto sum = res ? torch::empty_like(x) : x;
   const int64_t rows = x.size(0), D = x.size(1);
   if (x.scalar_type() == at::kFloat)
-    add_rms_rows(x.data_ptr<float>(), res ? residual->data_ptr<float>() : nullptr, w.data_ptr<float>(),
+    add_rms_rows<false>(x.data_ptr<float>(), res ? residual->data_ptr<float>() : nullptr, w.data_ptr<float>(),
                  h.data_ptr<float>(), sum.data_ptr<float>(), rows, D, float(eps));
   else
-    add_rms_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()),
+    add_rms_rows<false>(reinterpret_cast<const uint16_t*>(x.data_ptr()),
                  res ? reinterpret_cast<const uint16_t*>(residual->data_ptr()) : nullptr, w.data_ptr<float>(),
                  reinterpret_cast<uint16_t*>(h.data_ptr()), reinterpret_cast<uint16_t*>(sum.data_ptr()), rows, D,
                  float(eps));

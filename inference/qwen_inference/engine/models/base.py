@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from ..attention import AttentionMetadata
 from ..cache import CacheSpec, Caches
-from ..platform import Platform
+from ..platform import KERNEL_ROWS, Platform
 from ..weights import Checkpoint, tensor_bytes
 
 
@@ -67,6 +68,17 @@ class CausalLM(ABC):
         self.folder = Path(folder)
         self.config = config
         self.platform = platform
+        # the operators every family's layers call, as this platform runs them
+        self.linear = platform.linear_fn()
+        self.logits = platform.logits_fn()
+        self.fused = platform.fused_small_ops()
+
+    def _silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up over `gu` = [gate | up]: one fused operator for decode rows where the kernels run."""
+        if self.fused and gu.shape[0] in KERNEL_ROWS and gu.dtype in (torch.bfloat16, torch.float32):
+            return torch.ops.qwen.silu_mul(gu.contiguous())
+        inter = gu.shape[-1] // 2
+        return F.silu(gu[:, :inter]) * gu[:, inter:]
 
     # facts the engine and the loader need
     num_layers: int

@@ -72,9 +72,6 @@ class DenseDecoder(CausalLM):
 
     def __init__(self, folder: Path, config, platform: Platform) -> None:
         super().__init__(folder, config, platform)
-        self.linear = platform.linear_fn()
-        self.logits = platform.logits_fn()
-        self.fused = platform.fused_small_ops()
         if getattr(config, "use_sliding_window", False):
             raise UnsupportedModel("sliding-window attention is not supported")
         dtype = platform.dtype
@@ -144,12 +141,6 @@ class DenseDecoder(CausalLM):
                 return torch.ops.qwen.add_rms_norm_f32w(x, residual.contiguous(), w, self.eps)
         x = x + residual
         return self._rms(x, w), x
-
-    def _silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
-        if self.fused and gu.dtype in (torch.bfloat16, torch.float32) and gu.shape[0] in KERNEL_ROWS:
-            return torch.ops.qwen.silu_mul(gu.contiguous())
-        inter = gu.shape[-1] // 2
-        return F.silu(gu[:, :inter]) * gu[:, inter:]
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed is None:

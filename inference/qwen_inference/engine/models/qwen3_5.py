@@ -145,10 +145,7 @@ class Qwen3_5Decoder(CausalLM):
 
     def __init__(self, folder: Path, config, platform: Platform) -> None:
         super().__init__(folder, config, platform)
-        self.linear = platform.linear_fn()
-        self.logits = platform.logits_fn()
         self.delta_decode = _delta_decode_fn(platform)
-        self.fused = platform.fused_small_ops()
         text = config.get_text_config() if config.model_type == "qwen3_5" else config
         self.text = text
         self.prefix = "model.language_model." if config.model_type == "qwen3_5" else "model."
@@ -322,12 +319,6 @@ class Qwen3_5Decoder(CausalLM):
         if residual is not None:
             x = x + residual
         return _zc_norm(x, w1, self.eps), x
-
-    def _silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
-        if self.fused and gu.shape[0] in KERNEL_ROWS and gu.dtype in (torch.bfloat16, torch.float32):
-            return torch.ops.qwen.silu_mul(gu.contiguous())
-        inter = gu.shape[-1] // 2
-        return F.silu(gu[:, :inter]) * gu[:, inter:]
 
     def _attention(self, h: torch.Tensor, layer: AttentionLayer, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    m: DeviceBatch) -> torch.Tensor:
