@@ -4,10 +4,12 @@
     python -m bench.profile --model qwen3.5-2b --quantize int8
     python -m bench.profile --no-kernels             # torch's matmuls only, to compare
 
-For batches of 1 and 16 decode rows (each 128 tokens into its sequence) and a 256-token prompt chunk, it
-prints the wall time per step, the share of the top operators (torch.profiler's self CPU time), and how much of
-the step is neither a matmul nor attention (the per-layer small ops and Python). Writes
-bench/results/profile-<date>-<model>-<mode>.md, with the CPU named.
+    python -m bench.profile --context 4000           # decode rows 4000 tokens into their sequences
+
+For batches of 1 and 16 decode rows (each 128 tokens into its sequence, or `--context` tokens) and a 256-token
+prompt chunk, it prints the wall time per step, the share of the top operators (torch.profiler's self CPU time),
+and how much of the step is neither a matmul nor attention (the per-layer small ops and Python). Writes
+bench/results/profile-<date>-<model>-<mode>[-ctx<N>].md, with the CPU named.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize", default="none")
     ap.add_argument("--no-kernels", action="store_true", help="torch's matmuls only")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--context", type=int, default=128, help="tokens already in each decode row's sequence")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args(argv)
 
@@ -63,15 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         model.linear = linear
     mode = f"{platform.dtype_name()}{'-torch' if a.no_kernels else ''}"
     log(f"{a.model} {mode} on {cpu['model']}; matmuls: {getattr(model.linear, '__name__', 'linear')}")
-    bs, ctx = 16, 128
+    bs, ctx = 16, a.context
     per_seq = -(-(ctx + 40) // bs)
     runner = ModelRunner(model, kv_tokens=17 * per_seq * bs + 512, state_slots=17)
     tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(17)]
-    prompt = list(range(1000, 1000 + ctx))
+    prompt = [1000 + i % 5000 for i in range(ctx)]
     fresh = list(range(1 + 17 * per_seq, 1 + 17 * per_seq + 16))  # 256 tokens of blocks no sequence holds
     with torch.inference_mode():
         for i in range(17):  # fill every sequence's cache (and state) to `ctx` tokens
-            runner.execute([SeqChunk(prompt, 0, tables[i], i)])
+            for start in range(0, ctx, 512):
+                runner.execute([SeqChunk(prompt[start:start + 512], start, tables[i], i)])
         cases = {
             "decode, 1 row": lambda i: [SeqChunk([7], ctx + i % 32, tables[0], 0, logits=True)],
             "decode, 16 rows": lambda i: [SeqChunk([7], ctx + i % 32, tables[j], j, logits=True) for j in range(16)],
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"# Profile of one engine step: {a.model}, {mode}", "",
                  f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} on {cpu['model']} "
                  f"({cpu['cpus']} CPUs; {', '.join(cpu['flags'])}; load {cpu['loadavg']:.1f}); torch "
-                 f"{torch.__version__}; `python -m bench.profile {' '.join(argv or [])}`", ""]
+                 f"{torch.__version__}; `python -m bench.profile {' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
         for name, chunks_for in cases.items():
             steps(runner, chunks_for, 3)  # warm
             wall = statistics.median(steps(runner, chunks_for, a.repeat))
@@ -105,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    (a.out_dir / f"profile-{dt.date.today().isoformat()}-{a.model}-{mode}.md").write_text(text)
+    suffix = "" if ctx == 128 else f"-ctx{ctx}"
+    (a.out_dir / f"profile-{dt.date.today().isoformat()}-{a.model}-{mode}{suffix}.md").write_text(text)
     return 0
 
 

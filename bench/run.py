@@ -43,6 +43,10 @@ STRUCTURED_ROUNDS = 4
 PAIRS = (("qwen-serve", "llama.cpp-bf16"), ("qwen-serve-int8", "llama.cpp-q8_0"), ("qwen-serve-int4", "llama.cpp-q4_k_m"))
 SMOKE_PAIRS = (("qwen-serve", "seeds-design"),)
 PAIRED_ROUNDS = 6
+# the first pair again at a long context (an agent's tools and history): a new prompt of this many tokens each round
+LONG_CONTEXT_TOKENS = 4000
+LONG_CONTEXT_ROUNDS = 4
+SMOKE_LONG_CONTEXT = 300
 # a record whose JSON runs well past OUTPUT_TOKENS, so that json_schema replies are cut at the same length as free
 # text: objects, an array, a pattern, a format, an enum, numbers and free strings
 RECORD_SCHEMA = {
@@ -220,45 +224,68 @@ async def structured(server: Server, words: int, smoke: bool) -> dict:
     return out
 
 
-async def paired(a: Server, b: Server, words: int, smoke: bool) -> dict:
+async def paired(a: Server, b: Server, words: int, smoke: bool, rounds: int = PAIRED_ROUNDS,
+                 context: int | None = None) -> dict:
     """One stream on two servers running side by side, one request on each in turn with the same prompt (the order
     swapped every round), so that both see the machine as it is at that minute: on shared machines whose memory
     bandwidth moves by a third within an hour, the ratio of each round's time per output token is steadier than
-    the ratio of two runs made minutes apart. `speed` is b's time per token over a's: above 1, a is faster."""
+    the ratio of two runs made minutes apart. `speed` is b's time per token over a's: above 1, a is faster.
+    With `context`, each round's prompt is a new one of that many tokens (no prefix either server has cached), and
+    the time to its first token is compared too."""
     import statistics
 
     from qwen_inference.bench.load import run_level
 
     max_tokens = 8 if smoke else OUTPUT_TOKENS
     for s in (a, b):  # warm-up, not counted
-        await run_level(s.chat_url, None, 1, 1, words, 4, seed=10**6, ignore_eos=s.ignore_eos)
-    rounds = []
-    for r in range(2 if smoke else PAIRED_ROUNDS):
-        tpot = {}
+        await run_level(s.chat_url, None, 1, 1, 8, 4, seed=10**6, ignore_eos=s.ignore_eos)
+    out = []
+    for r in range(2 if smoke else rounds):
+        got = {}
         for s in ((a, b) if r % 2 == 0 else (b, a)):
-            level = await run_level(s.chat_url, None, 1, 1, words, max_tokens, seed=3 * 10**6 + 100 * r,
-                                    ignore_eos=s.ignore_eos)
+            seed = (7 if context else 3) * 10**6 + 100 * r
+            level = await run_level(s.chat_url, None, 1, 1, words, max_tokens, seed=seed, ignore_eos=s.ignore_eos)
             if level.errors or level.tpot_p50 is None:
                 raise RuntimeError(f"{s.label}: the paired request failed: {level.error_samples}")
-            tpot[s.label] = level.tpot_p50
-        rounds.append(tpot)
-        log(f"paired {a.label} / {b.label}, round {r + 1}: {1000 * tpot[a.label]:.1f} / {1000 * tpot[b.label]:.1f} ms "
-            f"per token")
-    speeds = [t[b.label] / t[a.label] for t in rounds]
-    return {"a": a.label, "b": b.label, "rounds": rounds, "max_tokens": max_tokens,
-            "tpot_a_median": statistics.median(t[a.label] for t in rounds),
-            "tpot_b_median": statistics.median(t[b.label] for t in rounds),
-            "speed_median": statistics.median(speeds), "speed_min": min(speeds), "speed_max": max(speeds)}
+            got[s.label] = level
+        out.append(got)
+        log(f"paired {a.label} / {b.label}{f' at {context} tokens' if context else ''}, round {r + 1}: "
+            f"{1000 * got[a.label].tpot_p50:.1f} / {1000 * got[b.label].tpot_p50:.1f} ms per token, first token "
+            f"{got[a.label].ttft_p50:.2f} / {got[b.label].ttft_p50:.2f} s")
+    tpot = [{k: v.tpot_p50 for k, v in r.items()} for r in out]
+    speeds = [t[b.label] / t[a.label] for t in tpot]
+    result = {"a": a.label, "b": b.label, "rounds": tpot, "max_tokens": max_tokens,
+              "tpot_a_median": statistics.median(t[a.label] for t in tpot),
+              "tpot_b_median": statistics.median(t[b.label] for t in tpot),
+              "speed_median": statistics.median(speeds), "speed_min": min(speeds), "speed_max": max(speeds)}
+    if context:
+        ttft = [{k: v.ttft_p50 for k, v in r.items()} for r in out]
+        result.update(context=context, ttft_rounds=ttft,
+                      ttft_a_median=statistics.median(t[a.label] for t in ttft),
+                      ttft_b_median=statistics.median(t[b.label] for t in ttft),
+                      prefill_speed_median=statistics.median(t[b.label] / t[a.label] for t in ttft))
+    return result
 
 
 def paired_table(pairs: list[dict]) -> str:
-    rows = ["", "One stream, paired (both servers up, one request on each in turn):", "",
-            "| server | against | rounds | time per token | theirs | speed, median (min–max) |",
-            "|---|---|---|---|---|---|"]
-    for p in pairs:
+    rows = []
+    short = [p for p in pairs if not p.get("context")]
+    if short:
+        rows += ["", "One stream, paired (both servers up, one request on each in turn):", "",
+                 "| server | against | rounds | time per token | theirs | speed, median (min–max) |",
+                 "|---|---|---|---|---|---|"]
+    for p in short:
         rows.append(f"| {p['a']} | {p['b']} | {len(p['rounds'])} | {1000 * p['tpot_a_median']:.1f} ms | "
                     f"{1000 * p['tpot_b_median']:.1f} ms | {p['speed_median']:.2f}× ({p['speed_min']:.2f}–"
                     f"{p['speed_max']:.2f}) |")
+    for p in pairs:
+        if p.get("context"):
+            rows += ["", f"One stream at {p['context']} tokens of context, paired (a new prompt each round):", "",
+                     "| server | against | rounds | time per token | theirs | speed, median (min–max) | "
+                     "first token | theirs |", "|---|---|---|---|---|---|---|---|",
+                     f"| {p['a']} | {p['b']} | {len(p['rounds'])} | {1000 * p['tpot_a_median']:.1f} ms | "
+                     f"{1000 * p['tpot_b_median']:.1f} ms | {p['speed_median']:.2f}× ({p['speed_min']:.2f}–"
+                     f"{p['speed_max']:.2f}) | {p['ttft_a_median']:.2f} s | {p['ttft_b_median']:.2f} s |"]
     return "\n".join(rows) + "\n"
 
 
@@ -311,23 +338,27 @@ def cpu_info() -> dict:
             "loadavg": os.getloadavg()[0]}
 
 
-def servers(model: Path, smoke: bool, skip_llamacpp: bool, only: list[str] | None = None) -> list[Server]:
+def servers(model: Path, smoke: bool, skip_llamacpp: bool, only: list[str] | None = None,
+            context: int = 0) -> list[Server]:
     """The servers to measure (with `only`, just those labels: llama.cpp is then built and converted only if
-    asked for)."""
+    asked for). With `context`, each holds one sequence of that many tokens and a reply (llama.cpp one slot)."""
     if only and not any(label.startswith("llama.cpp") for label in only):
         skip_llamacpp = True
     py = sys.executable
     bin_dir = Path(py).parent
     dtype = "float32" if smoke else "auto"
     p = free_port()
+    window = context + 2 * OUTPUT_TOKENS
+    longer = ["--max-model-len", str(window)] if context else []
     out = [Server("qwen-serve", [str(bin_dir / "qwen-serve"), "--model", str(model), "--port", str(p),
-                                 "--dtype", dtype, "--max-concurrency", "16", "--log-level", "warning"], p, "/health")]
+                                 "--dtype", dtype, "--max-concurrency", "16", "--log-level", "warning", *longer], p,
+                  "/health")]
     if not smoke:
         for q in ("int8", "int4"):
             p = free_port()
             out.append(Server(f"qwen-serve-{q}", [str(bin_dir / "qwen-serve"), "--model", str(model), "--port",
                                                   str(p), "--dtype", dtype, "--quantize", q, "--max-concurrency",
-                                                  "16", "--log-level", "warning"], p, "/health"))
+                                                  "16", "--log-level", "warning", *longer], p, "/health"))
     if not smoke and "qwen3.5" not in model.name:
         # transformers' own continuous batching (paged cache), in bf16 as its maintainers run it on CPU; it refuses
         # `ignore_eos`, so a request may end early: throughput counts the tokens its usage reports
@@ -346,7 +377,9 @@ def servers(model: Path, smoke: bool, skip_llamacpp: bool, only: list[str] | Non
             gguf = llamacpp.quantize(model, "Q4_K_M") if outtype == "q4_k_m" else llamacpp.convert(model, outtype)
             p = free_port()
             out.append(Server(f"llama.cpp-{outtype}", [str(bins / "llama-server"), "-m", str(gguf), "--port", str(p),
-                                                      "--host", "127.0.0.1", "-np", "16", "-c", str(16 * 512),
+                                                      "--host", "127.0.0.1",
+                                                      *(["-np", "1", "-c", str(window)] if context else
+                                                        ["-np", "16", "-c", str(16 * 512)]),
                                                       "-t", "2", "--no-webui"], p, "/health"))
     return out
 
@@ -409,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="json_schema against free text at 16 streams on qwen-serve (only: nothing else)")
     ap.add_argument("--paired", choices=("on", "off", "only"), default="on",
                     help="one stream on qwen-serve and llama.cpp side by side, alternating (only: nothing else)")
+    ap.add_argument("--long-context", type=int, default=None, metavar="TOKENS",
+                    help=f"with the paired rounds: qwen-serve (bf16) and llama.cpp bf16 paired again on prompts of "
+                         f"this many tokens (default {LONG_CONTEXT_TOKENS}, {SMOKE_LONG_CONTEXT} in --smoke; 0: not)")
     a = ap.parse_args(argv)
     levels = [int(x) for x in (a.levels or ("1,2" if a.smoke else "1,4,16")).split(",")]
     model = model_dir(a.smoke, a.model)
@@ -431,6 +467,15 @@ def main(argv: list[str] | None = None) -> int:
             log(f"starting {x} and {y} side by side")
             with by_label[x], by_label[y]:
                 pairs.append(asyncio.run(paired(by_label[x], by_label[y], words, a.smoke)))
+    context = a.long_context if a.long_context is not None else (SMOKE_LONG_CONTEXT if a.smoke else LONG_CONTEXT_TOKENS)
+    x, y = (SMOKE_PAIRS if a.smoke else PAIRS)[0]
+    if context and a.paired != "off" and x in by_label and y in by_label:
+        a_long, b_long = [s for s in servers(model, a.smoke, a.skip_llamacpp, [x, y], context=context)
+                          if s.label in (x, y)]
+        log(f"starting {x} and {y} side by side for {context}-token prompts")
+        with a_long, b_long:
+            pairs.append(asyncio.run(paired(a_long, b_long, words_for(context, model), a.smoke, LONG_CONTEXT_ROUNDS,
+                                            context)))
     a.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = "smoke" if a.smoke else f"{dt.date.today().isoformat()}-{a.model}" + (
         "-structured" if a.structured == "only" else "")

@@ -38,7 +38,7 @@ def test_bench_smoke_run_writes_results_chart_and_table(tmp_path):
     assert 0 < s["grammar_share"] < 1
     assert "| json_schema (strict) |" in table and "2 of 2" in table
     # one stream on two servers side by side, alternating: each round times both, the ratio is theirs over ours
-    [pair] = data["paired"]
+    pair, long = data["paired"]
     assert (pair["a"], pair["b"]) == ("qwen-serve", "seeds-design") and len(pair["rounds"]) == 2
     for round_ in pair["rounds"]:
         assert set(round_) == {"qwen-serve", "seeds-design"} and all(v > 0 for v in round_.values())
@@ -46,6 +46,14 @@ def test_bench_smoke_run_writes_results_chart_and_table(tmp_path):
     assert pair["speed_median"] == pytest.approx(
         statistics.median(r["seeds-design"] / r["qwen-serve"] for r in pair["rounds"]))
     assert "| qwen-serve | seeds-design | 2 |" in table
+    # the same pair again on servers that hold a long context, a new long prompt each round, first tokens timed
+    assert (long["a"], long["b"], long["context"]) == ("qwen-serve", "seeds-design", 300)
+    assert len(long["rounds"]) == len(long["ttft_rounds"]) == 2
+    for round_ in long["ttft_rounds"]:
+        assert set(round_) == {"qwen-serve", "seeds-design"} and all(v > 0 for v in round_.values())
+    assert long["prefill_speed_median"] == pytest.approx(
+        statistics.median(r["seeds-design"] / r["qwen-serve"] for r in long["ttft_rounds"]))
+    assert "One stream at 300 tokens of context" in table
     cpu = data["meta"]["cpu"]  # every run names the machine it measured
     assert cpu["model"] != "unknown" and cpu["model"] in table and cpu["cpus"] >= 1
 

@@ -285,29 +285,33 @@ def test_a_built_library_loads_without_a_compiler(k, tmp_path):
 
 @pytest.mark.parametrize("dtype, cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                 (torch.float32, torch.bfloat16)])
-@pytest.mark.parametrize("b, h, kv, d", [(1, 14, 2, 64), (5, 8, 2, 256), (3, 4, 4, 24)])
+@pytest.mark.parametrize("b, h, kv, d, n", [(1, 14, 2, 64, 40), (5, 8, 2, 256, 40), (3, 4, 4, 24, 40),
+                                            (3, 14, 2, 64, 1300), (2, 8, 2, 256, 1100), (2, 6, 2, 48, 600)])
+@pytest.mark.parametrize("isa", ["native", "avx512f"])
 def test_decode_attention_reads_the_paged_cache_as_sdpa_over_the_gathered_rows_does(k, dtype, cache_dtype, b, h, kv,
-                                                                                     d):
+                                                                                     d, n, isa):
     """The kernel against SDPA over keys and values gathered from the same scattered slots, rows of different
-    lengths masked; head sizes a multiple of 16 (vector path) and not (scalar path); float32 rows over a bf16
-    cache, as int8 models attend."""
-    g = torch.Generator().manual_seed(b * h * d)
-    slots = 300
+    lengths masked: short rows (one part, a partial block of 16 positions), long ones (several parts of 512 positions,
+    merged), head sizes a multiple of 32 (bf16 dot products where the CPU has them), of 16 and of neither (padded);
+    float32 rows over a bf16 cache, as int8 models attend; the AVX512F path picked on a BF16 CPU too."""
+    g = torch.Generator().manual_seed(b * h * d + n)
+    slots = max(300, 2 * n)
     kc = torch.randn(slots, kv, d, generator=g).to(cache_dtype)
     vc = torch.randn(slots, kv, d, generator=g).to(cache_dtype)
-    q = torch.randn(b, h, d, generator=g).to(dtype)
-    lens = torch.randint(1, 41, (b,), generator=g)
-    lens[0] = 40
-    gather = torch.zeros(b, 40, dtype=torch.long)
+    q = (2 * torch.randn(b, h, d, generator=g)).to(dtype)  # scores spread enough that the softmax is not flat
+    lens = torch.randint(1, n + 1, (b,), generator=g)
+    lens[0] = n
+    gather = torch.zeros(b, n, dtype=torch.long)
     for i in range(b):
         gather[i, : lens[i]] = torch.randperm(slots, generator=g)[: lens[i]]
-    mask = (torch.arange(40)[None, :] < lens[:, None])[:, None, None, :]
+    mask = (torch.arange(n)[None, :] < lens[:, None])[:, None, None, :]
     want = torch.nn.functional.scaled_dot_product_attention(
         q.reshape(b, kv, h // kv, d).float(), kc[gather].transpose(1, 2).float(), vc[gather].transpose(1, 2).float(),
         attn_mask=mask).reshape(b, h * d)
-    got = k.decode_attention(q, kc, vc, gather, lens)
+    got = k.decode_attention(q, kc, vc, gather, lens, "" if isa == "native" else "avx512f")
     assert got.dtype == dtype and got.shape == (b, h * d)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2  # a bf16 cache's values are exact in float32
+    # a bf16 cache's values are exact in float32; bf16 rows weigh the values with probabilities rounded to bf16
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
 
 
@@ -323,6 +327,8 @@ def test_decode_attention_refuses_what_it_cannot_read(k):
         k.decode_attention(q, kc, kc, gather, torch.tensor([4]))
     with pytest.raises(RuntimeError, match="slot out of range"):
         k.decode_attention(q, kc, kc, torch.tensor([[0, 10, 1]]), lens)
+    with pytest.raises(RuntimeError, match="unknown isa"):
+        k.decode_attention(q, kc, kc, gather, lens, "sse2")
 
 
 def test_models_use_the_attention_kernel_for_decode_rows_and_agree_with_sdpa(k, tiny_model):

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -476,61 +477,269 @@ inline void store_f(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); 
 inline float round_as(float v, const float*) { return v; }  // v rounded to the dtype p points to
 inline float round_as(float v, const uint16_t*) { return bf16_to_float(float_to_bf16(v)); }
 
-// Decode rows' attention, straight from the paged cache: for each row and KV head, the scores of its G query heads
-// against the row's n = lens[b] cached keys (slots gather[b, :n]), a softmax in float32, and the weighted sum of the
-// values. One task per (row, KV head), spread over torch's threads.
+// Decode rows' attention, straight from the paged cache. A row's positions are cut into parts of ATT_PART (flash
+// decoding: a long row spreads over threads), one task per (row, KV head, part). A task walks its part in blocks of
+// 16 positions: the block's keys and values widened to float once (the next block's prefetched meanwhile), the 16
+// scores of each of the G query heads as one vector (dot products reduced together), an online softmax in float32
+// (the running maximum, the sum, the weighted values rescaled when the maximum grows), and the weighted values
+// summed with the probabilities broadcast. A row of one part writes its output; the parts of a longer row are merged
+// afterwards (each part's sums rescaled to the row's maximum). Head sizes that are not a multiple of 16 are padded
+// with zeros.
+constexpr int64_t ATT_BLOCK = 16;
+constexpr int64_t ATT_PART = 512;
+
+// the lane sums of a[0..15], in order, as one vector
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 sums16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; i++)  // per 128-bit lane: x0+x2, y0+y2, x1+x3, y1+y3
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; i++)  // per 128-bit lane: the lane's sums of a[4i..4i+3]
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
+}
+
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline void widen_row(const T* src, float* dst, int64_t D, int64_t Dp) {
+  if (D % 16 == 0) {
+    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
+    return;
+  }
+  for (int64_t d = 0; d < D; d++) dst[d] = load_f(src, d);
+  for (int64_t d = D; d < Dp; d++) dst[d] = 0.f;
+}
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + o, _MM_HINT_T0);
+}
+
+// One part of one row's attention for KV head h: positions p0..p1 of `slots`. Leaves, per query head g, the
+// running maximum m[g], the sum of exp(score - m[g]) l[g] and the weighted values acc[g * Dp ..] in `st`
+// ([2 * G + G * Dp] floats). q32 holds the G query rows in float32, zero-padded to Dp.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void attention_part(const float* q32, const T* kc, const T* vc, const int64_t* slots, int64_t p0, int64_t p1,
+                    int64_t KV, int64_t h, int64_t G, int64_t D, int64_t Dp, float scale, float* kb, float* vb,
+                    float* pb, float* st) {
+  float* m = st;
+  float* l = st + G;
+  float* acc = st + 2 * G;
+  std::fill(m, m + G, -INFINITY);
+  std::fill(l, l + G, 0.f);
+  std::fill(acc, acc + G * Dp, 0.f);
+  const int64_t row_bytes = D * int64_t(sizeof(T));
+  const int64_t C = Dp / 16, P = G * C;  // value accumulators: (query head, 16 channels) pairs
+  for (int64_t j = 0; j < ATT_BLOCK && p0 + j < p1; j++) {
+    prefetch_row(kc + (slots[p0 + j] * KV + h) * D, row_bytes);
+    prefetch_row(vc + (slots[p0 + j] * KV + h) * D, row_bytes);
+  }
+  for (int64_t l0 = p0; l0 < p1; l0 += ATT_BLOCK) {
+    const int64_t nb = std::min(ATT_BLOCK, p1 - l0);
+    for (int64_t j = 0; j < nb; j++) {
+      widen_row(kc + (slots[l0 + j] * KV + h) * D, kb + j * Dp, D, Dp);
+      widen_row(vc + (slots[l0 + j] * KV + h) * D, vb + j * Dp, D, Dp);
+    }
+    if (nb < ATT_BLOCK) std::fill(kb + nb * Dp, kb + ATT_BLOCK * Dp, 0.f);  // scores of no position: masked below
+    for (int64_t j = l0 + ATT_BLOCK; j < std::min(l0 + 2 * ATT_BLOCK, p1); j++) {
+      prefetch_row(kc + (slots[j] * KV + h) * D, row_bytes);
+      prefetch_row(vc + (slots[j] * KV + h) * D, row_bytes);
+    }
+    const __mmask16 valid = nb == ATT_BLOCK ? __mmask16(0xffff) : __mmask16((1u << nb) - 1);
+    for (int64_t g = 0; g < G; g++) {
+      __m512 a[16];
+      for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < Dp; c += 16) {
+        const __m512 qv = _mm512_loadu_ps(q32 + g * Dp + c);
+        for (int j = 0; j < 16; j++) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kb + j * Dp + c), a[j]);
+      }
+      const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
+                                          _mm512_mul_ps(sums16(a), _mm512_set1_ps(scale)));
+      const float bm = _mm512_reduce_max_ps(s);
+      if (bm > m[g]) {
+        const float corr = std::exp(m[g] - bm);  // 0 for the first block
+        l[g] *= corr;
+        const __m512 cv = _mm512_set1_ps(corr);
+        for (int64_t c = 0; c < Dp; c += 16)
+          _mm512_storeu_ps(acc + g * Dp + c, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + g * Dp + c)));
+        m[g] = bm;
+      }
+      const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m[g]))));
+      l[g] += _mm512_reduce_add_ps(p);
+      _mm512_storeu_ps(pb + g * 16, p);
+    }
+    // acc[g, c] += sum_j p[g, j] v[j, c], eight (query head, channel block) pairs at a time
+    for (int64_t i0 = 0; i0 < P; i0 += 8) {
+      __m512 r[8];
+      const float* pp[8];
+      int64_t off[8];
+      for (int i = 0; i < 8; i++) {
+        const int64_t pair = std::min(i0 + i, P - 1);  // a repeated pair past the end: computed, not stored
+        pp[i] = pb + (pair / C) * 16;
+        off[i] = (pair % C) * 16;
+        r[i] = _mm512_loadu_ps(acc + (pair / C) * Dp + off[i]);
+      }
+      for (int64_t j = 0; j < nb; j++)
+        for (int i = 0; i < 8; i++)
+          r[i] = _mm512_fmadd_ps(_mm512_set1_ps(pp[i][j]), _mm512_loadu_ps(vb + j * Dp + off[i]), r[i]);
+      for (int i = 0; i < 8 && i0 + i < P; i++) _mm512_storeu_ps(acc + ((i0 + i) / C) * Dp + off[i], r[i]);
+    }
+  }
+}
+
+// attention_part on AVX512-BF16, for bf16 query rows over a bf16 cache (head size a multiple of 32): the scores as
+// bf16 dot products straight from the cache rows, and the values weighted by the probabilities rounded to bf16 (as
+// torch's CPU flash attention does for bf16), two positions per dot product (the block's value rows interleaved in
+// pairs). Same state as attention_part.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void attention_part_bf16(const uint16_t* q16, const uint16_t* kc, const uint16_t* vc, const int64_t* slots,
+                         int64_t p0, int64_t p1, int64_t KV, int64_t h, int64_t G, int64_t D, float scale,
+                         const uint16_t* zero, uint16_t* vi, uint32_t* pb, float* st) {
+  float* m = st;
+  float* l = st + G;
+  float* acc = st + 2 * G;
+  std::fill(m, m + G, -INFINITY);
+  std::fill(l, l + G, 0.f);
+  std::fill(acc, acc + G * D, 0.f);
+  const int64_t row_bytes = D * 2, C = D / 16, P = G * C;
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const uint16_t* kr[ATT_BLOCK];
+  const uint16_t* vr[ATT_BLOCK];
+  for (int64_t j = 0; j < ATT_BLOCK && p0 + j < p1; j++) {
+    prefetch_row(kc + (slots[p0 + j] * KV + h) * D, row_bytes);
+    prefetch_row(vc + (slots[p0 + j] * KV + h) * D, row_bytes);
+  }
+  for (int64_t l0 = p0; l0 < p1; l0 += ATT_BLOCK) {
+    const int64_t nb = std::min(ATT_BLOCK, p1 - l0);
+    for (int64_t j = 0; j < ATT_BLOCK; j++) {
+      kr[j] = j < nb ? kc + (slots[l0 + j] * KV + h) * D : zero;
+      vr[j] = j < nb ? vc + (slots[l0 + j] * KV + h) * D : zero;
+    }
+    for (int64_t j = l0 + ATT_BLOCK; j < std::min(l0 + 2 * ATT_BLOCK, p1); j++) {
+      prefetch_row(kc + (slots[j] * KV + h) * D, row_bytes);
+      prefetch_row(vc + (slots[j] * KV + h) * D, row_bytes);
+    }
+    const int64_t np = (nb + 1) / 2;  // value row pairs (an odd last row paired with zeros)
+    for (int64_t jp = 0; jp < np; jp++)
+      for (int64_t c = 0; c < C; c++) {
+        const __m512i two = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(vr[2 * jp] + c * 16))),
+            _mm256_loadu_si256((const __m256i*)(vr[2 * jp + 1] + c * 16)), 1);
+        _mm512_storeu_si512(vi + (jp * C + c) * 32, _mm512_permutexvar_epi16(pairs, two));
+      }
+    const __mmask16 valid = nb == ATT_BLOCK ? __mmask16(0xffff) : __mmask16((1u << nb) - 1);
+    for (int64_t g = 0; g < G; g++) {
+      __m512 a[16];
+      for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < D; c += 32) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q16 + g * D + c);
+        for (int j = 0; j < 16; j++) a[j] = _mm512_dpbf16_ps(a[j], qv, (__m512bh)_mm512_loadu_si512(kr[j] + c));
+      }
+      const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
+                                          _mm512_mul_ps(sums16(a), _mm512_set1_ps(scale)));
+      const float bm = _mm512_reduce_max_ps(s);
+      if (bm > m[g]) {
+        const float corr = std::exp(m[g] - bm);
+        l[g] *= corr;
+        const __m512 cv = _mm512_set1_ps(corr);
+        for (int64_t c = 0; c < D; c += 16)
+          _mm512_storeu_ps(acc + g * D + c, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + g * D + c)));
+        m[g] = bm;
+      }
+      const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m[g]))));
+      l[g] += _mm512_reduce_add_ps(p);
+      _mm256_storeu_si256((__m256i*)(pb + g * 8), (__m256i)_mm512_cvtneps_pbh(p));
+    }
+    for (int64_t i0 = 0; i0 < P; i0 += 8) {
+      __m512 r[8];
+      const uint32_t* pp[8];
+      const uint16_t* vp[8];
+      for (int i = 0; i < 8; i++) {
+        const int64_t pair = std::min(i0 + i, P - 1);  // a repeated pair past the end: computed, not stored
+        pp[i] = pb + (pair / C) * 8;
+        vp[i] = vi + (pair % C) * 32;
+        r[i] = _mm512_loadu_ps(acc + (pair / C) * D + (pair % C) * 16);
+      }
+      for (int64_t jp = 0; jp < np; jp++)
+        for (int i = 0; i < 8; i++)
+          r[i] = _mm512_dpbf16_ps(r[i], (__m512bh)_mm512_set1_epi32(int(pp[i][jp])),
+                                  (__m512bh)_mm512_loadu_si512(vp[i] + jp * C * 32));
+      for (int i = 0; i < 8 && i0 + i < P; i++)
+        _mm512_storeu_ps(acc + ((i0 + i) / C) * D + ((i0 + i) % C) * 16, r[i]);
+    }
+  }
+}
+
 template <typename TQ, typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void decode_attention_tasks(const TQ* q, const T* kc, const T* vc, const int64_t* gather, const int64_t* lens, TQ* out,
-                            int64_t H, int64_t KV, int64_t D, int64_t L, float scale, int64_t t0, int64_t t1) {
-  const int64_t G = H / KV;
-  std::vector<float> qf(G * D), acc(G * D), total(G), s;
-  for (int64_t t = t0; t < t1; t++) {
-    const int64_t b = t / KV, h = t % KV, n = lens[b];
-    const int64_t* slots = gather + b * L;
-    for (int64_t g = 0; g < G; g++)
-      for (int64_t d = 0; d < D; d++) qf[g * D + d] = load_f(q, ((b * H) + h * G + g) * D + d);
-    s.resize(G * n);
-    for (int64_t l = 0; l < n; l++) {
-      const T* kr = kc + (slots[l] * KV + h) * D;
-      if (D % 16 == 0) {
-        for (int64_t g = 0; g < G; g++) {
-          __m512 a = _mm512_setzero_ps();
-          for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[g * D + d]), load16(kr + d), a);
-          s[g * n + l] = _mm512_reduce_add_ps(a) * scale;
-        }
-        continue;
-      }
-      for (int64_t g = 0; g < G; g++) {
-        float dot = 0.f;
-        for (int64_t d = 0; d < D; d++) dot += qf[g * D + d] * load_f(kr, d);
-        s[g * n + l] = dot * scale;
-      }
-    }
-    std::fill(acc.begin(), acc.end(), 0.f);
+void decode_attention_impl(const TQ* q, const T* kc, const T* vc, const int64_t* gather, const int64_t* lens, TQ* out,
+                           int64_t B, int64_t H, int64_t KV, int64_t D, int64_t L, float scale, bool use_bf16) {
+  const int64_t G = H / KV, Dp = (D + 15) / 16 * 16, SZ = 2 * G + G * Dp;
+  const bool bf16_dp = std::is_same_v<TQ, uint16_t> && D % 32 == 0 && use_bf16;
+  // tasks: (row, KV head, part), rows in order; first[b] is row b's first task
+  std::vector<int64_t> first(B + 1, 0);
+  for (int64_t b = 0; b < B; b++) first[b + 1] = first[b] + KV * ((lens[b] + ATT_PART - 1) / ATT_PART);
+  const int64_t tasks = first[B];
+  std::vector<float> parts(tasks * SZ);
+  auto write = [&](int64_t b, int64_t h, const float* const* st, int64_t n) {  // merge n parts' states into out
+    std::vector<float> w(n);
     for (int64_t g = 0; g < G; g++) {
       float mx = -INFINITY;
-      for (int64_t l = 0; l < n; l++) mx = std::max(mx, s[g * n + l]);
-      float sum = 0.f;
-      for (int64_t l = 0; l < n; l++) sum += (s[g * n + l] = std::exp(s[g * n + l] - mx));
-      total[g] = sum;
-    }
-    for (int64_t l = 0; l < n; l++) {
-      const T* vr = vc + (slots[l] * KV + h) * D;
-      for (int64_t g = 0; g < G; g++) {
-        const float p = s[g * n + l];
-        if (D % 16 == 0) {
-          const __m512 pv = _mm512_set1_ps(p);
-          for (int64_t d = 0; d < D; d += 16)
-            _mm512_storeu_ps(&acc[g * D + d], _mm512_fmadd_ps(pv, load16(vr + d), _mm512_loadu_ps(&acc[g * D + d])));
-          continue;
-        }
-        for (int64_t d = 0; d < D; d++) acc[g * D + d] += p * load_f(vr, d);
+      for (int64_t i = 0; i < n; i++) mx = std::max(mx, st[i][g]);
+      float total = 0.f;
+      for (int64_t i = 0; i < n; i++) total += (w[i] = std::exp(st[i][g] - mx)) * st[i][G + g];
+      TQ* o = out + ((b * H) + h * G + g) * D;
+      for (int64_t d = 0; d < D; d++) {
+        float v = 0.f;
+        for (int64_t i = 0; i < n; i++) v += w[i] * st[i][2 * G + g * Dp + d];
+        store_f(o, d, v / total);
       }
     }
-    for (int64_t g = 0; g < G; g++)
-      for (int64_t d = 0; d < D; d++) store_f(out, ((b * H) + h * G + g) * D + d, acc[g * D + d] / total[g]);
-  }
+  };
+  bool merge = false;
+  for (int64_t b = 0; b < B; b++) merge |= lens[b] > ATT_PART;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> q32(G * Dp), kb(ATT_BLOCK * Dp), vb(ATT_BLOCK * Dp), pb(G * 16);
+    std::vector<uint16_t> zero(bf16_dp ? D : 0), vi(bf16_dp ? ATT_BLOCK * D : 0);
+    std::vector<uint32_t> pb16(bf16_dp ? G * 8 : 0);
+    int64_t b = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
+    for (int64_t t = t0; t < t1; t++) {
+      while (t >= first[b + 1]) b++;
+      const int64_t np = (first[b + 1] - first[b]) / KV, h = (t - first[b]) / np, part = (t - first[b]) % np;
+      float* st = parts.data() + t * SZ;
+      const int64_t p0 = part * ATT_PART, p1 = std::min(lens[b], (part + 1) * ATT_PART);
+      if constexpr (std::is_same_v<TQ, uint16_t> && std::is_same_v<T, uint16_t>) {
+        if (bf16_dp) {
+          attention_part_bf16(q + ((b * H) + h * G) * D, kc, vc, gather + b * L, p0, p1, KV, h, G, D, scale,
+                              zero.data(), vi.data(), pb16.data(), st);
+          if (np == 1) write(b, h, &st, 1);
+          continue;
+        }
+      }
+      for (int64_t g = 0; g < G; g++) {
+        const TQ* qr = q + ((b * H) + h * G + g) * D;
+        for (int64_t d = 0; d < Dp; d++) q32[g * Dp + d] = d < D ? load_f(qr, d) : 0.f;
+      }
+      attention_part(q32.data(), kc, vc, gather + b * L, p0, p1, KV, h, G, D, Dp, scale, kb.data(), vb.data(),
+                     pb.data(), st);
+      if (np == 1) write(b, h, &st, 1);
+    }
+  });
+  if (!merge) return;
+  at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<const float*> st;
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t b = t / KV, h = t % KV, np = (first[b + 1] - first[b]) / KV;
+      if (np == 1) continue;
+      st.clear();
+      for (int64_t i = 0; i < np; i++) st.push_back(parts.data() + (first[b] + h * np + i) * SZ);
+      write(b, h, st.data(), np);
+    }
+  });
 }
 }  // namespace
 
@@ -538,7 +747,10 @@ void decode_attention_tasks(const TQ* q, const T* kc, const T* vc, const int64_t
 // cache, as int8 models run), gather [B, L] int64 cache slots of each row's positions, lens [B] int64 (each row
 // attends to gather[b, :lens[b]]) -> [B, H * D] in q's dtype; scale 1/sqrt(D), as SDPA's default.
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                               const torch::Tensor& gather, const torch::Tensor& lens) {
+                               const torch::Tensor& gather, const torch::Tensor& lens, const std::string& use_isa) {
+  const std::string set = use_isa.empty() ? isa() : use_isa;  // tests pick the AVX512F path on BF16 CPUs
+  TORCH_CHECK(set == "avx512f" || (set == "avx512_bf16" && has_avx512_bf16()), "decode_attention: unknown isa ", set);
+  const bool use_bf16 = set == "avx512_bf16";
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && gather.dim() == 2 &&
               lens.dim() == 1 && gather.size(0) == q.size(0) && lens.size(0) == q.size(0) &&
               k_cache.size(2) == q.size(2) && q.size(1) % k_cache.size(1) == 0, "decode_attention: shapes");
@@ -559,20 +771,18 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
   }
   auto out = torch::empty({B, H * D}, q.options());
   const float scale = 1.0f / std::sqrt(float(D));
-  at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
-    const auto* kb = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
-    const auto* vb = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
-    if (ct == at::kFloat)
-      decode_attention_tasks<float, float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                                           gp, lp, out.data_ptr<float>(), H, KV, D, L, scale, t0, t1);
-    else if (qt == at::kFloat)
-      decode_attention_tasks<float, uint16_t>(q.data_ptr<float>(), kb, vb, gp, lp, out.data_ptr<float>(), H, KV, D, L,
-                                              scale, t0, t1);
-    else
-      decode_attention_tasks<uint16_t, uint16_t>(reinterpret_cast<const uint16_t*>(q.data_ptr()), kb, vb, gp, lp,
-                                                 reinterpret_cast<uint16_t*>(out.data_ptr()), H, KV, D, L, scale, t0,
-                                                 t1);
-  });
+  const auto* kb = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
+  const auto* vb = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
+  if (ct == at::kFloat)
+    decode_attention_impl<float, float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), gp,
+                                        lp, out.data_ptr<float>(), B, H, KV, D, L, scale, false);
+  else if (qt == at::kFloat)
+    decode_attention_impl<float, uint16_t>(q.data_ptr<float>(), kb, vb, gp, lp, out.data_ptr<float>(), B, H, KV, D, L,
+                                           scale, false);
+  else
+    decode_attention_impl<uint16_t, uint16_t>(reinterpret_cast<const uint16_t*>(q.data_ptr()), kb, vb, gp, lp,
+                                              reinterpret_cast<uint16_t*>(out.data_ptr()), B, H, KV, D, L, scale,
+                                              use_bf16);
   return out;
 }
 
@@ -907,7 +1117,8 @@ TORCH_LIBRARY(qwen, m) {
   m.def("add_rms_norm_f32w(Tensor x, Tensor? residual, Tensor w, float eps) -> (Tensor, Tensor)");
   m.def("linear_int4(Tensor x, Tensor packed, Tensor scale_min, Tensor? bias=None) -> Tensor");
   m.def("int4_to_bf16(Tensor packed, Tensor scale_min) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor gather, Tensor lens) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor gather, Tensor lens, str isa=\"\") -> "
+        "Tensor");
   m.def("delta_net_decode(Tensor proj, Tensor(a!) conv_state, Tensor conv_w, Tensor(b!) ssm, Tensor slots, "
         "Tensor neg_a, Tensor dt_bias, Tensor norm_w, int key_heads, float eps) -> Tensor");
 }
