@@ -590,10 +590,10 @@ void attention_part(const float* q32, const T* kc, const T* vc, const int64_t* s
   }
 }
 
-// attention_part on AVX512-BF16, for bf16 query rows over a bf16 cache (head size a multiple of 32): the scores as
-// bf16 dot products straight from the cache rows, and the values weighted by the probabilities rounded to bf16 (as
-// torch's CPU flash attention does for bf16), two positions per dot product (the block's value rows interleaved in
-// pairs). Same state as attention_part.
+// attention_part on AVX512-BF16, for a bf16 cache (head size a multiple of 32; float32 query rows are rounded to
+// bf16 first): the scores as bf16 dot products straight from the cache rows, and the values weighed with the
+// probabilities rounded to bf16 (as torch's CPU flash attention does for bf16), two positions per dot product (the
+// block's value rows interleaved in pairs). Same state as attention_part.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 void attention_part_bf16(const uint16_t* q16, const uint16_t* kc, const uint16_t* vc, const int64_t* slots,
                          int64_t p0, int64_t p1, int64_t KV, int64_t h, int64_t G, int64_t D, float scale,
@@ -679,7 +679,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl")))
 void decode_attention_impl(const TQ* q, const T* kc, const T* vc, const int64_t* gather, const int64_t* lens, TQ* out,
                            int64_t B, int64_t H, int64_t KV, int64_t D, int64_t L, float scale, bool use_bf16) {
   const int64_t G = H / KV, Dp = (D + 15) / 16 * 16, SZ = 2 * G + G * Dp;
-  const bool bf16_dp = std::is_same_v<TQ, uint16_t> && D % 32 == 0 && use_bf16;
+  // float32 rows over a bf16 cache (int8 models) take the bf16 path too, their queries rounded to bf16 as the
+  // cache's keys and values already are
+  const bool bf16_dp = std::is_same_v<T, uint16_t> && D % 32 == 0 && use_bf16;
   // tasks: (row, KV head, part), rows in order; first[b] is row b's first task
   std::vector<int64_t> first(B + 1, 0);
   for (int64_t b = 0; b < B; b++) first[b + 1] = first[b] + KV * ((lens[b] + ATT_PART - 1) / ATT_PART);
@@ -704,7 +706,7 @@ void decode_attention_impl(const TQ* q, const T* kc, const T* vc, const int64_t*
   for (int64_t b = 0; b < B; b++) merge |= lens[b] > ATT_PART;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> q32(G * Dp), kb(ATT_BLOCK * Dp), vb(ATT_BLOCK * Dp), pb(G * 16);
-    std::vector<uint16_t> zero(bf16_dp ? D : 0), vi(bf16_dp ? ATT_BLOCK * D : 0);
+    std::vector<uint16_t> zero(bf16_dp ? D : 0), vi(bf16_dp ? ATT_BLOCK * D : 0), qr16(bf16_dp ? G * D : 0);
     std::vector<uint32_t> pb16(bf16_dp ? G * 8 : 0);
     int64_t b = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
     for (int64_t t = t0; t < t1; t++) {
@@ -712,10 +714,17 @@ void decode_attention_impl(const TQ* q, const T* kc, const T* vc, const int64_t*
       const int64_t np = (first[b + 1] - first[b]) / KV, h = (t - first[b]) / np, part = (t - first[b]) % np;
       float* st = parts.data() + t * SZ;
       const int64_t p0 = part * ATT_PART, p1 = std::min(lens[b], (part + 1) * ATT_PART);
-      if constexpr (std::is_same_v<TQ, uint16_t> && std::is_same_v<T, uint16_t>) {
+      if constexpr (std::is_same_v<T, uint16_t>) {
         if (bf16_dp) {
-          attention_part_bf16(q + ((b * H) + h * G) * D, kc, vc, gather + b * L, p0, p1, KV, h, G, D, scale,
-                              zero.data(), vi.data(), pb16.data(), st);
+          const uint16_t* q16 = nullptr;
+          if constexpr (std::is_same_v<TQ, uint16_t>) {
+            q16 = q + ((b * H) + h * G) * D;
+          } else {
+            for (int64_t i = 0; i < G * D; i++) qr16[i] = float_to_bf16(q[((b * H) + h * G) * D + i]);
+            q16 = qr16.data();
+          }
+          attention_part_bf16(q16, kc, vc, gather + b * L, p0, p1, KV, h, G, D, scale, zero.data(), vi.data(),
+                              pb16.data(), st);
           if (np == 1) write(b, h, &st, 1);
           continue;
         }
@@ -778,7 +787,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
                                         lp, out.data_ptr<float>(), B, H, KV, D, L, scale, false);
   else if (qt == at::kFloat)
     decode_attention_impl<float, uint16_t>(q.data_ptr<float>(), kb, vb, gp, lp, out.data_ptr<float>(), B, H, KV, D, L,
-                                           scale, false);
+                                           scale, use_bf16);
   else
     decode_attention_impl<uint16_t, uint16_t>(reinterpret_cast<const uint16_t*>(q.data_ptr()), kb, vb, gp, lp,
                                               reinterpret_cast<uint16_t*>(out.data_ptr()), B, H, KV, D, L, scale,
