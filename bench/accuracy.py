@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import sys
 from pathlib import Path
 
 import torch
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([f"# Accuracy of the quantized modes: {a.model}", "",
                       f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} on {cpu['model']} "
                       f"({cpu['cpus']} CPUs; {', '.join(cpu['flags'])}); against float32 on the same random weights; "
-                      f"`python -m bench.accuracy {' '.join(argv or [])}`", ""] + rows) + "\n"
+                      f"`python -m bench.accuracy {' '.join(sys.argv[1:] if argv is None else argv)}`", ""] + rows) + "\n"
     print(text)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     (a.out_dir / f"accuracy-{dt.date.today().isoformat()}-{a.model}.md").write_text(text)
