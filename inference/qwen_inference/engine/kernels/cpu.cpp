@@ -479,12 +479,13 @@ inline float round_as(float v, const uint16_t*) { return bf16_to_float(float_to_
 
 // Decode rows' attention, straight from the paged cache. A row's positions are cut into parts of ATT_PART (flash
 // decoding: a long row spreads over threads), one task per (row, KV head, part). A task walks its part in blocks of
-// 16 positions: the block's keys and values widened to float once (the next block's prefetched meanwhile), the 16
-// scores of each of the G query heads as one vector (dot products reduced together), an online softmax in float32
-// (the running maximum, the sum, the weighted values rescaled when the maximum grows), and the weighted values
-// summed with the probabilities broadcast. A row of one part writes its output; the parts of a longer row are merged
-// afterwards (each part's sums rescaled to the row's maximum). Head sizes that are not a multiple of 16 are padded
-// with zeros.
+// 16 positions, the next block's rows prefetched meanwhile (the block table scatters them, which the hardware
+// prefetcher does not follow): the 16 scores of each of the G query heads as one vector (their dot products reduced
+// together), an online softmax in float32 (the running maximum, the sum, the weighted values rescaled when the
+// maximum grows), and the values weighed by the probabilities. attention_part widens the block's keys and values to
+// float32 once (head sizes that are not a multiple of 16 padded with zeros); attention_part_bf16 reads a bf16 cache
+// as it is. A row of one part writes its output; the parts of a longer row are merged afterwards (each part's sums
+// rescaled to the row's maximum).
 constexpr int64_t ATT_BLOCK = 16;
 constexpr int64_t ATT_PART = 512;
 
@@ -501,6 +502,25 @@ inline __m512 sums16(const __m512* a) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
 }
 
+// One query head's online-softmax step over a block: the block's 16 dot products `dots` (lanes past the block's
+// end masked off by `valid`) scaled into scores, the running maximum m and sum l updated, the weighted values acc
+// (n floats) rescaled when the maximum grows; returns the block's probabilities exp(score - m), 0 in masked lanes.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 softmax_block(__m512 dots, float scale, __mmask16 valid, float& m, float& l, float* acc, int64_t n) {
+  const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
+  const float bm = _mm512_reduce_max_ps(s);
+  if (bm > m) {
+    const float corr = std::exp(m - bm);  // 0 for the first block
+    l *= corr;
+    const __m512 cv = _mm512_set1_ps(corr);
+    for (int64_t c = 0; c < n; c += 16) _mm512_storeu_ps(acc + c, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + c)));
+    m = bm;
+  }
+  const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m))));
+  l += _mm512_reduce_add_ps(p);
+  return p;
+}
+
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 inline void widen_row(const T* src, float* dst, int64_t D, int64_t Dp) {
@@ -512,9 +532,22 @@ inline void widen_row(const T* src, float* dst, int64_t D, int64_t Dp) {
   for (int64_t d = D; d < Dp; d++) dst[d] = 0.f;
 }
 
+// into L1: the key and value rows (KV head h) of positions j0..j1 (clipped to p1) of `slots`
 template <typename T>
-inline void prefetch_row(const T* p, int64_t bytes) {
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + o, _MM_HINT_T0);
+inline void prefetch_rows(const T* kc, const T* vc, const int64_t* slots, int64_t j0, int64_t j1, int64_t p1,
+                          int64_t KV, int64_t h, int64_t D) {
+  const int64_t bytes = D * int64_t(sizeof(T));
+  for (int64_t j = j0; j < std::min(j1, p1); j++)
+    for (int64_t o = 0; o < bytes; o += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(kc + (slots[j] * KV + h) * D) + o, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(vc + (slots[j] * KV + h) * D) + o, _MM_HINT_T0);
+    }
+}
+
+// a part's state, empty: maxima -inf, sums and weighted values 0 ([2 * G + G * n] floats)
+inline void clear_state(float* st, int64_t G, int64_t n) {
+  std::fill(st, st + G, -INFINITY);
+  std::fill(st + G, st + 2 * G + G * n, 0.f);
 }
 
 // One part of one row's attention for KV head h: positions p0..p1 of `slots`. Leaves, per query head g, the
@@ -525,18 +558,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl")))
 void attention_part(const float* q32, const T* kc, const T* vc, const int64_t* slots, int64_t p0, int64_t p1,
                     int64_t KV, int64_t h, int64_t G, int64_t D, int64_t Dp, float scale, float* kb, float* vb,
                     float* pb, float* st) {
-  float* m = st;
-  float* l = st + G;
-  float* acc = st + 2 * G;
-  std::fill(m, m + G, -INFINITY);
-  std::fill(l, l + G, 0.f);
-  std::fill(acc, acc + G * Dp, 0.f);
-  const int64_t row_bytes = D * int64_t(sizeof(T));
+  clear_state(st, G, Dp);
+  float *m = st, *l = st + G, *acc = st + 2 * G;
   const int64_t C = Dp / 16, P = G * C;  // value accumulators: (query head, 16 channels) pairs
-  for (int64_t j = 0; j < ATT_BLOCK && p0 + j < p1; j++) {
-    prefetch_row(kc + (slots[p0 + j] * KV + h) * D, row_bytes);
-    prefetch_row(vc + (slots[p0 + j] * KV + h) * D, row_bytes);
-  }
+  prefetch_rows(kc, vc, slots, p0, p0 + ATT_BLOCK, p1, KV, h, D);
   for (int64_t l0 = p0; l0 < p1; l0 += ATT_BLOCK) {
     const int64_t nb = std::min(ATT_BLOCK, p1 - l0);
     for (int64_t j = 0; j < nb; j++) {
@@ -544,10 +569,7 @@ void attention_part(const float* q32, const T* kc, const T* vc, const int64_t* s
       widen_row(vc + (slots[l0 + j] * KV + h) * D, vb + j * Dp, D, Dp);
     }
     if (nb < ATT_BLOCK) std::fill(kb + nb * Dp, kb + ATT_BLOCK * Dp, 0.f);  // scores of no position: masked below
-    for (int64_t j = l0 + ATT_BLOCK; j < std::min(l0 + 2 * ATT_BLOCK, p1); j++) {
-      prefetch_row(kc + (slots[j] * KV + h) * D, row_bytes);
-      prefetch_row(vc + (slots[j] * KV + h) * D, row_bytes);
-    }
+    prefetch_rows(kc, vc, slots, l0 + ATT_BLOCK, l0 + 2 * ATT_BLOCK, p1, KV, h, D);
     const __mmask16 valid = nb == ATT_BLOCK ? __mmask16(0xffff) : __mmask16((1u << nb) - 1);
     for (int64_t g = 0; g < G; g++) {
       __m512 a[16];
@@ -556,20 +578,7 @@ void attention_part(const float* q32, const T* kc, const T* vc, const int64_t* s
         const __m512 qv = _mm512_loadu_ps(q32 + g * Dp + c);
         for (int j = 0; j < 16; j++) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kb + j * Dp + c), a[j]);
       }
-      const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
-                                          _mm512_mul_ps(sums16(a), _mm512_set1_ps(scale)));
-      const float bm = _mm512_reduce_max_ps(s);
-      if (bm > m[g]) {
-        const float corr = std::exp(m[g] - bm);  // 0 for the first block
-        l[g] *= corr;
-        const __m512 cv = _mm512_set1_ps(corr);
-        for (int64_t c = 0; c < Dp; c += 16)
-          _mm512_storeu_ps(acc + g * Dp + c, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + g * Dp + c)));
-        m[g] = bm;
-      }
-      const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m[g]))));
-      l[g] += _mm512_reduce_add_ps(p);
-      _mm512_storeu_ps(pb + g * 16, p);
+      _mm512_storeu_ps(pb + g * 16, softmax_block(sums16(a), scale, valid, m[g], l[g], acc + g * Dp, Dp));
     }
     // acc[g, c] += sum_j p[g, j] v[j, c], eight (query head, channel block) pairs at a time
     for (int64_t i0 = 0; i0 < P; i0 += 8) {
@@ -598,31 +607,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 void attention_part_bf16(const uint16_t* q16, const uint16_t* kc, const uint16_t* vc, const int64_t* slots,
                          int64_t p0, int64_t p1, int64_t KV, int64_t h, int64_t G, int64_t D, float scale,
                          const uint16_t* zero, uint16_t* vi, uint32_t* pb, float* st) {
-  float* m = st;
-  float* l = st + G;
-  float* acc = st + 2 * G;
-  std::fill(m, m + G, -INFINITY);
-  std::fill(l, l + G, 0.f);
-  std::fill(acc, acc + G * D, 0.f);
-  const int64_t row_bytes = D * 2, C = D / 16, P = G * C;
+  clear_state(st, G, D);
+  float *m = st, *l = st + G, *acc = st + 2 * G;
+  const int64_t C = D / 16, P = G * C;
   const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const uint16_t* kr[ATT_BLOCK];
   const uint16_t* vr[ATT_BLOCK];
-  for (int64_t j = 0; j < ATT_BLOCK && p0 + j < p1; j++) {
-    prefetch_row(kc + (slots[p0 + j] * KV + h) * D, row_bytes);
-    prefetch_row(vc + (slots[p0 + j] * KV + h) * D, row_bytes);
-  }
+  prefetch_rows(kc, vc, slots, p0, p0 + ATT_BLOCK, p1, KV, h, D);
   for (int64_t l0 = p0; l0 < p1; l0 += ATT_BLOCK) {
     const int64_t nb = std::min(ATT_BLOCK, p1 - l0);
     for (int64_t j = 0; j < ATT_BLOCK; j++) {
       kr[j] = j < nb ? kc + (slots[l0 + j] * KV + h) * D : zero;
       vr[j] = j < nb ? vc + (slots[l0 + j] * KV + h) * D : zero;
     }
-    for (int64_t j = l0 + ATT_BLOCK; j < std::min(l0 + 2 * ATT_BLOCK, p1); j++) {
-      prefetch_row(kc + (slots[j] * KV + h) * D, row_bytes);
-      prefetch_row(vc + (slots[j] * KV + h) * D, row_bytes);
-    }
+    prefetch_rows(kc, vc, slots, l0 + ATT_BLOCK, l0 + 2 * ATT_BLOCK, p1, KV, h, D);
     const int64_t np = (nb + 1) / 2;  // value row pairs (an odd last row paired with zeros)
     for (int64_t jp = 0; jp < np; jp++)
       for (int64_t c = 0; c < C; c++) {
@@ -639,19 +638,7 @@ void attention_part_bf16(const uint16_t* q16, const uint16_t* kc, const uint16_t
         const __m512bh qv = (__m512bh)_mm512_loadu_si512(q16 + g * D + c);
         for (int j = 0; j < 16; j++) a[j] = _mm512_dpbf16_ps(a[j], qv, (__m512bh)_mm512_loadu_si512(kr[j] + c));
       }
-      const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
-                                          _mm512_mul_ps(sums16(a), _mm512_set1_ps(scale)));
-      const float bm = _mm512_reduce_max_ps(s);
-      if (bm > m[g]) {
-        const float corr = std::exp(m[g] - bm);
-        l[g] *= corr;
-        const __m512 cv = _mm512_set1_ps(corr);
-        for (int64_t c = 0; c < D; c += 16)
-          _mm512_storeu_ps(acc + g * D + c, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + g * D + c)));
-        m[g] = bm;
-      }
-      const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m[g]))));
-      l[g] += _mm512_reduce_add_ps(p);
+      const __m512 p = softmax_block(sums16(a), scale, valid, m[g], l[g], acc + g * D, D);
       _mm256_storeu_si256((__m256i*)(pb + g * 8), (__m256i)_mm512_cvtneps_pbh(p));
     }
     for (int64_t i0 = 0; i0 < P; i0 += 8) {
