@@ -268,24 +268,23 @@ async def paired(a: Server, b: Server, words: int, smoke: bool, rounds: int = PA
 
 
 def paired_table(pairs: list[dict]) -> str:
+    def cells(p: dict) -> str:
+        return (f"| {p['a']} | {p['b']} | {len(p['rounds'])} | {1000 * p['tpot_a_median']:.1f} ms | "
+                f"{1000 * p['tpot_b_median']:.1f} ms | {p['speed_median']:.2f}× ({p['speed_min']:.2f}–"
+                f"{p['speed_max']:.2f}) |")
+
     rows = []
     short = [p for p in pairs if not p.get("context")]
     if short:
         rows += ["", "One stream, paired (both servers up, one request on each in turn):", "",
                  "| server | against | rounds | time per token | theirs | speed, median (min–max) |",
-                 "|---|---|---|---|---|---|"]
-    for p in short:
-        rows.append(f"| {p['a']} | {p['b']} | {len(p['rounds'])} | {1000 * p['tpot_a_median']:.1f} ms | "
-                    f"{1000 * p['tpot_b_median']:.1f} ms | {p['speed_median']:.2f}× ({p['speed_min']:.2f}–"
-                    f"{p['speed_max']:.2f}) |")
+                 "|---|---|---|---|---|---|", *map(cells, short)]
     for p in pairs:
         if p.get("context"):
             rows += ["", f"One stream at {p['context']} tokens of context, paired (a new prompt each round):", "",
                      "| server | against | rounds | time per token | theirs | speed, median (min–max) | "
                      "first token | theirs |", "|---|---|---|---|---|---|---|---|",
-                     f"| {p['a']} | {p['b']} | {len(p['rounds'])} | {1000 * p['tpot_a_median']:.1f} ms | "
-                     f"{1000 * p['tpot_b_median']:.1f} ms | {p['speed_median']:.2f}× ({p['speed_min']:.2f}–"
-                     f"{p['speed_max']:.2f}) | {p['ttft_a_median']:.2f} s | {p['ttft_b_median']:.2f} s |"]
+                     cells(p) + f" {p['ttft_a_median']:.2f} s | {p['ttft_b_median']:.2f} s |"]
     return "\n".join(rows) + "\n"
 
 

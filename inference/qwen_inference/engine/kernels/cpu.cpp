@@ -689,8 +689,6 @@ void decode_attention_impl(const TQ* q, const T* kc, const T* vc, const int64_t*
       }
     }
   };
-  bool merge = false;
-  for (int64_t b = 0; b < B; b++) merge |= lens[b] > ATT_PART;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> q32(G * Dp), kb(ATT_BLOCK * Dp), vb(ATT_BLOCK * Dp), pb(G * 16);
     std::vector<uint16_t> zero(bf16_dp ? D : 0), vi(bf16_dp ? ATT_BLOCK * D : 0), qr16(bf16_dp ? G * D : 0);
@@ -701,8 +699,9 @@ void decode_attention_impl(const TQ* q, const T* kc, const T* vc, const int64_t*
       const int64_t np = (first[b + 1] - first[b]) / KV, h = (t - first[b]) / np, part = (t - first[b]) % np;
       float* st = parts.data() + t * SZ;
       const int64_t p0 = part * ATT_PART, p1 = std::min(lens[b], (part + 1) * ATT_PART);
+      bool done = false;
       if constexpr (std::is_same_v<T, uint16_t>) {
-        if (bf16_dp) {
+        if (bf16_dp) {  // its state has the same layout: Dp == D there
           const uint16_t* q16 = nullptr;
           if constexpr (std::is_same_v<TQ, uint16_t>) {
             q16 = q + ((b * H) + h * G) * D;
@@ -712,20 +711,21 @@ void decode_attention_impl(const TQ* q, const T* kc, const T* vc, const int64_t*
           }
           attention_part_bf16(q16, kc, vc, gather + b * L, p0, p1, KV, h, G, D, scale, zero.data(), vi.data(),
                               pb16.data(), st);
-          if (np == 1) write(b, h, &st, 1);
-          continue;
+          done = true;
         }
       }
-      for (int64_t g = 0; g < G; g++) {
-        const TQ* qr = q + ((b * H) + h * G + g) * D;
-        for (int64_t d = 0; d < Dp; d++) q32[g * Dp + d] = d < D ? load_f(qr, d) : 0.f;
+      if (!done) {
+        for (int64_t g = 0; g < G; g++) {
+          const TQ* qr = q + ((b * H) + h * G + g) * D;
+          for (int64_t d = 0; d < Dp; d++) q32[g * Dp + d] = d < D ? load_f(qr, d) : 0.f;
+        }
+        attention_part(q32.data(), kc, vc, gather + b * L, p0, p1, KV, h, G, D, Dp, scale, kb.data(), vb.data(),
+                       pb.data(), st);
       }
-      attention_part(q32.data(), kc, vc, gather + b * L, p0, p1, KV, h, G, D, Dp, scale, kb.data(), vb.data(),
-                     pb.data(), st);
       if (np == 1) write(b, h, &st, 1);
     }
   });
-  if (!merge) return;
+  if (tasks == B * KV) return;  // every row in one part, written above
   at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
     std::vector<const float*> st;
     for (int64_t t = t0; t < t1; t++) {
