@@ -86,10 +86,12 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
         raise ValueError(f"--max-model-len {settings.max_model_len} exceeds the model's {model_max} positions")
     max_model_len = settings.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN)
 
+    checkpoints = settings.state_checkpoints if settings.state_checkpoints is not None else settings.max_concurrency
     plan = plan_caches(model.cache_specs(), budget=platform.cache_budget(), max_concurrency=settings.max_concurrency,
-                       max_model_len=max_model_len, kv_tokens=settings.kv_cache_tokens)
-    log.info("caches: KV %d tokens (%.1f MiB), recurrent state %d sequences (%.1f MiB)", plan.kv_tokens,
-             plan.kv_bytes / 2**20, plan.state_slots, plan.state_bytes / 2**20)
+                       max_model_len=max_model_len, kv_tokens=settings.kv_cache_tokens,
+                       checkpoints=checkpoints if settings.prefix_caching else 0)
+    log.info("caches: KV %d tokens (%.1f MiB), recurrent state %d sequences and %d checkpoints (%.1f MiB)",
+             plan.kv_tokens, plan.kv_bytes / 2**20, plan.state_slots, plan.checkpoints, plan.state_bytes / 2**20)
 
     gen = _generation_config(path)
     eos = _ids(gen.get("eos_token_id")) | _ids(tokenizer.eos_token_id)
@@ -108,6 +110,7 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
         default_seed=settings.seed,
         metrics=metrics,
         prefix_caching=settings.prefix_caching,
+        state_checkpoints=plan.checkpoints,
     )
     return LoadedModel(
         path=path,

@@ -81,7 +81,7 @@ class ServerMetrics(EngineMetrics):
         self.state_usage = Gauge("qwen_recurrent_state_usage_ratio", "Share of recurrent-state slots in use (0 to 1; "
                                  "models with linear-attention layers, 0 for others).", registry=r)
         self.prefix_caching = Gauge("qwen_prefix_caching_enabled", "1 when prompt prefixes are cached (off for models "
-                                    "with a recurrent state per sequence).", registry=r)
+                                    "with a recurrent state per sequence under --state-checkpoints 0).", registry=r)
         self.prompt_tokens = Counter("qwen_prompt_tokens", "Prompt tokens of admitted requests, computed or found in "
                                      "the prefix cache.", registry=r)
         self.prefix_hits = Counter("qwen_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache, not "

@@ -24,7 +24,7 @@ from fastapi import Request
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .engine import EngineDead, FinishEvent, QueueFull, Request as EngineRequest, SamplingParams, TokenEvent
 from .errors import APIError, bad_request
-from .protocol import SamplingFields, TopLogprob, TokenLogprob, Usage
+from .protocol import PromptTokensDetails, SamplingFields, TopLogprob, TokenLogprob, Usage
 
 log = logging.getLogger("qwen_inference.serving")
 
@@ -40,9 +40,10 @@ def sse_event(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 # ---- the model's traits -------------------------------------------------------------------------------

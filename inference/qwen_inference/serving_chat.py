@@ -327,7 +327,7 @@ class ChatService(GenerationService):
             model=self.state.settings.model_name,
             choices=[Choice(index=c.index, message=c.message(), finish_reason=c.finish_reason,
                             logprobs=self._logprobs(c.logprobs) if plan.logprobs else None) for c in choices],
-            usage=usage(handle.prompt_tokens, completion_tokens),
+            usage=usage(handle.prompt_tokens, completion_tokens, handle.cached_tokens),
         )
         return Response(body.model_dump_json(), media_type="application/json")
 
@@ -380,7 +380,7 @@ class ChatService(GenerationService):
             completion_tokens = self._finished(request, choices)
             if include_usage:
                 last = ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
-                                           usage=usage(handle.prompt_tokens, completion_tokens))
+                                           usage=usage(handle.prompt_tokens, completion_tokens, handle.cached_tokens))
                 yield sse_event(last.dumps(include_usage=True))
             yield sse("[DONE]")
             completed = True

@@ -237,7 +237,7 @@ class CompletionService(GenerationService):
                     lp = _joined(echo[c.prompt], lp)
             out.append(CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=c.finish_reason))
         body = Completion(id="cmpl-" + request.state.request_id, created=now(), model=self.state.settings.model_name,
-                          choices=out, usage=usage(run.prompt_tokens, completion_tokens))
+                          choices=out, usage=usage(run.prompt_tokens, completion_tokens, run.cached_tokens))
         return Response(body.model_dump_json(), media_type="application/json")
 
     async def _stream(self, run: "_Run", request: Request, include_usage: bool) -> AsyncIterator[bytes]:
@@ -281,7 +281,7 @@ class CompletionService(GenerationService):
             completion_tokens = self._finished(run, request)
             if include_usage:
                 last = Completion(id=cid, created=created, model=model, choices=[],
-                                  usage=usage(run.prompt_tokens, completion_tokens))
+                                  usage=usage(run.prompt_tokens, completion_tokens, run.cached_tokens))
                 yield sse_event(last.dumps(include_usage=True))
             yield sse("[DONE]")
             completed = True
@@ -307,6 +307,10 @@ class _Run:
     @property
     def prompt_tokens(self) -> int:
         return sum(len(p.ids) for p in self.prompts)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(h.cached_tokens for h in self.handles)
 
     def base(self, c: TextChoice) -> int:
         """Where the generated text starts in the choice's text."""

@@ -73,8 +73,14 @@ class ServeSettings(BaseSettings):
     )
     prefill_chunk: int = Field(256, ge=16, description="Prompt tokens prefilled per engine step.")
     prefix_caching: bool = Field(
-        True, description="Keep the KV cache of full prompt blocks (16 tokens) for later prompts that start alike, "
-                          "such as a shared system prompt."
+        True, description="Keep the KV cache of full blocks (16 tokens) of prompts and replies for later prompts "
+                          "that start alike: a shared system prompt, the next turn of a conversation."
+    )
+    state_checkpoints: int | None = Field(
+        None, ge=0, description="Models with linear-attention layers (Qwen3.5): copies of a sequence's recurrent "
+                                "state kept at block boundaries for prefix caching, each the size of one sequence's "
+                                "state (default: --max-concurrency, fewer where memory is short; 0: no prefix "
+                                "caching for such models)."
     )
     api_key: SecretStr | None = Field(None, description="A key clients must send as `Authorization: Bearer`.")
     api_key_file: Path | None = Field(

@@ -13,6 +13,7 @@ import httpx
 from qwen_inference.logs import JsonFormatter
 
 from ..conftest import running_server
+from .scripted import client as openai_client
 
 
 def sample(text: str, name: str, labels: str = "") -> float:
@@ -52,17 +53,42 @@ def test_metrics_move_with_success_and_failure(client):
 def test_a_shared_system_prompt_is_found_in_the_prefix_cache(client):
     system = {"role": "system", "content": "You answer in one short sentence, in plain words. " * 3}
     before = client.get("/metrics").text
-    usages = []
+    usages, cached = [], []
     for question in ("What is a pod?", "What is a node?"):
         r = client.post("/v1/chat/completions", json={"messages": [system, {"role": "user", "content": question}],
                                                       "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200
         usages.append(r.json()["usage"]["prompt_tokens"])
+        cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
     after = client.get("/metrics").text
     hits = sample(after, "qwen_prefix_cache_hit_tokens_total") - sample(before, "qwen_prefix_cache_hit_tokens_total")
     assert hits >= 16 and hits % 16 == 0 and hits < usages[1]  # whole blocks of the second prompt's shared start
+    assert sum(cached) == hits and cached[1] >= 16  # and the replies say so
     # prompt tokens count every prompt token, found in the cache or computed
     assert sample(after, "qwen_prompt_tokens_total") - sample(before, "qwen_prompt_tokens_total") == sum(usages)
+
+
+def test_the_next_turn_of_a_conversation_reports_its_cached_tokens(srv):
+    """Through the official client, on both families (Qwen3.5 through its state checkpoints): the second turn
+    starts past the first turn's prompt, short of its generation prompt, and says so in
+    `usage.prompt_tokens_details.cached_tokens`, counted in whole blocks; streamed usage says the same."""
+    system = {"role": "system", "content": "You are the conversation test's assistant. Answer in one short "
+                                           "sentence, in plain words, and never in a list. " * 4}
+    messages = [system, {"role": "user", "content": "What is a pod?"}]
+    api = openai_client(srv)
+    first = api.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    p1 = first.usage.prompt_tokens
+    assert p1 >= 80
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And a node?"}]
+    second = api.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached % 16 == 0 and (p1 - 8) // 16 * 16 <= cached < second.usage.prompt_tokens
+    stream = api.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True,
+                                         stream_options={"include_usage": True})
+    last = [chunk for chunk in stream][-1]
+    assert last.usage.prompt_tokens_details.cached_tokens >= cached
 
 
 def test_unknown_paths_share_one_label(client):

@@ -373,6 +373,38 @@ async def test_prefix_cache_hits_give_the_same_tokens(runner):
         cached.stop()
 
 
+async def test_the_next_turn_of_a_conversation_starts_past_the_last_reply(runner):
+    """A sequence's reply blocks join the prefix cache when it ends: a prompt that carries on from the reply
+    (the next turn of a conversation) starts past them, with the same tokens as from scratch. A failed
+    sequence offers nothing."""
+    plain = make_engine(runner)
+    cached = make_engine(runner, prefix_caching=True)
+    prompt = [151644] + list(range(6000, 6039))  # 40 tokens: 2 full blocks
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    try:
+        reply, _ = await run(cached, prompt, params)
+        assert cached.allocator.cached_blocks == (40 + 30 - 1) // 16  # the last reply token was never computed
+        nxt = prompt + reply + [151645, 198, 151644] + list(range(7000, 7010))
+        got, _ = await run(cached, nxt, SamplingParams(max_tokens=8, temperature=0))
+        want, _ = await run(plain, nxt, SamplingParams(max_tokens=8, temperature=0))
+        assert got == want and cached.stats()["prefix_cache_hit_tokens"] == 64
+        before = cached.allocator.cached_blocks
+        calls = []
+
+        def fail_late(seqs):  # 2 prompt chunks of 32, then decode: the 25th step fails, 62 tokens computed
+            calls.append(1)
+            if len(calls) == 25:
+                raise RuntimeError("injected")
+
+        cached.fault_hook = fail_late
+        _, fin = await run(cached, list(range(8000, 8040)), params)
+        assert fin.reason == "error" and cached.allocator.cached_blocks == before + 2  # the prompt's blocks only
+        assert cached.allocator.used_blocks == 0 and cached.allocator.reserved == 0
+    finally:
+        plain.stop()
+        cached.stop()
+
+
 async def test_prefix_cache_under_memory_pressure_evicts_and_leaks_nothing(runner):
     """A cache too small to keep every prompt: cached blocks are taken back for new work, never in use."""
     engine = make_engine(runner, prefix_caching=True, kv_cache_tokens=160, max_concurrency=4)  # 10 blocks

@@ -246,13 +246,91 @@ def test_caches_are_sized_from_the_specs(model):
     plan = plan_caches(specs, budget=per_seq * 4 + attn.bytes_per_token() * 1000, max_concurrency=4,
                        max_model_len=512)
     assert plan.state_slots == 4 and plan.kv_tokens == 1000 and plan.state_bytes == 4 * per_seq
+    assert plan.checkpoints == 0
+    # checkpoints come out of the KV cache's share, as many as leave one whole sequence's KV cache
+    budget = per_seq * 4 + attn.bytes_per_token() * 512 + per_seq * 2 + 100
+    plan = plan_caches(specs, budget=budget, max_concurrency=4, max_model_len=512, checkpoints=8)
+    assert plan.checkpoints == 2 and plan.kv_tokens == 512 and plan.state_bytes == 6 * per_seq
+    plan = plan_caches(specs, budget=budget * 100, max_concurrency=4, max_model_len=512, checkpoints=8)
+    assert plan.checkpoints == 8 and plan.kv_tokens == 4 * 512
+    plan = plan_caches(specs, budget=budget, max_concurrency=4, max_model_len=512, kv_tokens=64, checkpoints=8)
+    assert plan.checkpoints == 8 and plan.kv_tokens == 64  # sized by hand: as asked
+    assert plan_caches([attn], budget=budget, max_concurrency=4, max_model_len=512, checkpoints=8).checkpoints == 0
     with pytest.raises(CacheTooSmall, match="max-concurrency"):
         plan_caches(specs, budget=per_seq * 4, max_concurrency=4, max_model_len=512)
 
 
-def test_prefix_caching_is_off_for_recurrent_models(model):
-    engine = make_engine(model, prefix_caching=True)
+def test_prefix_caching_is_off_without_state_checkpoints(model):
+    """Blocks found in the cache are no use to a model with recurrent layers without the state at their end."""
+    engine = make_engine(model, prefix_caching=True, state_checkpoints=0)
     try:
         assert engine.prefix_caching is False and engine.allocator.prefix_caching is False
+        assert engine.runner.caches.states.checkpoints == 0
     finally:
         engine.stop()
+    on = make_engine(model, prefix_caching=True, state_checkpoints=2)
+    off = make_engine(model, prefix_caching=False, state_checkpoints=2)
+    try:
+        assert on.prefix_caching and on.runner.caches.states.checkpoints == 2
+        assert not off.prefix_caching and off.runner.caches.states.checkpoints == 0  # no rows set aside for nothing
+    finally:
+        on.stop()
+        off.stop()
+
+
+def test_the_state_pool_keeps_checkpoints_least_recently_used_first():
+    from qwen_inference.engine.cache import StatePool
+
+    spec = RecurrentStateSpec((0, 2), (("conv", (3, 2)), ("ssm", (2, 2))), torch.float32)
+    pool = StatePool(spec, 2, [torch.device("cpu")] * 3, checkpoints=2)
+    assert pool.tensors[0]["ssm"].shape == (4, 2, 2) and pool.saved == 0
+    a, b = pool.acquire(), pool.acquire()
+    for layer in (0, 2):
+        pool[layer]["ssm"][a] = 1.0 + layer
+        pool[layer]["conv"][b] = -2.0
+    assert pool.save(a, b"A") and pool.save(b, b"B") and pool.saved == 2
+    pool[0]["ssm"][a] = 9.0  # the sequence goes on: its checkpoint does not
+    assert pool.restore(b"A", b) and pool[2]["ssm"][b].eq(3.0).all() and pool[0]["conv"][b].eq(0).all()
+    assert pool.save(a, b"C")  # full: B, the least recently used, makes room ("A" was just restored)
+    assert pool.has_checkpoint(b"A") and pool.has_checkpoint(b"C") and not pool.has_checkpoint(b"B")
+    assert not pool.restore(b"B", a) and pool[0]["ssm"][a].eq(9.0).all()  # a miss changes nothing
+    assert pool.restore(b"C", b) and pool[0]["ssm"][b].eq(9.0).all()
+    assert not StatePool(spec, 1, [torch.device("cpu")] * 3).save(0, b"A")  # no checkpoint rows: nothing kept
+
+
+async def test_state_checkpoints_let_prompts_start_past_a_cached_prefix_exactly(model, hf):
+    """Greedy replies equal transformers' when a prompt starts from a restored checkpoint: a shared system
+    prompt (the checkpoint made where a second prompt left the first), a repeated prompt, the next turn of a
+    conversation (the prompt's end before its generation prompt); and with room for one checkpoint only, the
+    deepest one still kept."""
+    system = [248045] + list(range(2000, 2089))  # 90 tokens: 5 full blocks
+    first = system + list(range(3000, 3030))  # 120 tokens
+    second = system + list(range(3100, 3025 + 100))
+    third = system + list(range(3200, 3212))
+    turn = first[:-4] + list(range(3300, 3340))  # first's generation prompt (4 tokens) rendered otherwise
+    params = SamplingParams(max_tokens=6, temperature=0)
+    engine = make_engine(model, prefix_caching=True, state_checkpoints=4, prefill_chunk=32)
+    try:
+        hits = []
+        for p in (first, second, third, first, turn):
+            toks, fin = await run(engine, p, params)
+            assert toks == reference(hf, p, 6) and fin.prompt_tokens == len(p)
+            hits.append(engine.stats()["prefix_cache_hit_tokens"] - sum(hits))
+        # first: nothing cached, checkpoint at 112 = (120 - 8) // 16 * 16. second: the system prompt's 5 blocks
+        # are found, but no state at 80: computed again, checkpointed there. third: starts at 80. first again: its
+        # 7 blocks and the checkpoint at 112. turn: the same 7 blocks
+        assert hits == [0, 0, 80, 112, 112]
+        assert engine.stats()["state_checkpoints"] == 4  # 112; 80 and 96 (second's end); 144 (turn's end)
+        pool = engine.runner.caches.states
+        assert pool.used == 0 and engine.allocator.used_blocks == 0 and engine.allocator.reserved == 0
+    finally:
+        engine.stop()
+    small = make_engine(model, prefix_caching=True, state_checkpoints=2, prefill_chunk=32)
+    try:
+        for p in (first, second, first):
+            toks, _ = await run(small, p, params)
+            assert toks == reference(hf, p, 6)
+        # second's checkpoints at 80 and 96 took both rows: first finds its 7 blocks and starts at 80
+        assert small.stats()["prefix_cache_hit_tokens"] == 80 and small.stats()["state_checkpoints"] == 2
+    finally:
+        small.stop()

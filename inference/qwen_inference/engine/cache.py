@@ -7,8 +7,10 @@ Two kinds, as a hybrid model needs both:
 
 Memory is bounded by the number of blocks and slots. A sequence reserves, on admission, the blocks its longest
 possible reply needs, so a running sequence never waits for memory mid-reply; a request that cannot
-reserve waits in the queue instead of failing. With prefix caching, the full blocks of a prompt stay in the
-cache after their sequence ends, and a later prompt that starts with the same tokens starts past them.
+reserve waits in the queue instead of failing. With prefix caching, the full blocks of a sequence stay in the
+cache after it ends, and a later prompt that starts with the same tokens starts past them. A model with
+recurrent layers needs their state at that point too: the state pool keeps checkpoints, copies of a sequence's
+state at a block boundary, named by the same chained hash as the block that ends there.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 @dataclass
 class BlockAllocator:
-    """Hands out blocks and, with prefix caching, keeps full prompt blocks after their sequence ends.
+    """Hands out blocks and, with prefix caching, keeps full blocks after their sequence ends.
 
     A cached block is named by a hash chained over every token up to its end, so two prompts share a block
     only when everything before it is the same too. Blocks in use are counted by reference; a cached block
@@ -132,7 +134,7 @@ class BlockAllocator:
         return blocks
 
     def register(self, block: int, h: bytes) -> None:
-        """`block` now holds the keys and values of the prompt prefix named `h`."""
+        """`block` now holds the keys and values of the token prefix named `h`."""
         if self.prefix_caching and h not in self._by_hash and block not in self._hash_of:
             self._by_hash[h] = block
             self._hash_of[block] = h
@@ -181,7 +183,8 @@ class CachePlan:
     kv_tokens: int  # token slots of the paged KV cache (0: the model has no attention layers)
     state_slots: int  # sequences the recurrent-state pool holds (0: the model has no recurrent layers)
     kv_bytes: int
-    state_bytes: int
+    state_bytes: int  # the running sequences' states and the checkpoints
+    checkpoints: int = 0  # recurrent-state checkpoints kept for prefix caching
 
 
 class CacheTooSmall(ValueError):
@@ -189,14 +192,17 @@ class CacheTooSmall(ValueError):
 
 
 def plan_caches(specs: list[CacheSpec], *, budget: int, max_concurrency: int, max_model_len: int,
-                kv_tokens: int | None = None) -> CachePlan:
+                kv_tokens: int | None = None, checkpoints: int = 0) -> CachePlan:
     """Size the caches: a state slot for every sequence that may run at once, then KV blocks from what is
     left of `budget` (at least one whole sequence, at most every slot at full length), unless `kv_tokens`
-    is given."""
+    is given. Up to `checkpoints` recurrent-state checkpoints (prefix caching, models with recurrent layers)
+    come out of what the KV cache would leave over: as many as fit beside one whole sequence's KV cache."""
     per_token = sum(s.bytes_per_token() for s in specs if isinstance(s, PagedAttentionSpec))
     per_seq = sum(s.bytes_per_sequence() for s in specs if isinstance(s, RecurrentStateSpec))
     slots = max_concurrency if per_seq else 0
     state_bytes = slots * per_seq
+    if not per_seq or not per_token:
+        checkpoints = 0  # without both kinds of layers a checkpoint would have nothing to restore, or no blocks
     if not per_token:
         return CachePlan(0, slots, 0, state_bytes)
     if kv_tokens is None:
@@ -205,8 +211,11 @@ def plan_caches(specs: list[CacheSpec], *, budget: int, max_concurrency: int, ma
             raise CacheTooSmall(
                 f"the recurrent state of {max_concurrency} sequences ({state_bytes / 2**20:.0f} MiB) leaves no room "
                 f"for one sequence's KV cache in {budget / 2**20:.0f} MiB: lower --max-concurrency")
+        if checkpoints:
+            checkpoints = max(0, min(checkpoints, (left - max_model_len * per_token) // per_seq))
+        left -= checkpoints * per_seq
         kv_tokens = min(max_concurrency * max_model_len, max(left // per_token, max_model_len))
-    return CachePlan(kv_tokens, slots, kv_tokens * per_token, state_bytes)
+    return CachePlan(kv_tokens, slots, kv_tokens * per_token, state_bytes + checkpoints * per_seq, checkpoints)
 
 
 # ---- the caches themselves -----------------------------------------------------------------------------
@@ -235,17 +244,63 @@ class PagedKVCache:
 
 class StatePool:
     """Per-sequence recurrent states, one slot per running sequence: for each layer and each named tensor of
-    the spec, `[slots, *shape]` on the layer's device. A slot is zeroed when a new sequence takes it."""
+    the spec, `[slots + checkpoints, *shape]` on the layer's device. A slot is zeroed when a new sequence takes
+    it from its first token, or given a checkpoint's copy when the sequence starts past a cached prefix.
 
-    def __init__(self, spec: RecurrentStateSpec, slots: int, layer_devices: list[torch.device]) -> None:
+    Checkpoints are the rows past the slots: copies of a state at a block boundary, named by the chained hash
+    of the tokens before it (the name of the KV block that ends there), least recently used taken first."""
+
+    def __init__(self, spec: RecurrentStateSpec, slots: int, layer_devices: list[torch.device],
+                 checkpoints: int = 0) -> None:
         self.spec = spec
         self.slots = slots
+        self.checkpoints = checkpoints
         self.tensors: dict[int, dict[str, torch.Tensor]] = {
-            layer: {name: torch.zeros(slots, *shape, dtype=spec.dtype, device=layer_devices[layer])
+            layer: {name: torch.zeros(slots + checkpoints, *shape, dtype=spec.dtype, device=layer_devices[layer])
                     for name, shape in spec.shapes}
             for layer in spec.layers
         }
         self._free = list(range(slots - 1, -1, -1))
+        self._saved: "collections.OrderedDict[bytes, int]" = collections.OrderedDict()  # name -> row, LRU first
+        self._spare = list(range(slots + checkpoints - 1, slots - 1, -1))  # checkpoint rows holding nothing
+
+    @property
+    def saved(self) -> int:
+        return len(self._saved)
+
+    def has_checkpoint(self, name: bytes) -> bool:
+        return name in self._saved
+
+    def save(self, slot: int, name: bytes) -> bool:
+        """Keep a copy of `slot`'s state as checkpoint `name`, in a spare row or the least recently used one.
+        False when no checkpoint rows exist."""
+        if name in self._saved:
+            self._saved.move_to_end(name)
+            return True  # the same tokens give the same state
+        if self._spare:
+            row = self._spare.pop()
+        elif self._saved:
+            _, row = self._saved.popitem(last=False)
+        else:
+            return False
+        self.copy(slot, row)
+        self._saved[name] = row
+        return True
+
+    def restore(self, name: bytes, slot: int) -> bool:
+        """Put checkpoint `name` into `slot`; False when it is not kept."""
+        row = self._saved.get(name)
+        if row is None:
+            return False
+        self._saved.move_to_end(name)
+        self.copy(row, slot)
+        return True
+
+    def copy(self, src: int, dst: int) -> None:
+        """Copy row `src`'s state to row `dst`, in every recurrent layer."""
+        for per_layer in self.tensors.values():
+            for t in per_layer.values():
+                t[dst].copy_(t[src])
 
     @property
     def used(self) -> int:

@@ -7,6 +7,13 @@ parameters (and its own grammar, when one constrains it), and hands the tokens t
 request for `n` choices prefills its prompt once: when the prompt is done, the other choices fork from it,
 sharing its full KV blocks and copying its recurrent state. A cancelled or timed-out request leaves at the
 next step and frees its slots and blocks. When nothing runs, the thread sleeps on a condition: no spinning.
+
+With prefix caching, a prompt starts past the longest run of its full blocks found in the cache (blocks of
+earlier prompts and replies). A model with recurrent layers also needs the state those blocks leave behind:
+a prompt's chunks end, and its state is checkpointed, at the last block boundary before the chat template's
+generation prompt (where the next turn of the conversation renders differently) and at the boundary where the
+blocks found in the cache ended (where another prompt, a shared system prompt say, went its own way); a prompt
+then starts past the deepest boundary whose blocks and checkpoint are both kept.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from .sampling import SamplerState, SamplingParams, apply_penalties, new_state, 
 log = logging.getLogger("qwen_inference.engine")
 
 MAX_TOP_LOGPROBS = 20
+CHECKPOINT_MIN_TOKENS = 64  # a shorter prefix is recomputed faster than a chunk split costs
+GENERATION_PROMPT_TOKENS = 8  # the tail of a prompt its next turn may render differently ("<think>\n\n</think>\n\n")
 
 
 class QueueFull(Exception):
@@ -88,6 +97,7 @@ class RequestHandle:
         self.cancelled = False
         self.cancel_reason = "cancelled"
         self.finished = False  # every choice has finished
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache (set by the engine at admission)
         self.unfinished = n  # choices still running (engine thread)
 
     def cancel(self, reason: str = "cancelled") -> None:
@@ -138,6 +148,7 @@ class Sequence:
     computed: int = 0  # tokens whose keys and values are in the cache
     hashes: list[bytes] | None = None  # chained hashes of the prompt's full blocks (prefix caching)
     registered: int = 0  # of those, blocks already offered to the prefix cache
+    checkpoint_at: list[int] = field(default_factory=list)  # prompt positions where a chunk ends and the state is kept
     prompt_lp: list = field(default_factory=list)  # prompt log-probabilities gathered while prefilling
     prompt_top: list = field(default_factory=list)
     admitted_at: float = 0.0
@@ -180,9 +191,10 @@ class Engine:
         default_seed: int = 0,
         metrics: EngineMetrics | None = None,
         prefix_caching: bool = False,
+        state_checkpoints: int = 0,
     ) -> None:
         self.runner = ModelRunner(model, kv_tokens=kv_cache_tokens, block_size=block_size,
-                                  state_slots=max_concurrency)
+                                  state_slots=max_concurrency, state_checkpoints=state_checkpoints if prefix_caching else 0)
         self.model = model
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
@@ -194,8 +206,8 @@ class Engine:
         self.default_seed = default_seed
         self.prefix_caching = prefix_caching and self.runner.supports_prefix_caching
         if prefix_caching and not self.prefix_caching:
-            log.info("prefix caching is off: this model keeps a recurrent state per sequence, which a cached "
-                     "prompt prefix cannot restore")
+            log.info("prefix caching is off: this model keeps a recurrent state per sequence, and no checkpoints of "
+                     "it are kept to restore at a cached prefix's end")
         self.allocator = BlockAllocator(self.runner.num_blocks, block_size, prefix_caching=self.prefix_caching)
         dev = model.output_device
         self._suppress = (
@@ -259,6 +271,7 @@ class Engine:
             "state_usage": self.runner.state_usage,
             "prefix_cache_hit_tokens": self.allocator.hit_tokens,
             "prefix_cached_blocks": self.allocator.cached_blocks,
+            "state_checkpoints": self.runner.state_checkpoints,
             "steps": self.steps,
         }
 
@@ -399,6 +412,8 @@ class Engine:
                 if seq.request.prompt_logprobs is not None:  # every prompt token's logits are wanted
                     self.allocator.release(cached, 0)
                     cached = []
+                if self.runner.has_state and self.prefix_caching:
+                    cached = self._state_prefix(seq, cached)
                 if not self.allocator.reserve(need - len(cached) + (n - 1) * sibling):
                     self.allocator.release(cached, 0)
                     break  # first come, first served: wait for blocks to free
@@ -409,13 +424,33 @@ class Engine:
                 seq.registered = len(cached)
                 seq.computed = len(cached) * self.block_size
                 seq.state_slot = self.runner.acquire_state()
+                if cached and seq.state_slot is not None:
+                    restored = self.runner.restore_checkpoint(seq.hashes[len(cached) - 1], seq.state_slot)
+                    assert restored, "_state_prefix keeps only blocks that end at a checkpoint"
                 if cached:
+                    seq.handle.cached_tokens = seq.computed
                     self.allocator.hit_tokens += seq.computed
                     self.metrics.on_prefix_hit(seq.computed)
                     self.metrics.on_tokens(seq.computed, 0)
                 seq.admitted_at = now
                 self._running.append(seq)
                 self.metrics.on_admit(now - seq.arrival)
+
+    def _state_prefix(self, seq: Sequence, cached: list[int]) -> list[int]:
+        """A model with recurrent layers starts past cached blocks only up to the deepest boundary whose state
+        is checkpointed: the blocks found past it go back (their tokens are computed again, to rebuild the
+        state). Sets where this prompt's chunks end to checkpoint the state; returns the blocks kept."""
+        bs = self.block_size
+        keep = len(cached)
+        while keep and not self.runner.has_checkpoint(seq.hashes[keep - 1]):
+            keep -= 1
+        marks = {(len(seq.prompt_ids) - GENERATION_PROMPT_TOKENS) // bs * bs}
+        if keep < len(cached):  # another prompt went its own way where the blocks found end: keep the state there
+            marks.add(len(cached) * bs)
+            self.allocator.release(cached[keep:], 0)
+            cached = cached[:keep]
+        seq.checkpoint_at = sorted(m for m in marks if m >= CHECKPOINT_MIN_TOKENS and m > keep * bs)
+        return cached
 
     def _fail_unfit(self, seq: Sequence) -> None:
         out: list = []
@@ -429,6 +464,8 @@ class Engine:
         for s in self._running:
             if s.computed < len(s.prompt_ids) and budget > 0:
                 n = min(len(s.prompt_ids) - s.computed, budget)
+                if s.checkpoint_at:  # the chunk ends where the state is to be checkpointed
+                    n = min(n, s.checkpoint_at[0] - s.computed)
                 prefill.append((s, n))
                 budget -= n
         if not decode and not prefill:
@@ -515,6 +552,9 @@ class Engine:
         for s, n in prefill:
             s.computed += n
             self._offer_prefix(s)
+            if s.checkpoint_at and s.computed == s.checkpoint_at[0]:
+                self.runner.save_checkpoint(s.state_slot, s.hashes[s.computed // self.block_size - 1])
+                s.checkpoint_at.pop(0)
         finished: list[Sequence] = []
         for i, (s, token) in enumerate(zip(sampled, tokens)):
             s.output_ids.append(token)
@@ -645,7 +685,20 @@ class Engine:
             self.allocator.register(seq.blocks[seq.registered], seq.hashes[seq.registered])
             seq.registered += 1
 
+    def _offer_reply(self, seq: Sequence) -> None:
+        """At a sequence's end, its full blocks past the prompt join the prefix cache too: the next turn of a
+        conversation starts with this one's prompt and reply."""
+        bs = self.block_size
+        full = min(seq.computed // bs, len(seq.blocks))
+        if not self.prefix_caching or full <= max(seq.registered, len(seq.prompt_ids) // bs):
+            return
+        hashes = self.allocator.block_hashes([seq.token_at(i) for i in range(full * bs)], full * bs)
+        for i in range(seq.registered, full):
+            self.allocator.register(seq.blocks[i], hashes[i])
+
     def _finish(self, seq: Sequence, reason: str, out: list, error: str | None = None, completion: int | None = None) -> None:
+        if reason != "error":
+            self._offer_reply(seq)
         if seq.blocks or seq.reserved or seq.sibling_reserve:
             self.allocator.release(seq.blocks, seq.reserved + seq.sibling_reserve)
             seq.blocks, seq.reserved, seq.sibling_reserve = [], 0, 0

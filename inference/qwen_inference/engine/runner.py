@@ -29,7 +29,8 @@ class SeqChunk:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, *, kv_tokens: int, block_size: int = 16, state_slots: int = 0) -> None:
+    def __init__(self, model: CausalLM, *, kv_tokens: int, block_size: int = 16, state_slots: int = 0,
+                 state_checkpoints: int = 0) -> None:
         self.model = model
         self.block_size = block_size
         self.attention_backend = model.platform.attention_backend
@@ -40,7 +41,8 @@ class ModelRunner:
         devices = model.layer_devices
         self.caches = Caches(
             kv=PagedKVCache(kv_spec, self.num_blocks, block_size, devices) if kv_spec else None,
-            states=StatePool(state_spec, state_slots, devices) if state_spec and state_slots else None,
+            states=StatePool(state_spec, state_slots, devices, state_checkpoints if kv_spec else 0)
+            if state_spec and state_slots else None,
         )
         if state_spec and not state_slots:
             raise ValueError("this model keeps a recurrent state per sequence: state_slots must be at least 1")
@@ -52,9 +54,26 @@ class ModelRunner:
 
     @property
     def supports_prefix_caching(self) -> bool:
-        """A prompt prefix found in the KV cache can be skipped only when no layer keeps a recurrent state
-        (that state would have to be restored at the block boundary too)."""
-        return not self.has_state
+        """A prompt prefix found in the KV cache can be skipped when no layer keeps a recurrent state, or when
+        the state at the block boundary can be restored too: the model has attention layers (blocks to find)
+        and the state pool keeps checkpoints."""
+        states = self.caches.states
+        return states is None or (self.caches.kv is not None and states.checkpoints > 0)
+
+    @property
+    def state_checkpoints(self) -> int:
+        """Checkpoints kept now (0 for models without recurrent layers)."""
+        return self.caches.states.saved if self.caches.states else 0
+
+    def has_checkpoint(self, name: bytes) -> bool:
+        return self.caches.states is not None and self.caches.states.has_checkpoint(name)
+
+    def save_checkpoint(self, slot: int, name: bytes) -> None:
+        """Keep `slot`'s recurrent state as the checkpoint named `name` (the hash of the tokens it has seen)."""
+        self.caches.states.save(slot, name)
+
+    def restore_checkpoint(self, name: bytes, slot: int) -> bool:
+        return self.caches.states.restore(name, slot)
 
     @property
     def free_state_slots(self) -> int:
@@ -84,12 +103,8 @@ class ModelRunner:
 
     def copy_state(self, src: int, dst: int) -> None:
         """Copy one sequence's recurrent state to another slot, in every recurrent layer."""
-        states = self.caches.states
-        if states is None:
-            return
-        for per_layer in states.tensors.values():
-            for t in per_layer.values():
-                t[dst] = t[src]
+        if self.caches.states is not None:
+            self.caches.states.copy(src, dst)
 
     # ---- one step ----------------------------------------------------------------------------------------
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
