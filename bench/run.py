@@ -47,6 +47,9 @@ PAIRED_ROUNDS = 6
 LONG_CONTEXT_TOKENS = 4000
 LONG_CONTEXT_ROUNDS = 4
 SMOKE_LONG_CONTEXT = 300
+# on the same servers, a conversation's next turn: a new long first turn, a short reply, then a question more
+CONVERSATION_ROUNDS = 3
+CONVERSATION_REPLY_TOKENS = 16
 # a record whose JSON runs well past OUTPUT_TOKENS, so that json_schema replies are cut at the same length as free
 # text: objects, an array, a pattern, a format, an enum, numbers and free strings
 RECORD_SCHEMA = {
@@ -267,6 +270,55 @@ async def paired(a: Server, b: Server, words: int, smoke: bool, rounds: int = PA
     return result
 
 
+async def conversation(a: Server, b: Server, words: int, smoke: bool, context: int,
+                       rounds: int = CONVERSATION_ROUNDS) -> dict:
+    """The next turn of a conversation, on two servers side by side (the order swapped every round): turn 1 is a
+    new prompt of about `context` tokens (a text and a question) answered in a few tokens; turn 2 is that history,
+    the reply and a new question. Each server keeps what its cache keeps (qwen-serve: prefix caching, with state
+    checkpoints for Qwen3.5; llama-server: its slot's prompt cache), so turn 2's first token shows how much of
+    the history each computes again."""
+    import statistics
+
+    from qwen_inference.bench.load import one_request, prompt_text
+
+    out = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for r in range(1 if smoke else rounds):
+            got = {}
+            for s in ((a, b) if r % 2 == 0 else (b, a)):
+                history = [{"role": "system", "content": prompt_text(words, 9 * 10**6 + 100 * r)},
+                           {"role": "user", "content": "Say in one sentence what the text above is about."}]
+                first = await one_request(client, s.chat_url, None, "", CONVERSATION_REPLY_TOKENS, None,
+                                          s.ignore_eos, extra={"messages": history})
+                history += [{"role": "assistant", "content": first.text or ""},
+                            {"role": "user", "content": "Which of its words comes first?"}]
+                second = await one_request(client, s.chat_url, None, "", 4, None, s.ignore_eos,
+                                           extra={"messages": history})
+                if not (first.ok and second.ok) or first.ttft is None or second.ttft is None:
+                    raise RuntimeError(f"{s.label}: the conversation failed: {first.error or second.error}")
+                got[s.label] = {"first_turn": first.ttft, "next_turn": second.ttft}
+            out.append(got)
+            log(f"conversation at {context} tokens, round {r + 1}: next turn's first token "
+                f"{got[a.label]['next_turn']:.2f} / {got[b.label]['next_turn']:.2f} s (first turn "
+                f"{got[a.label]['first_turn']:.2f} / {got[b.label]['first_turn']:.2f} s), {a.label} / {b.label}")
+
+    def med(label: str, turn: str) -> float:
+        return statistics.median(r[label][turn] for r in out)
+
+    return {"a": a.label, "b": b.label, "context": context, "rounds": out,
+            "first_turn_a_median": med(a.label, "first_turn"), "first_turn_b_median": med(b.label, "first_turn"),
+            "next_turn_a_median": med(a.label, "next_turn"), "next_turn_b_median": med(b.label, "next_turn")}
+
+
+def conversation_table(c: dict) -> str:
+    return "\n".join([
+        "", f"A conversation's next turn at {c['context']} tokens of history (first token, median of "
+            f"{len(c['rounds'])} rounds):", "",
+        "| server | first turn | next turn |", "|---|---|---|",
+        f"| {c['a']} | {c['first_turn_a_median']:.2f} s | {c['next_turn_a_median']:.2f} s |",
+        f"| {c['b']} | {c['first_turn_b_median']:.2f} s | {c['next_turn_b_median']:.2f} s |", ""])
+
+
 def paired_table(pairs: list[dict]) -> str:
     def cells(p: dict) -> str:
         return (f"| {p['a']} | {p['b']} | {len(p['rounds'])} | {1000 * p['tpot_a_median']:.1f} ms | "
@@ -459,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"starting {server.label}")
         with server:
             runs.append(asyncio.run(measure(server, levels, words, long_words, a.smoke, a.structured)))
-    pairs = []
+    pairs, talk = [], None
     by_label = {s.label: s for s in chosen}
     for x, y in (SMOKE_PAIRS if a.smoke else PAIRS) if a.paired != "off" else ():
         if x in by_label and y in by_label:
@@ -473,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
                           if s.label in (x, y)]
         log(f"starting {x} and {y} side by side for {context}-token prompts")
         with a_long, b_long:
-            pairs.append(asyncio.run(paired(a_long, b_long, words_for(context, model), a.smoke, LONG_CONTEXT_ROUNDS,
-                                            context)))
+            context_words = words_for(context, model)
+            pairs.append(asyncio.run(paired(a_long, b_long, context_words, a.smoke, LONG_CONTEXT_ROUNDS, context)))
+            talk = asyncio.run(conversation(a_long, b_long, context_words, a.smoke, context))
     a.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = "smoke" if a.smoke else f"{dt.date.today().isoformat()}-{a.model}" + (
         "-structured" if a.structured == "only" else "")
@@ -484,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m bench.run " + " ".join(argv or sys.argv[1:])}
     if a.paired == "only":
         stamp += "-paired"
-    (a.out_dir / f"{stamp}.json").write_text(json.dumps({"meta": meta, "runs": runs, "paired": pairs}, indent=2))
+    (a.out_dir / f"{stamp}.json").write_text(json.dumps({"meta": meta, "runs": runs, "paired": pairs,
+                                                        "conversation": talk}, indent=2))
     from qwen_inference.bench.cli import chart
 
     measured = [r for r in runs if r["levels"]]
@@ -493,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
                                                           f"{OUTPUT_TOKENS} tokens out")
     md = (f"Run {meta['date']} on {cpu['model']} ({cpu['cpus']} CPUs; {', '.join(cpu['flags'])}), model {model.name}: "
           f"`{meta['command']}`\n\n" + (table(measured) + "\n" if measured else "")
-          + "".join(structured_table(r) for r in runs if "structured" in r) + (paired_table(pairs) if pairs else ""))
+          + "".join(structured_table(r) for r in runs if "structured" in r) + (paired_table(pairs) if pairs else "")
+          + (conversation_table(talk) if talk else ""))
     (a.out_dir / f"{stamp}.md").write_text(md)
     print(md)
     return 0

@@ -54,6 +54,12 @@ def test_bench_smoke_run_writes_results_chart_and_table(tmp_path):
     assert long["prefill_speed_median"] == pytest.approx(
         statistics.median(r["seeds-design"] / r["qwen-serve"] for r in long["ttft_rounds"]))
     assert "One stream at 300 tokens of context" in table
+    # and a conversation's next turn on those servers: both turns timed on both
+    talk = data["conversation"]
+    assert (talk["a"], talk["b"], talk["context"]) == ("qwen-serve", "seeds-design", 300) and len(talk["rounds"]) == 1
+    for side in talk["rounds"][0].values():
+        assert side["first_turn"] > 0 and side["next_turn"] > 0
+    assert "A conversation's next turn at 300 tokens of history" in table
     cpu = data["meta"]["cpu"]  # every run names the machine it measured
     assert cpu["model"] != "unknown" and cpu["model"] in table and cpu["cpus"] >= 1
 
