@@ -527,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         with a_long, b_long:
             context_words = words_for(context, model)
             pairs.append(asyncio.run(paired(a_long, b_long, context_words, a.smoke, LONG_CONTEXT_ROUNDS, context)))
-            talk = asyncio.run(conversation(a_long, b_long, context_words, a.smoke, context))
+            # the next turn (the history, a reply and a question) must fit the servers' window too
+            talk = asyncio.run(conversation(a_long, b_long, words_for(context - 64, model), a.smoke, context))
     a.out_dir.mkdir(parents=True, exist_ok=True)
     stamp = "smoke" if a.smoke else f"{dt.date.today().isoformat()}-{a.model}" + (
         "-structured" if a.structured == "only" else "")
