@@ -276,12 +276,13 @@ async def conversation(a: Server, b: Server, words: int, smoke: bool, context: i
     new prompt of about `context` tokens (a text and a question) answered in a few tokens; turn 2 is that history,
     the reply and a new question. Each server keeps what its cache keeps (qwen-serve: prefix caching, with state
     checkpoints for Qwen3.5; llama-server: its slot's prompt cache), so turn 2's first token shows how much of
-    the history each computes again."""
+    the history each computes again. A server that fails ends the rounds (the failure is recorded: the rest of the
+    run's results are kept)."""
     import statistics
 
     from qwen_inference.bench.load import one_request, prompt_text
 
-    out = []
+    out, failed = [], None
     async with httpx.AsyncClient(timeout=600) as client:
         for r in range(1 if smoke else rounds):
             got = {}
@@ -295,28 +296,35 @@ async def conversation(a: Server, b: Server, words: int, smoke: bool, context: i
                 second = await one_request(client, s.chat_url, None, "", 4, None, s.ignore_eos,
                                            extra={"messages": history})
                 if not (first.ok and second.ok) or first.ttft is None or second.ttft is None:
-                    raise RuntimeError(f"{s.label}: the conversation failed: {first.error or second.error}")
+                    failed = f"{s.label} failed in round {r + 1}: {first.error or second.error or 'no token'}"
+                    break
                 got[s.label] = {"first_turn": first.ttft, "next_turn": second.ttft}
+            if failed:
+                log(f"conversation: {failed}")
+                break
             out.append(got)
             log(f"conversation at {context} tokens, round {r + 1}: next turn's first token "
                 f"{got[a.label]['next_turn']:.2f} / {got[b.label]['next_turn']:.2f} s (first turn "
                 f"{got[a.label]['first_turn']:.2f} / {got[b.label]['first_turn']:.2f} s), {a.label} / {b.label}")
 
-    def med(label: str, turn: str) -> float:
-        return statistics.median(r[label][turn] for r in out)
+    def med(label: str, turn: str) -> float | None:
+        return statistics.median(r[label][turn] for r in out) if out else None
 
-    return {"a": a.label, "b": b.label, "context": context, "rounds": out,
+    return {"a": a.label, "b": b.label, "context": context, "rounds": out, "failed": failed,
             "first_turn_a_median": med(a.label, "first_turn"), "first_turn_b_median": med(b.label, "first_turn"),
             "next_turn_a_median": med(a.label, "next_turn"), "next_turn_b_median": med(b.label, "next_turn")}
 
 
 def conversation_table(c: dict) -> str:
-    return "\n".join([
-        "", f"A conversation's next turn at {c['context']} tokens of history (first token, median of "
-            f"{len(c['rounds'])} rounds):", "",
-        "| server | first turn | next turn |", "|---|---|---|",
-        f"| {c['a']} | {c['first_turn_a_median']:.2f} s | {c['next_turn_a_median']:.2f} s |",
-        f"| {c['b']} | {c['first_turn_b_median']:.2f} s | {c['next_turn_b_median']:.2f} s |", ""])
+    rows = ["", f"A conversation's next turn at {c['context']} tokens of history (first token, median of "
+                f"{len(c['rounds'])} rounds):", ""]
+    if c["rounds"]:
+        rows += ["| server | first turn | next turn |", "|---|---|---|",
+                 f"| {c['a']} | {c['first_turn_a_median']:.2f} s | {c['next_turn_a_median']:.2f} s |",
+                 f"| {c['b']} | {c['first_turn_b_median']:.2f} s | {c['next_turn_b_median']:.2f} s |"]
+    if c["failed"]:
+        rows += ["", f"Not finished: {c['failed']}"]
+    return "\n".join(rows + [""])
 
 
 def paired_table(pairs: list[dict]) -> str:

@@ -146,3 +146,19 @@ def test_gpu_harness_runs_its_parts_on_the_cpu(tmp_path):
     assert t["transformers"][0]["mode"].startswith("generate_batch")
     table = out.with_suffix(".md").read_text()
     assert "| qwen2 | 3/3 | 8/8 |" in table and "| qwen3_5 | 3/3 | 8/8 |" in table
+
+
+def test_a_server_that_fails_mid_conversation_ends_the_rounds_and_keeps_the_run(server):
+    """`make bench` records which server failed, and in which round, instead of losing the whole run."""
+    import asyncio
+
+    from bench.run import Server, conversation, conversation_table
+    from devcluster import free_port
+
+    ours = Server("qwen-serve", [], server.port, "/health")
+    gone = Server("gone", [], free_port(), "/health")  # nothing listens there
+    talk = asyncio.run(conversation(ours, gone, 20, False, 300, rounds=2))
+    assert talk["rounds"] == [] and talk["next_turn_a_median"] is None
+    assert talk["failed"].startswith("gone failed in round 1: ConnectError")
+    table = conversation_table(talk)
+    assert "Not finished: gone failed in round 1" in table and "| qwen-serve |" not in table
