@@ -99,6 +99,23 @@ async def test_n_choices_fork_from_one_prefill_and_share_its_blocks(model, hf):
         engine.stop()
 
 
+async def test_n_choices_fork_after_a_cached_prefix(model, hf, preset):
+    """A prompt found in the prefix cache (Qwen3.5: through its state checkpoint) then forks its choices: each
+    gets the state and blocks the restored prefix left, and the greedy replies are transformers'."""
+    engine = make_engine(model, prefill_chunk=32, prefix_caching=True, state_checkpoints=2)
+    prompt = prompt_for(model, 100, base=4000)
+    params = SamplingParams(max_tokens=5, temperature=0)
+    try:
+        await collect(engine.submit("a", prompt, params, 60))
+        toks, _, _, _ = await collect(engine.submit("b", prompt, params, 60, Request(n=3)))
+        assert [toks[i] for i in range(3)] == [reference(hf, prompt, 5)] * 3
+        # dense: every full block but the last token's; Qwen3.5: up to its checkpoint 8 tokens or more before the end
+        assert engine.stats()["prefix_cache_hit_tokens"] == (80 if preset == "tiny-qwen3.5" else 96)
+        assert engine.allocator.used_blocks == 0 and engine.runner.state_usage == 0.0
+    finally:
+        engine.stop()
+
+
 async def test_a_cancelled_request_ends_every_choice_and_frees_everything(model):
     engine = make_engine(model, prefill_chunk=16)
     try:
