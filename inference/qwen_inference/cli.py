@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Literal
@@ -79,12 +80,20 @@ def serve(settings) -> int:
         timeout_keep_alive=5,
     )
     server = Server(config)
+    # uvicorn raises the signal it drained on again once it is done, with the handler it found: by default that
+    # kills the process (exit 143, which Kubernetes shows as an error on every scale-down). A drain that ends is a
+    # clean exit: 0.
+    signal.signal(signal.SIGTERM, _drained)
     server.run()
     if server.load_failed:
         print(f"qwen-serve: error: {state.reason}", file=sys.stderr, flush=True)
         _termination_message(state.reason)
         return EXIT_MODEL_NOT_SUPPORTED if state.permanent else EXIT_FAILED
     return 0
+
+
+def _drained(sig, frame) -> None:
+    """SIGTERM once the server has drained (uvicorn's own handler catches it before): nothing more to do."""
 
 
 # ---- qwen-model ------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_flags_env_logs_and_health_across_loading(tiny_model):
                                                           ("/v1/chat/completions", 200)]
     ready = [e for e in entries if e["message"] == "model ready"]
     assert ready and ready[0]["dtype"] == "float32"
-    assert p.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+    assert p.returncode == 0  # a drained SIGTERM is a clean exit (Kubernetes shows 143 as an error)
     assert any(e["message"].startswith("shutting down") for e in entries)
 
 
@@ -102,7 +102,7 @@ def test_sigterm_finishes_running_requests_and_refuses_new_ones(tiny_model):
         assert result["r"].json()["usage"]["completion_tokens"] == 300
     finally:
         stop(p)
-    assert p.returncode in (0, -signal.SIGTERM)
+    assert p.returncode == 0
 
 
 def test_demo_model_banner_and_first_use(tmp_path):
