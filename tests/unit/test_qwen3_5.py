@@ -284,18 +284,67 @@ def test_the_state_pool_keeps_checkpoints_least_recently_used_first():
     spec = RecurrentStateSpec((0, 2), (("conv", (3, 2)), ("ssm", (2, 2))), torch.float32)
     pool = StatePool(spec, 2, [torch.device("cpu")] * 3, checkpoints=2)
     assert pool.tensors[0]["ssm"].shape == (4, 2, 2) and pool.saved == 0
+
+    def write(row, value):  # what the model does in the step that reaches the boundary
+        for layer in (0, 2):
+            pool[layer]["ssm"][row] = value + layer
+            pool[layer]["conv"][row] = -value
+
     a, b = pool.acquire(), pool.acquire()
-    for layer in (0, 2):
-        pool[layer]["ssm"][a] = 1.0 + layer
-        pool[layer]["conv"][b] = -2.0
-    assert pool.save(a, b"A") and pool.save(b, b"B") and pool.saved == 2
-    pool[0]["ssm"][a] = 9.0  # the sequence goes on: its checkpoint does not
-    assert pool.restore(b"A", b) and pool[2]["ssm"][b].eq(3.0).all() and pool[0]["conv"][b].eq(0).all()
-    assert pool.save(a, b"C")  # full: B, the least recently used, makes room ("A" was just restored)
-    assert pool.has_checkpoint(b"A") and pool.has_checkpoint(b"C") and not pool.has_checkpoint(b"B")
-    assert not pool.restore(b"B", a) and pool[0]["ssm"][a].eq(9.0).all()  # a miss changes nothing
-    assert pool.restore(b"C", b) and pool[0]["ssm"][b].eq(9.0).all()
-    assert not StatePool(spec, 1, [torch.device("cpu")] * 3).save(0, b"A")  # no checkpoint rows: nothing kept
+    ra = pool.claim(b"A")
+    assert ra is not None and ra >= 2 and not pool.has_checkpoint(b"A")  # found only once committed
+    write(ra, 1.0)
+    pool.commit(b"A", ra)
+    assert pool.claim(b"A") is None  # kept already: nothing to write
+    rb = pool.claim(b"B")
+    write(rb, 5.0)
+    pool.commit(b"B", rb)
+    assert pool.restore(b"A", b) and pool[2]["ssm"][b].eq(3.0).all() and pool[0]["conv"][b].eq(-1.0).all()
+    rc = pool.claim(b"C")  # full: B, the least recently used, makes room ("A" was just restored)
+    assert rc == rb and not pool.has_checkpoint(b"B")
+    pool.abandon(rc)  # the step failed: the row holds nothing and C is not kept
+    assert not pool.has_checkpoint(b"C") and pool.saved == 1
+    assert not pool.restore(b"C", a) and pool[0]["ssm"][a].eq(0).all()  # a miss changes nothing
+    # two prompts alike in one step: both claim (the second row is A's, the least recently used), one is kept
+    r1, r2 = pool.claim(b"D"), pool.claim(b"D")
+    assert r1 == rc and r2 == ra and not pool.has_checkpoint(b"A")
+    write(r1, 7.0)
+    write(r2, 7.0)
+    pool.commit(b"D", r1)
+    pool.commit(b"D", r2)
+    assert pool.saved == 1 and pool.has_checkpoint(b"D")
+    assert pool.claim(b"E") == r2 and pool.has_checkpoint(b"D")  # the other row went back: E evicts nothing
+    assert StatePool(spec, 1, [torch.device("cpu")] * 3).claim(b"A") is None  # no checkpoint rows
+
+
+async def test_a_failed_step_keeps_no_checkpoint_and_loses_no_row(model, hf):
+    """The rows a failed step was to write go back unwritten: nothing is found under their names, and every row
+    is there for the next prompt, which checkpoints and restores as usual."""
+    engine = make_engine(model, prefix_caching=True, state_checkpoints=2, prefill_chunk=32)
+    execute = engine.runner.execute
+
+    def fail_when_saving(chunks):
+        if any(c.save_state_to is not None for c in chunks):
+            raise RuntimeError("injected")
+        return execute(chunks)
+
+    prompt = [248045] + list(range(2500, 2599))  # 100 tokens: a checkpoint at 80
+    params = SamplingParams(max_tokens=4, temperature=0)
+    try:
+        engine.runner.execute = fail_when_saving
+        _, fin = await run(engine, prompt, params)
+        assert fin.reason == "error" and engine.stats()["state_checkpoints"] == 0
+        pool = engine.runner.caches.states
+        rows = [pool.claim(name) for name in (b"x", b"y")]
+        assert sorted(rows) == [pool.slots, pool.slots + 1]  # both rows back
+        for row in rows:
+            pool.abandon(row)
+        engine.runner.execute = execute
+        for hit in (0, 80):
+            toks, _ = await run(engine, prompt, params)
+            assert toks == reference(hf, prompt, 4) and engine.stats()["prefix_cache_hit_tokens"] == hit
+    finally:
+        engine.stop()
 
 
 async def test_state_checkpoints_let_prompts_start_past_a_cached_prefix_exactly(model, hf):

@@ -248,7 +248,8 @@ class StatePool:
     it from its first token, or given a checkpoint's copy when the sequence starts past a cached prefix.
 
     Checkpoints are the rows past the slots: copies of a state at a block boundary, named by the chained hash
-    of the tokens before it (the name of the KV block that ends there), least recently used taken first."""
+    of the tokens before it (the name of the KV block that ends there), least recently used taken first. The
+    model writes them itself, in the step that reaches the boundary (`ForwardBatch.state_saves`)."""
 
     def __init__(self, spec: RecurrentStateSpec, slots: int, layer_devices: list[torch.device],
                  checkpoints: int = 0) -> None:
@@ -271,21 +272,30 @@ class StatePool:
     def has_checkpoint(self, name: bytes) -> bool:
         return name in self._saved
 
-    def save(self, slot: int, name: bytes) -> bool:
-        """Keep a copy of `slot`'s state as checkpoint `name`, in a spare row or the least recently used one.
-        False when no checkpoint rows exist."""
+    def claim(self, name: bytes) -> int | None:
+        """A row for the model to write checkpoint `name` into during a step: a spare one, or the least recently
+        used checkpoint's. None when `name` is kept already (the same tokens give the same state) or no row is
+        free. The row is found under `name` only after commit(); abandon() gives it back."""
         if name in self._saved:
             self._saved.move_to_end(name)
-            return True  # the same tokens give the same state
+            return None
         if self._spare:
-            row = self._spare.pop()
-        elif self._saved:
-            _, row = self._saved.popitem(last=False)
+            return self._spare.pop()
+        if self._saved:
+            return self._saved.popitem(last=False)[1]
+        return None
+
+    def commit(self, name: bytes, row: int) -> None:
+        """The step that wrote `row` succeeded: it is checkpoint `name` from now on (unless another row of the same
+        step became `name` first: two prompts alike, side by side)."""
+        if name in self._saved:
+            self._spare.append(row)
         else:
-            return False
-        self.copy(slot, row)
-        self._saved[name] = row
-        return True
+            self._saved[name] = row
+
+    def abandon(self, row: int) -> None:
+        """The step that was to write `row` failed: the row holds nothing."""
+        self._spare.append(row)
 
     def restore(self, name: bytes, slot: int) -> bool:
         """Put checkpoint `name` into `slot`; False when it is not kept."""

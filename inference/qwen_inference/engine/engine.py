@@ -10,8 +10,8 @@ next step and frees its slots and blocks. When nothing runs, the thread sleeps o
 
 With prefix caching, a prompt starts past the longest run of its full blocks found in the cache (blocks of
 earlier prompts and replies). A model with recurrent layers also needs the state those blocks leave behind:
-a prompt's chunks end, and its state is checkpointed, at the last block boundary before the chat template's
-generation prompt (where the next turn of the conversation renders differently) and at the boundary where the
+a prompt's state is checkpointed, in the step that gets there, at the last block boundary before the chat
+template's generation prompt (where the next turn of the conversation renders differently) and at the boundary where the
 blocks found in the cache ended (where another prompt, a shared system prompt say, went its own way); a prompt
 then starts past the deepest boundary whose blocks and checkpoint are both kept.
 """
@@ -37,7 +37,7 @@ from .sampling import SamplerState, SamplingParams, apply_penalties, new_state, 
 log = logging.getLogger("qwen_inference.engine")
 
 MAX_TOP_LOGPROBS = 20
-CHECKPOINT_MIN_TOKENS = 64  # a shorter prefix is recomputed faster than a chunk split costs
+CHECKPOINT_MIN_TOKENS = 64  # a shorter prefix is recomputed in no time: its checkpoint would only push out longer ones
 GENERATION_PROMPT_TOKENS = 8  # the tail of a prompt its next turn may render differently ("<think>\n\n</think>\n\n")
 
 
@@ -148,7 +148,7 @@ class Sequence:
     computed: int = 0  # tokens whose keys and values are in the cache
     hashes: list[bytes] | None = None  # chained hashes of the prompt's full blocks (prefix caching)
     registered: int = 0  # of those, blocks already offered to the prefix cache
-    checkpoint_at: list[int] = field(default_factory=list)  # prompt positions where a chunk ends and the state is kept
+    checkpoint_at: list[int] = field(default_factory=list)  # prompt positions where the state is checkpointed
     prompt_lp: list = field(default_factory=list)  # prompt log-probabilities gathered while prefilling
     prompt_top: list = field(default_factory=list)
     admitted_at: float = 0.0
@@ -464,8 +464,6 @@ class Engine:
         for s in self._running:
             if s.computed < len(s.prompt_ids) and budget > 0:
                 n = min(len(s.prompt_ids) - s.computed, budget)
-                if s.checkpoint_at:  # the chunk ends where the state is to be checkpointed
-                    n = min(n, s.checkpoint_at[0] - s.computed)
                 prefill.append((s, n))
                 budget -= n
         if not decode and not prefill:
@@ -477,20 +475,35 @@ class Engine:
             seq.blocks.append(self.allocator.take())
             seq.reserved -= 1
 
-    def _chunks(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]) -> list[SeqChunk]:
-        """This step's work for the runner: one token of each decoding sequence, then each prompt chunk."""
-        chunks = []
+    def _chunks(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]):
+        """This step's work for the runner: one token of each decoding sequence, then each prompt chunk, the
+        sequence each chunk belongs to, and the checkpoints (name, row) the step writes. A prompt chunk that passes
+        one of its sequence's checkpoint positions is cut there in two, in order in the same step, the first
+        writing the state it leaves to a checkpoint row."""
+        chunks, owners, saves = [], [], []
         for s in decode:
             pos = s.computed
             self._ensure_blocks(s, pos + 1)
             chunks.append(SeqChunk([s.token_at(pos)], pos, s.blocks, s.state_slot, logits=True))
+            owners.append(s)
         for s, n in prefill:
-            first = s.computed
-            self._ensure_blocks(s, first + n)
-            chunks.append(SeqChunk(s.prompt_ids[first:first + n], first, s.blocks, s.state_slot,
-                                   logits=first + n == len(s.prompt_ids),
-                                   all_logits=s.request.prompt_logprobs is not None))
-        return chunks
+            first, end = s.computed, s.computed + n
+            self._ensure_blocks(s, end)
+            cuts = [m for m in s.checkpoint_at if first < m <= end]
+            for a, b in zip([first] + cuts, cuts + [end]):
+                if a == b:
+                    continue
+                row = None
+                if b in cuts:
+                    name = s.hashes[b // self.block_size - 1]
+                    row = self.runner.claim_checkpoint(name)
+                    if row is not None:
+                        saves.append((name, row))
+                chunks.append(SeqChunk(s.prompt_ids[a:b], a, s.blocks, s.state_slot,
+                                       logits=b == len(s.prompt_ids), all_logits=s.request.prompt_logprobs is not None,
+                                       save_state_to=row, prompt=True))
+                owners.append(s)
+        return chunks, owners, saves
 
     def _execute(self, batch, out: list) -> None:
         decode, prefill = batch
@@ -515,13 +528,20 @@ class Engine:
     def _forward_and_sample(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]], out: list) -> None:
         if self.fault_hook is not None:
             self.fault_hook(decode + [s for s, _ in prefill])
-        chunks = self._chunks(decode, prefill)
-        logits = self.runner.execute(chunks)
+        chunks, owners, saves = self._chunks(decode, prefill)
+        try:
+            logits = self.runner.execute(chunks)
+        except BaseException:
+            for _, row in saves:
+                self.runner.abandon_checkpoint(row)
+            raise
+        for name, row in saves:
+            self.runner.commit_checkpoint(name, row)
         # which row of `logits` each sampling sequence reads; prompt log-probabilities from all-logits chunks
         rows: list[int] = []
         sampled: list[Sequence] = []
         r = 0
-        for c, s in zip(chunks, decode + [s for s, _ in prefill]):
+        for c, s in zip(chunks, owners):
             if c.all_logits:
                 self._prompt_logprobs(s, c, logits[r: r + len(c.tokens)], out)
                 r += len(c.tokens)
@@ -552,9 +572,7 @@ class Engine:
         for s, n in prefill:
             s.computed += n
             self._offer_prefix(s)
-            if s.checkpoint_at and s.computed == s.checkpoint_at[0]:
-                self.runner.save_checkpoint(s.state_slot, s.hashes[s.computed // self.block_size - 1])
-                s.checkpoint_at.pop(0)
+            s.checkpoint_at = [m for m in s.checkpoint_at if m > s.computed]
         finished: list[Sequence] = []
         for i, (s, token) in enumerate(zip(sampled, tokens)):
             s.output_ids.append(token)

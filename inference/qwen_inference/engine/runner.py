@@ -26,6 +26,8 @@ class SeqChunk:
     state_slot: int | None = None
     logits: bool = False  # the next-token logits after the chunk's last token are wanted
     all_logits: bool = False  # the logits after every token of the chunk (prompt log-probabilities)
+    save_state_to: int | None = None  # a checkpoint row for the recurrent state after the chunk
+    prompt: bool = False  # a prompt chunk even when it holds one token (else one token is a decode row)
 
 
 class ModelRunner:
@@ -68,9 +70,16 @@ class ModelRunner:
     def has_checkpoint(self, name: bytes) -> bool:
         return self.caches.states is not None and self.caches.states.has_checkpoint(name)
 
-    def save_checkpoint(self, slot: int, name: bytes) -> None:
-        """Keep `slot`'s recurrent state as the checkpoint named `name` (the hash of the tokens it has seen)."""
-        self.caches.states.save(slot, name)
+    def claim_checkpoint(self, name: bytes) -> int | None:
+        """A row for checkpoint `name` (the hash of the tokens its state has seen), for a chunk's `save_state_to`;
+        None when it is kept already or no row is free."""
+        return self.caches.states.claim(name)
+
+    def commit_checkpoint(self, name: bytes, row: int) -> None:
+        self.caches.states.commit(name, row)
+
+    def abandon_checkpoint(self, row: int) -> None:
+        self.caches.states.abandon(row)
 
     def restore_checkpoint(self, name: bytes, slot: int) -> bool:
         return self.caches.states.restore(name, slot)
@@ -110,8 +119,8 @@ class ModelRunner:
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Run one forward over `chunks`; return float32 logits in the chunks' order: a row for each chunk that
         asked for its last token's, or one per token for a chunk that asked for all."""
-        singles = [c for c in chunks if len(c.tokens) == 1]
-        multis = [c for c in chunks if len(c.tokens) > 1]
+        singles = [c for c in chunks if len(c.tokens) == 1 and not c.prompt]
+        multis = [c for c in chunks if len(c.tokens) > 1 or c.prompt]
         tokens: list[int] = []
         positions: list[int] = []
         segments: list[tuple[int, int]] = []
@@ -148,4 +157,5 @@ class ModelRunner:
                 raise ValueError("every chunk of a model with recurrent layers needs a state slot")
             self.caches.states.reset([c.state_slot for c in ordered if c.start == 0])
             batch.state_slots = torch.tensor([c.state_slot for c in ordered], dtype=torch.long)
+            batch.state_saves = [(j, c.save_state_to) for j, c in enumerate(multis) if c.save_state_to is not None]
         return self.model.forward(batch, self.caches)
