@@ -194,7 +194,8 @@ class Engine:
         state_checkpoints: int = 0,
     ) -> None:
         self.runner = ModelRunner(model, kv_tokens=kv_cache_tokens, block_size=block_size,
-                                  state_slots=max_concurrency, state_checkpoints=state_checkpoints if prefix_caching else 0)
+                                  state_slots=max_concurrency,
+                                  state_checkpoints=state_checkpoints if prefix_caching else 0)
         self.model = model
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
