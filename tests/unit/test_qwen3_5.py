@@ -317,6 +317,35 @@ def test_the_state_pool_keeps_checkpoints_least_recently_used_first():
     assert StatePool(spec, 1, [torch.device("cpu")] * 3).claim(b"A") is None  # no checkpoint rows
 
 
+async def test_a_batched_step_that_fails_in_the_model_ends_its_sequences_rather_than_run_them_twice(model, hf):
+    """A step that fails once the model has run (its recurrent states moved on in place) cannot be run again
+    sequence by sequence, as a step that failed before it can: every sequence in it ends with the error, the
+    engine goes on, and later requests get transformers' replies."""
+    engine = make_engine(model, prefill_chunk=64)
+    execute = engine.runner.execute
+    failed = []
+
+    def fail_after_the_forward(chunks):
+        logits = execute(chunks)
+        if len(chunks) == 2 and all(len(c.tokens) == 1 for c in chunks) and not failed:  # two decode rows
+            failed.append(1)
+            raise RuntimeError("injected")
+        return logits
+
+    engine.runner.execute = fail_after_the_forward
+    params = SamplingParams(max_tokens=6, temperature=0)
+    a, b = prompts(2, base=6000)
+    try:
+        results = await asyncio.gather(run(engine, a, params, rid="a"), run(engine, b, params, rid="b"))
+        assert failed and [fin.reason for _, fin in results] == ["error", "error"]
+        assert all("injected" in fin.error for _, fin in results)
+        assert engine.runner.caches.states.used == 0 and engine.allocator.used_blocks == 0
+        toks, fin = await run(engine, b, params)
+        assert fin.reason == "length" and toks == reference(hf, b, 6)
+    finally:
+        engine.stop()
+
+
 async def test_a_failed_step_keeps_no_checkpoint_and_loses_no_row(model, hf):
     """The rows a failed step was to write go back unwritten: nothing is found under their names, and every row
     is there for the next prompt, which checkpoints and restores as usual."""

@@ -11,9 +11,13 @@ next step and frees its slots and blocks. When nothing runs, the thread sleeps o
 With prefix caching, a prompt starts past the longest run of its full blocks found in the cache (blocks of
 earlier prompts and replies). A model with recurrent layers also needs the state those blocks leave behind:
 a prompt's state is checkpointed, in the step that gets there, at the last block boundary before the chat
-template's generation prompt (where the next turn of the conversation renders differently) and at the boundary where the
-blocks found in the cache ended (where another prompt, a shared system prompt say, went its own way); a prompt
-then starts past the deepest boundary whose blocks and checkpoint are both kept.
+template's generation prompt (where the next turn of the conversation renders differently) and at the
+boundary where the blocks found in the cache ended (where another prompt, a shared system prompt say, went its
+own way); a prompt then starts past the deepest boundary whose blocks and checkpoint are both kept.
+
+A step that fails is run again sequence by sequence, so that one bad request fails alone; not once the model
+has run on a model with recurrent layers, whose states it moved on in place: then every sequence of the step
+ends with the error.
 """
 
 from __future__ import annotations
@@ -228,6 +232,7 @@ class Engine:
         self.alive = False
         self.fatal_error: str | None = None
         self.fault_hook: Callable[[list[Sequence]], None] | None = None
+        self._forward_started = False  # whether the step being run reached the model
 
     # ---- public, called from the asyncio side -------------------------------------------------------
     @property
@@ -440,7 +445,7 @@ class Engine:
     def _state_prefix(self, seq: Sequence, cached: list[int]) -> list[int]:
         """A model with recurrent layers starts past cached blocks only up to the deepest boundary whose state
         is checkpointed: the blocks found past it go back (their tokens are computed again, to rebuild the
-        state). Sets where this prompt's chunks end to checkpoint the state; returns the blocks kept."""
+        state). Sets where this prompt's state is to be checkpointed; returns the blocks kept."""
         bs = self.block_size
         keep = len(cached)
         while keep and not self.runner.has_checkpoint(seq.hashes[keep - 1]):
@@ -508,14 +513,19 @@ class Engine:
 
     def _execute(self, batch, out: list) -> None:
         decode, prefill = batch
+        self._forward_started = False
         try:
             self._forward_and_sample(decode, prefill, out)
         except Exception as exc:  # noqa: BLE001
-            if len(decode) + len(prefill) == 1:
-                seq = (decode or [p[0] for p in prefill])[0]
-                log.exception("generation failed for request %s", seq.handle.request_id)
-                self._running.remove(seq)
-                self._finish(seq, "error", out, error=f"generation failed: {exc}")
+            seqs = decode + [p[0] for p in prefill]
+            if len(seqs) == 1 or (self.runner.has_state and self._forward_started):
+                # alone, or past the start of a forward that moves recurrent states on in place: a state may hold
+                # part of this step, so the step cannot be run again for any of its sequences
+                for seq in seqs:
+                    log.exception("generation failed for request %s", seq.handle.request_id)
+                    if seq in self._running:
+                        self._running.remove(seq)
+                        self._finish(seq, "error", out, error=f"generation failed: {exc}")
                 return
             # isolate the culprit: run each sequence alone so one bad request fails alone
             log.warning("batched step failed (%s); retrying each sequence alone", exc)
@@ -530,6 +540,7 @@ class Engine:
         if self.fault_hook is not None:
             self.fault_hook(decode + [s for s, _ in prefill])
         chunks, owners, saves = self._chunks(decode, prefill)
+        self._forward_started = True
         try:
             logits = self.runner.execute(chunks)
         except BaseException:
