@@ -116,6 +116,43 @@ async def test_n_choices_fork_after_a_cached_prefix(model, hf, preset):
         engine.stop()
 
 
+async def test_a_step_that_fails_as_choices_fork_gives_back_the_forks(model, hf, preset):
+    """The step in which a request's choices fork fails after the model ran: the forks are undone. The dense
+    model runs each request again alone (the parent forks anew: every choice gets transformers' reply); Qwen3.5,
+    whose states already took the step, ends both requests, every choice. Nothing is left held either way."""
+    import asyncio
+
+    engine = make_engine(model, prefill_chunk=128)
+    process = engine._process
+    failed = []
+
+    def fail_at_the_fork(logits, sampled):
+        if any(s.index > 0 for s in sampled) and len({s.handle for s in sampled}) == 2 and not failed:
+            failed.append(1)
+            raise RuntimeError("injected")
+        return process(logits, sampled)
+
+    engine._process = fail_at_the_fork
+    prompt, other = prompt_for(model, 40), prompt_for(model, 30, base=3000)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    try:
+        (toks, fins, _, _), (toks2, fins2, _, _) = await asyncio.gather(
+            collect(engine.submit("n", prompt, params, 60, Request(n=3))), collect(engine.submit("o", other, params, 60)))
+        assert failed
+        if preset == "tiny-qwen3.5":
+            assert {i: f.reason for i, f in fins.items()} == {0: "error", 1: "error", 2: "error"} and not toks
+            assert fins2[0].reason == "error"
+        else:
+            assert [toks[i] for i in range(3)] == [reference(hf, prompt, 4)] * 3
+            assert toks2[0] == reference(hf, other, 4) and fins2[0].reason == "length"
+        assert engine.allocator.used_blocks == 0 and engine.allocator.reserved == 0
+        assert engine.runner.state_usage == 0.0 and not engine._running
+        toks, _, _, _ = await collect(engine.submit("again", prompt, params, 60, Request(n=3)))
+        assert [toks[i] for i in range(3)] == [reference(hf, prompt, 4)] * 3
+    finally:
+        engine.stop()
+
+
 async def test_a_cancelled_request_ends_every_choice_and_frees_everything(model):
     engine = make_engine(model, prefill_chunk=16)
     try:

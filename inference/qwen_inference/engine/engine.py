@@ -233,6 +233,7 @@ class Engine:
         self.fatal_error: str | None = None
         self.fault_hook: Callable[[list[Sequence]], None] | None = None
         self._forward_started = False  # whether the step being run reached the model
+        self._forked: list[Sequence] = []  # choices forked in the step being run
 
     # ---- public, called from the asyncio side -------------------------------------------------------
     @property
@@ -514,9 +515,12 @@ class Engine:
     def _execute(self, batch, out: list) -> None:
         decode, prefill = batch
         self._forward_started = False
+        self._forked = []
         try:
             self._forward_and_sample(decode, prefill, out)
         except Exception as exc:  # noqa: BLE001
+            for child in self._forked:  # choices forked in the failed step: never started, gone with it
+                self._unfork(child)
             seqs = decode + [p[0] for p in prefill]
             if len(seqs) == 1 or (self.runner.has_state and self._forward_started):
                 # alone, or past the start of a forward that moves recurrent states on in place: a state may hold
@@ -568,6 +572,7 @@ class Engine:
             s = sampled[j]
             if s.request.n > 1 and not s.output_ids and s.index == 0:  # the prompt is done: fork the choices
                 children = self._fork(s)
+                self._forked += children
                 sampled.extend(children)
                 rows.extend([rows[j]] * len(children))
         if rows != list(range(logits.shape[0])):
@@ -707,6 +712,21 @@ class Engine:
             children.append(child)
         self._running.extend(children)
         return children
+
+    def _unfork(self, child: Sequence) -> None:
+        """Undo a fork whose step failed, unannounced (the parent, which the step retries or ends, still speaks for
+        every choice): the child's state slot goes back, and its blocks and reservation to the parent's reserve for
+        the other choices, as before the fork."""
+        self._running.remove(child)
+        parent = next(s for s in self._running if s.handle is child.handle and s.index == 0)
+        own = len(child.blocks) - len(child.prompt_ids) // self.block_size  # the blocks it took, beyond the shared
+        self.allocator.release(child.blocks, 0)
+        again = self.allocator.reserve(own)  # just freed: they are there
+        assert again
+        parent.sibling_reserve += child.reserved + own
+        child.blocks, child.reserved = [], 0
+        self.runner.release_state(child.state_slot)
+        child.state_slot = None
 
     def _offer_prefix(self, seq: Sequence) -> None:
         """Hand the prompt's blocks that are now full and computed to the prefix cache."""
