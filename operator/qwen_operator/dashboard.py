@@ -81,7 +81,9 @@ def panels() -> list[dict[str, Any]]:
         _panel("Tokens per second", "timeseries", 0, 15, 12, 7, [
             _target(f"sum(rate(qwen_generation_tokens_total{{{SEL}}}[{rate}]))", "generated"),
             _target(f"sum(rate(qwen_prompt_tokens_total{{{SEL}}}[{rate}]))", "prompt"),
-        ], "short", "Tokens generated and prompt tokens admitted (computed or found in the prefix cache), per second, over all pods."),
+            _target(f"sum(rate(qwen_prefix_cache_hit_tokens_total{{{SEL}}}[{rate}]))", "prompt, found in the prefix cache"),
+        ], "short", "Tokens generated and prompt tokens admitted (computed or found in the prefix cache), and of those "
+           "the ones found in the prefix cache, not computed again, per second, over all pods."),
         _panel("Requests by status", "timeseries", 12, 15, 12, 7, [
             _target(f"sum by (status_code) (rate(http_requests_total{{{CHAT}}}[{rate}]))", "{{status_code}}"),
             _target(f"sum by (reason) (rate(qwen_request_errors_total{{{SEL}}}[{rate}]))", "error: {{reason}}"),
