@@ -91,6 +91,20 @@ def test_the_next_turn_of_a_conversation_reports_its_cached_tokens(srv):
     assert last.usage.prompt_tokens_details.cached_tokens >= cached
 
 
+def test_text_completions_report_cached_tokens_per_request(client):
+    """/v1/completions with two prompts: the usage adds up the cached tokens of both, as it adds up their tokens."""
+    text = "The cached-tokens test reads this sentence several times over, for a prompt of some length. " * 3
+    body = {"prompt": [text + "First.", text + "Second."], "max_tokens": 2, "temperature": 0}
+    first = client.post("/v1/completions", json=body).json()["usage"]
+    again = client.post("/v1/completions", json=body).json()["usage"]
+    assert first["prompt_tokens"] == again["prompt_tokens"]
+    # the second prompt of the first request may already find the first's blocks; the repeat finds every full block
+    # of both prompts but the one holding each last token
+    each = first["prompt_tokens"] // 2
+    assert first["prompt_tokens_details"]["cached_tokens"] <= again["prompt_tokens_details"]["cached_tokens"]
+    assert again["prompt_tokens_details"]["cached_tokens"] >= 2 * ((each - 2) // 16 * 16)
+
+
 def test_unknown_paths_share_one_label(client):
     client.get("/no/such/path/1")
     client.get("/no/such/path/2")
