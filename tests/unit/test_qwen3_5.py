@@ -346,6 +346,57 @@ async def test_a_batched_step_that_fails_in_the_model_ends_its_sequences_rather_
         engine.stop()
 
 
+async def test_checkpoints_under_load_give_the_same_replies_and_leak_nothing(model):
+    """Many prompts at once from a few shared prefixes, with turns that carry on from earlier ones, through a pool of
+    four checkpoints (claims and evictions side by side in one step, the same checkpoint claimed twice) and some
+    requests cancelled: every reply that finishes equals the reply of an engine without prefix caching, and
+    nothing is left held."""
+    import random
+
+    rng = random.Random(5)
+    heads = [[248045] + list(range(7000 + 300 * i, 7000 + 300 * i + 70 + 20 * i)) for i in range(3)]
+    ps = []
+    for i in range(18):
+        head = heads[i % 3]
+        ps.append(head + [rng.randrange(1000, 9000) for _ in range(rng.randrange(5, 40))])
+    ps[3] = ps[0]  # the same prompt twice in one step: one checkpoint claimed twice
+    ps += [p[:-4] + list(range(9100, 9110)) for p in ps[:6]]  # the next turns of six of them
+    params = SamplingParams(max_tokens=5, temperature=0)
+    cached = make_engine(model, prefix_caching=True, state_checkpoints=4, max_concurrency=6, max_queue=32,
+                         prefill_chunk=512)
+    plain = make_engine(model, max_concurrency=6, prefill_chunk=512)
+    try:
+        want = [(await run(plain, p, params, rid=f"w{i}"))[0] for i, p in enumerate(ps)]
+
+        async def one(i, p):
+            h = cached.submit(f"r{i}", p, params, 60)
+            toks, fin = [], None
+            async for ev in h.events():
+                if isinstance(ev, TokenEvent):
+                    toks.append(ev.token_id)
+                    if i % 7 == 3 and len(toks) == 2:
+                        h.cancel()
+                else:
+                    fin = ev
+            return toks, fin
+
+        for batch in (range(0, 18), range(18, 24)):
+            got = await asyncio.gather(*(one(i, ps[i]) for i in batch))
+            for i, (toks, fin) in zip(batch, got):
+                if fin.reason == "cancelled":
+                    assert toks == want[i][:len(toks)]
+                else:
+                    assert toks == want[i], i
+        stats = cached.stats()
+        assert stats["prefix_cache_hit_tokens"] > 0 and stats["state_checkpoints"] == 4
+        pool = cached.runner.caches.states
+        assert pool.used == 0 and cached.allocator.used_blocks == 0 and cached.allocator.reserved == 0
+        assert pool.saved + len(pool._spare) == pool.checkpoints  # every row either kept or spare
+    finally:
+        cached.stop()
+        plain.stop()
+
+
 async def test_a_failed_step_keeps_no_checkpoint_and_loses_no_row(model, hf):
     """The rows a failed step was to write go back unwritten: nothing is found under their names, and every row
     is there for the next prompt, which checkpoints and restores as usual."""
