@@ -86,6 +86,7 @@ class ObservabilityMiddleware:
                         "path": scope["path"],
                         "status": status["code"],
                         "input_tokens": st.get("input_tokens"),
+                        "cached_tokens": st.get("cached_tokens"),
                         "output_tokens": st.get("output_tokens"),
                         "queue_time_ms": st.get("queue_time_ms"),
                         "inference_time_ms": st.get("inference_time_ms"),

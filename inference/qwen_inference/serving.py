@@ -371,6 +371,7 @@ class GenerationService:
                reply: Any = None) -> None:
         st = request.state
         st.output_tokens = completion_tokens
+        st.cached_tokens = sum(h.cached_tokens for h in getattr(st, "handles", ()))
         if reply is not None and self.state.settings.log_prompts:
             st.reply = reply
         if finish is not None:

@@ -237,6 +237,7 @@ class ChatService(GenerationService):
         plan = await self.prepare(req, request.state.request_id)
         handle = self.submit(request.state.request_id, plan.submission)
         request.state.input_tokens = handle.prompt_tokens
+        request.state.handles = [handle]
         if self.state.settings.log_prompts:  # the access log line carries them (--log-prompts, off by default)
             request.state.prompt = plan.messages
             request.state.reply = ""

@@ -88,6 +88,7 @@ class CompletionService(GenerationService):
                 h.cancel()
             raise
         request.state.input_tokens = sum(h.prompt_tokens for h in handles)
+        request.state.handles = handles
         if self.state.settings.log_prompts:
             request.state.prompt = [p.text for p in prompts]
             request.state.reply = ""

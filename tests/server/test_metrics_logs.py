@@ -138,9 +138,11 @@ def test_one_json_log_line_per_request_without_prompt(client):
     old_level = access.level
     access.setLevel(logging.INFO)
     try:
-        r = client.post("/v1/chat/completions", headers={"X-Request-ID": "log-check-1"},
-                        json={"messages": [{"role": "user", "content": secret}], "max_tokens": 3})
-        collect.wait_for({"log-check-1"})
+        body = {"messages": [{"role": "user", "content": f"{secret}: " + "every word counts here. " * 12}],
+                "max_tokens": 3}
+        r = client.post("/v1/chat/completions", headers={"X-Request-ID": "log-check-1"}, json=body)
+        again = client.post("/v1/chat/completions", headers={"X-Request-ID": "log-check-2"}, json=body)
+        collect.wait_for({"log-check-1", "log-check-2"})
     finally:
         access.removeHandler(collect)
         access.setLevel(old_level)
@@ -155,6 +157,11 @@ def test_one_json_log_line_per_request_without_prompt(client):
         assert key in entry, key
     assert entry["status"] == 200 and entry["output_tokens"] == 3
     assert entry["input_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert entry["cached_tokens"] == r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    [second] = [json.loads(JsonFormatter().format(rec)) for rec in collect.records
+                if getattr(rec, "request_id", None) == "log-check-2"]
+    cached = again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert second["cached_tokens"] == cached >= 16  # the same prompt again: its full blocks found
     assert entry["path"] == "/v1/chat/completions"
     assert secret not in line
     assert not any(secret in JsonFormatter().format(rec) for rec in collect.records)
