@@ -533,8 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                           if s.label in (x, y)]
         log(f"starting {x} and {y} side by side for {context}-token prompts")
         with a_long, b_long:
-            context_words = words_for(context, model)
-            pairs.append(asyncio.run(paired(a_long, b_long, context_words, a.smoke, LONG_CONTEXT_ROUNDS, context)))
+            pairs.append(asyncio.run(paired(a_long, b_long, words_for(context, model), a.smoke, LONG_CONTEXT_ROUNDS,
+                                            context)))
             # the next turn (the history, a reply and a question) must fit the servers' window too
             talk = asyncio.run(conversation(a_long, b_long, words_for(context - 64, model), a.smoke, context))
     a.out_dir.mkdir(parents=True, exist_ok=True)

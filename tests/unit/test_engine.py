@@ -317,6 +317,7 @@ def test_allocator_keeps_full_prompt_blocks_until_their_room_is_needed():
     prompt = list(range(100, 110))  # two full blocks and two tokens
     hashes = a.block_hashes(prompt, len(prompt))
     assert len(hashes) == 2 and hashes == a.block_hashes(prompt + [1, 2], 10)
+    assert a.block_hashes(prompt, len(prompt), hashes[:1]) == hashes  # the chain goes on from the blocks known
     assert a.block_hashes([7] + prompt[1:], 10)[1] != hashes[1]  # a block's name covers all before it
     assert a.match(hashes) == []
     assert a.reserve(3)

@@ -109,11 +109,13 @@ class BlockAllocator:
         return list(blocks)
 
     # ---- prefix caching ---------------------------------------------------------------------------------
-    def block_hashes(self, tokens: list[int], limit: int) -> list[bytes]:
-        """The chained hashes of the full blocks among the first `limit` tokens."""
-        out, h = [], b""
+    def block_hashes(self, tokens: list[int], limit: int, known: list[bytes] | None = None) -> list[bytes]:
+        """The chained hashes of the full blocks among the first `limit` tokens; `known`, those of the first
+        blocks already hashed, are taken as they are."""
         bs = self.block_size
-        for i in range(limit // bs):
+        out = list((known or [])[: limit // bs])
+        h = out[-1] if out else b""
+        for i in range(len(out), limit // bs):
             h = hashlib.sha256(h + struct.pack(f"<{bs}q", *tokens[i * bs:(i + 1) * bs])).digest()
             out.append(h)
         return out

@@ -742,7 +742,7 @@ class Engine:
         full = min(seq.computed // bs, len(seq.blocks))
         if not self.prefix_caching or full <= max(seq.registered, len(seq.prompt_ids) // bs):
             return
-        hashes = self.allocator.block_hashes([seq.token_at(i) for i in range(full * bs)], full * bs)
+        hashes = self.allocator.block_hashes(seq.prompt_ids + seq.output_ids, full * bs, seq.hashes)
         for i in range(seq.registered, full):
             self.allocator.register(seq.blocks[i], hashes[i])
 

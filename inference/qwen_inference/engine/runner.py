@@ -57,10 +57,10 @@ class ModelRunner:
     @property
     def supports_prefix_caching(self) -> bool:
         """A prompt prefix found in the KV cache can be skipped when no layer keeps a recurrent state, or when
-        the state at the block boundary can be restored too: the model has attention layers (blocks to find)
-        and the state pool keeps checkpoints."""
+        the state at the block boundary can be restored too: the state pool keeps checkpoints (only a model with
+        attention layers, blocks to find, is given any)."""
         states = self.caches.states
-        return states is None or (self.caches.kv is not None and states.checkpoints > 0)
+        return states is None or states.checkpoints > 0
 
     @property
     def state_checkpoints(self) -> int:
@@ -157,5 +157,5 @@ class ModelRunner:
                 raise ValueError("every chunk of a model with recurrent layers needs a state slot")
             self.caches.states.reset([c.state_slot for c in ordered if c.start == 0])
             batch.state_slots = torch.tensor([c.state_slot for c in ordered], dtype=torch.long)
-            batch.state_saves = [(j, c.save_state_to) for j, c in enumerate(multis) if c.save_state_to is not None]
+            batch.state_saves = {j: c.save_state_to for j, c in enumerate(multis) if c.save_state_to is not None}
         return self.model.forward(batch, self.caches)

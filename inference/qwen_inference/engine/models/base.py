@@ -34,9 +34,9 @@ class ForwardBatch:
     logit_rows: torch.Tensor  # [R] rows whose next-token logits are wanted
     attention: AttentionMetadata | None = None  # when the model has attention layers
     state_slots: torch.Tensor | None = None  # [num_decode + len(segments)] when it has recurrent layers
-    # (segment j, row): after segment j, copy its sequence's recurrent state to that row of the pool (a checkpoint).
+    # segment j -> row: after segment j, copy its sequence's recurrent state to that row of the pool (a checkpoint).
     # A sequence may have two segments in one step, in order: the second starts from the state the first left.
-    state_saves: list[tuple[int, int]] = field(default_factory=list)
+    state_saves: dict[int, int] = field(default_factory=dict)
     _on: dict = field(default_factory=dict, repr=False)
 
     @property

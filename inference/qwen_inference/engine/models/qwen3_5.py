@@ -373,7 +373,6 @@ class Qwen3_5Decoder(CausalLM):
         beta = torch.sigmoid(rows[:, C + vd: C + vd + hv].float())
         g = layer.neg_a * F.softplus(rows[:, C + vd + hv:].float() + layer.dt_bias)  # log of the per-token decay
         core = torch.empty(T - B, hv, self.dv, dtype=torch.float32, device=proj.device)
-        saves = dict(batch.state_saves)
         for j, (start, n) in enumerate(batch.segments):
             slot = slots[B + j: B + j + 1]
             seq = torch.cat((conv_state[slot][0], proj[start: start + n, :C].float().t()), dim=-1)  # [C, K-1+n]
@@ -383,9 +382,10 @@ class Qwen3_5Decoder(CausalLM):
             at = start - B
             core[at: at + n], s = self._chunked(q, k, v, g[at: at + n], beta[at: at + n], ssm[slot][0])
             ssm[slot] = s[None]
-            if j in saves:  # a checkpoint of this layer's state where the segment ends
-                conv_state[saves[j]] = conv_state[slot][0]
-                ssm[saves[j]] = s
+            row = batch.state_saves.get(j)
+            if row is not None:  # a checkpoint of this layer's state where the segment ends
+                conv_state[row] = conv_state[slot][0]
+                ssm[row] = s
         return gated_norm(core, rows[:, C: C + vd], layer.norm, self.eps)
 
     @staticmethod
