@@ -22,6 +22,7 @@ from .protocol import error_body
 from .serving import GrammarService
 from .serving_chat import ChatService
 from .serving_completions import CompletionService
+from .serving_responses import ResponsesService
 from .serving_tokenize import TokenizeService
 from .settings import ServeSettings
 from .state import ServerState
@@ -116,6 +117,7 @@ def create_app(settings: ServeSettings | None = None, *, load: bool = True) -> F
     app.state.grammars = grammars
     app.state.chat = ChatService(state, grammars)
     app.state.completions = CompletionService(state, grammars)
+    app.state.responses = ResponsesService(state, app.state.chat)
     app.state.tokenize = TokenizeService(state, app.state.chat)
     for router in ROUTERS:
         app.include_router(router)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializerFunctionWrapHandler, WithJsonSchema,
-                      field_validator, model_serializer, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError,
+                      WithJsonSchema, field_validator, model_serializer, model_validator)
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -42,9 +42,58 @@ class FieldError(ValueError):
         self.param = param
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "is-instance"}
+
+
+def _branch_tag(part: Any) -> bool:
+    """A location part that names a branch of a union (`str`, `list[TextPart]`, `literal['a','b']`), not a
+    field: pydantic puts one in the location of each branch's errors."""
+    return isinstance(part, str) and (part in _TYPE_NAMES or not part.replace("-", "_").isidentifier())
+
+
+def first_error(errors: list[dict[str, Any]]) -> tuple[list[str], str]:
+    """The location (fields and indexes) and message of the error to report from pydantic's list. Of a union's
+    branches, the one that got deepest into the value is the one the client meant (a list of parts, not a
+    string), so the deepest error is reported, with the branch names left out of its location."""
+    if not errors:
+        return [], "invalid request"
+
+    def located(e: dict[str, Any]) -> tuple[list[str], str]:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body" and not _branch_tag(p)]
+        msg = e.get("msg", "invalid value")
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):  # a check across fields that names the one at fault
+            loc += [p for p in cause.param.split(".") if p]
+            msg = str(cause)
+        elif e.get("type") == "extra_forbidden":
+            msg = "this server does not support this field"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        return loc, msg
+
+    loc, msg = max((located(e) for e in errors), key=lambda lm: len(lm[0]))
+    return loc, msg
+
+
 class TextPart(OpenAIModel):
     type: Literal["text"]
     text: str
+
+
+_TEXT_ONLY = "this server serves text models: send text parts"
+_NOT_TEXT = ("image_url", "input_audio", "file", "input_image", "input_file", "audio")
+
+
+def _text_parts(v: Any) -> Any:
+    """Content parts: a clear refusal of images, audio and files (the models served here read text)."""
+    if isinstance(v, list):
+        for i, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in _NOT_TEXT:
+                raise FieldError(f"{i}.type", f"{kind} parts are not supported: {_TEXT_ONLY}")
+            if kind == "refusal":
+                raise FieldError(f"{i}.type", "refusal parts are not supported; send the text as text")
+    return v
 
 
 class ToolCallFunction(OpenAIModel):
@@ -62,7 +111,7 @@ class ToolCallParam(OpenAIModel):
 
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], BeforeValidator(_text_parts)] | None = None
     name: str | None = None  # passed to the chat template (Qwen's templates do not show it)
     tool_calls: list[ToolCallParam] | None = None  # assistant
     tool_call_id: str | None = None  # tool
@@ -549,3 +598,374 @@ def now() -> int:
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+# ---- the Responses API (POST /v1/responses) ---------------------------------------------------------------
+#
+# A request's input items become chat messages (serving_responses.py), so everything chat completions do —
+# the chat template, tools, reasoning, grammars, the prefix cache — serves this API too. Only function tools;
+# text in, text out.
+
+_NOT_HERE = {
+    "item_reference": "item_reference is not supported: send the items themselves",
+    "custom_tool_call": "custom tools are not supported: this server runs function tools",
+    "custom_tool_call_output": "custom tools are not supported: this server runs function tools",
+    "compaction": "compaction items are not supported",
+}
+
+
+class InputText(OpenAIModel):
+    type: Literal["input_text", "output_text"]
+    text: str
+    prompt_cache_breakpoint: bool | None = None  # every full block of every prompt is cached here anyway
+    annotations: Refused("annotations are not supported", []) = None  # output_text sent back whole
+    logprobs: list[Any] | None = None  # output_text sent back whole: what was reported, read by nothing
+
+
+TextParts = Annotated[list[InputText], BeforeValidator(_text_parts)]
+
+
+class InputMessage(OpenAIModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | TextParts
+    id: str | None = None  # an output message sent back whole
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    phase: Literal["commentary", "final_answer"] | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+_NO_PROGRAMS = "programmatic tool calling is not supported"
+
+
+class FunctionCallItem(OpenAIModel):
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object, as text
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    caller: Refused(_NO_PROGRAMS, {"type": "direct"}) = None
+    namespace: Refused("tool namespaces are not supported") = None
+    async_: Refused("asynchronous tool calls are not supported", False) = Field(None, alias="async")
+
+
+class FunctionCallOutputItem(OpenAIModel):
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1)
+    output: str | TextParts
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    name: str | None = None  # the called function's, as its call names it
+    caller: Refused(_NO_PROGRAMS, {"type": "direct"}) = None
+    namespace: Refused("tool namespaces are not supported") = None
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
+
+
+class ReasoningText(OpenAIModel):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class SummaryText(OpenAIModel):
+    type: Literal["summary_text"]
+    text: str
+
+
+class ReasoningItem(OpenAIModel):
+    """A reasoning item sent back: its text from `content`, or from `encrypted_content` as this server made it
+    (serving_responses.reasoning_of)."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[SummaryText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+_ITEMS: dict[str, type[OpenAIModel]] = {"message": InputMessage, "function_call": FunctionCallItem,
+                                        "function_call_output": FunctionCallOutputItem, "reasoning": ReasoningItem}
+
+
+def _validated(model: type[BaseModel], value: Any) -> BaseModel:
+    """`value` as `model`, its first error raised as a FieldError that names the field inside it."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        loc, msg = first_error(exc.errors())
+        raise FieldError(".".join(loc), msg) from None
+
+
+def _item(v: Any) -> Any:
+    if not isinstance(v, dict):
+        raise ValueError("an input item must be an object")
+    kind = v.get("type", "message")
+    if kind in _NOT_HERE:
+        raise FieldError("type", _NOT_HERE[kind])
+    if kind not in _ITEMS:
+        raise FieldError("type", f"items of type {kind!r} are not supported: send message, function_call, "
+                         "function_call_output and reasoning items (this server runs function tools only)")
+    return _validated(_ITEMS[kind], v)
+
+
+def _input(v: Any) -> Any:
+    if v is None or isinstance(v, str):
+        return v
+    if not isinstance(v, list):
+        raise ValueError("input must be a string or a list of items")
+    out = []
+    for i, item in enumerate(v):
+        try:
+            out.append(_item(item))
+        except FieldError as exc:
+            raise FieldError(f"{i}.{exc.param}" if exc.param else str(i), str(exc)) from None
+        except ValueError as exc:
+            raise FieldError(str(i), str(exc)) from None
+    return out
+
+
+INPUT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "description":
+                "a message (role, content), function_call, function_call_output or reasoning item"}}]}
+
+
+class FunctionTool(OpenAIModel):
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object
+    strict: bool | None = None
+    allowed_callers: Refused(_NO_PROGRAMS, ["direct"]) = None
+    async_: Refused("asynchronous tool calls are not supported", False) = Field(None, alias="async")
+    defer_loading: Refused("deferred tool loading is not supported", False) = None
+    output_schema: Refused("output schemas of tools are not supported") = None
+
+    def to_chat(self) -> dict[str, Any]:
+        fn: dict[str, Any] = {"name": self.name}
+        for key in ("description", "parameters", "strict"):
+            if getattr(self, key) is not None:
+                fn[key] = getattr(self, key)
+        return {"type": "function", "function": fn}
+
+
+def _tool(v: Any) -> Any:
+    kind = v.get("type") if isinstance(v, dict) else None
+    if isinstance(kind, str) and kind != "function":
+        raise FieldError("type", f"tools of type {kind!r} are not supported: this server runs function tools only")
+    return v
+
+
+class NamedFunction(OpenAIModel):
+    type: Literal["function"]
+    name: str
+
+
+def _tool_choice(v: Any) -> Any:
+    if v is None or v in ("none", "auto", "required"):
+        return v
+    if isinstance(v, dict):
+        if v.get("type") != "function":
+            raise FieldError("type", f"tool_choice of type {v.get('type')!r} is not supported: use 'none', 'auto', "
+                             "'required' or {'type': 'function', 'name': ...}")
+        return _validated(NamedFunction, v)
+    raise ValueError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}")
+
+
+RESPONSES_TOOL_CHOICE = {"oneOf": [{"enum": ["none", "auto", "required"]}, {
+    "type": "object", "properties": {"type": {"const": "function"}, "name": {"type": "string"}},
+    "required": ["type", "name"], "additionalProperties": False}]}
+
+
+class TextFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None  # json_schema: checked where the grammar compiles
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _fields(self) -> "TextFormat":
+        if self.type != "json_schema":
+            for name in ("name", "schema_", "description", "strict"):
+                if getattr(self, name) is not None:
+                    raise FieldError(name.rstrip("_"), f"{name.rstrip('_')} goes with type 'json_schema'")
+        elif self.schema_ is None:
+            raise FieldError("schema", "a json_schema format needs schema")
+        return self
+
+    def to_chat(self) -> dict[str, Any]:
+        """As chat completions' response_format."""
+        if self.type != "json_schema":
+            return {"type": self.type}
+        spec: dict[str, Any] = {"name": self.name, "schema": self.schema_}
+        if self.description is not None:
+            spec["description"] = self.description
+        if self.strict is not None:
+            spec["strict"] = self.strict
+        return {"type": "json_schema", "json_schema": spec}
+
+
+class TextConfig(OpenAIModel):
+    format: TextFormat | None = None
+    verbosity: Refused("verbosity is not supported: Qwen's models have no such control") = None
+
+
+class ReasoningConfig(OpenAIModel):
+    effort: ReasoningEffort | None = None
+    context: Refused("reasoning.context is not supported") = None
+    mode: Refused("reasoning.mode is not supported") = None
+    summary: Refused("reasoning summaries are not made: the reasoning itself comes as reasoning_text content; "
+                     "leave summary out") = None
+    generate_summary: Refused("reasoning summaries are not made; leave generate_summary out") = None
+
+
+class ResponsesStreamOptions(OpenAIModel):
+    include_obfuscation: Refused(
+        "stream obfuscation is not supported; leave include_obfuscation out or set it to false", False) = None
+
+
+ENCRYPTED_REASONING = "reasoning.encrypted_content"
+
+
+def _metadata(v: Any) -> Any:
+    if isinstance(v, dict):
+        if len(v) > 16:
+            raise ValueError("at most 16 keys")
+        for key, value in v.items():
+            if len(key) > 64 or not isinstance(value, str) or len(value) > 512:
+                raise FieldError(key, "metadata holds keys of at most 64 characters, string values of at most 512")
+    return v
+
+
+class ResponsesRequest(OpenAIModel):
+    model: str | None = None
+    input: Annotated[Any, BeforeValidator(_input), WithJsonSchema(INPUT_SCHEMA)] = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    tools: list[Annotated[FunctionTool, BeforeValidator(_tool)]] | None = None
+    tool_choice: Annotated[Any, BeforeValidator(_tool_choice), WithJsonSchema(RESPONSES_TOOL_CHOICE)] = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    stream: bool | None = False
+    stream_options: ResponsesStreamOptions | None = None
+    store: bool | None = True
+    metadata: Annotated[dict[str, str] | None, BeforeValidator(_metadata)] = None
+    include: list[str] | None = None
+    user: str | None = None  # written to the access log
+    safety_identifier: str | None = None  # written to the access log
+    # accepted, with what they mean here
+    prompt_cache_key: str | None = None  # prompt prefixes are cached for every request alike
+    prompt_cache_retention: Refused(
+        "prompts are cached in memory only; prompt_cache_retention may be 'in_memory'", "in_memory") = None
+    service_tier: Refused("this server has one service tier: 'auto' or 'default'", "auto", "default") = None
+    truncation: Refused("input is never truncated here: truncation may be 'disabled'", "disabled") = None
+    background: Refused("background responses are not supported", False) = None
+    background_options: Refused("background responses are not supported") = None
+    # refused
+    conversation: Refused("conversations are not supported: use previous_response_id or send the items") = None
+    prompt: Refused("prompt templates are not supported") = None
+    top_logprobs: Refused("log-probabilities are not supported here; /v1/chat/completions reports them", 0) = None
+    max_tool_calls: Refused("max_tool_calls limits built-in tools, which this server does not run") = None
+    context_management: Refused("context management is not supported") = None
+    access_programs: Refused("access programs are not supported") = None
+    image: Refused("image output is not supported: this server serves text models") = None
+    moderation: Refused("moderation is not supported") = None
+    prompt_cache_options: Refused(
+        "prompt caching takes no options here: full 16-token prompt blocks are cached for every request") = None
+
+    @field_validator("include")
+    @classmethod
+    def _include(cls, v: list[str] | None) -> list[str] | None:
+        for i, name in enumerate(v or ()):
+            if name != ENCRYPTED_REASONING:
+                raise FieldError(str(i), f"{name!r} is not supported: include may list {ENCRYPTED_REASONING!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> "ResponsesRequest":
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "stream_options is only allowed when stream is true")
+        if not self.input and self.previous_response_id is None:
+            raise FieldError("input", "input is required (a string or a non-empty list of items)")
+        return self
+
+    @property
+    def items(self) -> list[Any]:
+        if isinstance(self.input, str):
+            return [InputMessage(role="user", content=self.input)]
+        return list(self.input or [])
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class ResponseError(BaseModel):
+    code: str
+    message: str
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int  # the tokens written before the reasoning ended
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    """A response, as returned, streamed in its lifecycle events and stored. `output` holds its items as
+    plain objects: reasoning, message and function_call, in the order the model wrote them."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    error: ResponseError | None = None
+    incomplete_details: IncompleteDetails | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    model: str
+    output: list[dict[str, Any]] = Field(default_factory=list)
+    parallel_tool_calls: bool
+    previous_response_id: str | None = None
+    reasoning: dict[str, Any]
+    store: bool
+    temperature: float | None = None
+    text: dict[str, Any]
+    tool_choice: Any
+    tools: list[dict[str, Any]]
+    top_p: float | None = None
+    truncation: Literal["disabled"] = "disabled"
+    usage: ResponseUsage | None = None
+    user: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True

@@ -82,6 +82,10 @@ class ServeSettings(BaseSettings):
                                 "state (default: --max-concurrency, fewer where memory is short; 0: no prefix "
                                 "caching for such models)."
     )
+    responses_store: int = Field(
+        256, ge=0, description="Responses (/v1/responses) kept in memory for previous_response_id and GET, least "
+                               "recently used dropped first (0: none; requests must then send store: false)."
+    )
     api_key: SecretStr | None = Field(None, description="A key clients must send as `Authorization: Bearer`.")
     api_key_file: Path | None = Field(
         None, description="A file of keys, one per line (for example mounted from a Secret)."

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 SEL = 'namespace="$namespace",service="$deployment"'
-CHAT = f'{SEL},endpoint="/v1/chat/completions"'
+CHAT = f'{SEL},endpoint=~"/v1/chat/completions|/v1/responses"'  # the routes that answer chat
 # kube-state-metrics: the Deployment, and KEDA's HPA (keda-hpa-<ScaledObject>, named after the QwenDeployment)
 DEP = 'namespace="$namespace",deployment="$deployment"'
 HPA = 'namespace="$namespace",horizontalpodautoscaler="keda-hpa-$deployment"'
@@ -60,11 +60,11 @@ def panels() -> list[dict[str, Any]]:
         _row("Traffic", 0),
         _panel("Request rate", "stat", 0, 1, 8, 5,
                [_target(f"sum(rate(http_requests_total{{{CHAT}}}[{rate}]))", "requests/s")], "reqps",
-               "Chat completions answered per second.", options={"graphMode": "area"}),
+               "Chat requests (chat completions and responses) answered per second.", options={"graphMode": "area"}),
         _panel("Success ratio", "stat", 8, 1, 8, 5,
                [_target(f'1 - (sum(rate(http_requests_total{{{CHAT},status_code=~"5.."}}[{rate}])) or vector(0)) / '
                         f"sum(rate(http_requests_total{{{CHAT}}}[{rate}]))", "success")], "percentunit",
-               "Share of chat completions that did not fail on the server side (not 5xx).",
+               "Share of chat requests that did not fail on the server side (not 5xx).",
                options={"graphMode": "area"}),
         _panel("P99 latency", "stat", 16, 1, 8, 5,
                [_target(f"histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket{{{CHAT}}}[{rate}])))",
@@ -87,7 +87,7 @@ def panels() -> list[dict[str, Any]]:
         _panel("Requests by status", "timeseries", 12, 15, 12, 7, [
             _target(f"sum by (status_code) (rate(http_requests_total{{{CHAT}}}[{rate}]))", "{{status_code}}"),
             _target(f"sum by (reason) (rate(qwen_request_errors_total{{{SEL}}}[{rate}]))", "error: {{reason}}"),
-        ], "reqps", "Chat completions by HTTP status, and failures by reason."),
+        ], "reqps", "Chat requests by HTTP status, and failures by reason."),
         _row("Resources and queue", 22),
         _panel("CPU", "timeseries", 0, 23, 6, 8,
                [_target(f"sum by (pod) (rate(process_cpu_seconds_total{{{SEL}}}[{rate}]))", "{{pod}}")], "short",

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 RUNBOOK = "https://github.com/qwen-operator/qwen-operator/blob/main/README.md#alert-{anchor}"
-CHAT = "/v1/chat/completions"
+# the routes that answer chat: chat completions and the Responses API
+CHAT = "/v1/chat/completions|/v1/responses"
 BY = "namespace, service"
 
 
@@ -49,7 +50,7 @@ def _hpa(metric: str, namespace: str | None, name: str | None) -> str:
 
 def recording_rules(namespace: str | None = None, service: str | None = None) -> list[dict[str, Any]]:
     s = lambda *e: _sel(namespace, service, *e)  # noqa: E731
-    chat = f'endpoint="{CHAT}"'
+    chat = f'endpoint=~"{CHAT}"'
     server_error = 'status_code=~"5.."'
     rules = [
         {"record": "qwen:request_rate:5m",
@@ -95,11 +96,11 @@ def alert_rules(namespace: str | None, name: str | None, thresholds) -> list[dic
     return [
         alert("QwenHighLatency", f"qwen:request_latency_seconds:p99{s()} > {thresholds.p99_latency_seconds:g}", "2m",
               "warning", f"{scope}: P99 chat latency is high",
-              f"P99 latency of chat completions is {{{{ $value | humanizeDuration }}}}, above "
+              f"P99 latency of chat requests is {{{{ $value | humanizeDuration }}}}, above "
               f"{thresholds.p99_latency_seconds:g}s, for 2 minutes."),
         alert("QwenHighErrorRate", f"qwen:error_ratio:5m{s()} > {thresholds.error_ratio:g}", "5m", "critical",
               f"{scope}: many chat requests fail",
-              f"{{{{ $value | humanizePercentage }}}} of chat completions answer 5xx (threshold "
+              f"{{{{ $value | humanizePercentage }}}} of chat requests answer 5xx (threshold "
               f"{thresholds.error_ratio:g})."),
         alert("QwenModelNotReady",
               f"(kube_deployment_status_replicas_ready{ksm} == 0) and on (namespace, deployment) "

@@ -18,6 +18,7 @@ from .conftest import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = 'endpoint="/v1/chat/completions",method="POST"'
+RESPONSES = 'endpoint="/v1/responses",method="POST"'
 
 
 def rules_file(tmp_path: Path) -> Path:
@@ -67,21 +68,25 @@ TESTS = [
     ], "alert_rule_test": [
         alert("QwenHighLatency", "2m"),  # above the threshold, but not yet for 2 minutes
         alert("QwenHighLatency", "6m", fired("chat", "warning", "QwenHighLatency", "ns1/chat: P99 chat latency is high",
-                                             "P99 latency of chat completions is 9.95s, above 5s, for 2 minutes.")),
+                                             "P99 latency of chat requests is 9.95s, above 5s, for 2 minutes.")),
     ]},
-    # error ratio: chat answers 10% 5xx (threshold 5%), chat-small 1%; for: 5m
+    # error ratio: chat answers 10% 5xx (threshold 5%; chat completions and responses alike), chat-small 1%;
+    # for: 5m. Other routes do not count.
     {"interval": "1m", "input_series": [
-        s("http_requests_total", f'namespace="ns1",service="chat",{CHAT},status_code="200"', "0+90x30"),
-        s("http_requests_total", f'namespace="ns1",service="chat",{CHAT},status_code="500"', "0+10x30"),
+        s("http_requests_total", f'namespace="ns1",service="chat",{CHAT},status_code="200"', "0+80x30"),
+        s("http_requests_total", f'namespace="ns1",service="chat",{RESPONSES},status_code="200"', "0+10x30"),
+        s("http_requests_total", f'namespace="ns1",service="chat",{RESPONSES},status_code="500"', "0+10x30"),
+        s("http_requests_total", f'namespace="ns1",service="chat",endpoint="/metrics",method="GET",status_code="200"',
+          "0+900x30"),
         s("http_requests_total", f'namespace="ns1",service="chat-small",{CHAT},status_code="200"', "0+99x30"),
         s("http_requests_total", f'namespace="ns1",service="chat-small",{CHAT},status_code="503"', "0+1x30"),
     ], "alert_rule_test": [
         alert("QwenHighErrorRate", "4m"),
         alert("QwenHighErrorRate", "12m", fired("chat", "critical", "QwenHighErrorRate", "ns1/chat: many chat requests fail",
-                                               "10% of chat completions answer 5xx (threshold 0.05).")),
+                                               "10% of chat requests answer 5xx (threshold 0.05).")),
     ], "promql_expr_test": [
-        {"expr": 'qwen:error_ratio:5m{service="chat"}', "eval_time": "10m",
-         "exp_samples": [{"labels": 'qwen:error_ratio:5m{namespace="ns1",service="chat"}', "value": 0.1}]},
+        {"expr": 'round(qwen:error_ratio:5m{service="chat"} * 1000)', "eval_time": "10m",
+         "exp_samples": [{"labels": '{namespace="ns1",service="chat"}', "value": 100}]},
         {"expr": 'round(qwen:request_rate:5m{service="chat",code_class="5xx"} * 6000)', "eval_time": "10m",
          "exp_samples": [{"labels": '{code_class="5xx",namespace="ns1",service="chat"}', "value": 1000}]},
     ]},

@@ -10,6 +10,7 @@ Log-probabilities stay the random model's (they are taken before processing).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -72,3 +73,19 @@ def client(server):
     import openai
 
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@contextlib.contextmanager
+def failing(server, request_id: str = "poison"):
+    """Every engine step that holds request `request_id` raises, until the block ends."""
+    engine = server.state.model.engine
+
+    def poison(seqs):
+        if any(s.handle.request_id == request_id for s in seqs):
+            raise RuntimeError("injected failure")
+
+    engine.fault_hook = poison
+    try:
+        yield
+    finally:
+        engine.fault_hook = None

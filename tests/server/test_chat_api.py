@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from ..conftest import running_server
+from .scripted import failing
 
 
 def chat(client: httpx.Client, **body):
@@ -265,14 +266,7 @@ def test_request_id_is_echoed_or_made(client):
 
 def test_generation_failure_is_500_and_the_server_keeps_serving(server, client):
     """A request whose generation raises fails alone; the batch it shared and later requests go on."""
-    engine = server.state.model.engine
-
-    def poison(seqs):
-        if any(s.handle.request_id == "poison" for s in seqs):
-            raise RuntimeError("injected failure")
-
-    engine.fault_hook = poison
-    try:
+    with failing(server, "poison"):
         import concurrent.futures as cf
 
         def call(rid, stream=False):
@@ -294,8 +288,6 @@ def test_generation_failure_is_500_and_the_server_keeps_serving(server, client):
         events = sse_events(streamed.content)
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == "internal_error"
-    finally:
-        engine.fault_hook = None
     assert chat(client, max_tokens=2).status_code == 200
     assert client.get("/health").status_code == 200
 

@@ -11,6 +11,12 @@ import time
 import httpx
 import pytest
 from openai.types import completion_create_params
+from openai.types.responses import (easy_input_message_param, function_tool_param, response_create_params,
+                                    response_format_text_json_schema_config_param, response_function_tool_call_param,
+                                    response_input_param, response_input_text_param, response_output_text_param,
+                                    response_reasoning_item_param, response_text_config_param,
+                                    tool_choice_function_param)
+from openai.types.shared_params import reasoning as reasoning_param
 from openai.types.chat import (ChatCompletionAssistantMessageParam, ChatCompletionDeveloperMessageParam,
                                ChatCompletionStreamOptionsParam, ChatCompletionSystemMessageParam,
                                ChatCompletionToolMessageParam, ChatCompletionUserMessageParam, completion_create_params
@@ -91,6 +97,100 @@ COMPLETIONS = {
     "stream": (HONOURED, True, {}, "test_completions_api::test_openai_client_whole_and_streamed"),
 }
 
+R = "test_responses_api::"
+RESPONSES = {
+    "input": (HONOURED, [{"role": "user", "content": "hi"}], {}, R + "test_conversation_items_render_as_chat_messages"),
+    "model": (HONOURED, "tiny", {}, R + "test_unknown_model_and_route"),
+    "instructions": (HONOURED, "Be brief.", {}, R + "test_same_reply_as_chat_completions_whole_and_streamed"),
+    "max_output_tokens": (HONOURED, 2, {}, R + "test_same_reply_as_chat_completions_whole_and_streamed"),
+    "metadata": (HONOURED, {"k": "v"}, {}, R + "test_previous_response_id_get_and_delete"),
+    "parallel_tool_calls": (HONOURED, False, {"tools": [{"type": "function", "name": "f"}]},
+                            R + "test_forced_function_calls_follow_the_schema"),
+    "previous_response_id": (HONOURED, "<an earlier response>", {}, R + "test_previous_response_id_get_and_delete"),
+    "prompt_cache_key": (HONOURED, "k", {}, "test_engine::test_prefix_cache_hits_give_the_same_tokens"),
+    "reasoning": (HONOURED, {"effort": "low"}, {}, R + "test_reasoning_item_then_message"),
+    "include": (HONOURED, ["reasoning.encrypted_content"], {}, R + "test_reasoning_item_then_message"),
+    "safety_identifier": (HONOURED, "someone", {}, "test_request_fields::test_user_fields_reach_the_access_log"),
+    "user": (HONOURED, "someone", {}, "test_request_fields::test_user_fields_reach_the_access_log"),
+    "store": (HONOURED, True, {}, R + "test_previous_response_id_get_and_delete"),
+    "stream": (HONOURED, True, {}, R + "test_sse_framing"),
+    "temperature": (HONOURED, 0.5, {}, "test_engine::test_sampling_rules"),
+    "top_p": (HONOURED, 0.5, {}, "test_engine::test_sampling_rules"),
+    "text": (HONOURED, {"format": {"type": "json_object"}}, {}, R + "test_text_format_json_schema"),
+    "tool_choice": (HONOURED, "required", {"tools": [{"type": "function", "name": "f"}]},
+                    R + "test_forced_function_calls_follow_the_schema"),
+    "tools": (HONOURED, [{"type": "function", "name": "f"}], {}, R + "test_function_call_item_whole_and_streamed"),
+    "access_programs": (REFUSED, {"x": 1}, {}, None),
+    "background": (REFUSED, True, {}, None),
+    "background_options": (REFUSED, {"x": 1}, {}, None),
+    "context_management": (REFUSED, [{"type": "compaction"}], {}, None),
+    "conversation": (REFUSED, "conv_1", {}, None),
+    "image": (REFUSED, {"size": "auto"}, {}, None),
+    "max_tool_calls": (REFUSED, 3, {}, None),
+    "moderation": (REFUSED, {"model": "omni-moderation-latest"}, {}, None),
+    "prompt": (REFUSED, {"id": "pmpt_1"}, {}, None),
+    "prompt_cache_options": (REFUSED, {"mode": "explicit"}, {}, None),
+    "prompt_cache_retention": (REFUSED, "24h", {}, None),
+    "service_tier": (REFUSED, "priority", {}, None),
+    "stream_options": (REFUSED, {"include_obfuscation": True}, {"stream": True}, None),
+    "top_logprobs": (REFUSED, 3, {}, None),
+    "truncation": (REFUSED, "auto", {}, None),
+}
+RESPONSES_NO_OPS = {"store": False, "service_tier": "auto", "truncation": "disabled", "background": False,
+                    "prompt_cache_retention": "in_memory", "top_logprobs": 0}
+
+# the nested types of the Responses schema: field -> verdict; each refused field with a request that sends it
+FN = {"type": "function", "name": "f"}
+CALL = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+OUT = {"type": "function_call_output", "call_id": "c1", "output": "ok"}
+RS = {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "r"}]}
+USER = {"role": "user", "content": "hi"}
+RESPONSE_TYPES = [
+    (easy_input_message_param.EasyInputMessageParam, {"content": HONOURED, "role": HONOURED, "type": HONOURED,
+                                                      "phase": HONOURED}),
+    (response_input_param.Message, {"content": HONOURED, "role": HONOURED, "status": HONOURED, "type": HONOURED}),
+    (response_function_tool_call_param.ResponseFunctionToolCallParam, {
+        "arguments": HONOURED, "call_id": HONOURED, "id": HONOURED, "name": HONOURED, "status": HONOURED,
+        "type": HONOURED, "async": ({"input": [USER, {**CALL, "async": True}]}, "input.1.async"),
+        "caller": ({"input": [USER, {**CALL, "caller": {"type": "program", "caller_id": "p"}}]}, "input.1.caller"),
+        "namespace": ({"input": [USER, {**CALL, "namespace": "ns"}]}, "input.1.namespace")}),
+    (response_input_param.FunctionCallOutput, {
+        "call_id": HONOURED, "id": HONOURED, "name": HONOURED, "output": HONOURED, "status": HONOURED,
+        "type": HONOURED,
+        "caller": ({"input": [USER, CALL, {**OUT, "caller": {"type": "program", "caller_id": "p"}}]},
+                   "input.2.caller"),
+        "namespace": ({"input": [USER, CALL, {**OUT, "namespace": "ns"}]}, "input.2.namespace")}),
+    (response_reasoning_item_param.ResponseReasoningItemParam, {
+        "content": HONOURED, "encrypted_content": HONOURED, "id": HONOURED, "status": HONOURED, "summary": HONOURED,
+        "type": HONOURED}),
+    (response_input_text_param.ResponseInputTextParam, {"text": HONOURED, "type": HONOURED,
+                                                        "prompt_cache_breakpoint": HONOURED}),
+    (response_output_text_param.ResponseOutputTextParam, {
+        "text": HONOURED, "type": HONOURED, "logprobs": HONOURED,
+        "annotations": ({"input": [USER, {"role": "assistant", "content": [
+            {"type": "output_text", "text": "a", "annotations": [{"type": "url_citation"}]}]}]},
+            "input.1.content.0.annotations")}),
+    (function_tool_param.FunctionToolParam, {
+        "description": HONOURED, "name": HONOURED, "parameters": HONOURED, "strict": HONOURED, "type": HONOURED,
+        "allowed_callers": ({"tools": [{**FN, "allowed_callers": ["program"]}]}, "tools.0.allowed_callers"),
+        "async": ({"tools": [{**FN, "async": True}]}, "tools.0.async"),
+        "defer_loading": ({"tools": [{**FN, "defer_loading": True}]}, "tools.0.defer_loading"),
+        "output_schema": ({"tools": [{**FN, "output_schema": {"type": "object"}}]}, "tools.0.output_schema")}),
+    (tool_choice_function_param.ToolChoiceFunctionParam, {"name": HONOURED, "type": HONOURED}),
+    (response_text_config_param.ResponseTextConfigParam, {
+        "format": HONOURED, "verbosity": ({"text": {"verbosity": "low"}}, "text.verbosity")}),
+    (response_format_text_json_schema_config_param.ResponseFormatTextJSONSchemaConfigParam, {
+        "description": HONOURED, "name": HONOURED, "schema": HONOURED, "strict": HONOURED, "type": HONOURED}),
+    (reasoning_param.Reasoning, {
+        "effort": HONOURED, "context": ({"reasoning": {"context": "auto"}}, "reasoning.context"),
+        "mode": ({"reasoning": {"mode": "auto"}}, "reasoning.mode"),
+        "generate_summary": ({"reasoning": {"generate_summary": "auto"}}, "reasoning.generate_summary"),
+        "summary": ({"reasoning": {"summary": "auto"}}, "reasoning.summary")}),
+    (response_create_params.StreamOptions, {
+        "include_obfuscation": ({"stream": True, "stream_options": {"include_obfuscation": True}},
+                                "stream_options.include_obfuscation")}),
+]
+
 # the message types of the chat schema: field -> verdict, with a message that uses it
 MESSAGES = {
     ChatCompletionSystemMessageParam: {"role": HONOURED, "content": HONOURED, "name": HONOURED},
@@ -125,13 +225,19 @@ def proven(ref: str) -> bool:
 @pytest.mark.parametrize("route, table, params", [
     ("/v1/chat/completions", CHAT, chat_params.CompletionCreateParamsBase),
     ("/v1/completions", COMPLETIONS, completion_create_params.CompletionCreateParamsBase),
+    ("/v1/responses", RESPONSES, response_create_params.ResponseCreateParamsBase),
 ])
 def test_every_field_of_the_openai_schema_is_honoured_or_refused(server, route, table, params):
     assert typed_fields(params) == set(table), "the openai package's fields changed: decide for each new one"
-    base = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in route else {"prompt": "hi"}
-    base["max_tokens"] = 2
+    if route == "/v1/responses":
+        base = {"input": "hi", "max_output_tokens": 2}
+    else:
+        base = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in route else {"prompt": "hi"}
+        base["max_tokens"] = 2
     with httpx.Client(base_url=server.url, timeout=120) as c:
         for name, (verdict, value, extra, proof) in table.items():
+            if name == "previous_response_id":
+                value = c.post(route, json=base).json()["id"]
             r = c.post(route, json={**base, **extra, name: value})
             if verdict == HONOURED:
                 assert r.status_code == 200, (name, r.text)
@@ -139,12 +245,46 @@ def test_every_field_of_the_openai_schema_is_honoured_or_refused(server, route, 
             else:
                 assert r.status_code == 400, (name, r.text)
                 err = r.json()["error"]
-                assert err["param"] == name and err["message"].startswith(f"{name}: "), err
+                assert err["param"].split(".")[0] == name and err["message"].startswith(err["param"] + ": "), err
         if "chat" in route:
             for name, value in CHAT_NO_OPS.items():
                 assert c.post(route, json={**base, name: value}).status_code == 200, name
+        elif route == "/v1/responses":
+            for name, value in RESPONSES_NO_OPS.items():
+                assert c.post(route, json={**base, name: value}).status_code == 200, name
         else:
             assert c.post(route, json={**base, "best_of": 2, "n": 2}).status_code == 200
+
+
+def test_every_field_of_the_responses_types_is_honoured_or_refused(server):
+    """The items, tools and settings a Responses request nests: each field honoured (a request that uses them all
+    is answered) or refused naming it."""
+    everything = [
+        {"type": "message", "role": "developer", "content": [
+            {"type": "input_text", "text": "Be brief.", "prompt_cache_breakpoint": True}], "status": "completed"},
+        {"role": "user", "content": "hi", "phase": "final_answer"},
+        {**RS, "id": "rs_1", "status": "completed", "encrypted_content": None},
+        {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+         "content": [{"type": "output_text", "text": "a", "annotations": [], "logprobs": []}]},
+        {**CALL, "id": "fc_1", "status": "completed"}, {**OUT, "id": "fco_1", "status": "completed", "name": "f"}]
+    tool = {**FN, "description": "d", "parameters": {"type": "object", "properties": {}}, "strict": True}
+    schema = {"type": "json_schema", "name": "s", "description": "d", "schema": {"type": "object"}, "strict": False}
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        r = c.post("/v1/responses", json={"input": everything, "tools": [tool], "max_output_tokens": 2,
+                                          "tool_choice": {"type": "function", "name": "f"}, "store": False})
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/responses", json={"input": "hi", "text": {"format": schema}, "max_output_tokens": 2,
+                                          "reasoning": {"effort": "none"}, "store": False})
+        assert r.status_code == 200, r.text
+        for kind, verdicts in RESPONSE_TYPES:
+            assert set(kind.__annotations__) | {a for a in verdicts if a == "async"} == set(verdicts), \
+                f"{kind.__name__} changed: decide for each new field"
+            for name, verdict in verdicts.items():
+                if verdict == HONOURED:
+                    continue
+                body, param = verdict
+                r = c.post("/v1/responses", json={"input": "hi", "max_output_tokens": 2, **body})
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, (kind.__name__, name, r.text)
 
 
 def test_every_field_of_every_message_type_is_honoured_or_refused(server):
@@ -201,11 +341,15 @@ def test_user_fields_reach_the_access_log(server, caplog):
             "safety_identifier": "s-42"})
         httpx.post(server.url + "/v1/completions", headers={"X-Request-ID": "who2"}, json={
             "prompt": "hi", "max_tokens": 1, "user": "u-43"})
+        httpx.post(server.url + "/v1/responses", headers={"X-Request-ID": "who3"}, json={
+            "input": "hi", "max_output_tokens": 1, "user": "u-44", "safety_identifier": "s-44"})
         deadline = time.monotonic() + 10  # the line is written once the response is sent
         while time.monotonic() < deadline:
-            lines = {r.request_id: r for r in caplog.records if getattr(r, "request_id", None) in ("who", "who2")}
-            if len(lines) == 2:
+            lines = {r.request_id: r for r in caplog.records
+                     if getattr(r, "request_id", None) in ("who", "who2", "who3")}
+            if len(lines) == 3:
                 break
             time.sleep(0.02)
     assert lines["who"].user == "u-42" and lines["who"].safety_identifier == "s-42"
     assert lines["who2"].user == "u-43"
+    assert lines["who3"].user == "u-44" and lines["who3"].safety_identifier == "s-44"

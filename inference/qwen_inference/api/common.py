@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from ..errors import APIError, bad_request
-from ..protocol import FieldError, error_body
+from ..protocol import error_body, first_error
 
 if TYPE_CHECKING:
     from ..state import ServerState
@@ -157,21 +157,9 @@ async def read_json(request: Request, model: type[Body]) -> Body:
 
 
 def validation_message(exc: Any) -> tuple[str, str | None]:
-    """The first error of a pydantic or FastAPI validation error, as (message, param)."""
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    msg = first.get("msg", "invalid value")
-    cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, FieldError):  # a check across fields that names the one at fault
-        loc.append(cause.param)
-        msg = str(cause)
-    elif first.get("type") == "extra_forbidden":
-        msg = "this server does not support this field"
-    elif msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+    """The error of a pydantic or FastAPI validation error to report (protocol.first_error), as (message,
+    param)."""
+    loc, msg = first_error(exc.errors())
     param = ".".join(loc) or None
     return (f"{param}: {msg}" if param else msg), param
 

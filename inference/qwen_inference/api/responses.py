@@ -1,0 +1,41 @@
+"""The Responses API: POST /v1/responses (whole or streamed), GET and DELETE /v1/responses/{id}."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from ..protocol import ResponseDeleted, ResponseObject, ResponsesRequest
+from ..serving_responses import ResponsesService
+from .common import json_body, read_json, require_key, require_ready
+
+router = APIRouter()
+
+ERRORS = {400: {"description": "invalid request"}, 401: {"description": "bad key"},
+          404: {"description": "no such response"}}
+
+
+def responses_service(request: Request) -> ResponsesService:
+    return request.app.state.responses
+
+
+@router.post("/v1/responses", dependencies=[Depends(require_key)], response_model=ResponseObject,
+             openapi_extra=json_body(ResponsesRequest),
+             responses={**ERRORS, 413: {"description": "body too large"}, 429: {"description": "queue full"},
+                        503: {"description": "not ready"}})
+async def create_response(request: Request) -> Response:
+    req = await read_json(request, ResponsesRequest)
+    require_ready(request)
+    return await responses_service(request).create(req, request)
+
+
+@router.get("/v1/responses/{response_id}", dependencies=[Depends(require_key)], response_model=ResponseObject,
+            responses=ERRORS)
+async def get_response(response_id: str, request: Request) -> Response:
+    return responses_service(request).get(response_id)
+
+
+@router.delete("/v1/responses/{response_id}", dependencies=[Depends(require_key)], response_model=ResponseDeleted,
+               responses=ERRORS)
+async def delete_response(response_id: str, request: Request) -> Response:
+    return responses_service(request).delete(response_id)

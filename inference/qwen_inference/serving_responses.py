@@ -1,0 +1,476 @@
+"""The Responses API: a request's input items become chat messages and run as a chat completion does (the chat
+template, tools, reasoning, grammars, the prefix cache); what the model writes comes back as output items —
+reasoning, message and function_call, in the order written — whole, or streamed as Responses events.
+
+Responses are kept in this process's memory (`--responses-store` of them, least recently used dropped first)
+for `previous_response_id` and `GET /v1/responses/{id}`: with several replicas behind one Service a follow-up
+may reach a replica that never saw the first response (404), so clients there send the whole conversation with
+`store: false`, as stateless clients do. Reasoning sent back with `include: ["reasoning.encrypted_content"]`
+is the reasoning text itself, base64-encoded, not encrypted: the server keeps no key, and the text is the
+client's to read anyway."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+
+from .engine import FinishEvent
+from .errors import APIError, bad_request
+from .protocol import (ENCRYPTED_REASONING, ChatCompletionRequest, ChatMessage, FunctionCallItem,
+                       FunctionCallOutputItem, IncompleteDetails, InputMessage, InputTokensDetails,
+                       OutputTokensDetails, ReasoningItem, ResponseDeleted, ResponseError, ResponseObject,
+                       ResponsesRequest, ResponseUsage, ToolCallFunction, ToolCallParam, first_error, now)
+from .protocol import _item as parse_item
+from .serving import sse_event, until_disconnect
+from .serving_chat import ChatChoice, ChatPlan, ChatService
+from .toolcalls import OutputDelta, ToolCallDelta
+
+log = logging.getLogger("qwen_inference.serving")
+
+_REASONING_PREFIX = "qwen-reasoning:"
+
+
+def encrypt_reasoning(text: str) -> str:
+    """`encrypted_content` as this server writes it: the reasoning text, base64-encoded (see the module's
+    docstring)."""
+    return base64.b64encode((_REASONING_PREFIX + text).encode()).decode()
+
+
+def reasoning_of(index: int, item: ReasoningItem) -> str | None:
+    """The text of a reasoning item sent back: its reasoning_text content, else its encrypted_content."""
+    if item.content:
+        return "".join(p.text for p in item.content)
+    if item.encrypted_content is None:
+        return None
+    try:
+        raw = base64.b64decode(item.encrypted_content, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raw = ""
+    if not raw.startswith(_REASONING_PREFIX):
+        raise bad_request(f"input[{index}].encrypted_content was not written by this server",
+                          f"input.{index}.encrypted_content")
+    return raw[len(_REASONING_PREFIX):]
+
+
+# the names chat completions give the fields of a request, as this API names them
+_RENAMES = [(re.compile(r"tools\[(\d+)\]\.function\."), r"tools[\1]."),
+            (re.compile(r"\bresponse_format\.json_schema\b"), "text.format"),
+            (re.compile(r"\bresponse_format\b"), "text.format"),
+            (re.compile(r"\bmax_completion_tokens\b"), "max_output_tokens"),
+            (re.compile(r"\breasoning_effort\b"), "reasoning.effort"),
+            (re.compile(r"\bmessages\b"), "input")]
+
+
+def renamed(exc: APIError) -> APIError:
+    """An error of the chat-completions path, naming the fields as this API does."""
+    def rename(text: str | None) -> str | None:
+        if text is None:
+            return None
+        for pattern, name in _RENAMES:
+            text = pattern.sub(name, text)
+        return text
+
+    exc.message, exc.param = rename(exc.message), rename(exc.param)
+    return exc
+
+
+def to_messages(items: list[Any], instructions: str | None, offset: int = 0) -> list[ChatMessage]:
+    """Input items as chat messages: a reasoning item, an assistant message and the function calls after it make
+    one assistant turn; a function_call_output is a tool message. `offset`: how many of `items` came from the
+    previous response (errors name the request's own items)."""
+    messages: list[ChatMessage] = []
+    if instructions:
+        messages.append(ChatMessage(role="system", content=instructions))
+    turn: dict[str, Any] | None = None
+
+    def flush() -> None:
+        nonlocal turn
+        if turn is not None and (turn["content"] is not None or turn["calls"] or turn["reasoning"] is not None):
+            messages.append(ChatMessage(role="assistant", content=turn["content"], tool_calls=turn["calls"] or None,
+                                        reasoning=turn["reasoning"]))
+        turn = None
+
+    def new_turn() -> dict[str, Any]:
+        return {"content": None, "calls": [], "reasoning": None}
+
+    for k, item in enumerate(items):
+        i = k - offset
+        if isinstance(item, ReasoningItem):
+            flush()
+            turn = new_turn()
+            turn["reasoning"] = reasoning_of(i, item)
+        elif isinstance(item, InputMessage) and item.role == "assistant":
+            if turn is not None and (turn["content"] is not None or turn["calls"]):
+                flush()
+            turn = turn or new_turn()
+            turn["content"] = item.text()
+        elif isinstance(item, FunctionCallItem):
+            try:
+                args = json.loads(item.arguments)
+            except ValueError:
+                args = None
+            if not isinstance(args, dict):
+                raise bad_request(f"input[{i}].arguments must be a JSON object, as text", f"input.{i}.arguments")
+            turn = turn or new_turn()
+            turn["calls"].append(ToolCallParam(id=item.call_id,
+                                               function=ToolCallFunction(name=item.name, arguments=item.arguments)))
+        else:
+            flush()
+            if isinstance(item, FunctionCallOutputItem):
+                messages.append(ChatMessage(role="tool", content=item.text(), tool_call_id=item.call_id))
+            else:
+                messages.append(ChatMessage(role=item.role, content=item.text()))
+    flush()
+    if not messages:
+        raise bad_request("input has no message to answer", "input")
+    return messages
+
+
+def _hex() -> str:
+    return uuid.uuid4().hex
+
+
+class Output:
+    """A response's output items, built from what the model writes, with the stream's events for each step: an
+    item is opened when the kind of text changes (reasoning, content, a new call) and closed when the next one
+    opens or the reply ends."""
+
+    def __init__(self, encrypted: bool) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.open: dict[str, Any] | None = None
+        self.encrypted = encrypted
+        self.calls: dict[int, dict[str, Any]] = {}  # a call's index in the reply -> its item
+        self.seq = 0
+
+    def event(self, type_: str, **fields: Any) -> dict[str, Any]:
+        ev = {"type": type_, "sequence_number": self.seq, **fields}
+        self.seq += 1
+        return ev
+
+    def add(self, d: OutputDelta) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        if d.reasoning:
+            events += self._text("reasoning", d.reasoning)
+        if d.content:
+            events += self._text("message", d.content)
+        for call in d.tool_calls:
+            events += self._call(call)
+        return events
+
+    def _text(self, kind: str, text: str) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        if self.open is None or self.open["type"] != kind:
+            events += self.close("completed")
+            if kind == "message":
+                item = {"id": "msg_" + _hex(), "type": "message", "status": "in_progress", "role": "assistant",
+                        "content": []}
+                part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            else:
+                item = {"id": "rs_" + _hex(), "type": "reasoning", "summary": [], "content": [],
+                        "status": "in_progress"}
+                part = {"type": "reasoning_text", "text": ""}
+            events += self._opened(item)
+            item["content"].append(part)
+            events.append(self.event("response.content_part.added", item_id=item["id"],
+                                     output_index=len(self.items) - 1, content_index=0, part=dict(part)))
+        item = self.open
+        assert item is not None
+        item["content"][0]["text"] += text
+        at = dict(item_id=item["id"], output_index=len(self.items) - 1, content_index=0, delta=text)
+        if kind == "message":
+            events.append(self.event("response.output_text.delta", **at, logprobs=[]))
+        else:
+            events.append(self.event("response.reasoning_text.delta", **at))
+        return events
+
+    def _opened(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        self.items.append(item)
+        self.open = item
+        return [self.event("response.output_item.added", output_index=len(self.items) - 1,
+                           item=json.loads(json.dumps(item)))]
+
+    def _call(self, call: ToolCallDelta) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        item = self.calls.get(call.index)
+        if item is None:
+            events += self.close("completed")
+            item = {"id": "fc_" + _hex(), "type": "function_call", "status": "in_progress",
+                    "call_id": call.id or "call_" + _hex()[:24], "name": call.name or "", "arguments": ""}
+            self.calls[call.index] = item
+            events += self._opened(item)
+        if call.arguments:
+            item["arguments"] += call.arguments
+            events.append(self.event("response.function_call_arguments.delta", item_id=item["id"],
+                                     output_index=self.items.index(item), delta=call.arguments))
+        return events
+
+    def close(self, status: str) -> list[dict[str, Any]]:
+        """Close the open item (`status`: completed, or incomplete when the reply was cut short)."""
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        item["status"] = status
+        at = dict(item_id=item["id"], output_index=self.items.index(item))
+        events = []
+        if item["type"] == "function_call":
+            events.append(self.event("response.function_call_arguments.done", **at, name=item["name"],
+                                     arguments=item["arguments"]))
+        else:
+            part = item["content"][0]
+            if item["type"] == "message":
+                events.append(self.event("response.output_text.done", **at, content_index=0, text=part["text"],
+                                         logprobs=[]))
+            else:
+                events.append(self.event("response.reasoning_text.done", **at, content_index=0, text=part["text"]))
+                if self.encrypted:
+                    item["encrypted_content"] = encrypt_reasoning(part["text"])
+            events.append(self.event("response.content_part.done", **at, content_index=0, part=dict(part)))
+        events.append(self.event("response.output_item.done", output_index=at["output_index"],
+                                 item=json.loads(json.dumps(item))))
+        return events
+
+    def reasoning_text(self) -> str:
+        return "".join(i["content"][0]["text"] for i in self.items if i["type"] == "reasoning")
+
+
+@dataclass
+class Stored:
+    body: dict[str, Any]  # the response as returned
+    items: list[Any]  # the input items it answered, the previous responses' included (without instructions)
+
+    def history(self) -> list[Any]:
+        """The conversation so far, as input items: what it answered, then its output."""
+        return self.items + [parse_item(item) for item in self.body["output"]]
+
+
+class ResponseStore:
+    """Responses kept for previous_response_id and GET, least recently used dropped first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._kept: OrderedDict[str, Stored] = OrderedDict()
+
+    def put(self, rid: str, stored: Stored) -> None:
+        if self.capacity <= 0:
+            return
+        self._kept[rid] = stored
+        self._kept.move_to_end(rid)
+        while len(self._kept) > self.capacity:
+            self._kept.popitem(last=False)
+
+    def get(self, rid: str, param: str | None = None) -> Stored:
+        stored = self._kept.get(rid)
+        if stored is None:
+            raise APIError(404, f"No response with id {rid!r} is kept here (responses are kept in the memory of "
+                           "the replica that made them, the latest --responses-store of them).",
+                           "invalid_request_error", param, "response_not_found", reason="not_found")
+        self._kept.move_to_end(rid)
+        return stored
+
+    def delete(self, rid: str) -> None:
+        self.get(rid)
+        del self._kept[rid]
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+class ResponsesService:
+    def __init__(self, state, chat: ChatService) -> None:
+        self.state = state
+        self.chat = chat
+        self.store = ResponseStore(state.settings.responses_store)
+
+    # ---- the request -----------------------------------------------------------------------------------
+    def chat_request(self, req: ResponsesRequest, items: list[Any], offset: int) -> ChatCompletionRequest:
+        messages = to_messages(items, req.instructions, offset)
+        choice = req.tool_choice
+        if choice is not None and not isinstance(choice, str):
+            choice = {"type": "function", "function": {"name": choice.name}}
+        fmt = req.text.format if req.text is not None else None
+        try:
+            return ChatCompletionRequest(
+                messages=messages, model=req.model, max_completion_tokens=req.max_output_tokens,
+                temperature=req.temperature, top_p=req.top_p,
+                tools=[t.to_chat() for t in req.tools] if req.tools else None, tool_choice=choice,
+                parallel_tool_calls=req.parallel_tool_calls,
+                reasoning_effort=req.reasoning.effort if req.reasoning is not None else None,
+                response_format=fmt.to_chat() if fmt is not None else None)
+        except ValidationError as exc:  # what the chat request checks across messages
+            loc, msg = first_error(exc.errors())
+            raise renamed(bad_request(msg, ".".join(loc) or None)) from None
+
+    def _shell(self, req: ResponsesRequest, plan: ChatPlan) -> ResponseObject:
+        """The response before any output: the request's settings as they apply."""
+        params = plan.submission.params
+        choice = req.tool_choice
+        return ResponseObject(
+            id="resp_" + _hex(), created_at=now(), status="in_progress", instructions=req.instructions,
+            max_output_tokens=req.max_output_tokens, model=self.state.settings.model_name,
+            parallel_tool_calls=plan.tools.parallel, previous_response_id=req.previous_response_id,
+            reasoning={"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
+            store=bool(req.store), temperature=params.temperature, top_p=params.top_p,
+            text={"format": req.text.format.model_dump(by_alias=True, exclude_none=True)
+                  if req.text is not None and req.text.format is not None else {"type": "text"}},
+            tool_choice=(choice.model_dump() if choice is not None and not isinstance(choice, str)
+                         else choice or ("auto" if req.tools else "none")),
+            tools=[t.model_dump(by_alias=True, exclude_none=True) for t in req.tools or ()], user=req.user,
+            metadata=req.metadata or {})
+
+    async def create(self, req: ResponsesRequest, request: Request) -> Response:
+        chat = self.chat
+        chat.log_fields(request, user=req.user, safety_identifier=req.safety_identifier)
+        if req.store and self.store.capacity <= 0:
+            raise bad_request("this server keeps no responses (--responses-store 0): send store: false", "store")
+        history: list[Any] = []
+        if req.previous_response_id is not None:
+            history = self.store.get(req.previous_response_id, "previous_response_id").history()
+        items = history + req.items
+        chat.check_model(req.model)
+        try:
+            plan = await chat.prepare(self.chat_request(req, items, len(history)), request.state.request_id)
+        except APIError as exc:
+            raise renamed(exc) from None
+        handle = chat.submit(request.state.request_id, plan.submission)
+        request.state.input_tokens = handle.prompt_tokens
+        request.state.handles = [handle]
+        if self.state.settings.log_prompts:
+            request.state.prompt = plan.messages
+            request.state.reply = ""
+        run = _Run(self, req, plan, handle, items, request)
+        if req.stream:
+            return StreamingResponse(run.stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await run.whole()
+
+    def get(self, rid: str) -> Response:
+        return Response(json.dumps(self.store.get(rid).body), media_type="application/json")
+
+    def delete(self, rid: str) -> Response:
+        self.store.delete(rid)
+        return Response(ResponseDeleted(id=rid).model_dump_json(), media_type="application/json")
+
+
+class _Run:
+    """One response being generated: the choice's text through the chat parser into output items."""
+
+    def __init__(self, service: ResponsesService, req: ResponsesRequest, plan: ChatPlan, handle, items: list[Any],
+                 request: Request) -> None:
+        self.service, self.req, self.plan, self.handle = service, req, plan, handle
+        self.items, self.request = items, request
+        self.chat = service.chat
+        self.choice: ChatChoice = self.chat._choice(0, plan)
+        self.output = Output(encrypted=ENCRYPTED_REASONING in (req.include or ()))
+        self.response = service._shell(req, plan)
+
+    def _events(self) -> AsyncIterator[tuple]:
+        return self.chat._events(self.handle, [self.choice])
+
+    def _body(self) -> dict[str, Any]:
+        return self.response.model_dump(mode="json")
+
+    def _finish(self) -> list[dict[str, Any]]:
+        """Close the output and fill in the response's status and usage."""
+        c = self.choice
+        cut = c.finish_reason == "length"
+        events = self.output.close("incomplete" if cut else "completed")
+        completion_tokens = self.chat._finished(self.request, [c])
+        r = self.response
+        r.status = "incomplete" if cut else "completed"
+        r.incomplete_details = IncompleteDetails(reason="max_output_tokens") if cut else None
+        r.output = self.output.items
+        reasoning = self.output.reasoning_text()
+        tok = self.service.state.model.tokenizer
+        r.usage = ResponseUsage(
+            input_tokens=self.handle.prompt_tokens,
+            input_tokens_details=InputTokensDetails(cached_tokens=self.handle.cached_tokens),
+            output_tokens=completion_tokens,
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=min(completion_tokens, len(
+                tok(reasoning, add_special_tokens=False)["input_ids"]) if reasoning else 0)),
+            total_tokens=self.handle.prompt_tokens + completion_tokens)
+        self._keep()
+        return events
+
+    def _failed(self, ev: FinishEvent | None) -> None:
+        _, _, code, message = self.chat.fail_reason(ev)
+        r = self.response
+        r.status, r.error, r.output = "failed", ResponseError(code=code, message=message), self.output.items
+        self._keep()
+
+    def _keep(self) -> None:
+        if self.req.store:
+            self.service.store.put(self.response.id, Stored(self._body(), self.items))
+
+    async def whole(self) -> Response:
+        async def consume():
+            async for item in self._events():
+                if item[0] == "error":
+                    return item[1]
+                self.output.add(item[2])
+            return None
+
+        try:
+            ok, failure = await until_disconnect(self.request, consume())
+        finally:
+            if not self.handle.finished:
+                self.handle.cancel()
+        c = self.choice
+        if not ok:
+            self.service.state.metrics.errors.labels("cancelled").inc()
+            self.chat.record(self.request, None, 0, self.chat._reply([c]))
+            return Response(status_code=499)
+        if failure is not None or c.finish_reason is None:
+            self.chat.record(self.request, failure, failure.completion_tokens if failure else 0,
+                             self.chat._reply([c]))
+            return self.chat.fail_response(failure)
+        self._finish()
+        return Response(json.dumps(self._body()), media_type="application/json")
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        out = self.output
+        metrics = self.service.state.metrics
+
+        def send(ev: dict[str, Any]) -> bytes:
+            return f"event: {ev['type']}\n".encode() + sse_event(json.dumps(ev, ensure_ascii=False))
+
+        completed = False
+        try:
+            yield send(out.event("response.created", response=self._body()))
+            yield send(out.event("response.in_progress", response=self._body()))
+            async for item in self._events():
+                if item[0] == "error":
+                    ev = item[1]
+                    _, reason, code, _ = self.chat.fail_reason(ev)
+                    metrics.errors.labels(reason).inc()
+                    self.chat.record(self.request, ev, ev.completion_tokens, self.chat._reply([self.choice]))
+                    self.request.state.stream_error = code
+                    self._failed(ev)
+                    yield send(out.event("response.failed", response=self._body()))
+                    completed = True
+                    return
+                for ev in out.add(item[2]):
+                    yield send(ev)
+            for ev in self._finish():
+                yield send(ev)
+            kind = "response.completed" if self.response.status == "completed" else "response.incomplete"
+            yield send(out.event(kind, response=self._body()))
+            completed = True
+        finally:
+            if not completed:  # the client went away mid-stream
+                metrics.errors.labels("cancelled").inc()
+                self.request.state.stream_error = "cancelled"
+                if self.service.state.settings.log_prompts:
+                    self.request.state.reply = self.chat._reply([self.choice])
+            if not self.handle.finished:
+                self.handle.cancel()
