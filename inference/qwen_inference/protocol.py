@@ -7,6 +7,7 @@ output and tool-call code (structured.py) carry the JSON schema of what they acc
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -43,12 +44,13 @@ class FieldError(ValueError):
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "is-instance"}
+_TYPE_EXPR = re.compile(r"^[a-z][a-z-]*\[.*\]$", re.S)
 
 
 def _branch_tag(part: Any) -> bool:
     """A location part that names a branch of a union (`str`, `list[TextPart]`, `literal['a','b']`), not a
     field: pydantic puts one in the location of each branch's errors."""
-    return isinstance(part, str) and (part in _TYPE_NAMES or not part.replace("-", "_").isidentifier())
+    return isinstance(part, str) and (part in _TYPE_NAMES or bool(_TYPE_EXPR.match(part)))
 
 
 def first_error(errors: list[dict[str, Any]]) -> tuple[list[str], str]:
@@ -729,8 +731,27 @@ def _input(v: Any) -> Any:
     return out
 
 
-INPUT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "description":
-                "a message (role, content), function_call, function_call_output or reasoning item"}}]}
+_TEXT_PARTS = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+    "type": "object", "properties": {"type": {"enum": ["input_text", "output_text"]}, "text": {"type": "string"}},
+    "required": ["type", "text"]}}]}
+_STATUS = {"enum": ["in_progress", "completed", "incomplete"]}
+INPUT_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "array", "minItems": 1, "items": {"oneOf": [
+    {"type": "object", "description": "a message", "required": ["role", "content"], "properties": {
+        "type": {"const": "message"}, "role": {"enum": ["user", "system", "developer", "assistant"]},
+        "content": _TEXT_PARTS, "id": {"type": "string"}, "status": _STATUS}},
+    {"type": "object", "description": "a function call of an earlier turn", "properties": {
+        "type": {"const": "function_call"}, "call_id": {"type": "string", "minLength": 1},
+        "name": {"type": "string", "minLength": 1}, "arguments": {"type": "string", "description": "a JSON object"},
+        "id": {"type": "string"}, "status": _STATUS}, "required": ["type", "call_id", "name", "arguments"]},
+    {"type": "object", "description": "a function call's result", "properties": {
+        "type": {"const": "function_call_output"}, "call_id": {"type": "string", "minLength": 1},
+        "output": _TEXT_PARTS, "id": {"type": "string"}, "status": _STATUS}, "required": ["type", "call_id", "output"]},
+    {"type": "object", "description": "reasoning of an earlier turn: its text, or encrypted_content as this server "
+     "wrote it", "properties": {
+        "type": {"const": "reasoning"}, "summary": {"type": "array"}, "content": {"type": "array", "items": {
+            "type": "object", "properties": {"type": {"const": "reasoning_text"}, "text": {"type": "string"}},
+            "required": ["type", "text"]}}, "encrypted_content": {"type": "string"}, "id": {"type": "string"},
+        "status": _STATUS}, "required": ["type"]}]}}]}
 
 
 class FunctionTool(OpenAIModel):
@@ -842,6 +863,9 @@ def _metadata(v: Any) -> Any:
 
 
 class ResponsesRequest(OpenAIModel):
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["input"]},
+                                                           {"required": ["previous_response_id"]}]})
+
     model: str | None = None
     input: Annotated[Any, BeforeValidator(_input), WithJsonSchema(INPUT_SCHEMA)] = None
     instructions: str | None = None
@@ -858,7 +882,8 @@ class ResponsesRequest(OpenAIModel):
     stream_options: ResponsesStreamOptions | None = None
     store: bool | None = True
     metadata: Annotated[dict[str, str] | None, BeforeValidator(_metadata)] = None
-    include: list[str] | None = None
+    include: Annotated[list[str] | None, WithJsonSchema(
+        {"type": "array", "items": {"enum": [ENCRYPTED_REASONING]}})] = None
     user: str | None = None  # written to the access log
     safety_identifier: str | None = None  # written to the access log
     # accepted, with what they mean here

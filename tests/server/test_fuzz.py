@@ -26,10 +26,11 @@ def test_no_input_yields_a_server_error(api_schema, fuzz_server):
     from hypothesis import given
 
     operations = [r.ok() for r in api_schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/responses", "/v1/models", "/health",
+                                              "/metrics"}
     statuses: dict[str, list[int]] = {}
     for op in operations:
-        examples = 150 if op.path == "/v1/chat/completions" else 10
+        examples = {"/v1/chat/completions": 150, "/v1/responses": 80}.get(op.path, 10)
 
         @given(case=op.as_strategy())
         @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -45,6 +46,8 @@ def test_no_input_yields_a_server_error(api_schema, fuzz_server):
     chat = statuses["/v1/chat/completions"]
     assert len(chat) >= 100  # the fuzzer really drove the chat route, with valid and invalid bodies
     assert 200 in chat and 400 in chat, sorted(set(chat))
+    responses = statuses["/v1/responses"]
+    assert len(responses) >= 50 and 200 in responses and 400 in responses, sorted(set(responses))
 
 
 def test_afterwards_the_server_is_idle_and_leak_free(fuzz_server):
