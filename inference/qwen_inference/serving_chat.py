@@ -221,7 +221,9 @@ class ChatService(GenerationService):
         self.note_unenforced(request_id, constraint)
         params = self.sampling(req, max_tokens, req.logprobs_k)
         return ChatPlan(
-            submission=Submission(prompt_ids, params, EngineRequest(n=n, constraint=constraint)),
+            # with tools (or every turn's reasoning kept), the next prompt likely repeats this reply as written
+            submission=Submission(prompt_ids, params, EngineRequest(
+                n=n, constraint=constraint, continues=bool(tools.tools) or kwargs.get("preserve_thinking") is True)),
             stops=req.stop,  # type: ignore[arg-type]
             n=n,
             thinking=thinking,

@@ -396,3 +396,23 @@ def test_metrics_by_route(server):
     assert httpx.get(server.url + "/v1/responses/resp_none").status_code == 404
     after = count("POST", "/v1/responses", "200"), count("GET", "/v1/responses/{response_id}", "404")
     assert after == (before[0] + 1, before[1] + 1)
+
+
+def test_an_agent_step_starts_past_the_previous_reply(qwen35_server):
+    """An agent loop on Qwen3.5 with thinking on: the next step's prompt repeats the reasoning and the call token
+    for token, and starts past them (the reply's state was kept at its last block boundary), not only past the
+    previous prompt."""
+    srv = qwen35_server
+    oai = client(srv)
+    reply = "The weather needs the tool: Paris, three days.\n</think>\n\n" + call_of(srv)
+    kwargs = dict(model="tiny", tools=FUNCTIONS, reasoning={"effort": "high"}, max_output_tokens=200)
+    with Scripted(srv) as script:
+        script.say("step1", reply)
+        first = oai.responses.create(input=QUESTION, extra_headers={"X-Request-ID": "step1"}, **kwargs)
+    assert [i.type for i in first.output] == ["reasoning", "function_call"]
+    call = first.output[1]
+    second = oai.responses.create(previous_response_id=first.id, input=[
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}], **kwargs)
+    computed = first.usage.input_tokens + first.usage.output_tokens - 1  # the end marker is sampled, not computed
+    prompt_checkpoint = (first.usage.input_tokens - 8) // 16 * 16
+    assert second.usage.input_tokens_details.cached_tokens == computed // 16 * 16 > prompt_checkpoint

@@ -463,3 +463,71 @@ async def test_state_checkpoints_let_prompts_start_past_a_cached_prefix_exactly(
         assert small.stats()["prefix_cache_hit_tokens"] == 80 and small.stats()["state_checkpoints"] == 2
     finally:
         small.stop()
+
+
+async def test_a_continuing_reply_lets_the_next_prompt_start_past_it_exactly(model, hf):
+    """A tool call's turn: the next prompt repeats the prompt and the reply, then adds the tool's result. A reply
+    that continues keeps its state at its last block boundary, so that prompt starts there (greedy replies equal
+    transformers'); a reply that does not only leaves the prompt's checkpoint."""
+    from qwen_inference.engine.engine import Request
+
+    prompt = [248045] + list(range(4000, 4099))  # 100 tokens: the prompt's checkpoint at 80
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    engine = make_engine(model, prefix_caching=True, state_checkpoints=4, prefill_chunk=32)
+    try:
+        hits = []
+        for continues, result in ((True, list(range(5000, 5030))), (False, list(range(5100, 5130)))):
+            before = engine.stats()["prefix_cache_hit_tokens"]
+            h = engine.submit("turn", prompt, params, 60, Request(continues=continues))
+            reply = [ev.token_id async for ev in h.events() if isinstance(ev, TokenEvent)]
+            assert reply == reference(hf, prompt, 40)
+            nxt = prompt + reply + result
+            toks, _ = await run(engine, nxt, SamplingParams(max_tokens=6, temperature=0))
+            assert toks == reference(hf, nxt, 6)
+            hits.append(engine.stats()["prefix_cache_hit_tokens"] - before)
+            prompt = [248045] + list(range(4200, 4299))  # the second round on another prompt
+        # the reply's 39 computed tokens reach 139: its state kept at 128; without, the prompt's at 80
+        assert hits == [128, 80]
+        pool = engine.runner.caches.states
+        assert pool.used == 0 and engine._reply_rows == 0 and pool.saved + len(pool._spare) == pool.checkpoints
+    finally:
+        engine.stop()
+
+
+async def test_continuing_replies_hold_at_most_half_the_rows_and_give_them_back(model, hf):
+    """Five continuing replies at once through four checkpoint rows: two hold a row while they decode (the others
+    go without); one that fails gives its row back unnamed, the others' are named when they end; no row is lost."""
+    from qwen_inference.engine.engine import Request
+
+    engine = make_engine(model, prefix_caching=True, state_checkpoints=4, prefill_chunk=64, max_concurrency=5)
+    held = []
+    keep = engine._keep_reply_state
+
+    def watch(seq):
+        keep(seq)
+        held.append(engine._reply_rows)
+
+    engine._keep_reply_state = watch
+
+    def fail_late(seqs):
+        if any(s.handle.request_id == "bad" and len(s.output_ids) == 30 for s in seqs):
+            raise RuntimeError("injected")
+
+    engine.fault_hook = fail_late
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    ps = [[248045] + list(range(6000 + 200 * i, 6000 + 200 * i + 70)) for i in range(5)]
+    try:
+        handles = [engine.submit("bad" if i == 0 else f"ok{i}", p, params, 60, Request(continues=True))
+                   for i, p in enumerate(ps)]
+        fins = []
+        for h in handles:
+            async for ev in h.events():
+                if not isinstance(ev, TokenEvent):
+                    fins.append(ev.reason)
+        assert fins[0] == "error" and fins[1:] == ["length"] * 4
+        assert held and max(held) == 2
+        pool = engine.runner.caches.states
+        assert engine._reply_rows == 0 and pool.used == 0
+        assert pool.saved + len(pool._spare) == pool.checkpoints
+    finally:
+        engine.stop()

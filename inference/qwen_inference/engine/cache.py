@@ -281,6 +281,11 @@ class StatePool:
         if name in self._saved:
             self._saved.move_to_end(name)
             return None
+        return self.claim_unnamed()
+
+    def claim_unnamed(self) -> int | None:
+        """A row for a state whose name is not known yet (a reply's, named when it ends): a spare one, or the least
+        recently used checkpoint's; None when every row is out. commit() or abandon() it as claim()'s."""
         if self._spare:
             return self._spare.pop()
         if self._saved:

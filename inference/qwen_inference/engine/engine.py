@@ -13,7 +13,10 @@ earlier prompts and replies). A model with recurrent layers also needs the state
 a prompt's state is checkpointed, in the step that gets there, at the last block boundary before the chat
 template's generation prompt (where the next turn of the conversation renders differently) and at the
 boundary where the blocks found in the cache ended (where another prompt, a shared system prompt say, went its
-own way); a prompt then starts past the deepest boundary whose blocks and checkpoint are both kept.
+own way); a prompt then starts past the deepest boundary whose blocks and checkpoint are both kept. A reply that the next
+prompt is likely to repeat as written (a turn of tool calls) keeps its state at its latest block boundary as it
+decodes, in one checkpoint row (at most half the rows are so held), named when it ends: the agent's next step
+starts there.
 
 A step that fails is run again sequence by sequence, so that one bad request fails alone; not once the model
 has run on a model with recurrent layers, whose states it moved on in place: then every sequence of the step
@@ -131,6 +134,10 @@ class Request:
     n: int = 1
     constraint: Any = None  # a factory of per-sequence token constraints (`structured.ConstraintFactory`)
     prompt_logprobs: int | None = None  # None: none; k: the prompt tokens' log-probabilities and top k
+    # the reply is likely to start the next prompt as written (a turn of tool calls, whose reasoning and calls the
+    # next prompt renders token for token): a model with recurrent layers keeps its state at the reply's last block
+    # boundary for that prompt to start from
+    continues: bool = False
 
 
 @dataclass(eq=False)
@@ -153,6 +160,8 @@ class Sequence:
     hashes: list[bytes] | None = None  # chained hashes of the prompt's full blocks (prefix caching)
     registered: int = 0  # of those, blocks already offered to the prefix cache
     checkpoint_at: list[int] = field(default_factory=list)  # prompt positions where the state is checkpointed
+    reply_row: int | None = None  # a continuing reply's checkpoint row: its state at its latest block boundary...
+    reply_row_at: int = 0  # ...this many tokens in
     prompt_lp: list = field(default_factory=list)  # prompt log-probabilities gathered while prefilling
     prompt_top: list = field(default_factory=list)
     admitted_at: float = 0.0
@@ -233,6 +242,7 @@ class Engine:
         self.fatal_error: str | None = None
         self.fault_hook: Callable[[list[Sequence]], None] | None = None
         self._forward_started = False  # whether the step being run reached the model
+        self._reply_rows = 0  # checkpoint rows held by continuing replies: at most half of them
         self._forked: list[Sequence] = []  # choices forked in the step being run
 
     # ---- public, called from the asyncio side -------------------------------------------------------
@@ -586,6 +596,9 @@ class Engine:
         lp_info = self._token_logprobs(raw, want_lp, sampled, tokens)
         for s in decode:
             s.computed += 1
+            if s.request.continues and s.computed % self.block_size == 0 and s.state_slot is not None \
+                    and self.prefix_caching and s.computed >= CHECKPOINT_MIN_TOKENS:
+                self._keep_reply_state(s)
         for s, n in prefill:
             s.computed += n
             self._offer_prefix(s)
@@ -735,9 +748,23 @@ class Engine:
             self.allocator.register(seq.blocks[seq.registered], seq.hashes[seq.registered])
             seq.registered += 1
 
+    def _keep_reply_state(self, seq: Sequence) -> None:
+        """A continuing reply reached a block boundary: its state there goes to its checkpoint row (taken on the
+        first boundary while fewer than half the rows are held so), replacing the previous boundary's."""
+        if seq.reply_row is None:
+            if self._reply_rows >= self.runner.caches.states.checkpoints // 2:
+                return
+            seq.reply_row = self.runner.claim_reply_row()
+            if seq.reply_row is None:
+                return
+            self._reply_rows += 1
+        self.runner.copy_state(seq.state_slot, seq.reply_row)
+        seq.reply_row_at = seq.computed
+
     def _offer_reply(self, seq: Sequence) -> None:
         """At a sequence's end, its full blocks past the prompt join the prefix cache too: the next turn of a
-        conversation starts with this one's prompt and reply."""
+        conversation starts with this one's prompt and reply. A continuing reply's state checkpoint is named
+        after the block it ends."""
         bs = self.block_size
         full = min(seq.computed // bs, len(seq.blocks))
         if not self.prefix_caching or full <= max(seq.registered, len(seq.prompt_ids) // bs):
@@ -745,10 +772,21 @@ class Engine:
         hashes = self.allocator.block_hashes(seq.prompt_ids + seq.output_ids, full * bs, seq.hashes)
         for i in range(seq.registered, full):
             self.allocator.register(seq.blocks[i], hashes[i])
+        if seq.reply_row is not None:
+            self.runner.commit_checkpoint(hashes[seq.reply_row_at // bs - 1], seq.reply_row)
+            self._let_go_reply_row(seq)
+
+    def _let_go_reply_row(self, seq: Sequence, abandon: bool = False) -> None:
+        if seq.reply_row is not None:
+            if abandon:
+                self.runner.abandon_checkpoint(seq.reply_row)
+            seq.reply_row = None
+            self._reply_rows -= 1
 
     def _finish(self, seq: Sequence, reason: str, out: list, error: str | None = None, completion: int | None = None) -> None:
         if reason != "error":
             self._offer_reply(seq)
+        self._let_go_reply_row(seq, abandon=True)  # an error's, or one _offer_reply had no blocks to name by
         if seq.blocks or seq.reserved or seq.sibling_reserve:
             self.allocator.release(seq.blocks, seq.reserved + seq.sibling_reserve)
             seq.blocks, seq.reserved, seq.sibling_reserve = [], 0, 0

@@ -75,6 +75,10 @@ class ModelRunner:
         None when it is kept already or no row is free."""
         return self.caches.states.claim(name)
 
+    def claim_reply_row(self) -> int | None:
+        """A checkpoint row to keep a decoding sequence's state in (copy_state), named when the sequence ends."""
+        return self.caches.states.claim_unnamed()
+
     def commit_checkpoint(self, name: bytes, row: int) -> None:
         self.caches.states.commit(name, row)
 
