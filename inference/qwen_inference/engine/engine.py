@@ -13,10 +13,10 @@ earlier prompts and replies). A model with recurrent layers also needs the state
 a prompt's state is checkpointed, in the step that gets there, at the last block boundary before the chat
 template's generation prompt (where the next turn of the conversation renders differently) and at the
 boundary where the blocks found in the cache ended (where another prompt, a shared system prompt say, went its
-own way); a prompt then starts past the deepest boundary whose blocks and checkpoint are both kept. A reply that the next
-prompt is likely to repeat as written (a turn of tool calls) keeps its state at its latest block boundary as it
-decodes, in one checkpoint row (at most half the rows are so held), named when it ends: the agent's next step
-starts there.
+own way); a prompt then starts past the deepest boundary whose blocks and checkpoint are both kept. A reply that
+the next prompt is likely to repeat as written (a turn of tool calls) keeps its state at its latest block
+boundary as it decodes, in one checkpoint row (at most half the rows are so held), named when it ends: the
+agent's next step starts there.
 
 A step that fails is run again sequence by sequence, so that one bad request fails alone; not once the model
 has run on a model with recurrent layers, whose states it moved on in place: then every sequence of the step
