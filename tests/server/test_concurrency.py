@@ -57,12 +57,19 @@ async def test_batch_really_runs_together(server):
     assert peak >= 4
 
 
-async def test_disconnect_mid_stream_frees_the_slot(server):
+def long_request(route: str, text: str, **extra) -> dict:
+    """A body asking for 1500 tokens (the random model goes on to the end) on the chat or the Responses route."""
+    if route == "/v1/responses":
+        return {"input": text, "max_output_tokens": 1500, "temperature": 0, "store": False, **extra}
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": 1500, "temperature": 0, **extra}
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses"])
+async def test_disconnect_mid_stream_frees_the_slot(server, route):
     engine = server.state.model.engine
-    body = {"messages": [{"role": "user", "content": "go on forever"}], "max_tokens": 1500, "temperature": 0,
-            "stream": True}
+    body = long_request(route, "go on forever", stream=True)
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-        async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+        async with c.stream("POST", route, json=body) as r:
             got = 0
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
@@ -78,12 +85,13 @@ async def test_disconnect_mid_stream_frees_the_slot(server):
         assert engine.allocator.used_blocks == 0 and engine.allocator.reserved == 0
 
 
-async def test_disconnect_while_waiting_non_streaming_frees_the_slot(server):
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses"])
+async def test_disconnect_while_waiting_non_streaming_frees_the_slot(server, route):
     engine = server.state.model.engine
-    body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 1500, "temperature": 0}
+    body = long_request(route, "long")
     async with httpx.AsyncClient(base_url=server.url, timeout=0.5) as c:
         with pytest.raises(httpx.ReadTimeout):
-            await c.post("/v1/chat/completions", json=body)
+            await c.post(route, json=body)
     deadline = time.monotonic() + 10
     while engine.stats()["running"] and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
