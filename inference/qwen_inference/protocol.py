@@ -862,7 +862,9 @@ def _metadata(v: Any) -> Any:
     return v
 
 
-class ResponsesRequest(OpenAIModel):
+class ResponseInput(OpenAIModel):
+    """What makes a response's prompt: shared by creating a response and counting its input tokens."""
+
     model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["input"]},
                                                            {"required": ["previous_response_id"]}]})
 
@@ -870,14 +872,37 @@ class ResponsesRequest(OpenAIModel):
     input: Annotated[Any, BeforeValidator(_input), WithJsonSchema(INPUT_SCHEMA)] = None
     instructions: str | None = None
     previous_response_id: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
     tools: list[Annotated[FunctionTool, BeforeValidator(_tool)]] | None = None
     tool_choice: Annotated[Any, BeforeValidator(_tool_choice), WithJsonSchema(RESPONSES_TOOL_CHOICE)] = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
+    truncation: Refused("input is never truncated here: truncation may be 'disabled'", "disabled") = None
+    conversation: Refused("conversations are not supported: use previous_response_id or send the items") = None
+
+    @model_validator(mode="after")
+    def _some_input(self) -> "ResponseInput":
+        if not self.input and self.previous_response_id is None:
+            raise FieldError("input", "input is required (a string or a non-empty list of items)")
+        return self
+
+    @property
+    def items(self) -> list[Any]:
+        if isinstance(self.input, str):
+            return [InputMessage(role="user", content=self.input)]
+        return list(self.input or [])
+
+
+class InputTokensRequest(ResponseInput):
+    """POST /v1/responses/input_tokens: the prompt a response would have, counted."""
+
+    personality: Refused("personalities are not supported") = None
+
+
+class ResponsesRequest(ResponseInput):
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool | None = False
     stream_options: ResponsesStreamOptions | None = None
     store: bool | None = True
@@ -891,11 +916,9 @@ class ResponsesRequest(OpenAIModel):
     prompt_cache_retention: Refused(
         "prompts are cached in memory only; prompt_cache_retention may be 'in_memory'", "in_memory") = None
     service_tier: Refused("this server has one service tier: 'auto' or 'default'", "auto", "default") = None
-    truncation: Refused("input is never truncated here: truncation may be 'disabled'", "disabled") = None
     background: Refused("background responses are not supported", False) = None
     background_options: Refused("background responses are not supported") = None
     # refused
-    conversation: Refused("conversations are not supported: use previous_response_id or send the items") = None
     prompt: Refused("prompt templates are not supported") = None
     top_logprobs: Refused("log-probabilities are not supported here; /v1/chat/completions reports them", 0) = None
     max_tool_calls: Refused("max_tool_calls limits built-in tools, which this server does not run") = None
@@ -918,15 +941,7 @@ class ResponsesRequest(OpenAIModel):
     def _checks(self) -> "ResponsesRequest":
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
-        if not self.input and self.previous_response_id is None:
-            raise FieldError("input", "input is required (a string or a non-empty list of items)")
         return self
-
-    @property
-    def items(self) -> list[Any]:
-        if isinstance(self.input, str):
-            return [InputMessage(role="user", content=self.input)]
-        return list(self.input or [])
 
 
 class OutputText(BaseModel):
@@ -988,6 +1003,19 @@ class ResponseObject(BaseModel):
     usage: ResponseUsage | None = None
     user: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class InputTokens(BaseModel):
+    object: Literal["response.input_tokens"] = "response.input_tokens"
+    input_tokens: int
+
+
+class InputItemList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class ResponseDeleted(BaseModel):

@@ -193,21 +193,26 @@ class ChatService(GenerationService):
     def messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
         return [_template_message(i, m) for i, m in enumerate(messages)]
 
-    async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None) -> ChatPlan:
+    def prompt(self, req: ChatCompletionRequest) -> tuple[ToolPlan, dict[str, Any], list[dict], str, list[int]]:
+        """The request's prompt: its tool plan, template variables, messages as the template reads them, and the
+        rendered text with its token ids."""
         self.check_model(req.model)
+        tools = self.tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
+        kwargs = self.template_kwargs(req.chat_template_kwargs, req.reasoning_effort)
+        messages = self.messages(req.messages)
+        text = self.render(messages, tools.tools, kwargs)
+        return tools, kwargs, messages, text, self.state.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None) -> ChatPlan:
         n = req.choices
         self.check_n(n)
-        tools = self.tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
+        tools, kwargs, messages, text, prompt_ids = self.prompt(req)
         structured = req.structured_outputs is not None or (
             isinstance(req.response_format, dict) and req.response_format.get("type") != "text")
         if tools.forced and structured:
             which = "structured_outputs" if req.structured_outputs is not None else "response_format"
             raise bad_request(f"{which} cannot be combined with tool_choice {req.tool_choice!r}: the reply is a "
                               "tool call", which)
-        kwargs = self.template_kwargs(req.chat_template_kwargs, req.reasoning_effort)
-        messages = self.messages(req.messages)
-        text = self.render(messages, tools.tools, kwargs)
-        prompt_ids = self.state.model.tokenizer(text, add_special_tokens=False)["input_ids"]
         field_name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         max_tokens = self.limits(len(prompt_ids), req.requested_max_tokens, field_name,
                                  self.state.settings.default_max_tokens, n)
@@ -243,7 +248,7 @@ class ChatService(GenerationService):
         if self.state.settings.log_prompts:  # the access log line carries them (--log-prompts, off by default)
             request.state.prompt = plan.messages
             request.state.reply = ""
-        choices = [self._choice(i, plan) for i in range(plan.n)]
+        choices = [self.new_choice(i, plan) for i in range(plan.n)]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
@@ -253,13 +258,13 @@ class ChatService(GenerationService):
             )
         return await self._whole(handle, plan, choices, request)
 
-    def _choice(self, index: int, plan: ChatPlan) -> ChatChoice:
+    def new_choice(self, index: int, plan: ChatPlan) -> ChatChoice:
         tok = self.state.model.tokenizer
         parser = OutputParser(plan.thinking, plan.tool_style, plan.tools.tools, incremental=plan.tools.forced)
         one_call = plan.tool_style is not None and not plan.tools.parallel and not plan.tools.forced
         return ChatChoice(index, ChoiceText(tok, plan.stops, plan.logprobs), parser, one_call)
 
-    async def _events(self, handle, choices: list[ChatChoice]) -> AsyncIterator[tuple]:
+    async def choice_events(self, handle, choices: list[ChatChoice]) -> AsyncIterator[tuple]:
         """("delta", choice, OutputDelta, logprobs) as text comes, ("finish", choice, OutputDelta, logprobs) when a
         choice ends, or ("error", FinishEvent) when the request fails."""
         open_ = {c.index for c in choices}
@@ -293,20 +298,20 @@ class ChatService(GenerationService):
     def _logprobs(self, lps: list[Pending]) -> ChoiceLogprobs:
         return ChoiceLogprobs(content=[self.traits.chat_logprob(p.event) for p in lps])
 
-    def _reply(self, choices: list[ChatChoice]) -> Any:
+    def reply_text(self, choices: list[ChatChoice]) -> Any:
         texts = ["".join(c.raw) for c in choices]
         return texts[0] if len(texts) == 1 else texts
 
-    def _finished(self, request: Request, choices: list[ChatChoice]) -> int:
+    def finished(self, request: Request, choices: list[ChatChoice]) -> int:
         completion_tokens = sum(c.completion_tokens for c in choices)
         self.state.metrics.success.labels(choices[0].finish_reason).inc()
         last = next((c.event for c in choices if c.event is not None), None)
-        self.record(request, last, completion_tokens, self._reply(choices))
+        self.record(request, last, completion_tokens, self.reply_text(choices))
         return completion_tokens
 
     async def _whole(self, handle, plan: ChatPlan, choices: list[ChatChoice], request: Request) -> Response:
         async def consume():
-            async for item in self._events(handle, choices):
+            async for item in self.choice_events(handle, choices):
                 if item[0] == "error":
                     return item[1]
             return None
@@ -318,12 +323,12 @@ class ChatService(GenerationService):
                 handle.cancel()
         if not ok:  # the client went away: the slot is freed now
             self.state.metrics.errors.labels("cancelled").inc()
-            self.record(request, None, 0, self._reply(choices))
+            self.record(request, None, 0, self.reply_text(choices))
             return Response(status_code=499)
         if failure is not None or any(c.finish_reason is None for c in choices):
-            self.record(request, failure, failure.completion_tokens if failure else 0, self._reply(choices))
+            self.record(request, failure, failure.completion_tokens if failure else 0, self.reply_text(choices))
             return self.fail_response(failure)
-        completion_tokens = self._finished(request, choices)
+        completion_tokens = self.finished(request, choices)
         body = ChatCompletion(
             id="chatcmpl-" + request.state.request_id,
             created=now(),
@@ -362,13 +367,13 @@ class ChatService(GenerationService):
         try:
             for c in choices:
                 yield chunk(c.index, Delta(role="assistant", content=""))
-            async for item in self._events(handle, choices):
+            async for item in self.choice_events(handle, choices):
                 kind = item[0]
                 if kind == "error":
                     ev = item[1]
                     status, reason, code, message = self.fail_reason(ev)
                     metrics.errors.labels(reason).inc()
-                    self.record(request, ev, ev.completion_tokens, self._reply(choices))
+                    self.record(request, ev, ev.completion_tokens, self.reply_text(choices))
                     request.state.stream_error = code
                     yield sse(error_body(message, "server_error", None, code))
                     yield sse("[DONE]")
@@ -380,7 +385,7 @@ class ChatService(GenerationService):
                     yield b
                 if kind == "finish":
                     yield chunk(c.index, Delta(), c.finish_reason, lps=None if out else lps)
-            completion_tokens = self._finished(request, choices)
+            completion_tokens = self.finished(request, choices)
             if include_usage:
                 last = ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
                                            usage=usage(handle.prompt_tokens, completion_tokens, handle.cached_tokens))
@@ -392,6 +397,6 @@ class ChatService(GenerationService):
                 metrics.errors.labels("cancelled").inc()
                 request.state.stream_error = "cancelled"
                 if self.state.settings.log_prompts:
-                    request.state.reply = self._reply(choices)
+                    request.state.reply = self.reply_text(choices)
             if not handle.finished:
                 handle.cancel()

@@ -18,7 +18,7 @@ import logging
 import re
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import Request
@@ -28,9 +28,10 @@ from pydantic import ValidationError
 from .engine import FinishEvent
 from .errors import APIError, bad_request
 from .protocol import (ENCRYPTED_REASONING, ChatCompletionRequest, ChatMessage, FunctionCallItem,
-                       FunctionCallOutputItem, IncompleteDetails, InputMessage, InputTokensDetails,
-                       OutputTokensDetails, ReasoningItem, ResponseDeleted, ResponseError, ResponseObject,
-                       ResponsesRequest, ResponseUsage, ToolCallFunction, ToolCallParam, first_error, now)
+                       FunctionCallOutputItem, IncompleteDetails, InputItemList, InputMessage, InputTokens,
+                       InputTokensDetails, InputTokensRequest, OutputTokensDetails, ReasoningItem, ResponseDeleted,
+                       ResponseError, ResponseInput, ResponseObject, ResponsesRequest, ResponseUsage,
+                       ToolCallFunction, ToolCallParam, first_error, now)
 from .protocol import _item as parse_item
 from .serving import sse_event, until_disconnect
 from .serving_chat import ChatChoice, ChatPlan, ChatService
@@ -244,10 +245,30 @@ class Output:
         return "".join(i["content"][0]["text"] for i in self.items if i["type"] == "reasoning")
 
 
+_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
+
+
+def listed(items: list[Any]) -> list[dict[str, Any]]:
+    """Input items as GET .../input_items lists them: each with an id (its own, or one made here), message text
+    as parts."""
+    out = []
+    for item in items:
+        d = item.model_dump(by_alias=True, exclude_none=True)
+        d["id"] = d.get("id") or _ID_PREFIX[d["type"]] + _hex()
+        if isinstance(item, InputMessage):
+            if isinstance(item.content, str):
+                kind = "output_text" if item.role == "assistant" else "input_text"
+                d["content"] = [{"type": kind, "text": item.content}]
+            d.setdefault("status", "completed")
+        out.append(d)
+    return out
+
+
 @dataclass
 class Stored:
     body: dict[str, Any]  # the response as returned
     items: list[Any]  # the input items it answered, the previous responses' included (without instructions)
+    own: list[dict[str, Any]] = field(default_factory=list)  # this request's input items, as listed
 
     def history(self) -> list[Any]:
         """The conversation so far, as input items: what it answered, then its output."""
@@ -293,7 +314,7 @@ class ResponsesService:
         self.store = ResponseStore(state.settings.responses_store)
 
     # ---- the request -----------------------------------------------------------------------------------
-    def chat_request(self, req: ResponsesRequest, items: list[Any], offset: int) -> ChatCompletionRequest:
+    def chat_request(self, req: ResponseInput, items: list[Any], offset: int) -> ChatCompletionRequest:
         messages = to_messages(items, req.instructions, offset)
         choice = req.tool_choice
         if choice is not None and not isinstance(choice, str):
@@ -301,8 +322,8 @@ class ResponsesService:
         fmt = req.text.format if req.text is not None else None
         try:
             return ChatCompletionRequest(
-                messages=messages, model=req.model, max_completion_tokens=req.max_output_tokens,
-                temperature=req.temperature, top_p=req.top_p,
+                messages=messages, model=req.model, max_completion_tokens=getattr(req, "max_output_tokens", None),
+                temperature=getattr(req, "temperature", None), top_p=getattr(req, "top_p", None),
                 tools=[t.to_chat() for t in req.tools] if req.tools else None, tool_choice=choice,
                 parallel_tool_calls=req.parallel_tool_calls,
                 reasoning_effort=req.reasoning.effort if req.reasoning is not None else None,
@@ -328,18 +349,30 @@ class ResponsesService:
             tools=[t.model_dump(by_alias=True, exclude_none=True) for t in req.tools or ()], user=req.user,
             metadata=req.metadata or {})
 
+    def conversation(self, req: ResponseInput) -> tuple[list[Any], int]:
+        """The items the prompt is made of: the stored conversation of previous_response_id, then the input; and
+        how many came from the store."""
+        history: list[Any] = []
+        if req.previous_response_id is not None:
+            history = self.store.get(req.previous_response_id, "previous_response_id").history()
+        return history + req.items, len(history)
+
+    def count(self, req: InputTokensRequest) -> Response:
+        items, offset = self.conversation(req)
+        try:
+            ids = self.chat.prompt(self.chat_request(req, items, offset))[4]
+        except APIError as exc:
+            raise renamed(exc) from None
+        return Response(InputTokens(input_tokens=len(ids)).model_dump_json(), media_type="application/json")
+
     async def create(self, req: ResponsesRequest, request: Request) -> Response:
         chat = self.chat
         chat.log_fields(request, user=req.user, safety_identifier=req.safety_identifier)
         if req.store and self.store.capacity <= 0:
             raise bad_request("this server keeps no responses (--responses-store 0): send store: false", "store")
-        history: list[Any] = []
-        if req.previous_response_id is not None:
-            history = self.store.get(req.previous_response_id, "previous_response_id").history()
-        items = history + req.items
-        chat.check_model(req.model)
+        items, offset = self.conversation(req)
         try:
-            plan = await chat.prepare(self.chat_request(req, items, len(history)), request.state.request_id)
+            plan = await chat.prepare(self.chat_request(req, items, offset), request.state.request_id)
         except APIError as exc:
             raise renamed(exc) from None
         handle = chat.submit(request.state.request_id, plan.submission)
@@ -348,7 +381,7 @@ class ResponsesService:
         if self.state.settings.log_prompts:
             request.state.prompt = plan.messages
             request.state.reply = ""
-        run = _Run(self, req, plan, handle, items, request)
+        run = _Run(self, req, plan, handle, items, request, listed(req.items))
         if req.stream:
             return StreamingResponse(run.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -356,6 +389,21 @@ class ResponsesService:
 
     def get(self, rid: str) -> Response:
         return Response(json.dumps(self.store.get(rid).body), media_type="application/json")
+
+    def input_items(self, rid: str, after: str | None, limit: int, order: str) -> Response:
+        """A stored response's own input items (not those of the responses before it), a page at a time."""
+        items = self.store.get(rid).own
+        if order == "desc":
+            items = items[::-1]
+        if after is not None:
+            at = next((i for i, item in enumerate(items) if item["id"] == after), None)
+            if at is None:
+                raise bad_request(f"after: no input item {after!r} in response {rid!r}", "after")
+            items = items[at + 1:]
+        page = items[:limit]
+        body = InputItemList(data=page, first_id=page[0]["id"] if page else None,
+                             last_id=page[-1]["id"] if page else None, has_more=len(items) > limit)
+        return Response(body.model_dump_json(), media_type="application/json")
 
     def delete(self, rid: str) -> Response:
         self.store.delete(rid)
@@ -366,16 +414,16 @@ class _Run:
     """One response being generated: the choice's text through the chat parser into output items."""
 
     def __init__(self, service: ResponsesService, req: ResponsesRequest, plan: ChatPlan, handle, items: list[Any],
-                 request: Request) -> None:
+                 request: Request, own: list[dict[str, Any]]) -> None:
         self.service, self.req, self.plan, self.handle = service, req, plan, handle
-        self.items, self.request = items, request
+        self.items, self.request, self.own = items, request, own
         self.chat = service.chat
-        self.choice: ChatChoice = self.chat._choice(0, plan)
+        self.choice: ChatChoice = self.chat.new_choice(0, plan)
         self.output = Output(encrypted=ENCRYPTED_REASONING in (req.include or ()))
         self.response = service._shell(req, plan)
 
     def _events(self) -> AsyncIterator[tuple]:
-        return self.chat._events(self.handle, [self.choice])
+        return self.chat.choice_events(self.handle, [self.choice])
 
     def _body(self) -> dict[str, Any]:
         return self.response.model_dump(mode="json")
@@ -385,7 +433,7 @@ class _Run:
         c = self.choice
         cut = c.finish_reason == "length"
         events = self.output.close("incomplete" if cut else "completed")
-        completion_tokens = self.chat._finished(self.request, [c])
+        completion_tokens = self.chat.finished(self.request, [c])
         r = self.response
         r.status = "incomplete" if cut else "completed"
         r.incomplete_details = IncompleteDetails(reason="max_output_tokens") if cut else None
@@ -410,7 +458,7 @@ class _Run:
 
     def _keep(self) -> None:
         if self.req.store:
-            self.service.store.put(self.response.id, Stored(self._body(), self.items))
+            self.service.store.put(self.response.id, Stored(self._body(), self.items, self.own))
 
     async def whole(self) -> Response:
         async def consume():
@@ -428,11 +476,11 @@ class _Run:
         c = self.choice
         if not ok:
             self.service.state.metrics.errors.labels("cancelled").inc()
-            self.chat.record(self.request, None, 0, self.chat._reply([c]))
+            self.chat.record(self.request, None, 0, self.chat.reply_text([c]))
             return Response(status_code=499)
         if failure is not None or c.finish_reason is None:
             self.chat.record(self.request, failure, failure.completion_tokens if failure else 0,
-                             self.chat._reply([c]))
+                             self.chat.reply_text([c]))
             return self.chat.fail_response(failure)
         self._finish()
         return Response(json.dumps(self._body()), media_type="application/json")
@@ -453,7 +501,7 @@ class _Run:
                     ev = item[1]
                     _, reason, code, _ = self.chat.fail_reason(ev)
                     metrics.errors.labels(reason).inc()
-                    self.chat.record(self.request, ev, ev.completion_tokens, self.chat._reply([self.choice]))
+                    self.chat.record(self.request, ev, ev.completion_tokens, self.chat.reply_text([self.choice]))
                     self.request.state.stream_error = code
                     self._failed(ev)
                     yield send(out.event("response.failed", response=self._body()))
@@ -471,6 +519,6 @@ class _Run:
                 metrics.errors.labels("cancelled").inc()
                 self.request.state.stream_error = "cancelled"
                 if self.service.state.settings.log_prompts:
-                    self.request.state.reply = self.chat._reply([self.choice])
+                    self.request.state.reply = self.chat.reply_text([self.choice])
             if not self.handle.finished:
                 self.handle.cancel()

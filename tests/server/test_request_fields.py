@@ -11,7 +11,8 @@ import time
 import httpx
 import pytest
 from openai.types import completion_create_params
-from openai.types.responses import (easy_input_message_param, function_tool_param, response_create_params,
+from openai.types.responses import (easy_input_message_param, function_tool_param, input_token_count_params,
+                                    response_create_params,
                                     response_format_text_json_schema_config_param, response_function_tool_call_param,
                                     response_input_param, response_input_text_param, response_output_text_param,
                                     response_reasoning_item_param, response_text_config_param,
@@ -254,6 +255,24 @@ def test_every_field_of_the_openai_schema_is_honoured_or_refused(server, route, 
                 assert c.post(route, json={**base, name: value}).status_code == 200, name
         else:
             assert c.post(route, json={**base, "best_of": 2, "n": 2}).status_code == 200
+
+
+INPUT_TOKENS = {name: RESPONSES[name] for name in (
+    "input", "instructions", "model", "parallel_tool_calls", "previous_response_id", "reasoning", "text",
+    "tool_choice", "tools", "conversation", "truncation")} | {"personality": (REFUSED, "friendly", {}, None)}
+
+
+def test_every_field_of_the_input_token_count_is_honoured_or_refused(server):
+    assert typed_fields(input_token_count_params.InputTokenCountParams) - {"stream"} == set(INPUT_TOKENS)
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        for name, (verdict, value, extra, _) in INPUT_TOKENS.items():
+            if name == "previous_response_id":
+                value = c.post("/v1/responses", json={"input": "hi", "max_output_tokens": 1}).json()["id"]
+            r = c.post("/v1/responses/input_tokens", json={"input": "hi", **extra, name: value})
+            if verdict == HONOURED:
+                assert r.status_code == 200 and r.json()["input_tokens"] > 0, (name, r.text)
+            else:
+                assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, r.text)
 
 
 def test_every_field_of_the_responses_types_is_honoured_or_refused(server):

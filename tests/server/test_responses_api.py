@@ -416,3 +416,52 @@ def test_an_agent_step_starts_past_the_previous_reply(qwen35_server):
     computed = first.usage.input_tokens + first.usage.output_tokens - 1  # the end marker is sampled, not computed
     prompt_checkpoint = (first.usage.input_tokens - 8) // 16 * 16
     assert second.usage.input_tokens_details.cached_tokens == computed // 16 * 16 > prompt_checkpoint
+
+
+def test_input_tokens_are_counted_as_a_response_would_have_them(srv):
+    oai = client(srv)
+    kwargs = dict(model="tiny", instructions="Be brief.", tools=FUNCTIONS, reasoning={"effort": "none"}, input=[
+        {"role": "user", "content": QUESTION},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "Rain"}])
+    first = oai.responses.create(max_output_tokens=3, **kwargs)
+    counted = oai.responses.input_tokens.count(**kwargs)
+    assert counted.object == "response.input_tokens" and counted.input_tokens == first.usage.input_tokens
+    nxt = oai.responses.input_tokens.count(model="tiny", previous_response_id=first.id, input="And Lima?")
+    ref = oai.responses.create(model="tiny", previous_response_id=first.id, input="And Lima?", max_output_tokens=1)
+    assert nxt.input_tokens == ref.usage.input_tokens
+    for body, param in (({"input": "x", "conversation": "conv_1"}, "conversation"),
+                        ({"input": "x", "personality": "friendly"}, "personality"),
+                        ({"input": "x", "truncation": "auto"}, "truncation"), ({}, "input"),
+                        ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]},
+                         "tools[0].parameters")):
+        r = httpx.post(srv.url + "/v1/responses/input_tokens", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(srv.url + "/v1/responses/input_tokens", json={"input": "x", "model": "gpt-9"})
+    assert r.status_code == 404
+
+
+def test_input_items_of_a_stored_response(srv):
+    oai = client(srv)
+    first = oai.responses.create(model="tiny", input="Hi", max_output_tokens=2)
+    items = [{"role": "user", "content": "Weather?"},
+             {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}", "id": "fc_mine"},
+             {"type": "function_call_output", "call_id": "c1", "output": "Sunny"}]
+    second = oai.responses.create(model="tiny", input=items, previous_response_id=first.id, tools=FUNCTIONS,
+                                  max_output_tokens=2)
+    listed = oai.responses.input_items.list(second.id)  # newest first; the previous response's items not among them
+    assert [i.type for i in listed.data] == ["function_call_output", "function_call", "message"]
+    assert listed.data[1].id == "fc_mine" and listed.data[2].content[0].text == "Weather?"
+    assert listed.data[2].content[0].type == "input_text" and not listed.has_more
+    again = oai.responses.input_items.list(second.id)
+    assert [i.id for i in again.data] == [i.id for i in listed.data]  # ids made once, when stored
+    page = oai.responses.input_items.list(second.id, order="asc", limit=2)
+    assert [i.type for i in page.data] == ["message", "function_call"] and page.has_more
+    rest = oai.responses.input_items.list(second.id, order="asc", limit=2, after=page.last_id)
+    assert [i.type for i in rest.data] == ["function_call_output"] and not rest.has_more
+    assert [i.type for i in oai.responses.input_items.list(first.id).data] == ["message"]
+    r = httpx.get(srv.url + f"/v1/responses/{second.id}/input_items", params={"after": "nope"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "after"
+    r = httpx.get(srv.url + f"/v1/responses/{second.id}/input_items", params={"limit": 0})
+    assert r.status_code == 400
+    assert httpx.get(srv.url + "/v1/responses/resp_none/input_items").status_code == 404

@@ -1,11 +1,15 @@
-"""The Responses API: POST /v1/responses (whole or streamed), GET and DELETE /v1/responses/{id}."""
+"""The Responses API: POST /v1/responses (whole or streamed), GET and DELETE /v1/responses/{id}, a response's
+input items, and input tokens counted."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from ..protocol import ResponseDeleted, ResponseObject, ResponsesRequest
+from ..protocol import (InputItemList, InputTokens, InputTokensRequest, ResponseDeleted, ResponseObject,
+                        ResponsesRequest)
 from ..serving_responses import ResponsesService
 from .common import json_body, read_json, require_key, require_ready
 
@@ -27,6 +31,23 @@ async def create_response(request: Request) -> Response:
     req = await read_json(request, ResponsesRequest)
     require_ready(request)
     return await responses_service(request).create(req, request)
+
+
+@router.post("/v1/responses/input_tokens", dependencies=[Depends(require_key)], response_model=InputTokens,
+             openapi_extra=json_body(InputTokensRequest), responses={**ERRORS, 503: {"description": "not ready"}})
+async def count_input_tokens(request: Request) -> Response:
+    req = await read_json(request, InputTokensRequest)
+    require_ready(request)
+    return responses_service(request).count(req)
+
+
+@router.get("/v1/responses/{response_id}/input_items", dependencies=[Depends(require_key)],
+            response_model=InputItemList, responses=ERRORS)
+async def list_input_items(response_id: str, request: Request, after: str | None = None,
+                           limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc",
+                           include: list[Literal["reasoning.encrypted_content"]] | None = Query(None)) -> Response:
+    # include: items are listed as they were sent, encrypted reasoning with them
+    return responses_service(request).input_items(response_id, after, limit, order)
 
 
 @router.get("/v1/responses/{response_id}", dependencies=[Depends(require_key)], response_model=ResponseObject,
