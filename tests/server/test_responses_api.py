@@ -465,3 +465,21 @@ def test_input_items_of_a_stored_response(srv):
     r = httpx.get(srv.url + f"/v1/responses/{second.id}/input_items", params={"limit": 0})
     assert r.status_code == 400
     assert httpx.get(srv.url + "/v1/responses/resp_none/input_items").status_code == 404
+
+
+def test_the_clients_parse_helper(srv):
+    """`responses.parse` sends a pydantic model as a strict json_schema format and reads the reply back into it;
+    the scripted reply passes the format's grammar token by token."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Forecast(BaseModel):
+        city: Literal["Paris", "Oslo"]
+        days: int
+
+    with Scripted(srv) as script:
+        script.say("parse", '{"city": "Oslo", "days": 2}')
+        r = client(srv).responses.parse(model="tiny", input=QUESTION, text_format=Forecast, max_output_tokens=60,
+                                        extra_headers={"X-Request-ID": "parse"})
+    assert r.output_parsed == Forecast(city="Oslo", days=2) and r.text.format.strict is True
