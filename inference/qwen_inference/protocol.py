@@ -850,6 +850,8 @@ class ResponsesStreamOptions(OpenAIModel):
 
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
+TEXT_LOGPROBS = "message.output_text.logprobs"
+INCLUDABLE = (ENCRYPTED_REASONING, TEXT_LOGPROBS)
 
 
 def _metadata(v: Any) -> Any:
@@ -908,7 +910,8 @@ class ResponsesRequest(ResponseInput):
     store: bool | None = True
     metadata: Annotated[dict[str, str] | None, BeforeValidator(_metadata)] = None
     include: Annotated[list[str] | None, WithJsonSchema(
-        {"type": "array", "items": {"enum": [ENCRYPTED_REASONING]}})] = None
+        {"type": "array", "items": {"enum": list(INCLUDABLE)}})] = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     user: str | None = None  # written to the access log
     safety_identifier: str | None = None  # written to the access log
     # accepted, with what they mean here
@@ -920,7 +923,6 @@ class ResponsesRequest(ResponseInput):
     background_options: Refused("background responses are not supported") = None
     # refused
     prompt: Refused("prompt templates are not supported") = None
-    top_logprobs: Refused("log-probabilities are not supported here; /v1/chat/completions reports them", 0) = None
     max_tool_calls: Refused("max_tool_calls limits built-in tools, which this server does not run") = None
     context_management: Refused("context management is not supported") = None
     access_programs: Refused("access programs are not supported") = None
@@ -933,15 +935,22 @@ class ResponsesRequest(ResponseInput):
     @classmethod
     def _include(cls, v: list[str] | None) -> list[str] | None:
         for i, name in enumerate(v or ()):
-            if name != ENCRYPTED_REASONING:
-                raise FieldError(str(i), f"{name!r} is not supported: include may list {ENCRYPTED_REASONING!r}")
+            if name not in INCLUDABLE:
+                raise FieldError(str(i), f"{name!r} is not supported: include may list "
+                                 + " and ".join(repr(n) for n in INCLUDABLE))
         return v
 
     @model_validator(mode="after")
     def _checks(self) -> "ResponsesRequest":
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs", f"top_logprobs needs include: [{TEXT_LOGPROBS!r}]")
         return self
+
+    @property
+    def logprobs(self) -> bool:
+        return TEXT_LOGPROBS in (self.include or ())
 
 
 class OutputText(BaseModel):
@@ -999,6 +1008,7 @@ class ResponseObject(BaseModel):
     tool_choice: Any
     tools: list[dict[str, Any]]
     top_p: float | None = None
+    top_logprobs: int | None = None
     truncation: Literal["disabled"] = "disabled"
     usage: ResponseUsage | None = None
     user: str | None = None

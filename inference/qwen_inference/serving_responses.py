@@ -159,17 +159,19 @@ class Output:
         self.seq += 1
         return ev
 
-    def add(self, d: OutputDelta) -> list[dict[str, Any]]:
+    def add(self, d: OutputDelta, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """`logprobs`: of the tokens that wrote this delta, reported with its content (reasoning and calls have
+        none)."""
         events: list[dict[str, Any]] = []
         if d.reasoning:
             events += self._text("reasoning", d.reasoning)
         if d.content:
-            events += self._text("message", d.content)
+            events += self._text("message", d.content, logprobs or [])
         for call in d.tool_calls:
             events += self._call(call)
         return events
 
-    def _text(self, kind: str, text: str) -> list[dict[str, Any]]:
+    def _text(self, kind: str, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
         if self.open is None or self.open["type"] != kind:
             events += self.close("completed")
@@ -190,7 +192,8 @@ class Output:
         item["content"][0]["text"] += text
         at = dict(item_id=item["id"], output_index=len(self.items) - 1, content_index=0, delta=text)
         if kind == "message":
-            events.append(self.event("response.output_text.delta", **at, logprobs=[]))
+            item["content"][0]["logprobs"] += logprobs or []
+            events.append(self.event("response.output_text.delta", **at, logprobs=logprobs or []))
         else:
             events.append(self.event("response.reasoning_text.delta", **at))
         return events
@@ -231,7 +234,7 @@ class Output:
             part = item["content"][0]
             if item["type"] == "message":
                 events.append(self.event("response.output_text.done", **at, content_index=0, text=part["text"],
-                                         logprobs=[]))
+                                         logprobs=part["logprobs"]))
             else:
                 events.append(self.event("response.reasoning_text.done", **at, content_index=0, text=part["text"]))
                 if self.encrypted:
@@ -326,6 +329,7 @@ class ResponsesService:
                 temperature=getattr(req, "temperature", None), top_p=getattr(req, "top_p", None),
                 tools=[t.to_chat() for t in req.tools] if req.tools else None, tool_choice=choice,
                 parallel_tool_calls=req.parallel_tool_calls,
+                logprobs=getattr(req, "logprobs", None) or None, top_logprobs=getattr(req, "top_logprobs", None),
                 reasoning_effort=req.reasoning.effort if req.reasoning is not None else None,
                 response_format=fmt.to_chat() if fmt is not None else None)
         except ValidationError as exc:  # what the chat request checks across messages
@@ -341,7 +345,7 @@ class ResponsesService:
             max_output_tokens=req.max_output_tokens, model=self.state.settings.model_name,
             parallel_tool_calls=plan.tools.parallel, previous_response_id=req.previous_response_id,
             reasoning={"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
-            store=bool(req.store), temperature=params.temperature, top_p=params.top_p,
+            store=bool(req.store), temperature=params.temperature, top_p=params.top_p, top_logprobs=req.top_logprobs,
             text={"format": req.text.format.model_dump(by_alias=True, exclude_none=True)
                   if req.text is not None and req.text.format is not None else {"type": "text"}},
             tool_choice=(choice.model_dump() if choice is not None and not isinstance(choice, str)
@@ -425,6 +429,11 @@ class _Run:
     def _events(self) -> AsyncIterator[tuple]:
         return self.chat.choice_events(self.handle, [self.choice])
 
+    def _logprobs(self, pending: list) -> list[dict[str, Any]] | None:
+        if not self.req.logprobs:
+            return None
+        return [self.chat.traits.chat_logprob(p.event).model_dump() for p in pending]
+
     def _body(self) -> dict[str, Any]:
         return self.response.model_dump(mode="json")
 
@@ -465,7 +474,7 @@ class _Run:
             async for item in self._events():
                 if item[0] == "error":
                     return item[1]
-                self.output.add(item[2])
+                self.output.add(item[2], self._logprobs(item[3]))
             return None
 
         try:
@@ -507,7 +516,7 @@ class _Run:
                     yield send(out.event("response.failed", response=self._body()))
                     completed = True
                     return
-                for ev in out.add(item[2]):
+                for ev in out.add(item[2], self._logprobs(item[3])):
                     yield send(ev)
             for ev in self._finish():
                 yield send(ev)

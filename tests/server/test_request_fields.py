@@ -134,11 +134,12 @@ RESPONSES = {
     "prompt_cache_retention": (REFUSED, "24h", {}, None),
     "service_tier": (REFUSED, "priority", {}, None),
     "stream_options": (REFUSED, {"include_obfuscation": True}, {"stream": True}, None),
-    "top_logprobs": (REFUSED, 3, {}, None),
+    "top_logprobs": (HONOURED, 3, {"include": ["message.output_text.logprobs"]},
+                     R + "test_log_probabilities_of_the_text"),
     "truncation": (REFUSED, "auto", {}, None),
 }
 RESPONSES_NO_OPS = {"store": False, "service_tier": "auto", "truncation": "disabled", "background": False,
-                    "prompt_cache_retention": "in_memory", "top_logprobs": 0}
+                    "prompt_cache_retention": "in_memory"}
 
 # the nested types of the Responses schema: field -> verdict; each refused field with a request that sends it
 FN = {"type": "function", "name": "f"}

@@ -345,7 +345,8 @@ def test_no_store_refuses_store_true(server, monkeypatch):
     ({"text": {"format": {"type": "text"}, "verbosity": "low"}}, "text.verbosity"),
     ({"reasoning": {"effort": "high", "summary": "auto"}}, "reasoning.summary"),
     ({"reasoning": {"effort": "extreme"}}, "reasoning.effort"),
-    ({"include": ["message.output_text.logprobs"]}, "include.0"),
+    ({"include": ["file_search_call.results"]}, "include.0"),
+    ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs"),
     ({"background": True}, "background"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"truncation": "auto"}, "truncation"),
@@ -483,3 +484,38 @@ def test_the_clients_parse_helper(srv):
         r = client(srv).responses.parse(model="tiny", input=QUESTION, text_format=Forecast, max_output_tokens=60,
                                         extra_headers={"X-Request-ID": "parse"})
     assert r.output_parsed == Forecast(city="Oslo", days=2) and r.text.format.strict is True
+
+
+def test_log_probabilities_of_the_text(srv):
+    """include message.output_text.logprobs: each token of the text with its log-probability and top_logprobs
+    alternatives, as chat completions report them for the same greedy reply; streamed with each delta."""
+    oai = client(srv)
+    kwargs = dict(model="tiny", input=QUESTION, max_output_tokens=6, temperature=0, top_logprobs=2,
+                  include=["message.output_text.logprobs"])
+    r = oai.responses.create(**kwargs)
+    ref = chat(srv, [{"role": "user", "content": QUESTION}], max_tokens=6, temperature=0, logprobs=True,
+               top_logprobs=2)
+    want = ref["choices"][0]["logprobs"]["content"]
+    got = [lp.model_dump() for lp in r.output[0].content[0].logprobs]
+    assert len(got) == 6 and [g["token"] for g in got] == [w["token"] for w in want]
+    assert [g["logprob"] for g in got] == pytest.approx([w["logprob"] for w in want])
+    assert all(len(g["top_logprobs"]) == 2 for g in got) and r.top_logprobs == 2
+    with oai.responses.stream(**kwargs) as stream:
+        events = list(stream)
+    streamed = [lp.model_dump() for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert streamed == [lp.model_dump() for lp in done.logprobs] == got
+    plain = oai.responses.create(model="tiny", input=QUESTION, max_output_tokens=2)
+    assert plain.output[0].content[0].logprobs == []
+
+
+def test_reasoning_tokens_have_no_log_probabilities(qwen35_server):
+    srv = qwen35_server
+    with Scripted(srv) as script:
+        script.say("lp", "Two and two.\n</think>\n\nIt is 4.")
+        r = client(srv).responses.create(model="tiny", input="2 + 2?", reasoning={"effort": "high"},
+                                         include=["message.output_text.logprobs"], max_output_tokens=40,
+                                         extra_headers={"X-Request-ID": "lp"})
+    rs, msg = r.output
+    lps = msg.content[0].logprobs
+    assert "".join(lp.token for lp in lps).endswith("It is 4.") and len(lps) < r.usage.output_tokens - 4
