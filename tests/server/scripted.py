@@ -23,6 +23,7 @@ class Scripted:
         self.tokenizer = model.tokenizer
         self.end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")  # ends the reply
         self.scripts: dict = {}
+        self.queue: list[list[int]] = []
         self.lock = threading.Lock()
 
     def ids(self, text: str) -> list[int]:
@@ -37,9 +38,17 @@ class Scripted:
             self.scripts[request_id if index is None else (request_id, index)] = ids
         return ids
 
+    def then(self, *texts: str) -> None:
+        """The replies of the next requests that have no script of their own, one text each, in the order they
+        are first sampled (for clients that send several requests in a row, as an agent loop does)."""
+        with self.lock:
+            self.queue += [self.ids(t) + [self.end] for t in texts]
+
     def _script(self, seq) -> list[int] | None:
         rid = seq.handle.request_id
         with self.lock:
+            if rid not in self.scripts and (rid, seq.index) not in self.scripts and self.queue:
+                self.scripts[rid] = self.queue.pop(0)
             for key in ((rid, seq.index), rid, None):
                 if key in self.scripts:
                     return self.scripts[key]
