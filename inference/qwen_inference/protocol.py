@@ -35,6 +35,17 @@ def Refused(why: str, *no_ops: Any) -> Any:
     return Annotated[Any, BeforeValidator(check), WithJsonSchema({"enum": [None, *no_ops], "description": why})]
 
 
+# refused fields that more than one request type declares
+CacheRetention = Refused("prompts are cached in memory only; prompt_cache_retention may be 'in_memory'", "in_memory")
+CacheOptions = Refused("prompt caching takes no options here: full 16-token prompt blocks are cached for every request")
+ServiceTier = Refused("this server has one service tier: 'auto' or 'default'", "auto", "default")
+Moderation = Refused("moderation is not supported")
+Verbosity = Refused("verbosity is not supported: Qwen's models have no such control")
+Annotations = Refused("annotations are not supported", [])  # of a reply a client sends back whole
+Namespace = Refused("tool namespaces are not supported")
+AsyncCall = Refused("asynchronous tool calls are not supported", False)
+
+
 class FieldError(ValueError):
     """A check across fields that names the field at fault (`api.common.validation_message` reads `param`)."""
 
@@ -123,7 +134,7 @@ class ChatMessage(OpenAIModel):
     audio: Refused("audio is not supported: this server serves text models") = None
     function_call: Refused("function_call is deprecated and not supported; use tool_calls") = None
     # a field of OpenAI's response messages (web-search citations), there when a client sends a reply back whole
-    annotations: Refused("annotations are not supported", []) = None
+    annotations: Annotations = None
 
     @model_validator(mode="after")
     def _by_role(self) -> "ChatMessage":
@@ -191,10 +202,15 @@ class ChatMessage(OpenAIModel):
         return self.reasoning if self.reasoning is not None else self.reasoning_content
 
 
-class StreamOptions(OpenAIModel):
-    include_usage: bool = False
+class ResponsesStreamOptions(OpenAIModel):
     include_obfuscation: Refused(
         "stream obfuscation is not supported; leave include_obfuscation out or set it to false", False) = None
+
+
+class StreamOptions(ResponsesStreamOptions):
+    """Chat and text completions' stream options: the Responses API's, and include_usage."""
+
+    include_usage: bool = False
 
 
 def _stops(v: str | list[str] | None) -> list[str] | None:
@@ -303,10 +319,9 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Annotated[dict[str, Any] | None, WithJsonSchema(TEMPLATE_KWARGS)] = None  # vLLM
     # accepted, with what they mean here
     prompt_cache_key: str | None = None  # prompt prefixes are cached for every request alike
-    prompt_cache_retention: Refused(
-        "prompts are cached in memory only; prompt_cache_retention may be 'in_memory'", "in_memory") = None
+    prompt_cache_retention: CacheRetention = None
     safety_identifier: str | None = None  # written to the access log
-    service_tier: Refused("this server has one service tier: 'auto' or 'default'", "auto", "default") = None
+    service_tier: ServiceTier = None
     store: Refused(_NOT_STORED, False) = None
     modalities: Refused("this server answers text only: modalities may be ['text']", ["text"]) = None
     # refused
@@ -315,11 +330,10 @@ class ChatCompletionRequest(SamplingFields):
     functions: Refused("functions is deprecated and not supported; use tools") = None
     function_call: Refused("function_call is deprecated and not supported; use tool_choice") = None
     prediction: Refused("predicted outputs are not supported") = None
-    verbosity: Refused("verbosity is not supported: Qwen's models have no such control") = None
+    verbosity: Verbosity = None
     web_search_options: Refused("web search is not supported") = None
-    moderation: Refused("moderation is not supported") = None
-    prompt_cache_options: Refused(
-        "prompt caching takes no options here: full 16-token prompt blocks are cached for every request") = None
+    moderation: Moderation = None
+    prompt_cache_options: CacheOptions = None
 
     @model_validator(mode="after")
     def _logprobs(self) -> "ChatCompletionRequest":
@@ -620,7 +634,7 @@ class InputText(OpenAIModel):
     type: Literal["input_text", "output_text"]
     text: str
     prompt_cache_breakpoint: bool | None = None  # every full block of every prompt is cached here anyway
-    annotations: Refused("annotations are not supported", []) = None  # output_text sent back whole
+    annotations: Annotations = None  # output_text sent back whole
     logprobs: list[Any] | None = None  # output_text sent back whole: what was reported, read by nothing
 
 
@@ -650,8 +664,8 @@ class FunctionCallItem(OpenAIModel):
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     caller: Refused(_NO_PROGRAMS, {"type": "direct"}) = None
-    namespace: Refused("tool namespaces are not supported") = None
-    async_: Refused("asynchronous tool calls are not supported", False) = Field(None, alias="async")
+    namespace: Namespace = None
+    async_: AsyncCall = Field(None, alias="async")
 
 
 class FunctionCallOutputItem(OpenAIModel):
@@ -662,7 +676,7 @@ class FunctionCallOutputItem(OpenAIModel):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     name: str | None = None  # the called function's, as its call names it
     caller: Refused(_NO_PROGRAMS, {"type": "direct"}) = None
-    namespace: Refused("tool namespaces are not supported") = None
+    namespace: Namespace = None
 
     def text(self) -> str:
         return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
@@ -703,7 +717,8 @@ def _validated(model: type[BaseModel], value: Any) -> BaseModel:
         raise FieldError(".".join(loc), msg) from None
 
 
-def _item(v: Any) -> Any:
+def parse_item(v: Any) -> Any:
+    """One input item as its model, by its type (a message when it has none)."""
     if not isinstance(v, dict):
         raise ValueError("an input item must be an object")
     kind = v.get("type", "message")
@@ -723,7 +738,7 @@ def _input(v: Any) -> Any:
     out = []
     for i, item in enumerate(v):
         try:
-            out.append(_item(item))
+            out.append(parse_item(item))
         except FieldError as exc:
             raise FieldError(f"{i}.{exc.param}" if exc.param else str(i), str(exc)) from None
         except ValueError as exc:
@@ -761,7 +776,7 @@ class FunctionTool(OpenAIModel):
     parameters: dict[str, Any] | None = None  # a JSON schema of an object
     strict: bool | None = None
     allowed_callers: Refused(_NO_PROGRAMS, ["direct"]) = None
-    async_: Refused("asynchronous tool calls are not supported", False) = Field(None, alias="async")
+    async_: AsyncCall = Field(None, alias="async")
     defer_loading: Refused("deferred tool loading is not supported", False) = None
     output_schema: Refused("output schemas of tools are not supported") = None
 
@@ -832,7 +847,7 @@ class TextFormat(OpenAIModel):
 
 class TextConfig(OpenAIModel):
     format: TextFormat | None = None
-    verbosity: Refused("verbosity is not supported: Qwen's models have no such control") = None
+    verbosity: Verbosity = None
 
 
 class ReasoningConfig(OpenAIModel):
@@ -842,11 +857,6 @@ class ReasoningConfig(OpenAIModel):
     summary: Refused("reasoning summaries are not made: the reasoning itself comes as reasoning_text content; "
                      "leave summary out") = None
     generate_summary: Refused("reasoning summaries are not made; leave generate_summary out") = None
-
-
-class ResponsesStreamOptions(OpenAIModel):
-    include_obfuscation: Refused(
-        "stream obfuscation is not supported; leave include_obfuscation out or set it to false", False) = None
 
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
@@ -916,9 +926,8 @@ class ResponsesRequest(ResponseInput):
     safety_identifier: str | None = None  # written to the access log
     # accepted, with what they mean here
     prompt_cache_key: str | None = None  # prompt prefixes are cached for every request alike
-    prompt_cache_retention: Refused(
-        "prompts are cached in memory only; prompt_cache_retention may be 'in_memory'", "in_memory") = None
-    service_tier: Refused("this server has one service tier: 'auto' or 'default'", "auto", "default") = None
+    prompt_cache_retention: CacheRetention = None
+    service_tier: ServiceTier = None
     background: Refused("background responses are not supported", False) = None
     background_options: Refused("background responses are not supported") = None
     # refused
@@ -927,9 +936,8 @@ class ResponsesRequest(ResponseInput):
     context_management: Refused("context management is not supported") = None
     access_programs: Refused("access programs are not supported") = None
     image: Refused("image output is not supported: this server serves text models") = None
-    moderation: Refused("moderation is not supported") = None
-    prompt_cache_options: Refused(
-        "prompt caching takes no options here: full 16-token prompt blocks are cached for every request") = None
+    moderation: Moderation = None
+    prompt_cache_options: CacheOptions = None
 
     @field_validator("include")
     @classmethod

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import jinja2
 from fastapi import Request
+from fastapi.responses import Response
 
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .engine import EngineDead, FinishEvent, QueueFull, Request as EngineRequest, SamplingParams, TokenEvent
@@ -377,6 +378,42 @@ class GenerationService:
         if finish is not None:
             st.queue_time_ms = round(finish.queue_time * 1000, 1)
             st.inference_time_ms = round(finish.inference_time * 1000, 1)
+
+    def finished(self, request: Request, choices: list, reply: Any) -> int:
+        """A request whose choices all ended: counted and recorded; returns its completion tokens."""
+        completion_tokens = sum(c.completion_tokens for c in choices)
+        self.state.metrics.success.labels(choices[0].finish_reason).inc()
+        last = next((c.event for c in choices if c.event is not None), None)
+        self.record(request, last, completion_tokens, reply)
+        return completion_tokens
+
+    def unfinished(self, request: Request, left: bool, failure: FinishEvent | None, cut: bool, reply: Any):
+        """The answer to a whole (not streamed) request that did not finish, or None when it did: 499 when the
+        client left first (`left`), else the failure's error (`cut`: a choice ended without a finish reason)."""
+        if left:
+            self.state.metrics.errors.labels("cancelled").inc()
+            self.record(request, None, 0, reply)
+            return Response(status_code=499)
+        if failure is not None or cut:
+            self.record(request, failure, failure.completion_tokens if failure else 0, reply)
+            return self.fail_response(failure)
+        return None
+
+    def stream_failed(self, request: Request, ev: FinishEvent, reply: Any) -> tuple[str, str]:
+        """A streamed request's generation failed: counted and recorded; the (code, message) its stream ends
+        with."""
+        _, reason, code, message = self.fail_reason(ev)
+        self.state.metrics.errors.labels(reason).inc()
+        self.record(request, ev, ev.completion_tokens, reply)
+        request.state.stream_error = code
+        return code, message
+
+    def stream_left(self, request: Request, reply: Any) -> None:
+        """The client went away mid-stream."""
+        self.state.metrics.errors.labels("cancelled").inc()
+        request.state.stream_error = "cancelled"
+        if self.state.settings.log_prompts:
+            request.state.reply = reply
 
     @staticmethod
     def log_fields(request: Request, **fields: Any) -> None:

@@ -302,13 +302,6 @@ class ChatService(GenerationService):
         texts = ["".join(c.raw) for c in choices]
         return texts[0] if len(texts) == 1 else texts
 
-    def finished(self, request: Request, choices: list[ChatChoice]) -> int:
-        completion_tokens = sum(c.completion_tokens for c in choices)
-        self.state.metrics.success.labels(choices[0].finish_reason).inc()
-        last = next((c.event for c in choices if c.event is not None), None)
-        self.record(request, last, completion_tokens, self.reply_text(choices))
-        return completion_tokens
-
     async def _whole(self, handle, plan: ChatPlan, choices: list[ChatChoice], request: Request) -> Response:
         async def consume():
             async for item in self.choice_events(handle, choices):
@@ -321,14 +314,11 @@ class ChatService(GenerationService):
         finally:
             if not handle.finished:
                 handle.cancel()
-        if not ok:  # the client went away: the slot is freed now
-            self.state.metrics.errors.labels("cancelled").inc()
-            self.record(request, None, 0, self.reply_text(choices))
-            return Response(status_code=499)
-        if failure is not None or any(c.finish_reason is None for c in choices):
-            self.record(request, failure, failure.completion_tokens if failure else 0, self.reply_text(choices))
-            return self.fail_response(failure)
-        completion_tokens = self.finished(request, choices)
+        stopped = self.unfinished(request, not ok, failure, any(c.finish_reason is None for c in choices),
+                                  self.reply_text(choices))
+        if stopped is not None:  # the client went away (the slot is freed now), or the request failed
+            return stopped
+        completion_tokens = self.finished(request, choices, self.reply_text(choices))
         body = ChatCompletion(
             id="chatcmpl-" + request.state.request_id,
             created=now(),
@@ -341,7 +331,6 @@ class ChatService(GenerationService):
 
     async def _stream(self, handle, plan: ChatPlan, choices: list[ChatChoice], request: Request,
                       include_usage: bool) -> AsyncIterator[bytes]:
-        metrics = self.state.metrics
         cid = "chatcmpl-" + request.state.request_id
         created = now()
         model = self.state.settings.model_name
@@ -370,11 +359,7 @@ class ChatService(GenerationService):
             async for item in self.choice_events(handle, choices):
                 kind = item[0]
                 if kind == "error":
-                    ev = item[1]
-                    status, reason, code, message = self.fail_reason(ev)
-                    metrics.errors.labels(reason).inc()
-                    self.record(request, ev, ev.completion_tokens, self.reply_text(choices))
-                    request.state.stream_error = code
+                    code, message = self.stream_failed(request, item[1], self.reply_text(choices))
                     yield sse(error_body(message, "server_error", None, code))
                     yield sse("[DONE]")
                     completed = True
@@ -385,7 +370,7 @@ class ChatService(GenerationService):
                     yield b
                 if kind == "finish":
                     yield chunk(c.index, Delta(), c.finish_reason, lps=None if out else lps)
-            completion_tokens = self.finished(request, choices)
+            completion_tokens = self.finished(request, choices, self.reply_text(choices))
             if include_usage:
                 last = ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
                                            usage=usage(handle.prompt_tokens, completion_tokens, handle.cached_tokens))
@@ -394,9 +379,6 @@ class ChatService(GenerationService):
             completed = True
         finally:
             if not completed:  # the client went away mid-stream
-                metrics.errors.labels("cancelled").inc()
-                request.state.stream_error = "cancelled"
-                if self.state.settings.log_prompts:
-                    request.state.reply = self.reply_text(choices)
+                self.stream_left(request, self.reply_text(choices))
             if not handle.finished:
                 handle.cancel()

@@ -193,13 +193,6 @@ class CompletionService(GenerationService):
             if not open_:
                 return
 
-    def _finished(self, run: "_Run", request: Request) -> int:
-        completion_tokens = sum(c.completion_tokens for c in run.choices)
-        self.state.metrics.success.labels(run.choices[0].finish_reason).inc()
-        last = next((c.event for c in run.choices if c.event is not None), None)
-        self.record(request, last, completion_tokens, run.reply())
-        return completion_tokens
-
     async def _whole(self, run: "_Run", request: Request) -> Response:
         echo: dict[int, CompletionLogprobs | None] = {}
 
@@ -220,14 +213,11 @@ class CompletionService(GenerationService):
             ok, failure = await until_disconnect(request, consume())
         finally:
             run.cancel()
-        if not ok:
-            self.state.metrics.errors.labels("cancelled").inc()
-            self.record(request, None, 0, run.reply())
-            return Response(status_code=499)
-        if failure is not None or any(c.finish_reason is None for c in run.choices):
-            self.record(request, failure, failure.completion_tokens if failure else 0, run.reply())
-            return self.fail_response(failure)
-        completion_tokens = self._finished(run, request)
+        stopped = self.unfinished(request, not ok, failure, any(c.finish_reason is None for c in run.choices),
+                                  run.reply())
+        if stopped is not None:
+            return stopped
+        completion_tokens = self.finished(request, run.choices, run.reply())
         out = []
         for c in run.choices:
             text = "".join(c.parts)
@@ -242,7 +232,6 @@ class CompletionService(GenerationService):
         return Response(body.model_dump_json(), media_type="application/json")
 
     async def _stream(self, run: "_Run", request: Request, include_usage: bool) -> AsyncIterator[bytes]:
-        metrics = self.state.metrics
         cid = "cmpl-" + request.state.request_id
         created = now()
         model = self.state.settings.model_name
@@ -257,11 +246,7 @@ class CompletionService(GenerationService):
             async for item in self._events(run):
                 kind = item[0]
                 if kind == "error":
-                    ev = item[1]
-                    status, reason, code, message = self.fail_reason(ev)
-                    metrics.errors.labels(reason).inc()
-                    self.record(request, ev, ev.completion_tokens, run.reply())
-                    request.state.stream_error = code
+                    code, message = self.stream_failed(request, item[1], run.reply())
                     yield sse(error_body(message, "server_error", None, code))
                     yield sse("[DONE]")
                     completed = True
@@ -279,7 +264,7 @@ class CompletionService(GenerationService):
                     yield chunk(c.index, text, part)
                 else:
                     yield chunk(c.index, text, part, c.finish_reason)
-            completion_tokens = self._finished(run, request)
+            completion_tokens = self.finished(request, run.choices, run.reply())
             if include_usage:
                 last = Completion(id=cid, created=created, model=model, choices=[],
                                   usage=usage(run.prompt_tokens, completion_tokens, run.cached_tokens))
@@ -288,10 +273,7 @@ class CompletionService(GenerationService):
             completed = True
         finally:
             if not completed:
-                metrics.errors.labels("cancelled").inc()
-                request.state.stream_error = "cancelled"
-                if self.state.settings.log_prompts:
-                    request.state.reply = run.reply()
+                self.stream_left(request, run.reply())
             run.cancel()
 
 

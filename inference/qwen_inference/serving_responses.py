@@ -31,8 +31,7 @@ from .protocol import (ENCRYPTED_REASONING, ChatCompletionRequest, ChatMessage, 
                        FunctionCallOutputItem, IncompleteDetails, InputItemList, InputMessage, InputTokens,
                        InputTokensDetails, InputTokensRequest, OutputTokensDetails, ReasoningItem, ResponseDeleted,
                        ResponseError, ResponseInput, ResponseObject, ResponsesRequest, ResponseUsage,
-                       ToolCallFunction, ToolCallParam, first_error, now)
-from .protocol import _item as parse_item
+                       ToolCallFunction, ToolCallParam, first_error, now, parse_item)
 from .serving import sse_event, until_disconnect
 from .serving_chat import ChatChoice, ChatPlan, ChatService
 from .toolcalls import OutputDelta, ToolCallDelta
@@ -142,6 +141,14 @@ def _hex() -> str:
     return uuid.uuid4().hex
 
 
+_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
+
+
+def _new_id(kind: str) -> str:
+    """An id for an item of this kind, output or input, prefixed as OpenAI's are."""
+    return _ID_PREFIX[kind] + _hex()
+
+
 class Output:
     """A response's output items, built from what the model writes, with the stream's events for each step: an
     item is opened when the kind of text changes (reasoning, content, a new call) and closed when the next one
@@ -176,11 +183,11 @@ class Output:
         if self.open is None or self.open["type"] != kind:
             events += self.close("completed")
             if kind == "message":
-                item = {"id": "msg_" + _hex(), "type": "message", "status": "in_progress", "role": "assistant",
+                item = {"id": _new_id("message"), "type": "message", "status": "in_progress", "role": "assistant",
                         "content": []}
                 part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             else:
-                item = {"id": "rs_" + _hex(), "type": "reasoning", "summary": [], "content": [],
+                item = {"id": _new_id("reasoning"), "type": "reasoning", "summary": [], "content": [],
                         "status": "in_progress"}
                 part = {"type": "reasoning_text", "text": ""}
             events += self._opened(item)
@@ -209,7 +216,7 @@ class Output:
         item = self.calls.get(call.index)
         if item is None:
             events += self.close("completed")
-            item = {"id": "fc_" + _hex(), "type": "function_call", "status": "in_progress",
+            item = {"id": _new_id("function_call"), "type": "function_call", "status": "in_progress",
                     "call_id": call.id or "call_" + _hex()[:24], "name": call.name or "", "arguments": ""}
             self.calls[call.index] = item
             events += self._opened(item)
@@ -248,16 +255,13 @@ class Output:
         return "".join(i["content"][0]["text"] for i in self.items if i["type"] == "reasoning")
 
 
-_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
-
-
 def listed(items: list[Any]) -> list[dict[str, Any]]:
     """Input items as GET .../input_items lists them: each with an id (its own, or one made here), message text
     as parts."""
     out = []
     for item in items:
         d = item.model_dump(by_alias=True, exclude_none=True)
-        d["id"] = d.get("id") or _ID_PREFIX[d["type"]] + _hex()
+        d["id"] = d.get("id") or _new_id(d["type"])
         if isinstance(item, InputMessage):
             if isinstance(item.content, str):
                 kind = "output_text" if item.role == "assistant" else "input_text"
@@ -437,12 +441,12 @@ class _Run:
     def _body(self) -> dict[str, Any]:
         return self.response.model_dump(mode="json")
 
-    def _finish(self) -> list[dict[str, Any]]:
-        """Close the output and fill in the response's status and usage."""
+    def _finish(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Close the output and fill in the response's status and usage: the closing events and the body."""
         c = self.choice
         cut = c.finish_reason == "length"
         events = self.output.close("incomplete" if cut else "completed")
-        completion_tokens = self.chat.finished(self.request, [c])
+        completion_tokens = self.chat.finished(self.request, [c], self.chat.reply_text([c]))
         r = self.response
         r.status = "incomplete" if cut else "completed"
         r.incomplete_details = IncompleteDetails(reason="max_output_tokens") if cut else None
@@ -456,18 +460,20 @@ class _Run:
             output_tokens_details=OutputTokensDetails(reasoning_tokens=min(completion_tokens, len(
                 tok(reasoning, add_special_tokens=False)["input_ids"]) if reasoning else 0)),
             total_tokens=self.handle.prompt_tokens + completion_tokens)
-        self._keep()
-        return events
+        return events, self._keep()
 
-    def _failed(self, ev: FinishEvent | None) -> None:
+    def _failed(self, ev: FinishEvent | None) -> dict[str, Any]:
         _, _, code, message = self.chat.fail_reason(ev)
         r = self.response
         r.status, r.error, r.output = "failed", ResponseError(code=code, message=message), self.output.items
-        self._keep()
+        return self._keep()
 
-    def _keep(self) -> None:
+    def _keep(self) -> dict[str, Any]:
+        """The finished response's body, stored when the request asked for it."""
+        body = self._body()
         if self.req.store:
-            self.service.store.put(self.response.id, Stored(self._body(), self.items, self.own))
+            self.service.store.put(self.response.id, Stored(body, self.items, self.own))
+        return body
 
     async def whole(self) -> Response:
         async def consume():
@@ -482,21 +488,14 @@ class _Run:
         finally:
             if not self.handle.finished:
                 self.handle.cancel()
-        c = self.choice
-        if not ok:
-            self.service.state.metrics.errors.labels("cancelled").inc()
-            self.chat.record(self.request, None, 0, self.chat.reply_text([c]))
-            return Response(status_code=499)
-        if failure is not None or c.finish_reason is None:
-            self.chat.record(self.request, failure, failure.completion_tokens if failure else 0,
-                             self.chat.reply_text([c]))
-            return self.chat.fail_response(failure)
-        self._finish()
-        return Response(json.dumps(self._body()), media_type="application/json")
+        stopped = self.chat.unfinished(self.request, not ok, failure, self.choice.finish_reason is None,
+                                       self.chat.reply_text([self.choice]))
+        if stopped is not None:
+            return stopped
+        return Response(json.dumps(self._finish()[1]), media_type="application/json")
 
     async def stream(self) -> AsyncIterator[bytes]:
         out = self.output
-        metrics = self.service.state.metrics
 
         def send(ev: dict[str, Any]) -> bytes:
             return f"event: {ev['type']}\n".encode() + sse_event(json.dumps(ev, ensure_ascii=False))
@@ -508,26 +507,20 @@ class _Run:
             async for item in self._events():
                 if item[0] == "error":
                     ev = item[1]
-                    _, reason, code, _ = self.chat.fail_reason(ev)
-                    metrics.errors.labels(reason).inc()
-                    self.chat.record(self.request, ev, ev.completion_tokens, self.chat.reply_text([self.choice]))
-                    self.request.state.stream_error = code
-                    self._failed(ev)
-                    yield send(out.event("response.failed", response=self._body()))
+                    self.chat.stream_failed(self.request, ev, self.chat.reply_text([self.choice]))
+                    yield send(out.event("response.failed", response=self._failed(ev)))
                     completed = True
                     return
                 for ev in out.add(item[2], self._logprobs(item[3])):
                     yield send(ev)
-            for ev in self._finish():
+            events, body = self._finish()
+            for ev in events:
                 yield send(ev)
             kind = "response.completed" if self.response.status == "completed" else "response.incomplete"
-            yield send(out.event(kind, response=self._body()))
+            yield send(out.event(kind, response=body))
             completed = True
         finally:
             if not completed:  # the client went away mid-stream
-                metrics.errors.labels("cancelled").inc()
-                self.request.state.stream_error = "cancelled"
-                if self.service.state.settings.log_prompts:
-                    self.request.state.reply = self.chat.reply_text([self.choice])
+                self.chat.stream_left(self.request, self.chat.reply_text([self.choice]))
             if not self.handle.finished:
                 self.handle.cancel()
