@@ -12,7 +12,6 @@ client's to read anyway."""
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import re
@@ -55,7 +54,7 @@ def reasoning_of(index: int, item: ReasoningItem) -> str | None:
         return None
     try:
         raw = base64.b64decode(item.encrypted_content, validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8 (UnicodeDecodeError)
         raw = ""
     if not raw.startswith(_REASONING_PREFIX):
         raise bad_request(f"input[{index}].encrypted_content was not written by this server",

@@ -185,8 +185,13 @@ def test_reasoning_item_then_message(request, which, reply):
     a, b, none = (post(srv, input=x, max_output_tokens=1, store=False).json()["usage"]["input_tokens"]
                   for x in (back, as_text, back[:1] + back[2:]))
     assert a == b > none
-    forged = post(srv, input=[back[0], {"type": "reasoning", "summary": [], "encrypted_content": "bm90IG91cnM="}])
-    assert forged.status_code == 400 and forged.json()["error"]["param"] == "input.1.encrypted_content"
+    # not ours: base64 of other text, not base64, text outside ASCII, base64 of bytes that are not UTF-8
+    for content in ("bm90IG91cnM=", "not base64!", "\x80", "\U0007ed2e", base64.b64encode(b"\xff\xfe").decode()):
+        forged = post(srv, input=[back[0], {"type": "reasoning", "summary": [], "encrypted_content": content}])
+        assert forged.status_code == 400 and forged.json()["error"]["param"] == "input.1.encrypted_content", content
+        counted = httpx.post(srv.url + "/v1/responses/input_tokens",
+                             json={"input": [back[0], {"type": "reasoning", "encrypted_content": content}]})
+        assert counted.status_code == 400 and counted.json()["error"]["param"] == "input.1.encrypted_content"
 
 
 def test_function_call_item_whole_and_streamed(srv):
