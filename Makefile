@@ -9,8 +9,8 @@ PORT ?= 8000
 HOST ?= 127.0.0.1
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-unit test-server test-cluster test-keda bench bench-gpu bench-smoke soak dev-cluster dev-cluster-down \
-        e2e-kind manifests system-deps k8s-bin clean
+.PHONY: help venv run test test-unit test-server test-cluster test-keda bench bench-gpu bench-smoke soak fuzz \
+        dev-cluster dev-cluster-down e2e-kind manifests system-deps k8s-bin clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -57,6 +57,10 @@ bench-smoke: $(STAMP) ## a quick run of the benchmark harness on the tiny model
 
 soak: $(STAMP) ## the long soak: many requests, cancellations and overload against one server
 	QWEN_SOAK=long $(PY) -m pytest tests/server/test_soak.py -q $(PYTEST_ARGS)
+
+fuzz: $(STAMP) ## the API fuzzer and the property tests on fresh examples, twenty times as many (slow)
+	QWEN_FUZZ=long $(PY) -m pytest tests/server/test_fuzz.py tests/unit/test_reasoning.py tests/unit/test_toolcalls.py \
+	  -q $(PYTEST_ARGS)
 
 dev-cluster: $(STAMP) k8s-bin ## start the local control plane and run the operator against it
 	scripts/dev-cluster up

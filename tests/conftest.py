@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import hypothesis
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,6 +18,14 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from devcluster import free_port  # noqa: E402,F401  (one helper for the whole project; tests import it from here)
+
+# Property tests and the API fuzzer draw their examples from a fixed seed, so a run is reproducible and a red
+# one reruns red; `make fuzz` (QWEN_FUZZ=long) draws fresh ones, many more, to go looking for new failures.
+FUZZ_LONG = os.environ.get("QWEN_FUZZ") == "long"
+FUZZ_SCALE = 20 if FUZZ_LONG else 1  # how many times the usual number of examples a test draws
+hypothesis.settings.register_profile("reproducible", derandomize=True, database=None)
+hypothesis.settings.register_profile("explore", derandomize=False, database=None, print_blob=True)
+hypothesis.settings.load_profile("explore" if FUZZ_LONG else "reproducible")
 
 
 def make_model(preset: str, dtype: str | None = None) -> Path:

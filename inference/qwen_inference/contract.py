@@ -75,8 +75,8 @@ OTHER_ENV: frozenset[str] = frozenset({
     "QWEN_DEV_CLUSTER_STATE", "QWEN_DEV_CLUSTER_PROCESS_NODES",
     # scripts/nodeagent: where the process nodes keep their shared network registry
     "QWEN_PROCESS_NODES_RUN",
-    # the long soak (make soak), and the kind cluster of tests/e2e/kind.sh
-    "QWEN_SOAK", "QWEN_E2E_CLUSTER",
+    # the long soak (make soak), fresh fuzz examples (make fuzz), and the kind cluster of tests/e2e/kind.sh
+    "QWEN_SOAK", "QWEN_FUZZ", "QWEN_E2E_CLUSTER",
 })
 # whole families of names owned by other programs' settings: qwen-operator and qwen-bench
 OTHER_ENV_PREFIXES: tuple[str, ...] = ("QWEN_OPERATOR_", "QWEN_BENCH_")

@@ -1,5 +1,6 @@
 """Hostile input never costs the server: schemathesis drives every route of the OpenAPI schema, and no
-request yields a 5xx or a hang; the server is idle and leak-free afterwards."""
+request yields a 5xx or a hang; the server is idle and leak-free afterwards. The examples come from a fixed seed
+(a red run reruns red); `make fuzz` draws twenty times as many fresh ones."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from ..conftest import running_server
+from ..conftest import FUZZ_SCALE, running_server
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +31,11 @@ def test_no_input_yields_a_server_error(api_schema, fuzz_server):
                                               "/metrics"}
     statuses: dict[str, list[int]] = {}
     for op in operations:
-        examples = {"/v1/chat/completions": 150, "/v1/responses": 80}.get(op.path, 10)
+        examples = {"/v1/chat/completions": 150, "/v1/responses": 80, "/v1/completions": 60,
+                    "/v1/responses/input_tokens": 40}.get(op.path, 10) * FUZZ_SCALE
 
         @given(case=op.as_strategy())
-        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
         def call(case):
             response = case.call(base_url=fuzz_server.url, timeout=60)
             statuses.setdefault(op.path, []).append(response.status_code)

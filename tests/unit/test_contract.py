@@ -116,7 +116,7 @@ def test_the_allowed_names_are_the_ones_the_programs_read():
     assert set(contract.OTHER_ENV_PREFIXES) == {OperatorSettings.model_config["env_prefix"],
                                                 BenchSettings.model_config["env_prefix"]}
     assert "os.environ.get(TERMINATION_LOG_ENV" in (ROOT / "inference/qwen_inference/cli.py").read_text()
-    scripts = "".join((ROOT / p).read_text() for p in ("scripts/k8s-bin", "scripts/devcluster.py",
+    scripts = "".join((ROOT / p).read_text() for p in ("scripts/k8s-bin", "scripts/devcluster.py", "tests/conftest.py",
                                                         "tests/server/test_soak.py", "tests/e2e/kind.sh",
                                                         "tests/cluster/test_keda.py", "scripts/nodeagent/network.py",
                                                         "inference/qwen_inference/engine/kernels/__init__.py"))

@@ -6,6 +6,8 @@ from hypothesis import strategies as st
 
 from qwen_inference.reasoning import ReasoningStream, Thinking, split_reasoning, thinking_mode
 
+from ..conftest import FUZZ_SCALE
+
 
 @pytest.mark.parametrize(
     ("prompt", "has_think", "mode"),
@@ -61,7 +63,7 @@ TEXTS = [
 ]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60 * FUZZ_SCALE, deadline=None)
 @given(case=st.sampled_from(TEXTS), cuts=st.lists(st.integers(min_value=0, max_value=80), max_size=12))
 def test_streaming_equals_whole_for_any_chunking(case, cuts):
     mode, text = case

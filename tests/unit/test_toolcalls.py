@@ -16,6 +16,9 @@ from qwen_inference.toolcalls import (
     parse_tool_calls,
 )
 
+from ..conftest import FUZZ_SCALE
+
+
 WEATHER = {
     "type": "function",
     "function": {
@@ -219,7 +222,7 @@ XML_TEXTS = [
 ]
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80 * FUZZ_SCALE, deadline=None)
 @given(text=st.sampled_from(HERMES_TEXTS), chunks=st.lists(st.integers(0, 200), max_size=20),
        incremental=st.booleans())
 def test_hermes_stream_equals_whole(text, chunks, incremental):
@@ -229,7 +232,7 @@ def test_hermes_stream_equals_whole(text, chunks, incremental):
     assert calls == [(c.name, c.arguments) for c in whole_calls]
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80 * FUZZ_SCALE, deadline=None)
 @given(text=st.sampled_from(XML_TEXTS), chunks=st.lists(st.integers(0, 250), max_size=20),
        incremental=st.booleans())
 def test_xml_stream_equals_whole(text, chunks, incremental):
@@ -315,7 +318,7 @@ def test_without_a_tool_style_nothing_is_parsed():
     assert (out.reasoning, out.content, out.tool_calls) == (None, text, [])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60 * FUZZ_SCALE, deadline=None)
 @given(chunks=st.lists(st.integers(0, 300), max_size=25), incremental=st.booleans())
 def test_output_parser_stream_equals_whole(chunks, incremental):
     text = ("<think>\nplan: " + hermes("now", "{}") + "\n</think>\n\nSure.\n"
