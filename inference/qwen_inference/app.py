@@ -22,6 +22,7 @@ from .protocol import error_body
 from .serving import GrammarService
 from .serving_chat import ChatService
 from .serving_completions import CompletionService
+from .serving_messages import AnthropicErrors, MessagesService
 from .serving_responses import ResponsesService
 from .serving_tokenize import TokenizeService
 from .settings import ServeSettings
@@ -118,6 +119,7 @@ def create_app(settings: ServeSettings | None = None, *, load: bool = True) -> F
     app.state.chat = ChatService(state, grammars)
     app.state.completions = CompletionService(state, grammars)
     app.state.responses = ResponsesService(state, app.state.chat)
+    app.state.messages = MessagesService(state, app.state.chat)
     app.state.tokenize = TokenizeService(state, app.state.chat)
     for router in ROUTERS:
         app.include_router(router)
@@ -168,5 +170,6 @@ def create_app(settings: ServeSettings | None = None, *, load: bool = True) -> F
 
     app.openapi = openapi  # type: ignore[method-assign]
     routes = [r for r in app.router.routes if hasattr(r, "path_regex")] + [r for rt in ROUTERS for r in rt.routes]
+    app.add_middleware(AnthropicErrors)
     app.add_middleware(ObservabilityMiddleware, state=state, routes=routes)
     return app

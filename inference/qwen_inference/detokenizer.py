@@ -40,6 +40,7 @@ class StopStringMatcher:
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.buffer = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string reached (the first one in the text)
 
     def feed(self, text: str) -> str:
         """Returns the text that is safe to emit; sets `stopped` when a stop string was reached."""
@@ -48,8 +49,9 @@ class StopStringMatcher:
         if not self.stops:
             return text
         self.buffer += text
-        cut = min((i for i in (self.buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, -len(s), s) for s in self.stops if (i := self.buffer.find(s)) >= 0]
+        if found:
+            cut, _, self.matched = min(found)
             out, self.buffer = self.buffer[:cut], ""
             self.stopped = True
             return out

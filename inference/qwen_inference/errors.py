@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Callable
+
 from fastapi.responses import JSONResponse
 
 from .protocol import error_body
@@ -24,3 +27,20 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None, reason: str = "validation") -> APIError:
     return APIError(400, message, "invalid_request_error", param, code, reason)
+
+
+def renaming(renames: list[tuple[re.Pattern[str], str]]) -> Callable[[APIError], APIError]:
+    """For an API that runs on chat completions' path: its errors, with the fields named as that API names them
+    (`renames`: patterns of chat's names and their replacements, applied in order)."""
+    def rename(text: str | None) -> str | None:
+        if text is None:
+            return None
+        for pattern, name in renames:
+            text = pattern.sub(name, text)
+        return text
+
+    def renamed(exc: APIError) -> APIError:
+        exc.message, exc.param = rename(exc.message), rename(exc.param)
+        return exc
+
+    return renamed

@@ -11,8 +11,8 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError,
-                      WithJsonSchema, field_validator, model_serializer, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, SerializerFunctionWrapHandler, Tag,
+                      ValidationError, WithJsonSchema, field_validator, model_serializer, model_validator)
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -788,11 +788,18 @@ class FunctionTool(OpenAIModel):
         return {"type": "function", "function": fn}
 
 
-def _tool(v: Any) -> Any:
-    kind = v.get("type") if isinstance(v, dict) else None
-    if isinstance(kind, str) and kind != "function":
-        raise FieldError("type", f"tools of type {kind!r} are not supported: this server runs function tools only")
-    return v
+def _tools_of_type(allowed: str, what: str):
+    """A before-validator of a tool: a tool of another type than `allowed` is refused by name."""
+    def check(v: Any) -> Any:
+        kind = v.get("type") if isinstance(v, dict) else None
+        if isinstance(kind, str) and kind != allowed:
+            raise FieldError("type", f"tools of type {kind!r} are not supported: this server runs {what} only")
+        return v
+
+    return check
+
+
+_tool = _tools_of_type("function", "function tools")
 
 
 class NamedFunction(OpenAIModel):
@@ -1040,3 +1047,228 @@ class ResponseDeleted(BaseModel):
     id: str
     object: Literal["response.deleted"] = "response.deleted"
     deleted: bool = True
+
+
+# ---- Anthropic's Messages API (POST /v1/messages) -------------------------------------------------------
+#
+# As with Responses, a request's messages become chat messages (serving_messages.py) and run on chat
+# completions' path. Text, tool_use, tool_result and thinking blocks; client tools only.
+
+_CACHED_ANYWAY = ("every prompt prefix is cached (full 16-token blocks, in memory) without asking, so "
+                  "cache_control asks for nothing more")
+
+
+class CacheControl(OpenAIModel):
+    """Accepted wherever Anthropic's schema has it: the prefix cache keeps every prompt's prefix anyway."""
+    type: Literal["ephemeral"]
+    ttl: Literal["5m", "1h"] | None = None
+
+
+_NO_TOOLSETS = "toolsets are not supported"
+
+
+class MText(OpenAIModel):
+    type: Literal["text"]
+    text: str
+    cache_control: CacheControl | None = None
+    citations: Refused("citations are not supported", []) = None
+
+
+class MToolUse(OpenAIModel):
+    type: Literal["tool_use"]
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    input: dict[str, Any]
+    cache_control: CacheControl | None = None
+    caller: Refused("only direct tool calls are supported", {"type": "direct"}) = None
+    toolset_name: Refused(_NO_TOOLSETS) = None
+
+
+class MToolResult(OpenAIModel):
+    type: Literal["tool_result"]
+    tool_use_id: str = Field(min_length=1)
+    content: str | list[Annotated[MText, BeforeValidator(lambda v: _text_block(v, "tool results"))]] = ""
+    is_error: bool | None = None  # the result's text is marked as an error (serving_messages.tool_result_text)
+    cache_control: CacheControl | None = None
+    toolset_name: Refused(_NO_TOOLSETS) = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
+
+
+class MThinking(OpenAIModel):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+
+
+_BLOCKS = {"text": MText, "tool_use": MToolUse, "tool_result": MToolResult, "thinking": MThinking}
+
+
+def _text_block(v: Any, where: str) -> Any:
+    kind = v.get("type") if isinstance(v, dict) else None
+    if isinstance(kind, str) and kind != "text":
+        raise FieldError("type", f"{where} may hold text blocks only, not {kind!r}: this server serves text models")
+    return v
+
+
+def _block(v: Any) -> Any:
+    kind = v.get("type") if isinstance(v, dict) else None
+    if isinstance(kind, str) and kind not in _BLOCKS:
+        why = ("this server serves text models" if kind in ("image", "document", "search_result", "container_upload")
+               else "this server runs client tools only" if "tool" in kind
+               else "only thinking it wrote itself can be sent back" if kind == "redacted_thinking"
+               else "not supported")
+        raise FieldError("type", f"content blocks of type {kind!r} are not supported: {why}")
+    return v
+
+
+def _block_kind(v: Any) -> str | None:
+    kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    return f"block[{kind}]" if kind in _BLOCKS else None  # a tag first_error leaves out of the location
+
+
+MBlock = Annotated[
+    Annotated[MText, Tag("block[text]")] | Annotated[MToolUse, Tag("block[tool_use]")]
+    | Annotated[MToolResult, Tag("block[tool_result]")] | Annotated[MThinking, Tag("block[thinking]")],
+    Discriminator(_block_kind, custom_error_type="invalid_block",
+                  custom_error_message="a content block needs a type: text, tool_use, tool_result or thinking"),
+    BeforeValidator(_block)]
+_BLOCKS_BY_ROLE = {"system": {"text"}, "user": {"text", "tool_result"}, "assistant": {"text", "tool_use", "thinking"}}
+
+
+class MMessage(OpenAIModel):
+    role: Literal["user", "assistant", "system"]
+    content: str | list[MBlock]
+
+    @model_validator(mode="after")
+    def _by_role(self) -> "MMessage":
+        if isinstance(self.content, list):
+            allowed = _BLOCKS_BY_ROLE[self.role]
+            for i, block in enumerate(self.content):
+                if block.type not in allowed:
+                    raise FieldError(f"content.{i}.type", f"a {self.role} message may not hold {block.type} "
+                                     f"blocks (it may hold: {', '.join(sorted(allowed))})")
+        return self
+
+
+class MTool(OpenAIModel):
+    type: Literal["custom"] | None = None
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    input_schema: dict[str, Any]  # a JSON schema of an object
+    strict: bool | None = None
+    cache_control: CacheControl | None = None
+    eager_input_streaming: bool | None = None  # a call's input is streamed as it is written either way
+    allowed_callers: Refused(_NO_PROGRAMS, ["direct"]) = None
+    defer_loading: Refused("deferred tool loading is not supported", False) = None
+    input_examples: Refused("input examples are not supported") = None
+
+    def to_chat(self) -> dict[str, Any]:
+        return FunctionTool(type="function", name=self.name, description=self.description,
+                            parameters=self.input_schema, strict=self.strict).to_chat()
+
+
+_mtool = _tools_of_type("custom", "client tools")
+
+
+class MToolChoice(OpenAIModel):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+    @model_validator(mode="after")
+    def _name(self) -> "MToolChoice":
+        if (self.type == "tool") != (self.name is not None):
+            raise FieldError("name", "a tool_choice of type 'tool' needs name" if self.type == "tool"
+                             else f"name goes with type 'tool', not {self.type!r}")
+        return self
+
+
+class MThinkingConfig(OpenAIModel):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(None, ge=1)
+    display: Refused("thinking is returned as written, or left out with display 'omitted'; it is not summarized",
+                     "omitted") = None
+
+    @model_validator(mode="after")
+    def _budget(self) -> "MThinkingConfig":
+        if (self.type == "enabled") != (self.budget_tokens is not None):
+            raise FieldError("budget_tokens", "thinking of type 'enabled' needs budget_tokens"
+                             if self.type == "enabled" else "budget_tokens goes with type 'enabled'")
+        if self.type == "disabled" and self.display is not None:
+            raise FieldError("display", "display goes with thinking that is on")
+        return self
+
+
+class MOutputFormat(OpenAIModel):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class MOutputConfig(OpenAIModel):
+    format: MOutputFormat | None = None
+    effort: Refused("effort is not supported: Qwen's models have no such control (thinking turns reasoning on "
+                    "or off)") = None
+
+
+class MMetadata(OpenAIModel):
+    user_id: str | None = None  # written to the access log
+
+
+class MessagesInput(OpenAIModel):
+    """What POST /v1/messages and /v1/messages/count_tokens share: what the prompt is made of."""
+
+    model: str
+    messages: list[MMessage] = Field(min_length=1)
+    system: str | list[Annotated[MText, BeforeValidator(lambda v: _text_block(v, "system"))]] | None = None
+    tools: list[Annotated[MTool, BeforeValidator(_mtool)]] | None = None
+    tool_choice: MToolChoice | None = None
+    thinking: MThinkingConfig | None = None
+    output_config: MOutputConfig | None = None
+    cache_control: CacheControl | None = None
+    speed: Refused("this server has one speed", "standard") = None
+    user_profile_id: Refused("user profiles are not supported") = None
+    workspace_id: Refused("workspaces are not supported") = None
+
+
+class MessagesRequest(MessagesInput):
+    max_tokens: int = Field(ge=1)
+    stream: bool | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(None, ge=0.0, le=1.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    metadata: MMetadata | None = None
+    service_tier: Refused("this server has one service tier: 'auto' or 'standard_only'", "auto",
+                          "standard_only") = None
+    container: Refused("containers are not supported: this server runs client tools only") = None
+    diagnostics: Refused("diagnostics are not supported") = None
+    inference_geo: Refused("this server runs where it is deployed: inference_geo is not supported") = None
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stop(cls, v: list[str] | None) -> list[str] | None:
+        return _stops(v)
+
+
+class MUsage(BaseModel):
+    input_tokens: int  # not counting cache_read_input_tokens, as Anthropic counts
+    output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+class MessageObject(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None = None
+    stop_sequence: str | None = None
+    usage: MUsage
+
+
+class MessageTokens(BaseModel):
+    input_tokens: int

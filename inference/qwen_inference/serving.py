@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 import jinja2
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .engine import EngineDead, FinishEvent, QueueFull, Request as EngineRequest, SamplingParams, TokenEvent
@@ -39,6 +39,16 @@ def sse(data: Any) -> bytes:
 
 def sse_event(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
+
+
+def named_event(ev: dict[str, Any]) -> bytes:
+    """An SSE event that names its type (`event: <type>`), as the Responses and Messages APIs send them."""
+    return f"event: {ev['type']}\n".encode() + sse_event(json.dumps(ev, ensure_ascii=False))
+
+
+def event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from .engine import FinishEvent, Request as EngineRequest, TokenEvent
 from .errors import bad_request
@@ -18,8 +18,8 @@ from .protocol import (THINKING_BY_EFFORT, ChatCompletion, ChatCompletionChunk, 
                        Choice, ChoiceLogprobs, ChunkChoice, Delta, FunctionOut, ResponseMessage, ToolCallOut,
                        error_body, now)
 from .reasoning import Thinking, thinking_mode
-from .serving import (_TEMPLATE_RESERVED, THINKING_KWARGS, ChoiceText, GenerationService, Pending, Submission, sse,
-                      sse_event, until_disconnect, usage)
+from .serving import (_TEMPLATE_RESERVED, THINKING_KWARGS, ChoiceText, GenerationService, Pending, Submission,
+                      event_stream, sse, sse_event, until_disconnect, usage)
 from .toolcalls import OutputDelta, OutputParser
 
 log = logging.getLogger("qwen_inference.serving")
@@ -203,7 +203,9 @@ class ChatService(GenerationService):
         text = self.render(messages, tools.tools, kwargs)
         return tools, kwargs, messages, text, self.state.model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None) -> ChatPlan:
+    async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None,
+                      reasoning_budget: int | None = None) -> ChatPlan:
+        """`reasoning_budget`: the most tokens the reply may reason for, after which its reasoning is ended."""
         n = req.choices
         self.check_n(n)
         tools, kwargs, messages, text, prompt_ids = self.prompt(req)
@@ -223,6 +225,9 @@ class ChatService(GenerationService):
                 req.tools, req.tool_choice, tools.parallel, style, thinking=thinking))
         else:
             constraint = await self.structured(req, thinking)
+        if reasoning_budget is not None:
+            grammar = constraint
+            constraint = await self.grammar.run(lambda g: g.with_budget(grammar, thinking, reasoning_budget))
         self.note_unenforced(request_id, constraint)
         params = self.sampling(req, max_tokens, req.logprobs_k)
         return ChatPlan(
@@ -242,21 +247,50 @@ class ChatService(GenerationService):
     async def complete(self, req: ChatCompletionRequest, request: Request) -> Response:
         self.log_fields(request, user=req.user, safety_identifier=req.safety_identifier)
         plan = await self.prepare(req, request.state.request_id)
+        handle = self.start(plan, request)
+        choices = [self.new_choice(i, plan) for i in range(plan.n)]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return event_stream(self._stream(handle, plan, choices, request, include_usage))
+        return await self._whole(handle, plan, choices, request)
+
+    def start(self, plan: ChatPlan, request: Request):
+        """Submit the planned request to the engine; its handle."""
         handle = self.submit(request.state.request_id, plan.submission)
         request.state.input_tokens = handle.prompt_tokens
         request.state.handles = [handle]
         if self.state.settings.log_prompts:  # the access log line carries them (--log-prompts, off by default)
             request.state.prompt = plan.messages
             request.state.reply = ""
-        choices = [self.new_choice(i, plan) for i in range(plan.n)]
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                self._stream(handle, plan, choices, request, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        return await self._whole(handle, plan, choices, request)
+        return handle
+
+    def stream_closed(self, request: Request, handle, choices: list[ChatChoice], completed: bool) -> None:
+        """A stream ended: recorded as abandoned when it did not complete (the client went away mid-stream), and
+        the generation stopped if it still runs."""
+        if not completed:
+            self.stream_left(request, self.reply_text(choices))
+        if not handle.finished:
+            handle.cancel()
+
+    async def collect(self, handle, choices: list[ChatChoice], request: Request,
+                      each: Callable[[tuple], None] | None = None) -> Response | None:
+        """Run a whole (not streamed) request to its end, calling `each` with every event of its choices: the
+        answer to one that did not finish (499 when the client left, else the failure), or None when it did."""
+        async def consume():
+            async for item in self.choice_events(handle, choices):
+                if item[0] == "error":
+                    return item[1]
+                if each is not None:
+                    each(item)
+            return None
+
+        try:
+            ok, failure = await until_disconnect(request, consume())
+        finally:
+            if not handle.finished:
+                handle.cancel()
+        return self.unfinished(request, not ok, failure, any(c.finish_reason is None for c in choices),
+                               self.reply_text(choices))
 
     def new_choice(self, index: int, plan: ChatPlan) -> ChatChoice:
         tok = self.state.model.tokenizer
@@ -303,19 +337,7 @@ class ChatService(GenerationService):
         return texts[0] if len(texts) == 1 else texts
 
     async def _whole(self, handle, plan: ChatPlan, choices: list[ChatChoice], request: Request) -> Response:
-        async def consume():
-            async for item in self.choice_events(handle, choices):
-                if item[0] == "error":
-                    return item[1]
-            return None
-
-        try:
-            ok, failure = await until_disconnect(request, consume())
-        finally:
-            if not handle.finished:
-                handle.cancel()
-        stopped = self.unfinished(request, not ok, failure, any(c.finish_reason is None for c in choices),
-                                  self.reply_text(choices))
+        stopped = await self.collect(handle, choices, request)
         if stopped is not None:  # the client went away (the slot is freed now), or the request failed
             return stopped
         completion_tokens = self.finished(request, choices, self.reply_text(choices))
@@ -378,7 +400,4 @@ class ChatService(GenerationService):
             yield sse("[DONE]")
             completed = True
         finally:
-            if not completed:  # the client went away mid-stream
-                self.stream_left(request, self.reply_text(choices))
-            if not handle.finished:
-                handle.cancel()
+            self.stream_closed(request, handle, choices, completed)

@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from .detokenizer import IncrementalDetokenizer
 from .engine import FinishEvent, PromptLogprobsEvent, Request as EngineRequest, TokenEvent
 from .errors import APIError, bad_request
 from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, error_body, now
 from .reasoning import Thinking
-from .serving import ChoiceText, GenerationService, Pending, Submission, finite, merged, sse, sse_event, \
-    until_disconnect, usage
+from .serving import ChoiceText, GenerationService, Pending, Submission, event_stream, finite, merged, sse, \
+    sse_event, until_disconnect, usage
 
 log = logging.getLogger("qwen_inference.serving")
 
@@ -102,8 +102,7 @@ class CompletionService(GenerationService):
         run = _Run(self, req, prompts, handles, choices, n, score_only)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(run, request, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(self._stream(run, request, include_usage))
         return await self._whole(run, request)
 
     # ---- log-probabilities in the legacy shape -----------------------------------------------------------

@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from .engine import FinishEvent
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, renaming
 from .protocol import (ENCRYPTED_REASONING, ChatCompletionRequest, ChatMessage, FunctionCallItem,
                        FunctionCallOutputItem, IncompleteDetails, InputItemList, InputMessage, InputTokens,
                        InputTokensDetails, InputTokensRequest, OutputTokensDetails, ReasoningItem, ResponseDeleted,
                        ResponseError, ResponseInput, ResponseObject, ResponsesRequest, ResponseUsage,
                        ToolCallFunction, ToolCallParam, first_error, now, parse_item)
-from .serving import sse_event, until_disconnect
+from .serving import event_stream, named_event
 from .serving_chat import ChatChoice, ChatPlan, ChatService
 from .toolcalls import OutputDelta, ToolCallDelta
 
@@ -46,20 +46,26 @@ def encrypt_reasoning(text: str) -> str:
     return base64.b64encode((_REASONING_PREFIX + text).encode()).decode()
 
 
+def reasoning_from(encrypted: str) -> str | None:
+    """The reasoning text `encrypt_reasoning` wrote into `encrypted`; None when this server did not write it."""
+    try:
+        raw = base64.b64decode(encrypted, validate=True).decode()
+    except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8 (UnicodeDecodeError)
+        return None
+    return raw[len(_REASONING_PREFIX):] if raw.startswith(_REASONING_PREFIX) else None
+
+
 def reasoning_of(index: int, item: ReasoningItem) -> str | None:
     """The text of a reasoning item sent back: its reasoning_text content, else its encrypted_content."""
     if item.content:
         return "".join(p.text for p in item.content)
     if item.encrypted_content is None:
         return None
-    try:
-        raw = base64.b64decode(item.encrypted_content, validate=True).decode()
-    except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8 (UnicodeDecodeError)
-        raw = ""
-    if not raw.startswith(_REASONING_PREFIX):
+    text = reasoning_from(item.encrypted_content)
+    if text is None:
         raise bad_request(f"input[{index}].encrypted_content was not written by this server",
                           f"input.{index}.encrypted_content")
-    return raw[len(_REASONING_PREFIX):]
+    return text
 
 
 # the names chat completions give the fields of a request, as this API names them
@@ -71,17 +77,7 @@ _RENAMES = [(re.compile(r"tools\[(\d+)\]\.function\."), r"tools[\1]."),
             (re.compile(r"\bmessages\b"), "input")]
 
 
-def renamed(exc: APIError) -> APIError:
-    """An error of the chat-completions path, naming the fields as this API does."""
-    def rename(text: str | None) -> str | None:
-        if text is None:
-            return None
-        for pattern, name in _RENAMES:
-            text = pattern.sub(name, text)
-        return text
-
-    exc.message, exc.param = rename(exc.message), rename(exc.param)
-    return exc
+renamed = renaming(_RENAMES)  # an error of the chat-completions path, naming the fields as this API does
 
 
 def to_messages(items: list[Any], instructions: str | None, offset: int = 0) -> list[ChatMessage]:
@@ -382,17 +378,8 @@ class ResponsesService:
             plan = await chat.prepare(self.chat_request(req, items, offset), request.state.request_id)
         except APIError as exc:
             raise renamed(exc) from None
-        handle = chat.submit(request.state.request_id, plan.submission)
-        request.state.input_tokens = handle.prompt_tokens
-        request.state.handles = [handle]
-        if self.state.settings.log_prompts:
-            request.state.prompt = plan.messages
-            request.state.reply = ""
-        run = _Run(self, req, plan, handle, items, request, listed(req.items))
-        if req.stream:
-            return StreamingResponse(run.stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await run.whole()
+        run = _Run(self, req, plan, chat.start(plan, request), items, request, listed(req.items))
+        return event_stream(run.stream()) if req.stream else await run.whole()
 
     def get(self, rid: str) -> Response:
         return Response(json.dumps(self.store.get(rid).body), media_type="application/json")
@@ -475,20 +462,8 @@ class _Run:
         return body
 
     async def whole(self) -> Response:
-        async def consume():
-            async for item in self._events():
-                if item[0] == "error":
-                    return item[1]
-                self.output.add(item[2], self._logprobs(item[3]))
-            return None
-
-        try:
-            ok, failure = await until_disconnect(self.request, consume())
-        finally:
-            if not self.handle.finished:
-                self.handle.cancel()
-        stopped = self.chat.unfinished(self.request, not ok, failure, self.choice.finish_reason is None,
-                                       self.chat.reply_text([self.choice]))
+        stopped = await self.chat.collect(self.handle, [self.choice], self.request,
+                                          lambda item: self.output.add(item[2], self._logprobs(item[3])))
         if stopped is not None:
             return stopped
         return Response(json.dumps(self._finish()[1]), media_type="application/json")
@@ -496,30 +471,24 @@ class _Run:
     async def stream(self) -> AsyncIterator[bytes]:
         out = self.output
 
-        def send(ev: dict[str, Any]) -> bytes:
-            return f"event: {ev['type']}\n".encode() + sse_event(json.dumps(ev, ensure_ascii=False))
-
         completed = False
         try:
-            yield send(out.event("response.created", response=self._body()))
-            yield send(out.event("response.in_progress", response=self._body()))
+            yield named_event(out.event("response.created", response=self._body()))
+            yield named_event(out.event("response.in_progress", response=self._body()))
             async for item in self._events():
                 if item[0] == "error":
                     ev = item[1]
                     self.chat.stream_failed(self.request, ev, self.chat.reply_text([self.choice]))
-                    yield send(out.event("response.failed", response=self._failed(ev)))
+                    yield named_event(out.event("response.failed", response=self._failed(ev)))
                     completed = True
                     return
                 for ev in out.add(item[2], self._logprobs(item[3])):
-                    yield send(ev)
+                    yield named_event(ev)
             events, body = self._finish()
             for ev in events:
-                yield send(ev)
+                yield named_event(ev)
             kind = "response.completed" if self.response.status == "completed" else "response.incomplete"
-            yield send(out.event(kind, response=body))
+            yield named_event(out.event(kind, response=body))
             completed = True
         finally:
-            if not completed:  # the client went away mid-stream
-                self.chat.stream_left(self.request, self.chat.reply_text([self.choice]))
-            if not self.handle.finished:
-                self.handle.cancel()
+            self.chat.stream_closed(self.request, self.handle, [self.choice], completed)

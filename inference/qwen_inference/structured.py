@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -356,9 +356,11 @@ _THINK, _START, _GRAMMAR = 0, 1, 2
 
 
 class TokenConstraint:
-    """The grammar state of one generated sequence. Used by one thread (the engine's)."""
+    """The grammar state of one generated sequence, and its reasoning budget: once `budget` tokens of reasoning
+    are written, only the end of reasoning may follow. Without a grammar (a factory of kind "free") the text
+    after the reasoning is free. Used by one thread (the engine's)."""
 
-    __slots__ = ("_factory", "_matcher", "_phase", "_only_stop", "_done")
+    __slots__ = ("_factory", "_matcher", "_phase", "_only_stop", "_done", "_thought")
 
     def __init__(self, factory: ConstraintFactory) -> None:
         self._factory = factory
@@ -367,23 +369,34 @@ class TokenConstraint:
 
     def reset(self) -> None:
         f = self._factory
-        import xgrammar as xgr
-
         if f.thinking == Thinking.IN_PROMPT:
             self._phase = _THINK
-            self._matcher = xgr.GrammarMatcher(f._after_think)
+            self._matcher = self._new_matcher(f._after_think)
         elif f.thinking == Thinking.BY_MODEL:
             self._phase = _START
-            self._matcher = xgr.GrammarMatcher(f._plain)
+            self._matcher = self._new_matcher(f._plain)
         else:
             self._phase = _GRAMMAR
-            self._matcher = xgr.GrammarMatcher(f._plain)
+            self._matcher = self._new_matcher(f._plain)
         self._only_stop = False
         self._done = False
+        self._thought = 0  # reasoning tokens written
+
+    @staticmethod
+    def _new_matcher(compiled):
+        if compiled is None:  # free text
+            return None
+        import xgrammar as xgr
+
+        return xgr.GrammarMatcher(compiled)
 
     @property
     def in_reasoning(self) -> bool:
         return self._phase == _THINK
+
+    def _spent(self) -> bool:
+        budget = self._factory.budget
+        return budget is not None and self._thought >= budget
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         started = time.perf_counter()
@@ -395,9 +408,17 @@ class TokenConstraint:
     def _fill(self, bitmask: torch.Tensor, row: int) -> None:
         g = self._factory._grammars
         if self._phase == _THINK:
-            bitmask[row].copy_(g._free_mask)
+            if self._spent():
+                bitmask[row].zero_()
+                bitmask[row, g.think_end_id // 32] = _bit(g.think_end_id)
+            else:
+                bitmask[row].copy_(g._free_mask)
             return
-        self._matcher.fill_next_token_bitmask(bitmask, row)
+        if self._matcher is None:
+            bitmask[row].copy_(g._free_mask)
+            bitmask[row] |= g._stop_bits
+        else:
+            self._matcher.fill_next_token_bitmask(bitmask, row)
         if self._phase == _START:
             t = g.think_start_id
             bitmask[row, t // 32] |= _bit(t)
@@ -418,12 +439,18 @@ class TokenConstraint:
             if token_id == g.think_end_id:
                 self._phase = _GRAMMAR
                 return True
-            return g.free_text_allows(token_id)
+            if self._spent() or not g.free_text_allows(token_id):
+                return False
+            self._thought += 1
+            return True
         if self._phase == _START and token_id == g.think_start_id:
-            import xgrammar as xgr
-
             self._phase = _THINK
-            self._matcher = xgr.GrammarMatcher(self._factory._after_think)
+            self._matcher = self._new_matcher(self._factory._after_think)
+            return True
+        if self._matcher is None:
+            if not (g.free_text_allows(token_id) or token_id in g.stop_token_ids):
+                return False
+            self._phase = _GRAMMAR
             return True
         if not 0 <= token_id < g.vocab_size or not self._matcher.accept_token(token_id):
             return False
@@ -449,12 +476,13 @@ def _bit(token_id: int) -> int:
 class ConstraintFactory:
     """A compiled constraint for one request; `new()` (or calling it) gives each sequence its own state."""
 
-    kind: str
+    kind: str  # "free": no grammar, a reasoning budget only
     thinking: Thinking
     not_enforced: tuple[str, ...]
     _grammars: Grammars = field(repr=False)
     _plain: object = field(repr=False, default=None)
     _after_think: object = field(repr=False, default=None)
+    budget: int | None = None  # the most reasoning tokens a sequence may write (None: no limit)
 
     def new(self) -> TokenConstraint:
         return TokenConstraint(self)
@@ -608,6 +636,16 @@ class Grammars:
                         param: str = "schema") -> ConstraintFactory:
         notes = check_json_schema(schema, strict=strict, param=param)
         return self._factory("json_schema", schema, lambda: self._json_format(schema), thinking, notes, param)
+
+    def with_budget(self, factory: ConstraintFactory | None, thinking: Thinking,
+                    budget: int | None) -> ConstraintFactory | None:
+        """`factory` (a grammar, or None for free text) with at most `budget` tokens of reasoning; unchanged
+        when there is no budget or no reasoning to limit."""
+        if budget is None or thinking == Thinking.OFF or self.think_end_id is None:
+            return factory
+        if factory is None:
+            return ConstraintFactory("free", thinking, (), self, budget=budget)
+        return replace(factory, budget=budget)
 
     def for_json_object(self, *, thinking: Thinking = Thinking.OFF) -> ConstraintFactory:
         return self._factory("json_object", None, lambda: self._json_format({"type": "object"}), thinking)

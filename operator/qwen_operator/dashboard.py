@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 SEL = 'namespace="$namespace",service="$deployment"'
-CHAT = f'{SEL},endpoint=~"/v1/chat/completions|/v1/responses"'  # the routes that answer chat
+CHAT = f'{SEL},endpoint=~"/v1/chat/completions|/v1/responses|/v1/messages"'  # the routes that answer chat
 # kube-state-metrics: the Deployment, and KEDA's HPA (keda-hpa-<ScaledObject>, named after the QwenDeployment)
 DEP = 'namespace="$namespace",deployment="$deployment"'
 HPA = 'namespace="$namespace",horizontalpodautoscaler="keda-hpa-$deployment"'

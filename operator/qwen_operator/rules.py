@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 RUNBOOK = "https://github.com/qwen-operator/qwen-operator/blob/main/README.md#alert-{anchor}"
-# the routes that answer chat: chat completions and the Responses API
-CHAT = "/v1/chat/completions|/v1/responses"
+# the routes that answer chat: chat completions, the Responses API and Anthropic's Messages API
+CHAT = "/v1/chat/completions|/v1/responses|/v1/messages"
 BY = "namespace, service"
 
 

@@ -19,6 +19,7 @@ from .conftest import tool
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = 'endpoint="/v1/chat/completions",method="POST"'
 RESPONSES = 'endpoint="/v1/responses",method="POST"'
+MESSAGES = 'endpoint="/v1/messages",method="POST"'
 
 
 def rules_file(tmp_path: Path) -> Path:
@@ -70,12 +71,13 @@ TESTS = [
         alert("QwenHighLatency", "6m", fired("chat", "warning", "QwenHighLatency", "ns1/chat: P99 chat latency is high",
                                              "P99 latency of chat requests is 9.95s, above 5s, for 2 minutes.")),
     ]},
-    # error ratio: chat answers 10% 5xx (threshold 5%; chat completions and responses alike), chat-small 1%;
+    # error ratio: chat answers 10% 5xx (threshold 5%; chat completions, Responses and Messages alike), chat-small 1%;
     # for: 5m. Other routes do not count.
     {"interval": "1m", "input_series": [
         s("http_requests_total", f'namespace="ns1",service="chat",{CHAT},status_code="200"', "0+80x30"),
         s("http_requests_total", f'namespace="ns1",service="chat",{RESPONSES},status_code="200"', "0+10x30"),
-        s("http_requests_total", f'namespace="ns1",service="chat",{RESPONSES},status_code="500"', "0+10x30"),
+        s("http_requests_total", f'namespace="ns1",service="chat",{RESPONSES},status_code="500"', "0+5x30"),
+        s("http_requests_total", f'namespace="ns1",service="chat",{MESSAGES},status_code="500"', "0+5x30"),
         s("http_requests_total", f'namespace="ns1",service="chat",endpoint="/metrics",method="GET",status_code="200"',
           "0+900x30"),
         s("http_requests_total", f'namespace="ns1",service="chat-small",{CHAT},status_code="200"', "0+99x30"),

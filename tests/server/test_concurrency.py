@@ -58,13 +58,17 @@ async def test_batch_really_runs_together(server):
 
 
 def long_request(route: str, text: str, **extra) -> dict:
-    """A body asking for 1500 tokens (the random model goes on to the end) on the chat or the Responses route."""
+    """A body asking for 1500 tokens (the random model goes on to the end) on the chat, Responses or Messages
+    route."""
     if route == "/v1/responses":
         return {"input": text, "max_output_tokens": 1500, "temperature": 0, "store": False, **extra}
+    if route == "/v1/messages":
+        return {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 1500,
+                "temperature": 0, **extra}
     return {"messages": [{"role": "user", "content": text}], "max_tokens": 1500, "temperature": 0, **extra}
 
 
-@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses"])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses", "/v1/messages"])
 async def test_disconnect_mid_stream_frees_the_slot(server, route):
     engine = server.state.model.engine
     body = long_request(route, "go on forever", stream=True)
@@ -85,7 +89,7 @@ async def test_disconnect_mid_stream_frees_the_slot(server, route):
         assert engine.allocator.used_blocks == 0 and engine.allocator.reserved == 0
 
 
-@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses"])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses", "/v1/messages"])
 async def test_disconnect_while_waiting_non_streaming_frees_the_slot(server, route):
     engine = server.state.model.engine
     body = long_request(route, "long")

@@ -27,12 +27,12 @@ def test_no_input_yields_a_server_error(api_schema, fuzz_server):
     from hypothesis import given
 
     operations = [r.ok() for r in api_schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/responses", "/v1/models", "/health",
-                                              "/metrics"}
+    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/models",
+                                              "/health", "/metrics"}
     statuses: dict[str, list[int]] = {}
     for op in operations:
-        examples = {"/v1/chat/completions": 150, "/v1/responses": 80, "/v1/completions": 60,
-                    "/v1/responses/input_tokens": 40}.get(op.path, 10) * FUZZ_SCALE
+        examples = {"/v1/chat/completions": 150, "/v1/responses": 80, "/v1/messages": 80, "/v1/completions": 60,
+                    "/v1/responses/input_tokens": 40, "/v1/messages/count_tokens": 40}.get(op.path, 10) * FUZZ_SCALE
 
         @given(case=op.as_strategy())
         @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
@@ -40,7 +40,11 @@ def test_no_input_yields_a_server_error(api_schema, fuzz_server):
             response = case.call(base_url=fuzz_server.url, timeout=60)
             statuses.setdefault(op.path, []).append(response.status_code)
             assert response.status_code < 500, (op.path, case.body, response.status_code, response.text[:300])
-            if op.path.startswith("/v1/") and response.status_code >= 400:
+            if op.path.startswith("/v1/messages") and response.status_code >= 400:  # Anthropic's shape
+                body = response.json()
+                assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+                assert body["error"]["message"]
+            elif op.path.startswith("/v1/") and response.status_code >= 400:
                 err = response.json()["error"]
                 assert set(err) == {"message", "type", "param", "code"} and err["message"]
 
@@ -48,8 +52,9 @@ def test_no_input_yields_a_server_error(api_schema, fuzz_server):
     chat = statuses["/v1/chat/completions"]
     assert len(chat) >= 100  # the fuzzer really drove the chat route, with valid and invalid bodies
     assert 200 in chat and 400 in chat, sorted(set(chat))
-    responses = statuses["/v1/responses"]
-    assert len(responses) >= 50 and 200 in responses and 400 in responses, sorted(set(responses))
+    for route in ("/v1/responses", "/v1/messages"):
+        got = statuses[route]
+        assert len(got) >= 50 and 200 in got and 400 in got, (route, sorted(set(got)))
 
 
 def test_afterwards_the_server_is_idle_and_leak_free(fuzz_server):

@@ -325,6 +325,52 @@ def test_thinking_phases(qwen3):
     assert c.accept(g.think_end_id) and c.accept(tok.convert_tokens_to_ids("{"))
 
 
+def test_reasoning_budget(qwen3):
+    """After `budget` reasoning tokens only </think> may follow, with a grammar after it or free text; the count
+    starts where the reasoning does (in the prompt, or at the model's <think>)."""
+    tok, g = qwen3
+    bitmask = allocate_bitmask(1, g.vocab_size)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    words = tok.encode("one two three four five six", add_special_tokens=False)
+    assert g.with_budget(None, Thinking.IN_PROMPT, None) is None  # no budget: no constraint
+    assert g.with_budget(None, Thinking.OFF, 3) is None  # no reasoning: nothing to limit
+    grammar = g.for_json_schema(schema, thinking=Thinking.IN_PROMPT)
+    assert g.with_budget(grammar, Thinking.OFF, 3) is grammar
+    for kind, factory in (("free", g.with_budget(None, Thinking.IN_PROMPT, 3)),
+                          ("json_schema", g.with_budget(grammar, Thinking.IN_PROMPT, 3))):
+        assert factory.budget == 3 and factory.kind == kind and grammar.budget is None
+        c = factory.new()
+        for t in words[:3]:
+            c.fill_bitmask(bitmask, 0)
+            assert t in set(allowed_ids(bitmask[0], g.vocab_size)) and c.accept(t)
+        c.fill_bitmask(bitmask, 0)
+        assert list(allowed_ids(bitmask[0], g.vocab_size)) == [g.think_end_id]
+        assert not c.accept(words[3]) and c.in_reasoning  # refused, the state unchanged
+        assert c.accept(g.think_end_id) and not c.in_reasoning
+        after = tok.encode('\n\n{"ok": true}', add_special_tokens=False)
+        for t in after:
+            assert c.accept(t)
+        if factory.kind == "free":  # free text: anything with text, and the end of the reply
+            c.fill_bitmask(bitmask, 0)
+            allowed = set(allowed_ids(bitmask[0], g.vocab_size))
+            assert set(g.stop_token_ids) <= allowed and tok.convert_tokens_to_ids("Hello") in allowed
+            assert g.think_start_id not in allowed and not c.is_terminated()
+            assert c.accept(words[4]) and c.accept(g.stop_token_ids[0])
+        else:
+            assert c.is_terminated()
+        c.reset()  # a fresh count
+        assert all(c.accept(t) for t in words[:3]) and not c.accept(words[3])
+    # by the model: nothing is counted before <think>; a reply that does not open with it is free
+    c = g.with_budget(None, Thinking.BY_MODEL, 2).new()
+    c.fill_bitmask(bitmask, 0)
+    assert g.think_start_id in set(allowed_ids(bitmask[0], g.vocab_size))
+    assert c.accept(g.think_start_id) and c.accept(words[0]) and c.accept(words[1]) and not c.accept(words[2])
+    assert c.accept(g.think_end_id) and c.accept(words[2])
+    c.reset()
+    assert c.accept(words[0]) and not c.in_reasoning and all(c.accept(t) for t in words[1:])
+    assert not c.accept(g.think_start_id)  # after the first token the reply cannot open reasoning
+
+
 def test_masks_never_allow_padded_rows_or_dropped_specials(qwen35):
     tok, g = qwen35
     c = g.for_json_schema({"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}).new()

@@ -42,13 +42,14 @@ def server_state(request: Request) -> ServerState:
 
 
 def require_key(request: Request) -> None:
-    """Refuse a request without a valid `Authorization: Bearer <key>` when the server has keys."""
+    """Refuse a request without a valid `Authorization: Bearer <key>` (or `x-api-key: <key>`, as Anthropic's
+    clients send it) when the server has keys."""
     state = server_state(request)
     if not state.api_keys:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    given = token.strip().encode() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "").encode()
     ok = False
     for key in state.api_keys:  # compare against every key, in constant time each
         ok |= hmac.compare_digest(given, key)
