@@ -22,7 +22,7 @@ from .protocol import error_body
 from .serving import GrammarService
 from .serving_chat import ChatService
 from .serving_completions import CompletionService
-from .serving_messages import AnthropicErrors, MessagesService
+from .serving_messages import AnthropicErrors, MessagesService, anthropic_error
 from .serving_responses import ResponsesService
 from .serving_tokenize import TokenizeService
 from .settings import ServeSettings
@@ -150,6 +150,9 @@ def create_app(settings: ServeSettings | None = None, *, load: bool = True) -> F
     async def _internal(request: Request, exc: Exception):
         log.exception("unhandled error")
         state.metrics.errors.labels("internal").inc()
+        if request.url.path.startswith("/v1/messages"):  # answered outside AnthropicErrors: in its shape here
+            return JSONResponse(anthropic_error(500, "internal server error", request.state.request_id),
+                                status_code=500)
         return JSONResponse(error_body("internal server error", "server_error", None, "internal_error"),
                             status_code=500)
 

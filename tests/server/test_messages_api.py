@@ -324,6 +324,17 @@ def test_errors_in_anthropic_shape(server, tiny_model):
     assert server.state.model.engine.stats()["running"] == 0
 
 
+def test_an_unhandled_error_is_a_500_in_anthropic_shape(server, monkeypatch):
+    def broken(req, request):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.app.state.messages, "create", broken)
+    r = httpx.post(server.url + "/v1/messages", headers={"X-Request-ID": "bug-1"}, timeout=60, json={
+        "model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 500 and r.json() == {"type": "error", "request_id": "bug-1", "error": {
+        "type": "api_error", "message": "internal server error"}}
+
+
 def test_x_api_key(tiny_model):
     from ..conftest import running_server
 
