@@ -317,6 +317,8 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     reasoning_effort: ReasoningEffort | None = None
     chat_template_kwargs: Annotated[dict[str, Any] | None, WithJsonSchema(TEMPLATE_KWARGS)] = None  # vLLM
+    # vLLM: the most tokens the reply may reason for; then its reasoning is ended and the answer follows
+    thinking_token_budget: int | None = Field(None, ge=0)
     # accepted, with what they mean here
     prompt_cache_key: str | None = None  # prompt prefixes are cached for every request alike
     prompt_cache_retention: CacheRetention = None

@@ -205,7 +205,10 @@ class ChatService(GenerationService):
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None,
                       reasoning_budget: int | None = None) -> ChatPlan:
-        """`reasoning_budget`: the most tokens the reply may reason for, after which its reasoning is ended."""
+        """`reasoning_budget`: the most tokens the reply may reason for, after which its reasoning is ended (the
+        Messages API's `budget_tokens`; chat's `thinking_token_budget` otherwise)."""
+        if reasoning_budget is None:
+            reasoning_budget = req.thinking_token_budget
         n = req.choices
         self.check_n(n)
         tools, kwargs, messages, text, prompt_ids = self.prompt(req)

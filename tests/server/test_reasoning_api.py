@@ -57,6 +57,28 @@ def test_the_server_default(qwen35_server, monkeypatch):
     assert post(qwen35_server, max_tokens=6).json()["choices"][0]["message"]["reasoning"] is None
 
 
+def test_thinking_token_budget(qwen35_server):
+    """vLLM's thinking_token_budget: the reasoning ends after that many tokens (greedy: the same tokens up to
+    there) and the answer follows, whole and streamed; 0 ends it at once."""
+    think = {"chat_template_kwargs": {"enable_thinking": True}, "max_tokens": 16, "temperature": 0}
+    free = post(qwen35_server, **think).json()["choices"][0]["message"]
+    assert free["reasoning"] and free["content"] == ""  # the random model never closes its thinking block
+    for budget in (4, 0):
+        capped = post(qwen35_server, **think, thinking_token_budget=budget).json()
+        msg = capped["choices"][0]["message"]
+        assert msg["content"] and capped["usage"]["completion_tokens"] == 16
+        assert free["reasoning"].startswith(msg["reasoning"] or "") and len(msg["reasoning"] or "") < len(
+            free["reasoning"])
+        if budget == 0:
+            assert not msg["reasoning"]
+    chunks = [json.loads(ev) for ev in sse_events(post(qwen35_server, **think, thinking_token_budget=4,
+                                                      stream=True).content) if ev != "[DONE]"]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed == post(qwen35_server, **think, thinking_token_budget=4).json()["choices"][0]["message"]["content"]
+    r = post(qwen35_server, thinking_token_budget=-1)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget"
+
+
 def test_default_thinking_flag_and_env(monkeypatch):
     assert ServeSettings().default_thinking == "template"
     monkeypatch.setenv("QWEN_DEFAULT_THINKING", "off")
