@@ -319,6 +319,9 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Annotated[dict[str, Any] | None, WithJsonSchema(TEMPLATE_KWARGS)] = None  # vLLM
     # vLLM: the most tokens the reply may reason for; then its reasoning is ended and the answer follows
     thinking_token_budget: int | None = Field(None, ge=0)
+    # vLLM: continue_final_message goes on writing the last (assistant) message instead of starting a new one
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     # accepted, with what they mean here
     prompt_cache_key: str | None = None  # prompt prefixes are cached for every request alike
     prompt_cache_retention: CacheRetention = None
@@ -341,6 +344,14 @@ class ChatCompletionRequest(SamplingFields):
     def _logprobs(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise FieldError("continue_final_message",
+                                 "continue_final_message needs add_generation_prompt: false")
+            last = self.messages[-1]
+            if last.role != "assistant" or last.tool_calls:
+                raise FieldError("continue_final_message", "continue_final_message needs a last message from the "
+                                 "assistant, with content and no tool_calls")
         return self
 
     @property

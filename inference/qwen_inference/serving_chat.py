@@ -200,7 +200,8 @@ class ChatService(GenerationService):
         tools = self.tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
         kwargs = self.template_kwargs(req.chat_template_kwargs, req.reasoning_effort)
         messages = self.messages(req.messages)
-        text = self.render(messages, tools.tools, kwargs)
+        text = self.render(messages, tools.tools, kwargs, add_generation_prompt=req.add_generation_prompt,
+                           continue_final_message=req.continue_final_message)
         return tools, kwargs, messages, text, self.state.model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None,

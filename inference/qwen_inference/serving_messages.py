@@ -136,10 +136,23 @@ def to_messages(req: MessagesInput) -> list[ChatMessage]:
                     name=block.name, arguments=json.dumps(block.input, ensure_ascii=False))))
         out.append(ChatMessage(role="assistant", content="".join(content) if content or not calls else None,
                                tool_calls=calls or None, reasoning="".join(reasoning) if reasoning else None))
-    if req.messages[-1].role == "assistant":
-        raise bad_request("the last message is an assistant message, and prefilling the reply is not supported: "
-                          "end with a user message", f"messages.{len(req.messages) - 1}")
     return out
+
+
+def prefilled(req: MessagesInput) -> bool:
+    """Whether the request ends with the start of the reply (a last message from the assistant), which the reply
+    goes on from; such a message may hold text (and thinking) but no tool_use, and the reply does not think."""
+    last = req.messages[-1]
+    if last.role != "assistant":
+        return False
+    at = f"messages.{len(req.messages) - 1}"
+    if not isinstance(last.content, str) and any(b.type == "tool_use" for b in last.content):
+        raise bad_request(f"{at}: a prefilled reply (a last message from the assistant) may not hold tool_use "
+                          "blocks", at)
+    if req.thinking is not None and req.thinking.type != "disabled":
+        raise bad_request("thinking cannot be combined with a prefilled reply (a last message from the assistant)",
+                          "thinking")
+    return True
 
 
 def signed_thinking(i: int, j: int, thinking: str, signature: str) -> str:
@@ -174,6 +187,7 @@ class MessagesService:
         if thinking is not None and thinking.budget_tokens is not None and max_tokens is not None \
                 and thinking.budget_tokens >= max_tokens:
             raise bad_request("thinking.budget_tokens must be less than max_tokens", "thinking.budget_tokens")
+        prefill = prefilled(req)
         sampling: dict[str, Any] = {}
         if isinstance(req, MessagesRequest):
             sampling = dict(max_completion_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -181,7 +195,8 @@ class MessagesService:
                             user=req.metadata.user_id if req.metadata is not None else None)
         try:
             return ChatCompletionRequest(
-                messages=messages, model=req.model, **sampling,
+                messages=messages, model=req.model, **sampling, add_generation_prompt=not prefill,
+                continue_final_message=prefill,
                 tools=[t.to_chat() for t in req.tools] if req.tools else None, tool_choice=choice,
                 parallel_tool_calls=(False if req.tool_choice is not None
                                      and req.tool_choice.disable_parallel_tool_use else None),

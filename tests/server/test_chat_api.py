@@ -104,6 +104,28 @@ def test_multi_turn_changes_the_prompt(client, tiny_tokenizer):
     assert single["usage"]["prompt_tokens"] < r["usage"]["prompt_tokens"]
 
 
+def test_continue_final_message(srv):
+    """vLLM's continue_final_message: the prompt ends inside the last (assistant) message, as /tokenize renders
+    it, and the reply goes on from there (only the continuation comes back)."""
+    from .scripted import Scripted
+
+    msgs = [{"role": "user", "content": "Count to five."}, {"role": "assistant", "content": "One, two,"}]
+    flags = {"add_generation_prompt": False, "continue_final_message": True}
+    ids = httpx.post(srv.url + "/tokenize", json={"messages": msgs, **flags}).json()["tokens"]
+    prompt = httpx.post(srv.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert prompt.endswith("One, two,")
+    with Scripted(srv) as script:
+        script.say("go-on", " three.")
+        r = httpx.post(srv.url + "/v1/chat/completions", headers={"X-Request-ID": "go-on"}, timeout=60,
+                       json={"messages": msgs, "max_tokens": 10, **flags}).json()
+    assert r["usage"]["prompt_tokens"] == len(ids) and r["choices"][0]["message"]["content"] == " three."
+    for body, why in (({"continue_final_message": True}, "needs add_generation_prompt: false"),
+                      ({**flags, "messages": msgs[:1]}, "needs a last message from the assistant")):
+        bad = httpx.post(srv.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 1, **body})
+        assert bad.status_code == 400 and why in bad.json()["error"]["message"], bad.text
+        assert bad.json()["error"]["param"] == "continue_final_message"
+
+
 def test_default_system_prompt_is_qwens(client, tiny_tokenizer):
     with_default = chat(client, messages=[{"role": "user", "content": "x"}], max_tokens=1).json()
     explicit = [{"role": "system", "content": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."},

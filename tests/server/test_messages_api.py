@@ -157,6 +157,21 @@ def test_conversation_renders_as_chat_messages(srv):
     assert plain.input_tokens == chat(srv, chat_conversation(), tools=TOOLS, max_tokens=1)["usage"]["prompt_tokens"]
 
 
+def test_a_prefilled_reply_goes_on(srv):
+    """A last message from the assistant is the start of the reply: the prompt ends inside it, as chat
+    completions' continue_final_message renders it, and only the continuation comes back."""
+    c = claude(srv)
+    msgs = [{"role": "user", "content": "Count to five."}, {"role": "assistant", "content": "One, two,"}]
+    ref = httpx.post(srv.url + "/tokenize", json={"messages": msgs, "add_generation_prompt": False,
+                                                  "continue_final_message": True}).json()["count"]
+    assert c.messages.count_tokens(model="tiny", messages=msgs).input_tokens == ref
+    with Scripted(srv) as script:
+        script.say("go-on", " three.")
+        r = c.messages.create(model="tiny", max_tokens=10, messages=msgs, extra_headers={"X-Request-ID": "go-on"})
+    assert split(r.content) == (None, " three.") and r.stop_reason == "end_turn"
+    assert r.usage.input_tokens + r.usage.cache_read_input_tokens == ref
+
+
 def test_tool_use_whole_and_streamed(srv):
     c = claude(srv)
     kwargs = dict(model="tiny", max_tokens=120, tools=CLAUDE_TOOLS, messages=[{"role": "user", "content": QUESTION}])
@@ -294,9 +309,12 @@ def test_errors_in_anthropic_shape(server, tiny_model):
     assert error_of(httpx.get(url), 405, "api_error")
     big = "x" * (4 * 1024 * 1024 + 1)
     assert error_of(post(server, messages=[{"role": "user", "content": big}]), 413, "request_too_large")
-    assert "prefilling" in error_of(post(server, messages=[{"role": "user", "content": "a"},
-                                                           {"role": "assistant", "content": "b"}]),
-                                    400, "invalid_request_error")
+    prefill = [{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "b"}, {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]
+    assert "may not hold tool_use" in error_of(post(server, messages=prefill), 400, "invalid_request_error")
+    assert error_of(post(server, messages=[prefill[0], {"role": "assistant", "content": "b"}], max_tokens=8,
+                         thinking={"type": "enabled", "budget_tokens": 4}), 400,
+                    "invalid_request_error").startswith("thinking cannot be combined with a prefilled reply")
     for content, why in (([{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}],
                           "text models"),
                          ([{"type": "server_tool_use", "id": "s", "name": "web_search", "input": {}}], "client tools"),
