@@ -598,16 +598,25 @@ class DetokenizeResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """The served model, with OpenAI's fields and Anthropic's (`type`, `display_name`, `created_at`), so that
+    either API's client reads it."""
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "qwen-operator"
     max_model_len: int | None = None
+    type: Literal["model"] = "model"
+    display_name: str = ""
+    created_at: str = "1970-01-01T00:00:00Z"  # `created`, as RFC 3339
 
 
 class ModelList(BaseModel):
+    """OpenAI's list, with the paging fields of Anthropic's."""
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class ErrorInfo(BaseModel):

@@ -171,9 +171,22 @@ def test_seeded_sampling_is_reproducible(client):
     assert a != c
 
 
-def test_models_route(client):
+def test_models_route(client, server):
     r = client.get("/v1/models").json()
     assert r["object"] == "list" and r["data"][0]["id"] == "tiny"
+    # the official clients of both APIs read the list and the model
+    import anthropic
+
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in oai.models.list()] == ["tiny"] and oai.models.retrieve("tiny").owned_by == "qwen-operator"
+    claude = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    [info] = list(claude.models.list())
+    assert info.id == "tiny" and info.type == "model" and info.display_name == "tiny" and info.created_at.year == 1970
+    assert claude.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("gpt-9")
+    with pytest.raises(anthropic.NotFoundError):
+        claude.models.retrieve("claude-opus-4-5")
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,33 @@
-"""GET /v1/models: the served model."""
+"""GET /v1/models and /v1/models/{id}: the served model, in a shape both OpenAI's and Anthropic's clients read."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from ..errors import APIError
 from ..protocol import ModelCard, ModelList
 from .common import require_key, server_state
 
 router = APIRouter()
 
 
+def card(request: Request) -> ModelCard:
+    state = server_state(request)
+    name = state.settings.model_name
+    return ModelCard(id=name, display_name=name, max_model_len=state.model.max_model_len if state.model else None)
+
+
 @router.get("/v1/models", dependencies=[Depends(require_key)], response_model=ModelList)
 async def models(request: Request) -> ModelList:
-    state = server_state(request)
-    return ModelList(data=[ModelCard(id=state.settings.model_name,
-                                     max_model_len=state.model.max_model_len if state.model else None)])
+    served = card(request)
+    return ModelList(data=[served], first_id=served.id, last_id=served.id)
+
+
+@router.get("/v1/models/{model_id}", dependencies=[Depends(require_key)], response_model=ModelCard,
+            responses={404: {"description": "no such model"}})
+async def model(model_id: str, request: Request) -> ModelCard:
+    served = card(request)
+    if model_id != served.id:
+        raise APIError(404, f"The model `{model_id}` does not exist; this server serves `{served.id}`.",
+                       "invalid_request_error", "model", "model_not_found", reason="not_found")
+    return served
