@@ -150,7 +150,7 @@ def create_app(settings: ServeSettings | None = None, *, load: bool = True) -> F
     async def _internal(request: Request, exc: Exception):
         log.exception("unhandled error")
         state.metrics.errors.labels("internal").inc()
-        if request.url.path.startswith("/v1/messages"):  # answered outside AnthropicErrors: in its shape here
+        if request.url.path.startswith(AnthropicErrors.PREFIX):  # answered outside AnthropicErrors: its shape here
             return JSONResponse(anthropic_error(500, "internal server error", request.state.request_id),
                                 status_code=500)
         return JSONResponse(error_body("internal server error", "server_error", None, "internal_error"),

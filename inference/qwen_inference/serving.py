@@ -409,14 +409,14 @@ class GenerationService:
             return self.fail_response(failure)
         return None
 
-    def stream_failed(self, request: Request, ev: FinishEvent, reply: Any) -> tuple[str, str]:
-        """A streamed request's generation failed: counted and recorded; the (code, message) its stream ends
-        with."""
-        _, reason, code, message = self.fail_reason(ev)
+    def stream_failed(self, request: Request, ev: FinishEvent, reply: Any) -> tuple[int, str, str]:
+        """A streamed request's generation failed: counted and recorded; the (status, code, message) its stream
+        ends with."""
+        status, reason, code, message = self.fail_reason(ev)
         self.state.metrics.errors.labels(reason).inc()
         self.record(request, ev, ev.completion_tokens, reply)
         request.state.stream_error = code
-        return code, message
+        return status, code, message
 
     def stream_left(self, request: Request, reply: Any) -> None:
         """The client went away mid-stream."""

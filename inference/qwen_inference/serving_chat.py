@@ -385,7 +385,7 @@ class ChatService(GenerationService):
             async for item in self.choice_events(handle, choices):
                 kind = item[0]
                 if kind == "error":
-                    code, message = self.stream_failed(request, item[1], self.reply_text(choices))
+                    _, code, message = self.stream_failed(request, item[1], self.reply_text(choices))
                     yield sse(error_body(message, "server_error", None, code))
                     yield sse("[DONE]")
                     completed = True

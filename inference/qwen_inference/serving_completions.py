@@ -245,7 +245,7 @@ class CompletionService(GenerationService):
             async for item in self._events(run):
                 kind = item[0]
                 if kind == "error":
-                    code, message = self.stream_failed(request, item[1], run.reply())
+                    _, code, message = self.stream_failed(request, item[1], run.reply())
                     yield sse(error_body(message, "server_error", None, code))
                     yield sse("[DONE]")
                     completed = True

@@ -19,7 +19,6 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from .engine import FinishEvent
 from .errors import APIError, bad_request, renaming
 from .protocol import (ChatCompletionRequest, ChatMessage, MessageObject, MessagesInput, MessagesRequest,
                        MessageTokens, MToolResult, MUsage, ToolCallFunction, ToolCallParam, first_error)
@@ -57,11 +56,13 @@ class AnthropicErrors:
     """ASGI middleware: on /v1/messages routes, an error answered in OpenAI's shape is rewritten in
     Anthropic's (`{"type": "error", "error": {"type", "message"}}`), whoever raised it."""
 
+    PREFIX = "/v1/messages"  # the routes whose errors are in Anthropic's shape
+
     def __init__(self, app) -> None:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/messages"):
+        if scope["type"] != "http" or not scope["path"].startswith(self.PREFIX):
             await self.app(scope, receive, send)
             return
         held: dict[str, Any] | None = None
@@ -355,9 +356,8 @@ class _Run:
             yield named_event({"type": "ping"})
             async for item in self._events():
                 if item[0] == "error":
-                    ev: FinishEvent = item[1]
-                    code, message = self.chat.stream_failed(self.request, ev, self.chat.reply_text([self.choice]))
-                    status = self.chat.fail_reason(ev)[0]
+                    status, _, message = self.chat.stream_failed(self.request, item[1],
+                                                                 self.chat.reply_text([self.choice]))
                     yield named_event(anthropic_error(status, message, self.request.state.request_id))
                     completed = True
                     return

@@ -24,7 +24,6 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from .engine import FinishEvent
 from .errors import APIError, bad_request, renaming
 from .protocol import (ENCRYPTED_REASONING, ChatCompletionRequest, ChatMessage, FunctionCallItem,
                        FunctionCallOutputItem, IncompleteDetails, InputItemList, InputMessage, InputTokens,
@@ -448,8 +447,7 @@ class _Run:
             total_tokens=self.handle.prompt_tokens + completion_tokens)
         return events, self._keep()
 
-    def _failed(self, ev: FinishEvent | None) -> dict[str, Any]:
-        _, _, code, message = self.chat.fail_reason(ev)
+    def _failed(self, code: str, message: str) -> dict[str, Any]:
         r = self.response
         r.status, r.error, r.output = "failed", ResponseError(code=code, message=message), self.output.items
         return self._keep()
@@ -477,9 +475,9 @@ class _Run:
             yield named_event(out.event("response.in_progress", response=self._body()))
             async for item in self._events():
                 if item[0] == "error":
-                    ev = item[1]
-                    self.chat.stream_failed(self.request, ev, self.chat.reply_text([self.choice]))
-                    yield named_event(out.event("response.failed", response=self._failed(ev)))
+                    _, code, message = self.chat.stream_failed(self.request, item[1],
+                                                               self.chat.reply_text([self.choice]))
+                    yield named_event(out.event("response.failed", response=self._failed(code, message)))
                     completed = True
                     return
                 for ev in out.add(item[2], self._logprobs(item[3])):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from ..errors import APIError
 from ..protocol import ModelCard, ModelList
 from .common import require_key, server_state
 
@@ -26,8 +25,5 @@ async def models(request: Request) -> ModelList:
 @router.get("/v1/models/{model_id}", dependencies=[Depends(require_key)], response_model=ModelCard,
             responses={404: {"description": "no such model"}})
 async def model(model_id: str, request: Request) -> ModelCard:
-    served = card(request)
-    if model_id != served.id:
-        raise APIError(404, f"The model `{model_id}` does not exist; this server serves `{served.id}`.",
-                       "invalid_request_error", "model", "model_not_found", reason="not_found")
-    return served
+    request.app.state.chat.check_model(model_id)  # the 404 every generating route answers for another model
+    return card(request)
