@@ -272,7 +272,8 @@ def test_budget_tokens_ends_the_reasoning(qwen35_server):
     """The random model reasons on and on; with a budget its reasoning ends there, the same tokens up to it
     (greedy), and the reply goes on after it."""
     c = claude(qwen35_server)
-    kwargs = dict(model="tiny", max_tokens=16, extra_body={"temperature": 0}, messages=[{"role": "user", "content": "Hi"}])
+    kwargs = dict(model="tiny", max_tokens=16, extra_body={"temperature": 0},
+                  messages=[{"role": "user", "content": "Hi"}])
     free = c.messages.create(**kwargs, thinking={"type": "adaptive"})
     assert [b.type for b in free.content] == ["thinking"] and free.stop_reason == "max_tokens"
     capped = c.messages.create(**kwargs, thinking={"type": "enabled", "budget_tokens": 4})
@@ -351,6 +352,26 @@ def test_an_unhandled_error_is_a_500_in_anthropic_shape(server, monkeypatch):
         "model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 500 and r.json() == {"type": "error", "request_id": "bug-1", "error": {
         "type": "api_error", "message": "internal server error"}}
+
+
+async def test_queue_full_and_not_ready_in_anthropic_shape(tiny_model):
+    import asyncio
+
+    from ..conftest import running_server
+
+    body = {"model": "tiny", "max_tokens": 300, "temperature": 0, "messages": [{"role": "user", "content": "x"}]}
+    with running_server(tiny_model, max_concurrency=1, max_queue=1) as s:
+        async with httpx.AsyncClient(base_url=s.url, timeout=120) as c:
+            results = await asyncio.gather(*(c.post("/v1/messages", json=body) for _ in range(5)))
+        refused = [r for r in results if r.status_code == 429]
+        assert refused and all(r.status_code in (200, 429) for r in results), [r.status_code for r in results]
+        assert refused[0].json()["type"] == "error" and int(refused[0].headers["retry-after"]) >= 1
+        assert set(refused[0].json()["error"]) == {"type", "message"}
+        assert refused[0].json()["error"]["type"] == "rate_limit_error"
+    with running_server(tiny_model, _load=False) as s:  # the model never loads: 503, overloaded_error
+        r = httpx.post(s.url + "/v1/messages", json=body)
+        assert r.status_code == 503 and r.json()["type"] == "error" and r.headers["retry-after"]
+        assert r.json()["error"]["type"] == "overloaded_error" and "not ready" in r.json()["error"]["message"]
 
 
 def test_x_api_key(tiny_model):
@@ -512,7 +533,8 @@ def test_sampling(server):
     """temperature, top_p and top_k reach the sampler: greedy (temperature 0) is reproducible, top_k 1 is greedy."""
     greedy = [split(claude(server).messages.create(model="tiny", max_tokens=8, extra_body=sampling,
                                                    messages=[{"role": "user", "content": "hi"}]).content)
-              for sampling in ({"temperature": 0}, {"temperature": 1.0, "top_k": 1}, {"temperature": 0.7, "top_p": 1e-6})]
+              for sampling in ({"temperature": 0}, {"temperature": 1.0, "top_k": 1},
+                               {"temperature": 0.7, "top_p": 1e-6})]
     assert greedy[0] == greedy[1] == greedy[2]
     r = post(server, temperature=1.5)
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("temperature")
