@@ -254,7 +254,7 @@ TEMPLATE_KWARGS = {"type": "object", "description": "variables of the chat templ
                    "preserve_thinking (Qwen3.5), or any other the model's template reads",
                    "properties": {"enable_thinking": {"type": "boolean"}, "preserve_thinking": {"type": "boolean"}}}
 
-_NO_LOGIT_BIAS = "logit_bias is not supported"
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias (OpenAI allows 300)
 _NOT_STORED = "this server does not store completions"
 
 
@@ -275,7 +275,9 @@ class SamplingFields(OpenAIModel):
     stream_options: StreamOptions | None = None
     user: str | None = None  # written to the access log
     ignore_eos: bool = False  # vLLM
-    logit_bias: Refused(_NO_LOGIT_BIAS, {}) = None
+    # token id (as text, JSON's keys being text) -> a bias of -100 to 100 added to its logit; ids are checked
+    # against the model's vocabulary in GenerationService.sampling
+    logit_bias: dict[str, float] | None = None
     # checked by structured.Grammars.for_response_format and for_structured_outputs (vLLM's)
     response_format: Annotated[Any, WithJsonSchema(RESPONSE_FORMAT)] = None
     structured_outputs: Annotated[Any, WithJsonSchema(STRUCTURED_OUTPUTS)] = None
@@ -284,6 +286,20 @@ class SamplingFields(OpenAIModel):
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str] | None:
         return _stops(v)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias holds {len(v)} tokens; at most {MAX_LOGIT_BIAS} are allowed")
+        for key, bias in v.items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"logit_bias key {key!r} is not a token id (a non-negative integer)")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias of token {key} is {bias}; biases must be from -100 to 100")
+        return v
 
     @model_validator(mode="after")
     def _stream_options(self) -> "SamplingFields":

@@ -326,7 +326,20 @@ class GenerationService:
                                      else d.get("repetition_penalty", 1.0)),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            logit_bias=self.logit_bias(req.logit_bias),
         )
+
+    def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        """`logit_bias` with its token ids as numbers, each checked against the model's vocabulary (400 otherwise)."""
+        if not bias:
+            return None
+        vocab = self.state.model.engine.vocab_size
+        out = {int(k): float(v) for k, v in bias.items()}
+        outside = sorted(t for t in out if t >= vocab)
+        if outside:
+            raise bad_request(f"logit_bias names token ids outside this model's vocabulary of {vocab}: "
+                              f"{', '.join(map(str, outside[:5]))}{' …' if len(outside) > 5 else ''}", "logit_bias")
+        return out
 
     async def structured(self, req: SamplingFields, thinking) -> Any:
         """The constraint factory `response_format` or `structured_outputs` asks for, compiled in a worker

@@ -120,7 +120,7 @@ def test_structured_outputs_in_completions(server):
     ({"prompt": "x", "best_of": 2}, "best_of"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"prompt": [1, 2, 10**7]}, "prompt"),
     ({"prompt": [[1], [2, 10**7]]}, "prompt.1"),
     ({"prompt": ""}, "prompt"),

@@ -35,7 +35,8 @@ CHAT = {
     "frequency_penalty": (HONOURED, 0.5, {}, "test_engine::test_penalties"),
     "function_call": (REFUSED, "auto", {}, None),
     "functions": (REFUSED, [{"name": "f"}], {}, None),
-    "logit_bias": (REFUSED, {"50": 5}, {}, None),
+    "logit_bias": (HONOURED, {"50": 5}, {},
+                   "test_logit_bias::test_a_positive_bias_forces_a_token_whole_streamed_and_in_every_choice"),
     "logprobs": (HONOURED, True, {}, "test_logprobs_n::test_logprobs_whole"),
     "max_completion_tokens": (HONOURED, 2, {}, "test_chat_api::test_max_completion_tokens_and_length"),
     "max_tokens": (HONOURED, 2, {}, "test_chat_api::test_openai_client_non_streaming"),
@@ -73,7 +74,7 @@ CHAT = {
     "web_search_options": (REFUSED, {}, {}, None),
 }
 # values of refused fields that ask for nothing this server does not do: accepted
-CHAT_NO_OPS = {"store": False, "service_tier": "auto", "modalities": ["text"], "metadata": {}, "logit_bias": {},
+CHAT_NO_OPS = {"store": False, "service_tier": "auto", "modalities": ["text"], "metadata": {},
                "prompt_cache_retention": "in_memory"}
 
 COMPLETIONS = {
@@ -82,7 +83,8 @@ COMPLETIONS = {
     "best_of": (REFUSED, 3, {}, None),  # only best_of == n, which returns every sequence (checked below)
     "echo": (HONOURED, True, {}, "test_completions_api::test_echo_and_logprobs"),
     "frequency_penalty": (HONOURED, 0.5, {}, "test_engine::test_penalties"),
-    "logit_bias": (REFUSED, {"50": 5}, {}, None),
+    "logit_bias": (HONOURED, {"50": 5}, {},
+                   "test_logit_bias::test_a_positive_bias_forces_a_token_whole_streamed_and_in_every_choice"),
     "logprobs": (HONOURED, 2, {}, "test_completions_api::test_echo_and_logprobs"),
     "max_tokens": (HONOURED, 2, {}, "test_completions_api::test_openai_client_whole_and_streamed"),
     "n": (HONOURED, 2, {}, "test_completions_api::test_prompt_lists_token_ids_and_n"),

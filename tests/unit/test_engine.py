@@ -13,7 +13,7 @@ from qwen_inference.engine.cache import BlockAllocator
 from qwen_inference.engine.models import load_model
 from qwen_inference.engine.platform import Platform
 from qwen_inference.engine.runner import ModelRunner, SeqChunk
-from qwen_inference.engine.sampling import apply_penalties, new_state, sample_row
+from qwen_inference.engine.sampling import apply_logit_bias, apply_penalties, new_state, sample_row
 
 
 def prompt_logits(model, ids, state_slots=0):
@@ -166,6 +166,39 @@ def test_penalties():
     logits = torch.tensor([1.0, 1.0, 1.0, 1.0])
     apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [0], [1, 1, 3])
     assert logits.tolist() == [1.0, 1.0 - 0.5 - 0.5, 1.0, 1.0 - 0.5 - 0.25]
+
+
+def test_logit_bias_adds_to_the_named_logits():
+    logits = torch.tensor([1.0, 2.0, -2.0, 0.5])
+    apply_logit_bias(logits, {0: -100.0, 3: 2.5})
+    assert logits.tolist() == [-99.0, 2.0, -2.0, 3.0]
+
+
+async def test_logit_bias_bans_lifts_and_forces_tokens(runner):
+    """A bias is added to the logits before sampling: -100 bans the greedy token (the next best follows), a bias
+    just over the gap between two tokens' logits swaps them and one just under does not, +100 forces a token at
+    temperature 1; the log-probabilities reported stay the model's own."""
+    engine = make_engine(runner)
+    prompt = [151644, 77, 1200, 8800, 15, 6021, 930]
+    try:
+        h = engine.submit("plain", prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=3), 60)
+        first = [ev async for ev in h.events() if isinstance(ev, TokenEvent)][0]
+        (a, lp_a), (b, _), (c, lp_c) = first.top_logprobs
+        assert first.token_id == a
+        banned, _ = await run(engine, prompt, SamplingParams(max_tokens=1, temperature=0, logit_bias={a: -100.0}))
+        assert banned == [b]
+        gap = lp_a - lp_c  # log-probabilities differ as the logits do
+        over, _ = await run(engine, prompt, SamplingParams(max_tokens=1, temperature=0, logit_bias={c: gap + 1e-3}))
+        under, _ = await run(engine, prompt, SamplingParams(max_tokens=1, temperature=0,
+                                                            logit_bias={c: gap - 1e-3}))
+        assert (over, under) == ([c], [a])
+        h = engine.submit("forced", prompt, SamplingParams(max_tokens=6, temperature=1.0, seed=2, logprobs=1,
+                                                           logit_bias={5000: 100.0}), 60)
+        events = [ev async for ev in h.events() if isinstance(ev, TokenEvent)]
+        assert [ev.token_id for ev in events] == [5000] * 6
+        assert all(ev.top_logprobs[0][0] != 5000 and ev.logprob < ev.top_logprobs[0][1] for ev in events)
+    finally:
+        engine.stop()
 
 
 async def test_eos_ends_with_stop(runner):
@@ -453,13 +486,16 @@ def test_sampling_runs_on_the_logits_device():
     cases = [SamplingParams(temperature=0.7, top_p=0.9, seed=3), SamplingParams(temperature=1.2, top_k=40, seed=3),
              SamplingParams(temperature=0.8, top_k=50, top_p=0.5), SamplingParams(temperature=1.0),
              SamplingParams(temperature=0), SamplingParams(temperature=1.0, repetition_penalty=1.3,
-                                                           presence_penalty=0.5, frequency_penalty=0.2)]
+                                                           presence_penalty=0.5, frequency_penalty=0.2),
+             SamplingParams(temperature=0.9, logit_bias={3: 5.0, 7: -100.0})]
     for params in cases:
         state = new_state(params, 0)
         u = None if params.greedy else state.uniform()  # drawn on the host, before any device op
         with Devices() as mode:
             row = logits.clone()
             apply_penalties(row, params, [5, 6, 7], [8, 8, 9])
+            if params.logit_bias:
+                apply_logit_bias(row, params.logit_bias)
             token = sample_tensor(row, params, u)
         assert token.device.type == "meta" and token.dim() == 0
         assert mode.seen == {"meta"}, (params, mode.seen)

@@ -39,7 +39,7 @@ import torch
 from .cache import BlockAllocator
 from .models.base import CausalLM
 from .runner import ModelRunner, SeqChunk
-from .sampling import SamplerState, SamplingParams, apply_penalties, new_state, sample_batch
+from .sampling import SamplerState, SamplingParams, apply_logit_bias, apply_penalties, new_state, sample_batch
 
 log = logging.getLogger("qwen_inference.engine")
 
@@ -636,12 +636,14 @@ class Engine:
             self._running = [s for s in self._running if id(s) not in gone]
 
     def _process(self, logits: torch.Tensor, sampled: list[Sequence]) -> None:
-        """In place: penalties, then suppressed ids (rows without a grammar: a grammar decides for itself which
-        ids may follow) and each grammar's token mask."""
+        """In place: penalties and logit bias, then suppressed ids (rows without a grammar: a grammar decides for
+        itself which ids may follow) and each grammar's token mask."""
         constrained = [i for i, s in enumerate(sampled) if s.constraint is not None]
         for i, s in enumerate(sampled):
             if s.params.penalized:
                 apply_penalties(logits[i], s.params, s.prompt_ids, s.output_ids)
+            if s.params.logit_bias:
+                apply_logit_bias(logits[i], s.params.logit_bias)
         if self._suppress is not None:
             if not constrained:
                 logits.index_fill_(1, self._suppress, float("-inf"))

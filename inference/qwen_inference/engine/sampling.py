@@ -1,4 +1,4 @@
-"""Per-request sampling inside a batch: temperature, top-k, top-p, seeds and OpenAI/HF penalties.
+"""Per-request sampling inside a batch: temperature, top-k, top-p, seeds, OpenAI/HF penalties and logit bias.
 
 Every tensor op runs on the logits' device. Randomness never does: each sequence has its own CPU generator
 that draws one uniform number per sampled token, and the token is found on the device by inverse transform
@@ -26,6 +26,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit before sampling
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +71,14 @@ def apply_penalties(
         counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones(len(output_ids), dtype=logits.dtype,
                                                                         device=logits.device))
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> None:
+    """In place, on one row: each listed token's logit plus its bias (OpenAI's `logit_bias`: -100 bans a token in
+    practice, 100 all but forces it), after the penalties and before any grammar's mask, so a bias never lets
+    through a token the request's grammar forbids."""
+    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+    logits.index_add_(0, ids, torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device))
 
 
 def sample_tensor(logits: torch.Tensor, params: SamplingParams, u: float | None) -> torch.Tensor:
