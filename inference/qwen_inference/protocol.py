@@ -956,6 +956,11 @@ class InputTokensRequest(ResponseInput):
     personality: Refused("personalities are not supported") = None
 
 
+class BackgroundOptions(OpenAIModel):
+    completion_window: Literal["soonest"] | None = None  # the discounted 2h and 8h windows have no meaning here
+    continuation_id: str | None = None  # a hint for ordering related requests; every request is served alike
+
+
 class ResponsesRequest(ResponseInput):
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -973,8 +978,8 @@ class ResponsesRequest(ResponseInput):
     prompt_cache_key: str | None = None  # prompt prefixes are cached for every request alike
     prompt_cache_retention: CacheRetention = None
     service_tier: ServiceTier = None
-    background: Refused("background responses are not supported", False) = None
-    background_options: Refused("background responses are not supported") = None
+    background: bool | None = False
+    background_options: BackgroundOptions | None = None
     # refused
     prompt: Refused("prompt templates are not supported") = None
     max_tool_calls: Refused("max_tool_calls limits built-in tools, which this server does not run") = None
@@ -997,6 +1002,10 @@ class ResponsesRequest(ResponseInput):
     def _checks(self) -> "ResponsesRequest":
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
+        if self.background and self.store is False:
+            raise FieldError("background", "a background response must be stored: leave store out or set it true")
+        if self.background_options is not None and not self.background:
+            raise FieldError("background_options", "background_options is only allowed when background is true")
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs", f"top_logprobs needs include: [{TEXT_LOGPROBS!r}]")
         return self
@@ -1045,7 +1054,8 @@ class ResponseObject(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
+    background: bool = False
     error: ResponseError | None = None
     incomplete_details: IncompleteDetails | None = None
     instructions: str | None = None

@@ -5,12 +5,16 @@ reasoning, message and function_call, in the order written — whole, or streame
 Responses are kept in this process's memory (`--responses-store` of them, least recently used dropped first)
 for `previous_response_id` and `GET /v1/responses/{id}`: with several replicas behind one Service a follow-up
 may reach a replica that never saw the first response (404), so clients there send the whole conversation with
-`store: false`, as stateless clients do. Reasoning sent back with `include: ["reasoning.encrypted_content"]`
+`store: false`, as stateless clients do. A response made with `background: true` runs on in a task of its own
+whatever the client does: it is kept from the start (queued, then in progress), its events are kept with it, so
+`GET /v1/responses/{id}?stream=true&starting_after=N` streams them again from any point and on to the end, and
+`POST /v1/responses/{id}/cancel` stops it. Reasoning sent back with `include: ["reasoning.encrypted_content"]`
 is the reasoning text itself, base64-encoded, not encrypted: the server keeps no key, and the text is the
 client's to read anyway."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -35,6 +39,7 @@ from .serving_chat import ChatChoice, ChatPlan, ChatService
 from .toolcalls import OutputDelta, ToolCallDelta
 
 log = logging.getLogger("qwen_inference.serving")
+access_log = logging.getLogger("qwen_inference.access")
 
 _REASONING_PREFIX = "qwen-reasoning:"
 
@@ -267,13 +272,18 @@ def listed(items: list[Any]) -> list[dict[str, Any]]:
 
 @dataclass
 class Stored:
-    body: dict[str, Any]  # the response as returned
+    body: dict[str, Any]  # the response as returned (a background one's as it was made, until it ends)
     items: list[Any]  # the input items it answered, the previous responses' included (without instructions)
     own: list[dict[str, Any]] = field(default_factory=list)  # this request's input items, as listed
+    run: "_Run | None" = None  # a background response's run, live or ended: its state and its events
+
+    def current(self) -> dict[str, Any]:
+        """The response as it is now: a background response's state and output so far."""
+        return self.run.body() if self.run is not None else self.body
 
     def history(self) -> list[Any]:
         """The conversation so far, as input items: what it answered, then its output."""
-        return self.items + [parse_item(item) for item in self.body["output"]]
+        return self.items + [parse_item(item) for item in self.current()["output"]]
 
 
 class ResponseStore:
@@ -313,6 +323,7 @@ class ResponsesService:
         self.state = state
         self.chat = chat
         self.store = ResponseStore(state.settings.responses_store)
+        self.running: set[asyncio.Task] = set()  # background responses' tasks (held, so that none is collected)
 
     # ---- the request -----------------------------------------------------------------------------------
     def chat_request(self, req: ResponseInput, items: list[Any], offset: int) -> ChatCompletionRequest:
@@ -356,7 +367,11 @@ class ResponsesService:
         how many came from the store."""
         history: list[Any] = []
         if req.previous_response_id is not None:
-            history = self.store.get(req.previous_response_id, "previous_response_id").history()
+            stored = self.store.get(req.previous_response_id, "previous_response_id")
+            if stored.run is not None and not stored.run.done:
+                raise bad_request(f"response {req.previous_response_id!r} is still {stored.current()['status']}: "
+                                  "wait for it to end, or cancel it", "previous_response_id", "response_not_ended")
+            history = stored.history()
         return history + req.items, len(history)
 
     def count(self, req: InputTokensRequest) -> Response:
@@ -378,10 +393,33 @@ class ResponsesService:
         except APIError as exc:
             raise renamed(exc) from None
         run = _Run(self, req, plan, chat.start(plan, request), items, request, listed(req.items))
+        if req.background:
+            run.start_background()
+            return event_stream(run.replay(-1)) if req.stream else Response(json.dumps(run.body()),
+                                                                            media_type="application/json")
         return event_stream(run.stream()) if req.stream else await run.whole()
 
-    def get(self, rid: str) -> Response:
-        return Response(json.dumps(self.store.get(rid).body), media_type="application/json")
+    def get(self, rid: str, stream: bool = False, starting_after: int | None = None) -> Response:
+        """A kept response as it is now; with `stream`, a background response's events after `starting_after`
+        (all of them without it), then those still to come."""
+        stored = self.store.get(rid)
+        if not stream:
+            if starting_after is not None:
+                raise bad_request("starting_after is only allowed with stream=true", "starting_after")
+            return Response(json.dumps(stored.current()), media_type="application/json")
+        if stored.run is None:
+            raise bad_request(f"response {rid!r} was not made with background: true, and only background responses "
+                              "can be streamed again", "stream", "not_background")
+        return event_stream(stored.run.replay(-1 if starting_after is None else starting_after))
+
+    def cancel(self, rid: str) -> Response:
+        """Stop a background response that is queued or in progress; one that has ended is returned as it is."""
+        stored = self.store.get(rid)
+        if stored.run is None:
+            raise bad_request(f"response {rid!r} was not made with background: true: only background responses can "
+                              "be cancelled", None, "not_background")
+        stored.run.cancel()
+        return Response(json.dumps(stored.current()), media_type="application/json")
 
     def input_items(self, rid: str, after: str | None, limit: int, order: str) -> Response:
         """A stored response's own input items (not those of the responses before it), a page at a time."""
@@ -399,6 +437,9 @@ class ResponsesService:
         return Response(body.model_dump_json(), media_type="application/json")
 
     def delete(self, rid: str) -> Response:
+        stored = self.store.get(rid)
+        if stored.run is not None:
+            stored.run.cancel()  # a background response still running stops first
         self.store.delete(rid)
         return Response(ResponseDeleted(id=rid).model_dump_json(), media_type="application/json")
 
@@ -414,6 +455,12 @@ class _Run:
         self.choice: ChatChoice = self.chat.new_choice(0, plan)
         self.output = Output(encrypted=ENCRYPTED_REASONING in (req.include or ()))
         self.response = service._shell(req, plan)
+        self.response.output = self.output.items  # the output so far, whenever the response is read
+        # background: the task that runs the response, its events so far, and a wake-up for their readers
+        self.task: asyncio.Task | None = None
+        self.log: list[dict[str, Any]] = []
+        self.done = False
+        self._more = asyncio.Event()
 
     def _events(self) -> AsyncIterator[tuple]:
         return self.chat.choice_events(self.handle, [self.choice])
@@ -423,7 +470,7 @@ class _Run:
             return None
         return [self.chat.traits.chat_logprob(p.event).model_dump() for p in pending]
 
-    def _body(self) -> dict[str, Any]:
+    def body(self) -> dict[str, Any]:
         return self.response.model_dump(mode="json")
 
     def _finish(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -454,9 +501,10 @@ class _Run:
 
     def _keep(self) -> dict[str, Any]:
         """The finished response's body, stored when the request asked for it."""
-        body = self._body()
+        body = self.body()
         if self.req.store:
-            self.service.store.put(self.response.id, Stored(body, self.items, self.own))
+            self.service.store.put(self.response.id, Stored(body, self.items, self.own,
+                                                            self if self.req.background else None))
         return body
 
     async def whole(self) -> Response:
@@ -466,27 +514,93 @@ class _Run:
             return stopped
         return Response(json.dumps(self._finish()[1]), media_type="application/json")
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        out = self.output
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The response's events, from `response.created` to the one that ends it (completed, incomplete or
+        failed)."""
+        out, r = self.output, self.response
+        yield out.event("response.created", response=self.body())
+        r.status = "in_progress"
+        yield out.event("response.in_progress", response=self.body())
+        async for item in self._events():
+            if item[0] == "error":
+                _, code, message = self.chat.stream_failed(self.request, item[1], self.chat.reply_text([self.choice]))
+                yield out.event("response.failed", response=self._failed(code, message))
+                return
+            for ev in out.add(item[2], self._logprobs(item[3])):
+                yield ev
+        events, body = self._finish()
+        for ev in events:
+            yield ev
+        yield out.event("response.completed" if r.status == "completed" else "response.incomplete", response=body)
 
+    async def stream(self) -> AsyncIterator[bytes]:
         completed = False
         try:
-            yield named_event(out.event("response.created", response=self._body()))
-            yield named_event(out.event("response.in_progress", response=self._body()))
-            async for item in self._events():
-                if item[0] == "error":
-                    _, code, message = self.chat.stream_failed(self.request, item[1],
-                                                               self.chat.reply_text([self.choice]))
-                    yield named_event(out.event("response.failed", response=self._failed(code, message)))
-                    completed = True
-                    return
-                for ev in out.add(item[2], self._logprobs(item[3])):
-                    yield named_event(ev)
-            events, body = self._finish()
-            for ev in events:
+            async for ev in self.events():
                 yield named_event(ev)
-            kind = "response.completed" if self.response.status == "completed" else "response.incomplete"
-            yield named_event(out.event(kind, response=body))
             completed = True
         finally:
             self.chat.stream_closed(self.request, self.handle, [self.choice], completed)
+
+    # ---- background ----------------------------------------------------------------------------------
+    def start_background(self) -> None:
+        """Keep the response from now on (queued) and run it in a task of its own, which no client holds."""
+        self.response.status, self.response.background = "queued", True
+        self.service.store.put(self.response.id, Stored(self.body(), self.items, self.own, self))
+        self.task = asyncio.get_running_loop().create_task(self._background())
+        self.service.running.add(self.task)
+        self.task.add_done_callback(self._ended)
+
+    async def _background(self) -> None:
+        try:
+            async for ev in self.events():
+                self._emit(ev)
+        except asyncio.CancelledError:
+            pass  # cancel() ended it
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """The task is over (it ran to the end, or was cancelled, perhaps before it started): the generation stops
+        if it still runs, the readers of the events stop waiting, and the access log gets the response's line."""
+        self.service.running.discard(task)
+        if not self.handle.finished:
+            self.handle.cancel()
+        self.done = True
+        self._more.set()
+        st = self.request.state
+        access_log.info("background response", extra={
+            "request_id": st.request_id, "response_id": self.response.id, "status": self.response.status,
+            "input_tokens": getattr(st, "input_tokens", None), "cached_tokens": getattr(st, "cached_tokens", None),
+            "output_tokens": getattr(st, "output_tokens", None),
+            **({"error": st.stream_error} if getattr(st, "stream_error", None) else {}),
+            **getattr(st, "log_fields", {})})
+
+    def _emit(self, ev: dict[str, Any]) -> None:
+        self.log.append(ev)
+        self._more.set()
+        self._more = asyncio.Event()
+
+    async def replay(self, after: int) -> AsyncIterator[bytes]:
+        """The events whose sequence number is above `after`, those kept and then those to come, to the end. The
+        client leaving stops only this stream, not the response."""
+        i = max(after + 1, 0)  # an event's sequence number is its place in the log
+        while True:
+            more = self._more
+            while i < len(self.log):
+                yield named_event(self.log[i])
+                i += 1
+            if self.done:
+                return
+            await more.wait()
+
+    def cancel(self) -> None:
+        """Stop the response if it has not ended: its status becomes cancelled, with the output written so far."""
+        if self.done or self.task is None or self.task.done():  # done: ended, its `_ended` about to run
+            return
+        r = self.response
+        r.status, r.output = "cancelled", self.output.items
+        for ev in self.output.close("incomplete"):
+            self._emit(ev)
+        self.chat.stream_left(self.request, self.chat.reply_text([self.choice]))
+        self.task.cancel()  # its end (`_ended`) stops the generation
+        self.done = True  # no reader waits for more
+        self._more.set()

@@ -124,8 +124,10 @@ RESPONSES = {
                     R + "test_forced_function_calls_follow_the_schema"),
     "tools": (HONOURED, [{"type": "function", "name": "f"}], {}, R + "test_function_call_item_whole_and_streamed"),
     "access_programs": (REFUSED, {"x": 1}, {}, None),
-    "background": (REFUSED, True, {}, None),
-    "background_options": (REFUSED, {"x": 1}, {}, None),
+    "background": (HONOURED, True, {}, "test_responses_background::"
+                   "test_a_background_response_is_polled_to_the_reply_a_foreground_one_gives"),
+    "background_options": (HONOURED, {"completion_window": "soonest"}, {"background": True},
+                           "test_responses_background::test_only_background_responses_stream_again_or_cancel"),
     "context_management": (REFUSED, [{"type": "compaction"}], {}, None),
     "conversation": (REFUSED, "conv_1", {}, None),
     "image": (REFUSED, {"size": "auto"}, {}, None),
@@ -167,6 +169,11 @@ RESPONSE_TYPES = [
     (response_reasoning_item_param.ResponseReasoningItemParam, {
         "content": HONOURED, "encrypted_content": HONOURED, "id": HONOURED, "status": HONOURED, "summary": HONOURED,
         "type": HONOURED}),
+    # completion_window "soonest" (the default) and continuation_id (a hint) ask for what every request gets
+    (response_create_params.BackgroundOptions, {
+        "completion_window": ({"background": True, "background_options": {"completion_window": "8h"}},
+                              "background_options.completion_window"),
+        "continuation_id": HONOURED}),
     (response_input_text_param.ResponseInputTextParam, {"text": HONOURED, "type": HONOURED,
                                                         "prompt_cache_breakpoint": HONOURED}),
     (response_output_text_param.ResponseOutputTextParam, {

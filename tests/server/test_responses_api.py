@@ -352,7 +352,7 @@ def test_no_store_refuses_store_true(server, monkeypatch):
     ({"reasoning": {"effort": "extreme"}}, "reasoning.effort"),
     ({"include": ["file_search_call.results"]}, "include.0"),
     ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs"),
-    ({"background": True}, "background"),
+    ({"background": True, "store": False}, "background"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"truncation": "auto"}, "truncation"),
     ({"top_logprobs": 3}, "top_logprobs"),

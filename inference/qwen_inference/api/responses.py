@@ -1,5 +1,6 @@
-"""The Responses API: POST /v1/responses (whole or streamed), GET and DELETE /v1/responses/{id}, a response's
-input items, and input tokens counted."""
+"""The Responses API: POST /v1/responses (whole, streamed, or in the background), GET (or stream again) and
+DELETE /v1/responses/{id}, cancelling a background response, a response's input items, and input tokens
+counted."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
+from ..errors import bad_request
 from ..protocol import (InputItemList, InputTokens, InputTokensRequest, ResponseDeleted, ResponseObject,
                         ResponsesRequest)
 from ..serving_responses import ResponsesService
@@ -52,8 +54,21 @@ async def list_input_items(response_id: str, request: Request, after: str | None
 
 @router.get("/v1/responses/{response_id}", dependencies=[Depends(require_key)], response_model=ResponseObject,
             responses=ERRORS)
-async def get_response(response_id: str, request: Request) -> Response:
-    return responses_service(request).get(response_id)
+async def get_response(response_id: str, request: Request, stream: bool = False,
+                       starting_after: int | None = Query(None, ge=0), include_obfuscation: bool = False,
+                       include: list[Literal["reasoning.encrypted_content", "message.output_text.logprobs"]] | None
+                       = Query(None)) -> Response:
+    # include: a response is kept with what its request included
+    if include_obfuscation:
+        raise bad_request("stream obfuscation is not supported; leave include_obfuscation out or set it to false",
+                          "include_obfuscation")
+    return responses_service(request).get(response_id, stream, starting_after)
+
+
+@router.post("/v1/responses/{response_id}/cancel", dependencies=[Depends(require_key)],
+             response_model=ResponseObject, responses=ERRORS)
+async def cancel_response(response_id: str, request: Request) -> Response:
+    return responses_service(request).cancel(response_id)
 
 
 @router.delete("/v1/responses/{response_id}", dependencies=[Depends(require_key)], response_model=ResponseDeleted,
