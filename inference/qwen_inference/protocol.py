@@ -934,7 +934,8 @@ class ResponseInput(OpenAIModel):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
-    truncation: Refused("input is never truncated here: truncation may be 'disabled'", "disabled") = None
+    # auto: the conversation's first items are dropped, whole turns, until the prompt and the reply fit
+    truncation: Literal["auto", "disabled"] | None = None
     conversation: Refused("conversations are not supported: use previous_response_id or send the items") = None
 
     @model_validator(mode="after")
@@ -1072,7 +1073,7 @@ class ResponseObject(BaseModel):
     tools: list[dict[str, Any]]
     top_p: float | None = None
     top_logprobs: int | None = None
-    truncation: Literal["disabled"] = "disabled"
+    truncation: Literal["auto", "disabled"] = "disabled"
     usage: ResponseUsage | None = None
     user: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)

@@ -360,7 +360,7 @@ class ResponsesService:
             tool_choice=(choice.model_dump() if choice is not None and not isinstance(choice, str)
                          else choice or ("auto" if req.tools else "none")),
             tools=[t.model_dump(by_alias=True, exclude_none=True) for t in req.tools or ()], user=req.user,
-            metadata=req.metadata or {})
+            metadata=req.metadata or {}, truncation=req.truncation or "disabled")
 
     def conversation(self, req: ResponseInput) -> tuple[list[Any], int]:
         """The items the prompt is made of: the stored conversation of previous_response_id, then the input; and
@@ -374,10 +374,42 @@ class ResponsesService:
             history = stored.history()
         return history + req.items, len(history)
 
+    def fitted(self, req: ResponseInput, items: list[Any], offset: int) -> ChatCompletionRequest:
+        """The chat request for the conversation `items`. With `truncation: "auto"`, when its prompt and reply do
+        not fit the context (or the KV cache), the conversation's first items are dropped, whole turns (it then
+        starts at a message that is not the assistant's; the instructions always stay), as few as make it fit;
+        when none does, the whole conversation's request, which fails as it would without truncation."""
+        whole = self.chat_request(req, items, offset)
+        if req.truncation != "auto" or self._fits(whole):
+            return whole
+        starts = [k for k in range(1, len(items))
+                  if isinstance(items[k], InputMessage) and items[k].role != "assistant"]
+        best, lo, hi = whole, 0, len(starts) - 1
+        while lo <= hi:  # fewer items never make a longer prompt: the first start that fits, by bisection
+            mid = (lo + hi) // 2
+            k = starts[mid]
+            candidate = self.chat_request(req, items[k:], offset - k)
+            if self._fits(candidate):
+                best, hi = candidate, mid - 1
+            else:
+                lo = mid + 1
+        return best
+
+    def _fits(self, chat_req: ChatCompletionRequest) -> bool:
+        ids = self.chat.prompt(chat_req)[4]
+        try:
+            self.chat.limits(len(ids), chat_req.requested_max_tokens, "max_output_tokens",
+                             self.state.settings.default_max_tokens)
+        except APIError as exc:
+            if exc.code == "context_length_exceeded":
+                return False
+            raise
+        return True
+
     def count(self, req: InputTokensRequest) -> Response:
         items, offset = self.conversation(req)
         try:
-            ids = self.chat.prompt(self.chat_request(req, items, offset))[4]
+            ids = self.chat.prompt(self.fitted(req, items, offset))[4]
         except APIError as exc:
             raise renamed(exc) from None
         return Response(InputTokens(input_tokens=len(ids)).model_dump_json(), media_type="application/json")
@@ -389,7 +421,7 @@ class ResponsesService:
             raise bad_request("this server keeps no responses (--responses-store 0): send store: false", "store")
         items, offset = self.conversation(req)
         try:
-            plan = await chat.prepare(self.chat_request(req, items, offset), request.state.request_id)
+            plan = await chat.prepare(self.fitted(req, items, offset), request.state.request_id)
         except APIError as exc:
             raise renamed(exc) from None
         run = _Run(self, req, plan, chat.start(plan, request), items, request, listed(req.items))

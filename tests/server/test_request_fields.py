@@ -140,7 +140,7 @@ RESPONSES = {
     "stream_options": (REFUSED, {"include_obfuscation": True}, {"stream": True}, None),
     "top_logprobs": (HONOURED, 3, {"include": ["message.output_text.logprobs"]},
                      R + "test_log_probabilities_of_the_text"),
-    "truncation": (REFUSED, "auto", {}, None),
+    "truncation": (HONOURED, "auto", {}, R + "test_truncation_auto_drops_the_first_turns_until_the_conversation_fits"),
 }
 RESPONSES_NO_OPS = {"store": False, "service_tier": "auto", "truncation": "disabled", "background": False,
                     "prompt_cache_retention": "in_memory"}

@@ -354,7 +354,7 @@ def test_no_store_refuses_store_true(server, monkeypatch):
     ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs"),
     ({"background": True, "store": False}, "background"),
     ({"conversation": "conv_1"}, "conversation"),
-    ({"truncation": "auto"}, "truncation"),
+    ({"truncation": "none"}, "truncation"),
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"stream_options": {"include_obfuscation": False}}, "stream_options"),
     ({"metadata": {"k": 1}}, "metadata.k"),
@@ -438,13 +438,58 @@ def test_input_tokens_are_counted_as_a_response_would_have_them(srv):
     assert nxt.input_tokens == ref.usage.input_tokens
     for body, param in (({"input": "x", "conversation": "conv_1"}, "conversation"),
                         ({"input": "x", "personality": "friendly"}, "personality"),
-                        ({"input": "x", "truncation": "auto"}, "truncation"), ({}, "input"),
+                        ({"input": "x", "truncation": "none"}, "truncation"), ({}, "input"),
                         ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]},
                          "tools[0].parameters")):
         r = httpx.post(srv.url + "/v1/responses/input_tokens", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     r = httpx.post(srv.url + "/v1/responses/input_tokens", json={"input": "x", "model": "gpt-9"})
     assert r.status_code == 404
+
+
+def test_truncation_auto_drops_the_first_turns_until_the_conversation_fits(srv):
+    """A conversation longer than the context: refused as it is, answered with `truncation: "auto"` from the
+    latest turns that fit (the first start, at a message not the assistant's, whose prompt and reply fit), the
+    instructions kept; counted alike by input_tokens; through previous_response_id too."""
+    oai = client(srv)
+    model = srv.state.model
+    room = min(model.max_model_len, model.engine.kv_capacity_tokens)
+
+    def chunk(share: float) -> str:  # about that share of the room, in tokens (" hello" is one)
+        return "hello " * int(room * share)
+
+    items = [{"role": "user", "content": "one " + chunk(0.3)}, {"role": "assistant", "content": "two " + chunk(0.3)},
+             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "three " + chunk(0.3)},
+             {"role": "user", "content": "four " + chunk(0.45)}, {"role": "assistant", "content": "five"},
+             {"role": "user", "content": "six " + chunk(0.6)}, {"role": "user", "content": "Last question?"}]
+    body = {"model": "tiny", "instructions": "Be brief.", "tools": [{"type": "function", "name": "f"}]}
+
+    def counted(kept: list) -> int:
+        return oai.responses.input_tokens.count(input=kept, **body).input_tokens
+
+    assert counted(items) + 4 > room
+    r = httpx.post(srv.url + "/v1/responses", json={**body, "input": items, "max_output_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    starts = [k for k, item in enumerate(items) if k and item.get("role") in ("user", "system", "developer")]
+    expected = next(k for k in starts if counted(items[k:]) + 4 <= room)
+    assert expected > starts[0]  # more than the first turn had to go
+    done = oai.responses.create(input=items, max_output_tokens=4, truncation="auto", temperature=0, **body)
+    same = oai.responses.create(input=items[expected:], max_output_tokens=4, temperature=0, **body)
+    assert done.truncation == "auto" and same.truncation == "disabled"
+    assert done.usage.input_tokens == same.usage.input_tokens == counted(items[expected:])
+    assert done.output_text == same.output_text
+    assert oai.responses.input_tokens.count(input=items, truncation="auto", **body).input_tokens == \
+        counted(items[expected:])
+    # the stored conversation is the whole one: a follow-up truncates it again
+    first = oai.responses.create(input=items[:2], max_output_tokens=2, **body)
+    nxt = oai.responses.create(input=items[2:], previous_response_id=first.id, max_output_tokens=4,
+                               truncation="auto", **body)
+    assert nxt.usage.input_tokens + 4 <= room and nxt.truncation == "auto"
+    # a last message that alone does not fit fails as it would without truncation
+    r = httpx.post(srv.url + "/v1/responses", json={**body, "input": [{"role": "user", "content": chunk(1.2)}],
+                                                    "truncation": "auto", "max_output_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
 
 
 def test_input_items_of_a_stored_response(srv):
