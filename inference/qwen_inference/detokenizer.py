@@ -42,14 +42,16 @@ class StopStringMatcher:
         self.stopped = False
         self.matched: str | None = None  # the stop string reached (the first one in the text)
 
-    def feed(self, text: str) -> str:
-        """Returns the text that is safe to emit; sets `stopped` when a stop string was reached."""
+    def feed(self, text: str, search: bool = True) -> str:
+        """Returns the text that is safe to emit; sets `stopped` when a stop string was reached. With `search`
+        false (a reply still short of its min_tokens) no stop string is looked for in what is emitted, but a tail
+        that may begin one is held back, so that a stop string ending after it is found."""
         if self.stopped:
             return ""
         if not self.stops:
             return text
         self.buffer += text
-        found = [(i, -len(s), s) for s in self.stops if (i := self.buffer.find(s)) >= 0]
+        found = [(i, -len(s), s) for s in self.stops if (i := self.buffer.find(s)) >= 0] if search else []
         if found:
             cut, _, self.matched = min(found)
             out, self.buffer = self.buffer[:cut], ""

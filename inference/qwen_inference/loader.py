@@ -95,7 +95,7 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
 
     gen = _generation_config(path)
     eos = _ids(gen.get("eos_token_id")) | _ids(tokenizer.eos_token_id)
-    defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in gen}
+    defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if k in gen}
     if gen.get("do_sample") is False:
         defaults["temperature"] = 0.0
     engine = Engine(

@@ -255,6 +255,7 @@ TEMPLATE_KWARGS = {"type": "object", "description": "variables of the chat templ
                    "properties": {"enable_thinking": {"type": "boolean"}, "preserve_thinking": {"type": "boolean"}}}
 
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias (OpenAI allows 300)
+MAX_STOP_TOKEN_IDS = 64
 _NOT_STORED = "this server does not store completions"
 
 
@@ -270,6 +271,9 @@ class SamplingFields(OpenAIModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)  # vLLM
+    min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM, llama.cpp
+    min_tokens: int | None = Field(None, ge=0)  # vLLM: no end before this many tokens
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # vLLM
     n: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None

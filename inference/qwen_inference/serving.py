@@ -200,10 +200,11 @@ class ChoiceText:
     """One choice's generated text, token by token: detokenized incrementally, cut at a stop string, with the
     tokens whose text has not gone out yet held for their log-probabilities."""
 
-    def __init__(self, tokenizer, stops: list[str] | None, logprobs: bool) -> None:
+    def __init__(self, tokenizer, stops: list[str] | None, logprobs: bool, min_tokens: int = 0) -> None:
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stop = StopStringMatcher(stops)
         self.logprobs = logprobs
+        self.min_tokens = min_tokens  # stop strings count from the token after these (vLLM's min_tokens)
         self.tokens = 0
         self.chars = 0  # characters the detokenizer has given
         self.pending: list[Pending] = []
@@ -214,7 +215,7 @@ class ChoiceText:
             self.pending.append(Pending(ev, self.chars))
         piece = self.detok.add(ev.token_id)
         self.chars += len(piece)
-        return self.stop.feed(piece)
+        return self.stop.feed(piece, search=self.tokens > self.min_tokens)
 
     @property
     def stopped(self) -> bool:
@@ -327,18 +328,33 @@ class GenerationService:
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             logit_bias=self.logit_bias(req.logit_bias),
+            min_p=float(req.min_p if req.min_p is not None else d.get("min_p", 0.0)),
+            min_tokens=self.min_tokens(req.min_tokens, max_tokens),
+            stop_token_ids=frozenset(self.token_ids(req.stop_token_ids or (), "stop_token_ids")),
         )
+
+    @staticmethod
+    def min_tokens(requested: int | None, max_tokens: int) -> int:
+        if requested and requested > max_tokens:
+            raise bad_request(f"min_tokens is {requested}, more than the reply's max_tokens ({max_tokens})",
+                              "min_tokens")
+        return requested or 0
+
+    def token_ids(self, ids, param: str) -> list[int]:
+        """Token ids a request names, each checked against the model's vocabulary (400 otherwise)."""
+        vocab = self.state.model.engine.vocab_size
+        outside = sorted({t for t in ids if t >= vocab})
+        if outside:
+            raise bad_request(f"{param} names token ids outside this model's vocabulary of {vocab}: "
+                              f"{', '.join(map(str, outside[:5]))}{' …' if len(outside) > 5 else ''}", param)
+        return list(ids)
 
     def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
         """`logit_bias` with its token ids as numbers, each checked against the model's vocabulary (400 otherwise)."""
         if not bias:
             return None
-        vocab = self.state.model.engine.vocab_size
         out = {int(k): float(v) for k, v in bias.items()}
-        outside = sorted(t for t in out if t >= vocab)
-        if outside:
-            raise bad_request(f"logit_bias names token ids outside this model's vocabulary of {vocab}: "
-                              f"{', '.join(map(str, outside[:5]))}{' …' if len(outside) > 5 else ''}", "logit_bias")
+        self.token_ids(out, "logit_bias")
         return out
 
     async def structured(self, req: SamplingFields, thinking) -> Any:

@@ -300,7 +300,8 @@ class ChatService(GenerationService):
         tok = self.state.model.tokenizer
         parser = OutputParser(plan.thinking, plan.tool_style, plan.tools.tools, incremental=plan.tools.forced)
         one_call = plan.tool_style is not None and not plan.tools.parallel and not plan.tools.forced
-        return ChatChoice(index, ChoiceText(tok, plan.stops, plan.logprobs), parser, one_call)
+        text = ChoiceText(tok, plan.stops, plan.logprobs, plan.submission.params.min_tokens)
+        return ChatChoice(index, text, parser, one_call)
 
     async def choice_events(self, handle, choices: list[ChatChoice]) -> AsyncIterator[tuple]:
         """("delta", choice, OutputDelta, logprobs) as text comes, ("finish", choice, OutputDelta, logprobs) when a

@@ -201,6 +201,55 @@ async def test_logit_bias_bans_lifts_and_forces_tokens(runner):
         engine.stop()
 
 
+def test_min_p_keeps_the_tokens_within_its_share_of_the_most_likely():
+    from qwen_inference.engine.sampling import sample_tensor
+
+    logits = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04]).log()
+    grid = [(i + 1) / 400 for i in range(400)]  # the sequence's uniform draw, swept over (0, 1]
+    for min_p, kept in ((0.25, [0, 1]), (0.1, [0, 1, 2, 3]), (0.0, [0, 1, 2, 3, 4]), (1.0, [0])):
+        params = SamplingParams(temperature=1.0, min_p=min_p)
+        picks = [int(sample_tensor(logits.clone(), params, u)) for u in grid]
+        assert sorted(set(picks)) == kept, min_p
+        # the kept tokens' probabilities, renormalised: token 0 takes its share of the draws
+        share = 0.5 / sum([0.5, 0.3, 0.1, 0.06, 0.04][t] for t in kept)
+        assert picks.count(0) == pytest.approx(share * len(grid), abs=1)
+    # with top-k and top-p too, and at a temperature that flattens the distribution
+    params = SamplingParams(temperature=2.0, min_p=0.5, top_k=4, top_p=0.99)
+    flat = (logits / 2.0).softmax(-1)
+    kept = [t for t in range(5) if flat[t] >= 0.5 * flat.max()]
+    assert sorted({int(sample_tensor(logits.clone(), params, u)) for u in grid}) == kept
+
+
+async def test_stop_token_ids_and_min_tokens(runner):
+    """A stop token ends the reply as the end marker does (not part of it); before min_tokens neither the end
+    marker nor a stop token may come, and the reply is what the model writes without them."""
+    eos = 151645
+    engine = make_engine(runner, eos_token_ids={eos})
+    prompt = [151644, 77, 1200, 8800, 15, 6021, 930]
+    try:
+        plain, _ = await run(engine, prompt, SamplingParams(max_tokens=8, temperature=0))
+        j = next(j for j in range(1, 8) if plain[j] not in plain[:j])
+        toks, fin = await run(engine, prompt, SamplingParams(max_tokens=8, temperature=0,
+                                                             stop_token_ids=frozenset({plain[j]})))
+        assert (toks, fin.reason, fin.completion_tokens) == (plain[:j], "stop", j + 1)
+        forced = {eos: 100.0}  # the end marker all but forced at every step
+        toks, fin = await run(engine, prompt, SamplingParams(max_tokens=8, temperature=0, logit_bias=forced))
+        assert (toks, fin.reason) == ([], "stop")
+        toks, fin = await run(engine, prompt, SamplingParams(max_tokens=8, temperature=0, logit_bias=forced,
+                                                             min_tokens=4))
+        assert (toks, fin.reason) == (plain[:4], "stop")
+        stop = 777
+        toks, fin = await run(engine, prompt, SamplingParams(max_tokens=8, temperature=0.8, seed=5, min_tokens=3,
+                                                             logit_bias={stop: 100.0}, stop_token_ids=frozenset({stop})))
+        assert len(toks) == 3 and stop not in toks and fin.reason == "stop"
+        # ignore_eos: the end marker neither ends the reply nor is held back by min_tokens
+        toks, fin = await run(engine, prompt, SamplingParams(max_tokens=5, temperature=0, logit_bias=forced,
+                                                             ignore_eos=True, min_tokens=3))
+        assert (toks, fin.reason) == ([eos] * 5, "length")
+    finally:
+        engine.stop()
+
+
 async def test_eos_ends_with_stop(runner):
     engine = make_engine(runner)
     try:
@@ -487,7 +536,8 @@ def test_sampling_runs_on_the_logits_device():
              SamplingParams(temperature=0.8, top_k=50, top_p=0.5), SamplingParams(temperature=1.0),
              SamplingParams(temperature=0), SamplingParams(temperature=1.0, repetition_penalty=1.3,
                                                            presence_penalty=0.5, frequency_penalty=0.2),
-             SamplingParams(temperature=0.9, logit_bias={3: 5.0, 7: -100.0})]
+             SamplingParams(temperature=0.9, logit_bias={3: 5.0, 7: -100.0}),
+             SamplingParams(temperature=0.9, min_p=0.05, top_k=40)]
     for params in cases:
         state = new_state(params, 0)
         u = None if params.greedy else state.uniform()  # drawn on the host, before any device op

@@ -617,7 +617,7 @@ class Engine:
                     self._finish(s, "error", out, error=f"token {token} broke the request's grammar")
                     continue
                 grammar_done = s.constraint.is_terminated()
-            if token in self.eos_token_ids and not s.params.ignore_eos:
+            if (token in self.eos_token_ids and not s.params.ignore_eos) or token in s.params.stop_token_ids:
                 finished.append(s)
                 s.output_ids.pop()  # the end marker is not part of the reply
                 self._finish(s, "stop", out, completion=len(s.output_ids) + 1)
@@ -636,14 +636,19 @@ class Engine:
             self._running = [s for s in self._running if id(s) not in gone]
 
     def _process(self, logits: torch.Tensor, sampled: list[Sequence]) -> None:
-        """In place: penalties and logit bias, then suppressed ids (rows without a grammar: a grammar decides for
-        itself which ids may follow) and each grammar's token mask."""
+        """In place: penalties, logit bias and the end tokens a reply below its min_tokens may not take, then
+        suppressed ids (rows without a grammar: a grammar decides for itself which ids may follow) and each
+        grammar's token mask."""
         constrained = [i for i, s in enumerate(sampled) if s.constraint is not None]
         for i, s in enumerate(sampled):
             if s.params.penalized:
                 apply_penalties(logits[i], s.params, s.prompt_ids, s.output_ids)
             if s.params.logit_bias:
                 apply_logit_bias(logits[i], s.params.logit_bias)
+            if s.params.min_tokens > len(s.output_ids) and s.constraint is None:  # a grammar ends when complete
+                ends = s.params.stop_token_ids | (set() if s.params.ignore_eos else self.eos_token_ids)
+                if ends:
+                    logits[i, torch.tensor(sorted(ends), dtype=torch.long, device=logits.device)] = float("-inf")
         if self._suppress is not None:
             if not constrained:
                 logits.index_fill_(1, self._suppress, float("-inf"))

@@ -1,4 +1,5 @@
-"""Per-request sampling inside a batch: temperature, top-k, top-p, seeds, OpenAI/HF penalties and logit bias.
+"""Per-request sampling inside a batch: temperature, min-p, top-k, top-p, seeds, OpenAI/HF penalties, logit bias,
+and the tokens a reply may not end on before its minimum length.
 
 Every tensor op runs on the logits' device. Randomness never does: each sequence has its own CPU generator
 that draws one uniform number per sampled token, and the token is found on the device by inverse transform
@@ -9,6 +10,7 @@ host, once per step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +22,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off; else tokens below min_p times the most likely one's probability are dropped
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -27,6 +30,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
     logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit before sampling
+    stop_token_ids: frozenset[int] = frozenset()  # vLLM's: tokens that end the reply as the end marker does
+    min_tokens: int = 0  # vLLM's: no end marker nor stop token (nor stop string) before this many tokens
 
     @property
     def greedy(self) -> bool:
@@ -88,6 +93,8 @@ def sample_tensor(logits: torch.Tensor, params: SamplingParams, u: float | None)
         return torch.argmax(logits)
     # extreme temperatures and penalties can overflow: keep the ranking, never sample from inf or nan
     scaled = torch.nan_to_num(logits / params.temperature, nan=float("-inf"), posinf=3e38)
+    if params.min_p > 0.0:  # p < min_p * p_max, in log space: logit < max + log(min_p); the most likely stays
+        scaled = scaled.masked_fill(scaled < scaled.max() + math.log(params.min_p), float("-inf"))
     vocab = scaled.shape[-1]
     indices = None
     if params.top_k and params.top_k < vocab:
