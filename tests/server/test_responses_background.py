@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from .scripted import Scripted, client
+from .scripted import Scripted, client, failing
 
 
 class Gate:
@@ -173,6 +173,21 @@ def test_deleting_a_running_background_response_stops_it(server):
         gate.release.set()
     assert idle(server)
     assert httpx.get(server.url + f"/v1/responses/{started.id}", timeout=30).status_code == 404
+
+
+def test_a_failed_background_response_is_kept_failed_with_its_error(server, caplog):
+    c = client(server)
+    with caplog.at_level(logging.INFO, logger="qwen_inference.access"), failing(server, "bg-poison"):
+        started = c.responses.create(model="tiny", input="hi", max_output_tokens=4, background=True,
+                                     extra_headers={"X-Request-ID": "bg-poison"})
+        done = wait_ended(c, started.id)
+        [line] = background_lines(caplog, started.id)
+    assert done.status == "failed" and done.error.code == "internal_error"
+    assert "injected failure" in done.error.message
+    events = list(c.responses.retrieve(started.id, stream=True))
+    assert events[-1].type == "response.failed" and events[-1].response.error.message == done.error.message
+    assert (line.status, line.error) == ("failed", "internal_error")
+    assert c.responses.create(model="tiny", input="hi", max_output_tokens=2).status in ("completed", "incomplete")
 
 
 @pytest.mark.parametrize("body, param", [
