@@ -31,7 +31,7 @@ TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
 ERROR_REASONS = ("validation", "auth", "queue_full", "timeout", "cancelled", "generation", "not_ready",
-                 "context_length", "not_found", "internal")
+                 "context_length", "not_found", "internal", "peer")
 
 
 class _StructuredOutputTime:

@@ -34,6 +34,7 @@ from .protocol import (ENCRYPTED_REASONING, ChatCompletionRequest, ChatMessage, 
                        InputTokensDetails, InputTokensRequest, OutputTokensDetails, ReasoningItem, ResponseDeleted,
                        ResponseError, ResponseInput, ResponseObject, ResponsesRequest, ResponseUsage,
                        ToolCallFunction, ToolCallParam, first_error, now, parse_item)
+from .peers import Peers
 from .serving import event_stream, named_event
 from .serving_chat import ChatChoice, ChatPlan, ChatService
 from .toolcalls import OutputDelta, ToolCallDelta
@@ -286,6 +287,12 @@ class Stored:
         return self.items + [parse_item(item) for item in self.current()["output"]]
 
 
+def not_kept(rid: str, param: str | None) -> APIError:
+    return APIError(404, f"No response with id {rid!r} is kept here (responses are kept in the memory of the "
+                    "replica that made them, the latest --responses-store of them).",
+                    "invalid_request_error", param, "response_not_found", reason="not_found")
+
+
 class ResponseStore:
     """Responses kept for previous_response_id and GET, least recently used dropped first."""
 
@@ -302,12 +309,15 @@ class ResponseStore:
             self._kept.popitem(last=False)
 
     def get(self, rid: str, param: str | None = None) -> Stored:
-        stored = self._kept.get(rid)
+        stored = self.find(rid)
         if stored is None:
-            raise APIError(404, f"No response with id {rid!r} is kept here (responses are kept in the memory of "
-                           "the replica that made them, the latest --responses-store of them).",
-                           "invalid_request_error", param, "response_not_found", reason="not_found")
-        self._kept.move_to_end(rid)
+            raise not_kept(rid, param)
+        return stored
+
+    def find(self, rid: str) -> Stored | None:
+        stored = self._kept.get(rid)
+        if stored is not None:
+            self._kept.move_to_end(rid)
         return stored
 
     def delete(self, rid: str) -> None:
@@ -324,6 +334,7 @@ class ResponsesService:
         self.chat = chat
         self.store = ResponseStore(state.settings.responses_store)
         self.running: set[asyncio.Task] = set()  # background responses' tasks (held, so that none is collected)
+        self.peers = Peers.of(state.settings)  # the other replicas, when responses are shared with them
 
     # ---- the request -----------------------------------------------------------------------------------
     def chat_request(self, req: ResponseInput, items: list[Any], offset: int) -> ChatCompletionRequest:
@@ -350,7 +361,7 @@ class ResponsesService:
         params = plan.submission.params
         choice = req.tool_choice
         return ResponseObject(
-            id="resp_" + _hex(), created_at=now(), status="in_progress", instructions=req.instructions,
+            id=self.peers.new_id() if self.peers else "resp_" + _hex(), created_at=now(), status="in_progress", instructions=req.instructions,
             max_output_tokens=req.max_output_tokens, model=self.state.settings.model_name,
             parallel_tool_calls=plan.tools.parallel, previous_response_id=req.previous_response_id,
             reasoning={"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
@@ -362,17 +373,48 @@ class ResponsesService:
             tools=[t.model_dump(by_alias=True, exclude_none=True) for t in req.tools or ()], user=req.user,
             metadata=req.metadata or {}, truncation=req.truncation or "disabled")
 
-    def conversation(self, req: ResponseInput) -> tuple[list[Any], int]:
-        """The items the prompt is made of: the stored conversation of previous_response_id, then the input; and
-        how many came from the store."""
+    async def conversation(self, req: ResponseInput) -> tuple[list[Any], int]:
+        """The items the prompt is made of: the stored conversation of previous_response_id (kept here, or by the
+        replica that made it), then the input; and how many came from the store."""
         history: list[Any] = []
-        if req.previous_response_id is not None:
-            stored = self.store.get(req.previous_response_id, "previous_response_id")
-            if stored.run is not None and not stored.run.done:
-                raise bad_request(f"response {req.previous_response_id!r} is still {stored.current()['status']}: "
-                                  "wait for it to end, or cancel it", "previous_response_id", "response_not_ended")
+        rid = req.previous_response_id
+        if rid is not None:
+            stored = await self.lookup(rid, "previous_response_id")
+            status = stored.current()["status"]
+            if status in ("queued", "in_progress"):
+                raise bad_request(f"response {rid!r} is still {status}: wait for it to end, or cancel it",
+                                  "previous_response_id", "response_not_ended")
             history = stored.history()
         return history + req.items, len(history)
+
+    async def lookup(self, rid: str, param: str | None) -> Stored:
+        """Response `rid`, kept here or, when its id names another replica, fetched from that one."""
+        stored = self.store.find(rid)
+        if stored is not None:
+            return stored
+        origin = self.peers.origin(rid) if self.peers else None
+        got = await self.peers.fetch(origin, rid, param) if origin else None
+        if got is None:
+            raise not_kept(rid, param)
+        return Stored(got["body"], [parse_item(i) for i in got["items"]], got["own"])
+
+    async def forwarded(self, rid: str, request: Request) -> Response | None:
+        """The answer of the replica that made response `rid` to this request, when that is another replica and
+        this one does not keep it; else None (the request is answered here)."""
+        if self.peers is None or self.store.find(rid) is not None:
+            return None
+        origin = self.peers.origin(rid)
+        return await self.peers.forward(origin, rid, request) if origin else None
+
+    def internal(self, rid: str, request: Request) -> Response:
+        """A kept response as another replica fetches it: its body now, the items it answered and its own."""
+        if self.peers is None:
+            raise not_kept(rid, None)
+        self.peers.check(rid, request)
+        stored = self.store.get(rid)
+        items = [i.model_dump(mode="json", by_alias=True, exclude_none=True) for i in stored.items]
+        return Response(json.dumps({"body": stored.current(), "items": items, "own": stored.own}),
+                        media_type="application/json")
 
     def fitted(self, req: ResponseInput, items: list[Any], offset: int) -> ChatCompletionRequest:
         """The chat request for the conversation `items`. With `truncation: "auto"`, when its prompt and reply do
@@ -406,8 +448,8 @@ class ResponsesService:
             raise
         return True
 
-    def count(self, req: InputTokensRequest) -> Response:
-        items, offset = self.conversation(req)
+    async def count(self, req: InputTokensRequest) -> Response:
+        items, offset = await self.conversation(req)
         try:
             ids = self.chat.prompt(self.fitted(req, items, offset))[4]
         except APIError as exc:
@@ -419,7 +461,7 @@ class ResponsesService:
         chat.log_fields(request, user=req.user, safety_identifier=req.safety_identifier)
         if req.store and self.store.capacity <= 0:
             raise bad_request("this server keeps no responses (--responses-store 0): send store: false", "store")
-        items, offset = self.conversation(req)
+        items, offset = await self.conversation(req)
         try:
             plan = await chat.prepare(self.fitted(req, items, offset), request.state.request_id)
         except APIError as exc:

@@ -86,6 +86,14 @@ class ServeSettings(BaseSettings):
         256, ge=0, description="Responses (/v1/responses) kept in memory for previous_response_id and GET, least "
                                "recently used dropped first (0: none; requests must then send store: false)."
     )
+    peer_url: str | None = Field(
+        None, pattern=r"^https?://[^/?#\s]+$",
+        description="This replica's address as the other replicas reach it (http://POD_IP:PORT). With "
+                    "--peer-key-file, every replica reads the responses made by any other: their ids carry the "
+                    "replica that made them, signed with the shared key.")
+    peer_key_file: Path | None = Field(
+        None, description="A key the replicas share (a file, for example mounted from a Secret): it signs response "
+                          "ids and the requests between replicas.")
     api_key: SecretStr | None = Field(None, description="A key clients must send as `Authorization: Bearer`.")
     api_key_file: Path | None = Field(
         None, description="A file of keys, one per line (for example mounted from a Secret)."
@@ -123,7 +131,20 @@ class ServeSettings(BaseSettings):
             self.default_max_tokens = self.max_tokens_cap
         if self.api_key_file is not None and not self.api_key_file.is_file():
             raise ValueError(f"--api-key-file {self.api_key_file} is not a readable file")
+        if (self.peer_url is None) != (self.peer_key_file is None):
+            raise ValueError("--peer-url and --peer-key-file go together: set both, or neither")
+        if self.peer_key_file is not None and len(self.peer_key()) < 16:
+            raise ValueError(f"--peer-key-file {self.peer_key_file} must hold a key of at least 16 characters")
         return self
+
+    def peer_key(self) -> bytes:
+        """The key the replicas share (the file's text, stripped); b"" when there is none."""
+        if self.peer_key_file is None:
+            return b""
+        try:
+            return self.peer_key_file.read_text(encoding="utf-8").strip().encode()
+        except OSError as exc:
+            raise ValueError(f"--peer-key-file {self.peer_key_file} cannot be read: {exc}") from None
 
     @property
     def effective_threads(self) -> int:
