@@ -47,6 +47,8 @@ class ServerEnv:
     REQUEST_TIMEOUT = "QWEN_REQUEST_TIMEOUT"
     SHUTDOWN_GRACE = "QWEN_SHUTDOWN_GRACE"
     API_KEY_FILE = "QWEN_API_KEY_FILE"
+    PEER_URL = "QWEN_PEER_URL"
+    PEER_KEY_FILE = "QWEN_PEER_KEY_FILE"
 
     @classmethod
     def names(cls) -> frozenset[str]:

@@ -24,6 +24,8 @@ ANNOTATION_SPEC_HASH = "qwen-operator.io/spec-hash"
 LABEL_FETCH_HASH = "qwen-operator.io/fetch"
 CACHE_MOUNT = "/cache"
 SERVER_PORT = 8000
+PEER_KEY_MOUNT = "/etc/qwen/peer-key"
+PEER_KEY = "key"
 UID = 1000
 PRESTOP_SECONDS = 5
 SHUTDOWN_GRACE = 25
@@ -288,6 +290,11 @@ def server_env(spec: QwenDeploymentSpec, key: ModelKey) -> list[dict[str, Any]]:
     else:  # threads from the container's CPU limit, rounded up, as the downward API gives it
         env.append({"name": ServerEnv.THREADS, "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu",
                                                                                  "divisor": "1"}}})
+    # the replicas read each other's responses (previous_response_id on any replica): this pod's address, from
+    # the downward API, and the key they share
+    env += [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": ServerEnv.PEER_URL, "value": f"http://$(POD_IP):{SERVER_PORT}"},
+            {"name": ServerEnv.PEER_KEY_FILE, "value": f"{PEER_KEY_MOUNT}/{PEER_KEY}"}]
     if spec.auth.api_key_secret_ref is not None:
         env.append({"name": ServerEnv.API_KEY_FILE,
                     "value": f"/etc/qwen/api-keys/{spec.auth.api_key_secret_ref.key}"})
@@ -347,6 +354,8 @@ def build_deployment(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorD
     if gpu:
         container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
+    container["volumeMounts"].append({"name": "peer-key", "mountPath": PEER_KEY_MOUNT, "readOnly": True})
+    volumes.append({"name": "peer-key", "secret": {"secretName": peer_secret_name(owner)}})
     if spec.auth.api_key_secret_ref is not None:
         container["volumeMounts"].append({"name": "api-keys", "mountPath": "/etc/qwen/api-keys", "readOnly": True})
         volumes.append({"name": "api-keys", "secret": {"secretName": spec.auth.api_key_secret_ref.name}})
@@ -384,6 +393,22 @@ def build_deployment(owner: Owner, spec: QwenDeploymentSpec, defaults: OperatorD
             "template": {"metadata": {"labels": labels(owner.name, "server"), "annotations": annotations},
                          "spec": pod_spec},
         },
+    }
+
+
+def peer_secret_name(owner: Owner) -> str:
+    return f"{owner.name}-peer-key"
+
+
+def build_peer_secret(owner: Owner, key: str) -> dict[str, Any]:
+    """The key the inference pods share, which signs response ids and their requests to each other. Made once,
+    with a random key the caller draws; never rewritten (pods read it when they start)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(owner, peer_secret_name(owner), "server"),
+        "type": "Opaque",
+        "stringData": {PEER_KEY: key},
     }
 
 

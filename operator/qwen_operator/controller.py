@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,7 @@ class Controller:
         self._apis: dict[tuple[str, str], tuple[float, bool]] = {}
         self.phases: dict[Key, str] = {}
         self.refreshing: set[Key] = set()
+        self.peer_keys: set[str] = set()  # QwenDeployments (by uid) whose peer-key Secret exists
 
     # ---- queue ---------------------------------------------------------------------------------------
     def enqueue(self, key: Key, delay: float = 0.0) -> None:
@@ -218,6 +220,7 @@ class Controller:
 
         # the Deployment serves the newest complete model: the current one, or until then the one it serves
         live_dep = await asyncio.to_thread(k.get, "apps/v1", "Deployment", ns, owner.name)
+        await self._peer_key(owner, live_dep)
         serve_key = key if state == "succeeded" else serving_key(live_dep)
         if serve_key is not None:
             dep = builders.build_deployment(owner, spec, self.config.defaults, serve_key)
@@ -251,6 +254,18 @@ class Controller:
             obs.inference_pool = "disabled" if pool is None else "applied"
         else:
             obs.inference_pool = "disabled" if pool is None else "missing"
+
+    async def _peer_key(self, owner: Owner, live_dep: dict | None) -> None:
+        """The Secret of the key the inference pods share, made before any pod needs it: created (never read: the
+        operator may create Secrets, not read them) once per QwenDeployment in this process, and again whenever its
+        pods are not all ready, in case it went; an existing one is left as it is."""
+        status = (live_dep or {}).get("status") or {}
+        settled = live_dep is not None and status.get("readyReplicas", 0) >= (live_dep.get("spec") or {}).get(
+            "replicas", 1)
+        if owner.uid in self.peer_keys and (live_dep is None or settled):
+            return
+        await asyncio.to_thread(self.kube.create, builders.build_peer_secret(owner, secrets.token_urlsafe(32)))
+        self.peer_keys.add(owner.uid)
 
     async def _autoscaling(self, owner: Owner, spec: QwenDeploymentSpec, obs: Observed, force: bool) -> None:
         """KEDA's ScaledObject and, to scale from zero, the HTTP add-on's route and the <name>-interceptor

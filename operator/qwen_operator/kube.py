@@ -92,6 +92,16 @@ class Kube:
             query.append(("labelSelector", ",".join(f"{k}={v}" for k, v in selector.items())))
         return (self._call("GET", self.path(api_version, kind, namespace), query=query) or {}).get("items", [])
 
+    def create(self, obj: dict) -> dict | None:
+        """Create `obj`; None when an object of that name exists already (it is left as it is)."""
+        meta = obj["metadata"]
+        try:
+            return self._call("POST", self.path(obj["apiVersion"], obj["kind"], meta["namespace"]), body=obj)
+        except ApiError as e:
+            if e.status == 409:
+                return None
+            raise
+
     def apply(self, obj: dict) -> dict:
         """Server-side apply with the operator's field manager, taking over conflicting fields."""
         meta = obj["metadata"]

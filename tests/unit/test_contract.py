@@ -68,19 +68,25 @@ def test_the_pod_environment_configures_the_server_as_the_spec_says(monkeypatch,
             monkeypatch.delenv(name)
     keys = tmp_path / "api-keys"
     keys.write_text("k1\n")
+    peer_key = tmp_path / "peer-key"
+    peer_key.write_text("a" * 43)
     for e in server_env(SPECS[3]):
         if "value" in e:
             value = e["value"]
             if e["name"] == ServerEnv.API_KEY_FILE:
                 assert value == "/etc/qwen/api-keys/api-keys"  # the Secret's mount; here a local copy
                 value = str(keys)
-            monkeypatch.setenv(e["name"], value)
+            if e["name"] == ServerEnv.PEER_KEY_FILE:
+                assert value == f"{builders.PEER_KEY_MOUNT}/key"  # the peer-key Secret's mount; here a local copy
+                value = str(peer_key)
+            monkeypatch.setenv(e["name"], value.replace("$(POD_IP)", "10.1.2.3"))  # as the kubelet expands it
     s = ServeSettings()
     assert (s.model, s.model_name, s.device, s.dtype) == ("/cache/Qwen--Qwen2.5-7B-Instruct/v1.0", "chat", "cuda",
                                                           "bfloat16")
     assert (s.max_concurrency, s.max_queue, s.threads, s.max_model_len, s.kv_cache_tokens) == (8, 3, 3, 4096, 32768)
     assert (s.max_tokens_cap, s.request_timeout, s.host, s.port) == (100, 60.0, "0.0.0.0", builders.SERVER_PORT)
     assert s.api_keys() == ["k1"]
+    assert (s.peer_url, s.peer_key()) == (f"http://10.1.2.3:{builders.SERVER_PORT}", b"a" * 43)
 
 
 def test_unknown_qwen_variables_are_refused_with_the_closest_name(monkeypatch, capsys):

@@ -28,6 +28,7 @@ class FakeKube:
         self.objects: dict[tuple[str, str, str, str], dict] = {}
         self.events: list[tuple[str, str, str]] = []
         self.deleted: list[tuple[str, str]] = []
+        self.created: list[str] = []
 
     @staticmethod
     def _key(obj: dict) -> tuple[str, str, str, str]:
@@ -40,6 +41,12 @@ class FakeKube:
         return [copy.deepcopy(o) for (av, k, ns, _), o in sorted(self.objects.items())
                 if (av, k, ns) == (api_version, kind, namespace)
                 and all((o["metadata"].get("labels") or {}).get(a) == b for a, b in (selector or {}).items())]
+
+    def create(self, obj: dict) -> dict | None:
+        self.created.append(obj["metadata"]["name"])
+        if self._key(obj) in self.objects:
+            return None
+        return self.apply(obj)
 
     def apply(self, obj: dict) -> dict:
         key = self._key(obj)
@@ -322,6 +329,35 @@ async def test_a_failed_fetch_of_a_new_model_keeps_the_old_one_serving():
     st = status(kube, "chat")
     assert (st["phase"], st["reason"]) == ("Degraded", "DownloadFailed")
     assert st["message"].endswith("still serving the demo model") and served(kube, "chat") == "demo"
+
+
+async def test_the_peer_key_is_made_once_and_again_only_while_pods_are_not_ready():
+    """The Secret of the pods' shared key is created before the Deployment (never read, never rewritten); while
+    the pods are all ready the operator does not ask again, and when they are not (a Secret deleted by hand
+    leaves new pods waiting on it) it creates one again."""
+    kube = FakeKube()
+    c = Controller(kube, config())
+    qwen(kube, "chat", {"name": "demo", "source": "demo"})
+    await c.reconcile(("team-a", "chat"))
+    secret = kube.get("v1", "Secret", NS, "chat-peer-key")
+    key = secret["stringData"]["key"]
+    assert len(key) >= 32 and kube.created == ["chat-peer-key"]
+    kube.set_status("v1", "PersistentVolumeClaim", "chat-cache", {"phase": "Bound"})
+    await c.reconcile(("team-a", "chat"))
+    finish_job(kube, jobs(kube)[0])
+    await c.reconcile(("team-a", "chat"))  # the Deployment appears
+    assert served(kube, "chat") == "demo" and kube.created == ["chat-peer-key"]
+    await c.reconcile(("team-a", "chat"))  # its pods are not ready yet: asked again
+    assert kube.created == ["chat-peer-key"] * 2
+    ready_pods(kube, "chat")
+    for _ in range(3):
+        await c.reconcile(("team-a", "chat"))
+    assert len(kube.created) == 2  # all ready: no more
+    assert kube.get("v1", "Secret", NS, "chat-peer-key")["stringData"]["key"] == key  # never rewritten
+    del kube.objects[("v1", "Secret", NS, "chat-peer-key")]
+    kube.objects[("apps/v1", "Deployment", NS, "chat")]["status"]["readyReplicas"] = 0
+    await c.reconcile(("team-a", "chat"))
+    assert kube.get("v1", "Secret", NS, "chat-peer-key")["stringData"]["key"] != key
 
 
 async def test_a_deleted_deployment_is_forgotten():

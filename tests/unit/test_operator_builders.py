@@ -222,6 +222,29 @@ def test_cpu_deployment():
     assert "affinity" not in pod
 
 
+def test_the_pods_share_a_key_to_read_each_others_responses():
+    """Every pod names itself to the others (its IP, from the downward API) and mounts the key they share, from
+    a Secret made once with a random key, owned by the QwenDeployment."""
+    s = SPECS["cpu"]
+    dep = builders.build_deployment(OWNER, s, DEFAULTS, builders.model_key(s))
+    e, pod = env(dep), dep["spec"]["template"]["spec"]
+    assert e["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert e["QWEN_PEER_URL"] == "http://$(POD_IP):8000"
+    names = [v["name"] for v in server(dep)["env"]]
+    assert names.index("POD_IP") < names.index("QWEN_PEER_URL")  # $(POD_IP) refers to an earlier variable
+    mount = next(m for m in server(dep)["volumeMounts"] if m["name"] == "peer-key")
+    assert e["QWEN_PEER_KEY_FILE"] == mount["mountPath"] + "/key" and mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == "peer-key")
+    secret = builders.build_peer_secret(OWNER, "k" * 43)
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"] == f"{OWNER.name}-peer-key"
+    assert secret["stringData"] == {"key": "k" * 43} and secret["type"] == "Opaque"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    # the server accepts what the pod gets
+    from qwen_inference.settings import setting_env_names
+
+    assert {"QWEN_PEER_URL", "QWEN_PEER_KEY_FILE"} <= setting_env_names()
+
+
 def test_multi_replica_placement_follows_the_access_mode():
     rwx = SPECS["cpu-rwx-3"]
     dep = builders.build_deployment(OWNER, rwx, DEFAULTS, builders.model_key(rwx))
