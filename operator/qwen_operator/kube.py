@@ -14,6 +14,7 @@ log = logging.getLogger("qwen_operator.kube")
 
 PATHS = {
     ("v1", "PersistentVolumeClaim"): "/api/v1/namespaces/{ns}/persistentvolumeclaims",
+    ("v1", "Secret"): "/api/v1/namespaces/{ns}/secrets",
     ("v1", "Service"): "/api/v1/namespaces/{ns}/services",
     ("v1", "Pod"): "/api/v1/namespaces/{ns}/pods",
     ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{ns}/jobs",
