@@ -209,6 +209,16 @@ def test_a_rolling_update_drains_in_flight_requests_while_the_operator_restarts(
     cluster.wait_phase("roll", ns, "Ready", timeout=300)
     old = {p["metadata"]["name"]: p["status"]["podIP"] for p in server_pods(cluster, ns, "roll")}
     assert len(old) == 2 and sorted(a for a, _ in ready_addresses(cluster, ns, "roll")) == sorted(old.values())
+    # the replicas read each other's responses: a conversation begun on one goes on on the other
+    one, other = sorted(old.values())
+    first = httpx.post(f"http://{one}:8000/v1/responses", timeout=60,
+                       json={"model": "demo", "input": "Hello!", "max_output_tokens": 4}).json()
+    follow = httpx.post(f"http://{other}:8000/v1/responses", timeout=60, json={
+        "model": "demo", "input": "And then?", "previous_response_id": first["id"], "max_output_tokens": 4})
+    assert follow.status_code == 200, follow.text
+    assert follow.json()["usage"]["input_tokens"] > first["usage"]["input_tokens"] + first["usage"]["output_tokens"]
+    assert httpx.get(f"http://{other}:8000/v1/responses/{first['id']}", timeout=60).json() == \
+        httpx.get(f"http://{one}:8000/v1/responses/{first['id']}", timeout=60).json()
     # a request that outlasts the rest of the preStop pause but not the server's 25-second shutdown grace, whatever
     # this machine's speed (and the rollout's pods loading beside it): tokens for about 5 seconds, measured now
     started = time.monotonic()
