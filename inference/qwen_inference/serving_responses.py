@@ -3,9 +3,8 @@ template, tools, reasoning, grammars, the prefix cache); what the model writes c
 reasoning, message and function_call, in the order written — whole, or streamed as Responses events.
 
 Responses are kept in this process's memory (`--responses-store` of them, least recently used dropped first)
-for `previous_response_id` and `GET /v1/responses/{id}`: with several replicas behind one Service a follow-up
-may reach a replica that never saw the first response (404), so clients there send the whole conversation with
-`store: false`, as stateless clients do. A response made with `background: true` runs on in a task of its own
+for `previous_response_id` and `GET /v1/responses/{id}`; with several replicas behind one Service, a replica
+reads those another one made through `peers.Peers` (their ids name it). A response made with `background: true` runs on in a task of its own
 whatever the client does: it is kept from the start (queued, then in progress), its events are kept with it, so
 `GET /v1/responses/{id}?stream=true&starting_after=N` streams them again from any point and on to the end, and
 `POST /v1/responses/{id}/cancel` stops it. Reasoning sent back with `include: ["reasoning.encrypted_content"]`
