@@ -109,9 +109,10 @@ class Peers:
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_HEADERS}
         client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, read=None))
         try:
+            query = f"?{request.url.query}" if request.url.query else ""  # as sent: repeated names kept
             upstream = await client.send(client.build_request(
-                request.method, url + request.url.path, params=request.query_params, headers=headers,
-                content=await request.body()), stream=True)
+                request.method, url + request.url.path + query, headers=headers, content=await request.body()),
+                stream=True)
         except httpx.HTTPError as exc:
             await client.aclose()
             raise self._unreachable(url, rid, exc, None) from None

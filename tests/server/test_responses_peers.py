@@ -56,6 +56,12 @@ def test_a_conversation_goes_on_through_another_replica(pair):
     assert cb.responses.retrieve(first.id).model_dump() == ca.responses.retrieve(first.id).model_dump()
     assert [i.model_dump() for i in cb.responses.input_items.list(first.id)] == \
         [i.model_dump() for i in ca.responses.input_items.list(first.id)]
+    # the query as sent, repeated names and all
+    query = "limit=1&order=asc&include=reasoning.encrypted_content&include=message.output_text.logprobs"
+    assert httpx.get(b.url + f"/v1/responses/{first.id}/input_items?{query}").json() == \
+        httpx.get(a.url + f"/v1/responses/{first.id}/input_items?{query}").json()
+    rb, ra = (httpx.get(x.url + f"/v1/responses/{first.id}/input_items?limit=1000") for x in (b, a))
+    assert rb.status_code == ra.status_code == 400 and rb.json()["error"]["param"] == ra.json()["error"]["param"]
     # deleted through B: gone from A
     assert cb.responses.delete(first.id) is None
     assert httpx.get(a.url + f"/v1/responses/{first.id}").status_code == 404
