@@ -355,11 +355,11 @@ def test_unknown_fields_are_refused_by_name(server):
                                                                     "mood": "happy"}]}),
                             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                       "guided_json": {}}),
-                            ("/v1/completions", {"prompt": "hi", "min_p": 0.1})):
+                            ("/v1/completions", {"prompt": "hi", "include_stop_str_in_output": True})):
             r = c.post(route, json=body)
             assert r.status_code == 400, r.text
             err = r.json()["error"]
-            assert err["param"] in ("messages.0.mood", "guided_json", "min_p")
+            assert err["param"] in ("messages.0.mood", "guided_json", "include_stop_str_in_output")
             assert "does not support this field" in err["message"]
 
 
