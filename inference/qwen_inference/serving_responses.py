@@ -4,12 +4,12 @@ reasoning, message and function_call, in the order written — whole, or streame
 
 Responses are kept in this process's memory (`--responses-store` of them, least recently used dropped first)
 for `previous_response_id` and `GET /v1/responses/{id}`; with several replicas behind one Service, a replica
-reads those another one made through `peers.Peers` (their ids name it). A response made with `background: true` runs on in a task of its own
-whatever the client does: it is kept from the start (queued, then in progress), its events are kept with it, so
-`GET /v1/responses/{id}?stream=true&starting_after=N` streams them again from any point and on to the end, and
-`POST /v1/responses/{id}/cancel` stops it. Reasoning sent back with `include: ["reasoning.encrypted_content"]`
-is the reasoning text itself, base64-encoded, not encrypted: the server keeps no key, and the text is the
-client's to read anyway."""
+reads those another one made through `peers.Peers` (their ids name it). A response made with `background: true`
+runs on in a task of its own whatever the client does: it is kept from the start (queued, then in progress),
+its events are kept with it, so `GET /v1/responses/{id}?stream=true&starting_after=N` streams them again from any
+point and on to the end, and `POST /v1/responses/{id}/cancel` stops it. Reasoning sent back with
+`include: ["reasoning.encrypted_content"]` is the reasoning text itself, base64-encoded, not encrypted: the
+server keeps no key, and the text is the client's to read anyway."""
 
 from __future__ import annotations
 
@@ -360,7 +360,8 @@ class ResponsesService:
         params = plan.submission.params
         choice = req.tool_choice
         return ResponseObject(
-            id=self.peers.new_id() if self.peers else "resp_" + _hex(), created_at=now(), status="in_progress", instructions=req.instructions,
+            id=self.peers.new_id() if self.peers else "resp_" + _hex(), created_at=now(), status="in_progress",
+            instructions=req.instructions,
             max_output_tokens=req.max_output_tokens, model=self.state.settings.model_name,
             parallel_tool_calls=plan.tools.parallel, previous_response_id=req.previous_response_id,
             reasoning={"effort": req.reasoning.effort if req.reasoning else None, "summary": None},

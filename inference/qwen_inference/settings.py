@@ -125,6 +125,19 @@ class ServeSettings(BaseSettings):
     def _empty_key_is_none(cls, v: object) -> object:
         return None if v == "" else v
 
+    @field_validator("peer_url")
+    @classmethod
+    def _bracket_ipv6(cls, v: str | None) -> str | None:
+        """An IPv6 pod address as the downward API gives it, bare (`http://fd00::5:8000`, as the operator writes
+        `http://$(POD_IP):8000`): bracketed, the last group being the port (`http://[fd00::5]:8000`)."""
+        if v is None:
+            return v
+        scheme, _, rest = v.partition("://")
+        host, sep, port = rest.rpartition(":")
+        if host.count(":") >= 1 and not host.startswith("[") and sep and port.isdigit():
+            return f"{scheme}://[{host}]:{port}"
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "ServeSettings":
         if self.default_max_tokens > self.max_tokens_cap:

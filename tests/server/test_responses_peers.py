@@ -125,6 +125,22 @@ def test_a_replica_that_cannot_be_reached_is_a_502(pair, key_file):
     assert 'qwen_request_errors_total{reason="peer"}' in metrics
 
 
+def test_an_ipv6_pod_address_is_bracketed(tmp_path):
+    from qwen_inference.settings import ServeSettings
+
+    key = tmp_path / "key"
+    key.write_text(KEY)
+    for given, url in (("http://fd00::5:8000", "http://[fd00::5]:8000"),
+                       ("http://[fd00::5]:8000", "http://[fd00::5]:8000"),
+                       ("http://10.1.2.3:8000", "http://10.1.2.3:8000"),
+                       ("https://peer.example:9443", "https://peer.example:9443")):
+        assert ServeSettings(model="demo", peer_url=given, peer_key_file=str(key)).peer_url == url
+    # and such an id names that replica, which another one reaches
+    a, b = Peers("http://[fd00::5]:8000", KEY.encode()), Peers("http://10.1.2.3:8000", KEY.encode())
+    assert b.origin(a.new_id()) == "http://[fd00::5]:8000"
+    assert httpx.URL("http://[fd00::5]:8000/internal/responses/x").host == "fd00::5"
+
+
 def test_peer_settings_go_together_and_need_a_real_key(tmp_path):
     from pydantic import ValidationError
 

@@ -239,8 +239,9 @@ async def test_stop_token_ids_and_min_tokens(runner):
                                                              min_tokens=4))
         assert (toks, fin.reason) == (plain[:4], "stop")
         stop = 777
-        toks, fin = await run(engine, prompt, SamplingParams(max_tokens=8, temperature=0.8, seed=5, min_tokens=3,
-                                                             logit_bias={stop: 100.0}, stop_token_ids=frozenset({stop})))
+        params = SamplingParams(max_tokens=8, temperature=0.8, seed=5, min_tokens=3, logit_bias={stop: 100.0},
+                                stop_token_ids=frozenset({stop}))
+        toks, fin = await run(engine, prompt, params)
         assert len(toks) == 3 and stop not in toks and fin.reason == "stop"
         # ignore_eos: the end marker neither ends the reply nor is held back by min_tokens
         toks, fin = await run(engine, prompt, SamplingParams(max_tokens=5, temperature=0, logit_bias=forced,
