@@ -35,8 +35,9 @@ class IncrementalDetokenizer:
 class StopStringMatcher:
     """Feeds text through, holding back just enough to see a stop string that arrives in pieces."""
 
-    def __init__(self, stops: list[str] | None) -> None:
+    def __init__(self, stops: list[str] | None, keep: bool = False) -> None:
         self.stops = [s for s in (stops or []) if s]
+        self.keep = keep  # the stop string met is part of the text given (vLLM's include_stop_str_in_output)
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.buffer = ""
         self.stopped = False
@@ -54,7 +55,7 @@ class StopStringMatcher:
         found = [(i, -len(s), s) for s in self.stops if (i := self.buffer.find(s)) >= 0] if search else []
         if found:
             cut, _, self.matched = min(found)
-            out, self.buffer = self.buffer[:cut], ""
+            out, self.buffer = self.buffer[:cut + (len(self.matched) if self.keep else 0)], ""
             self.stopped = True
             return out
         keep = self._tail_to_keep()

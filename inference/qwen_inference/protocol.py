@@ -274,6 +274,7 @@ class SamplingFields(OpenAIModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM, llama.cpp
     min_tokens: int | None = Field(None, ge=0)  # vLLM: no end before this many tokens
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # vLLM
+    include_stop_str_in_output: bool = False  # vLLM: the stop string met stays at the end of the reply
     n: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None

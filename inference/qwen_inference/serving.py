@@ -200,9 +200,10 @@ class ChoiceText:
     """One choice's generated text, token by token: detokenized incrementally, cut at a stop string, with the
     tokens whose text has not gone out yet held for their log-probabilities."""
 
-    def __init__(self, tokenizer, stops: list[str] | None, logprobs: bool, min_tokens: int = 0) -> None:
+    def __init__(self, tokenizer, stops: list[str] | None, logprobs: bool, min_tokens: int = 0,
+                 keep_stop: bool = False) -> None:
         self.detok = IncrementalDetokenizer(tokenizer)
-        self.stop = StopStringMatcher(stops)
+        self.stop = StopStringMatcher(stops, keep=keep_stop)
         self.logprobs = logprobs
         self.min_tokens = min_tokens  # stop strings count from the token after these (vLLM's min_tokens)
         self.tokens = 0

@@ -46,6 +46,7 @@ class ChatPlan:
     tools: ToolPlan
     logprobs: bool
     messages: list[dict]
+    keep_stop: bool = False  # vLLM's include_stop_str_in_output: the stop string met stays in the reply
 
 
 class ChatChoice:
@@ -239,6 +240,7 @@ class ChatService(GenerationService):
             submission=Submission(prompt_ids, params, EngineRequest(
                 n=n, constraint=constraint, continues=bool(tools.tools) or kwargs.get("preserve_thinking") is True)),
             stops=req.stop,  # type: ignore[arg-type]
+            keep_stop=req.include_stop_str_in_output,
             n=n,
             thinking=thinking,
             tool_style=self.traits.tool_style if tools.tools else None,
@@ -300,7 +302,7 @@ class ChatService(GenerationService):
         tok = self.state.model.tokenizer
         parser = OutputParser(plan.thinking, plan.tool_style, plan.tools.tools, incremental=plan.tools.forced)
         one_call = plan.tool_style is not None and not plan.tools.parallel and not plan.tools.forced
-        text = ChoiceText(tok, plan.stops, plan.logprobs, plan.submission.params.min_tokens)
+        text = ChoiceText(tok, plan.stops, plan.logprobs, plan.submission.params.min_tokens, plan.keep_stop)
         return ChatChoice(index, text, parser, one_call)
 
     async def choice_events(self, handle, choices: list[ChatChoice]) -> AsyncIterator[tuple]:

@@ -94,7 +94,8 @@ class CompletionService(GenerationService):
             request.state.reply = ""
         tok = self.state.model.tokenizer
         stops: list[str] | None = req.stop  # type: ignore[assignment]  (made a list by the request's validator)
-        choices = [TextChoice(i * n + j, i, ChoiceText(tok, stops, req.logprobs is not None, req.min_tokens or 0))
+        choices = [TextChoice(i * n + j, i, ChoiceText(tok, stops, req.logprobs is not None, req.min_tokens or 0,
+                                                      req.include_stop_str_in_output))
                    for i in range(len(prompts)) for j in range(n)]
         if req.logprobs is not None:
             for c in choices:

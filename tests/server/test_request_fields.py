@@ -355,11 +355,11 @@ def test_unknown_fields_are_refused_by_name(server):
                                                                     "mood": "happy"}]}),
                             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                       "guided_json": {}}),
-                            ("/v1/completions", {"prompt": "hi", "include_stop_str_in_output": True})):
+                            ("/v1/completions", {"prompt": "hi", "skip_special_tokens": False})):
             r = c.post(route, json=body)
             assert r.status_code == 400, r.text
             err = r.json()["error"]
-            assert err["param"] in ("messages.0.mood", "guided_json", "include_stop_str_in_output")
+            assert err["param"] in ("messages.0.mood", "guided_json", "skip_special_tokens")
             assert "does not support this field" in err["message"]
 
 

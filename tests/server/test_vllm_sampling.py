@@ -1,6 +1,6 @@
-"""vLLM's sampling fields on chat and text completions, as its clients send them: `min_p`, `stop_token_ids` and
-`min_tokens` (which holds back the end marker, stop tokens and stop strings), whole and streamed; bad values
-refused by field."""
+"""vLLM's sampling fields on chat and text completions, as its clients send them: `min_p`, `stop_token_ids`,
+`min_tokens` (which holds back the end marker, stop tokens and stop strings) and `include_stop_str_in_output`,
+whole and streamed; bad values refused by field."""
 
 from __future__ import annotations
 
@@ -65,6 +65,29 @@ def test_stop_token_ids_end_the_reply(server, route):
             for c in json.loads(e)["choices"]:
                 streamed += c.get("text") or (c.get("delta") or {}).get("content") or ""
         assert streamed == " alpha beta"
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_include_stop_str_in_output_keeps_the_stop_string(server, route):
+    body = {"messages": HI} if route.endswith("chat/completions") else {"prompt": "Once"}
+    body = {**body, "max_tokens": 10, "stop": ["zz", "ta ga"], "include_stop_str_in_output": True}
+    with Scripted(server) as s:
+        for rid in ("keep", "keep-s", "drop"):
+            s.say(rid, " alpha beta gamma delta")
+        r = httpx.post(server.url + route, json=body, timeout=60, headers={"X-Request-ID": "keep"}).json()
+        choice = r["choices"][0]
+        assert (choice.get("text") or choice.get("message", {}).get("content")) == " alpha beta ga"
+        assert choice["finish_reason"] == "stop"
+        streamed = ""
+        for e in sse_events(httpx.post(server.url + route, json={**body, "stream": True}, timeout=60,
+                                       headers={"X-Request-ID": "keep-s"}).content)[:-1]:
+            for c in json.loads(e)["choices"]:
+                streamed += c.get("text") or (c.get("delta") or {}).get("content") or ""
+        assert streamed == " alpha beta ga"
+        r = httpx.post(server.url + route, json={**body, "include_stop_str_in_output": False}, timeout=60,
+                       headers={"X-Request-ID": "drop"}).json()
+        choice = r["choices"][0]
+        assert (choice.get("text") or choice.get("message", {}).get("content")) == " alpha be"
 
 
 def test_min_tokens_holds_back_the_end_marker(server):
