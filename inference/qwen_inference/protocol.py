@@ -202,9 +202,11 @@ class ChatMessage(OpenAIModel):
         return self.reasoning if self.reasoning is not None else self.reasoning_content
 
 
+NO_OBFUSCATION = "stream obfuscation is not supported; leave include_obfuscation out or set it to false"
+
+
 class ResponsesStreamOptions(OpenAIModel):
-    include_obfuscation: Refused(
-        "stream obfuscation is not supported; leave include_obfuscation out or set it to false", False) = None
+    include_obfuscation: Refused(NO_OBFUSCATION, False) = None
 
 
 class StreamOptions(ResponsesStreamOptions):

@@ -272,7 +272,7 @@ def listed(items: list[Any]) -> list[dict[str, Any]]:
 
 @dataclass
 class Stored:
-    body: dict[str, Any]  # the response as returned (a background one's as it was made, until it ends)
+    body: dict[str, Any]  # the response as returned (a background one is read from its run instead)
     items: list[Any]  # the input items it answered, the previous responses' included (without instructions)
     own: list[dict[str, Any]] = field(default_factory=list)  # this request's input items, as listed
     run: "_Run | None" = None  # a background response's run, live or ended: its state and its events
@@ -556,7 +556,6 @@ class _Run:
         r = self.response
         r.status = "incomplete" if cut else "completed"
         r.incomplete_details = IncompleteDetails(reason="max_output_tokens") if cut else None
-        r.output = self.output.items
         reasoning = self.output.reasoning_text()
         tok = self.service.state.model.tokenizer
         r.usage = ResponseUsage(
@@ -570,7 +569,7 @@ class _Run:
 
     def _failed(self, code: str, message: str) -> dict[str, Any]:
         r = self.response
-        r.status, r.error, r.output = "failed", ResponseError(code=code, message=message), self.output.items
+        r.status, r.error = "failed", ResponseError(code=code, message=message)
         return self._keep()
 
     def _keep(self) -> dict[str, Any]:
@@ -670,8 +669,7 @@ class _Run:
         """Stop the response if it has not ended: its status becomes cancelled, with the output written so far."""
         if self.done or self.task is None or self.task.done():  # done: ended, its `_ended` about to run
             return
-        r = self.response
-        r.status, r.output = "cancelled", self.output.items
+        self.response.status = "cancelled"
         for ev in self.output.close("incomplete"):
             self._emit(ev)
         self.chat.stream_left(self.request, self.chat.reply_text([self.choice]))

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from ..errors import bad_request
-from ..protocol import (InputItemList, InputTokens, InputTokensRequest, ResponseDeleted, ResponseObject,
-                        ResponsesRequest)
+from ..protocol import (NO_OBFUSCATION, InputItemList, InputTokens, InputTokensRequest, ResponseDeleted,
+                        ResponseObject, ResponsesRequest)
 from ..serving_responses import ResponsesService
 from .common import json_body, read_json, require_key, require_ready
 
@@ -68,8 +68,7 @@ async def get_response(response_id: str, request: Request, stream: bool = False,
                        = Query(None)) -> Response:
     # include: a response is kept with what its request included
     if include_obfuscation:
-        raise bad_request("stream obfuscation is not supported; leave include_obfuscation out or set it to false",
-                          "include_obfuscation")
+        raise bad_request(NO_OBFUSCATION, "include_obfuscation")
     service = responses_service(request)
     return await here_or_origin(request, response_id, lambda: service.get(response_id, stream, starting_after))
 
