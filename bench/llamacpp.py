@@ -40,17 +40,31 @@ def source_dir() -> Path:
     return src / "vendor" / "llama.cpp"
 
 
-def binaries() -> Path:
-    build = CACHE / "build"
+# ggml's instruction sets for each cap of `make bench --max-cpu-isa` (QWEN_MAX_CPU_ISA): llama.cpp built for a CPU of
+# that kind instead of for this one (GGML_NATIVE)
+ISA_FLAGS = {
+    "avx512_vnni": ["-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=OFF"],
+    "avx512": ["-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX512_BF16=OFF"],
+    "avx2": ["-DGGML_AVX512=OFF"],
+}
+COMMON_ISA = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+              "-DGGML_BMI2=ON", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX_VNNI=OFF"]
+
+
+def binaries(max_isa: str | None = None) -> Path:
+    """llama-server, llama-bench and llama-quantize, for this CPU or, with `max_isa`, for one with those
+    instruction sets at most."""
+    build = CACHE / ("build" if max_isa in (None, "avx512_bf16") else f"build-{max_isa}")
     targets = ("llama-server", "llama-bench", "llama-quantize")
     if all((build / "bin" / t).exists() for t in targets):
         return build / "bin"
     src = source_dir()
     started = time.monotonic()
     log(f"building llama-server from {src} (several minutes, once)")
+    isa = ["-DGGML_NATIVE=ON"] if max_isa in (None, "avx512_bf16") else COMMON_ISA + ISA_FLAGS[max_isa]
     subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    "-DGGML_NATIVE=ON"], check=True, capture_output=True)
+                    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", *isa],
+                   check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "--target", *targets, "-j2"], check=True, capture_output=True)
     log(f"built in {time.monotonic() - started:.0f}s")
     return build / "bin"

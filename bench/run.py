@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from qwen_inference.sysinfo import MAX_CPU_ISA_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from devcluster import free_port  # noqa: E402  (the project's one helper for a free loopback port)
@@ -393,8 +395,12 @@ def cpu_info() -> dict:
     if "cpu family" in fields and "model" in fields:  # a VM may hide the marketing name ("AMD EPYC"): say which
         name += f" (family {fields['cpu family']}, model {fields['model']})"
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
-    return {"model": name, "flags": [f for f in wanted if f in cpu_flags()], "cpus": os.cpu_count(),
+    info = {"model": name, "flags": [f for f in wanted if f in cpu_flags()], "cpus": os.cpu_count(),
             "loadavg": os.getloadavg()[0]}
+    cap = os.environ.get(MAX_CPU_ISA_ENV)
+    if cap:
+        info["max_cpu_isa"] = cap  # the flags above are what the engine, oneDNN and llama.cpp were held to
+    return info
 
 
 def servers(model: Path, smoke: bool, skip_llamacpp: bool, only: list[str] | None = None,
@@ -431,7 +437,7 @@ def servers(model: Path, smoke: bool, skip_llamacpp: bool, only: list[str] | Non
     if not smoke and not skip_llamacpp:
         from . import llamacpp
 
-        bins = llamacpp.binaries()
+        bins = llamacpp.binaries(os.environ.get("QWEN_MAX_CPU_ISA") or None)
         for outtype in ("bf16", "q8_0", "q4_k_m"):
             gguf = llamacpp.quantize(model, "Q4_K_M") if outtype == "q4_k_m" else llamacpp.convert(model, outtype)
             p = free_port()
@@ -504,7 +510,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long-context", type=int, default=None, metavar="TOKENS",
                     help=f"with the paired rounds: qwen-serve (bf16) and llama.cpp bf16 paired again on prompts of "
                          f"this many tokens (default {LONG_CONTEXT_TOKENS}, {SMOKE_LONG_CONTEXT} in --smoke; 0: not)")
+    ap.add_argument("--max-cpu-isa", choices=("avx512_vnni", "avx512", "avx2"), default=None,
+                    help="measure as on a CPU with these instruction sets at most: qwen-serve and the transformers "
+                         "baselines run with QWEN_MAX_CPU_ISA and ONEDNN_MAX_CPU_ISA set, llama.cpp is built for it "
+                         "(avx512_vnni: Cascade Lake and Ice Lake; avx512: Skylake-SP; avx2: Zen 2 and 3)")
     a = ap.parse_args(argv)
+    if a.max_cpu_isa:
+        from qwen_inference.sysinfo import ONEDNN_ISAS
+
+        os.environ[MAX_CPU_ISA_ENV] = a.max_cpu_isa  # before cpu_info reads the flags; every server inherits it
+        os.environ["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISAS[a.max_cpu_isa]
+        if a.max_cpu_isa == "avx2":
+            os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
     levels = [int(x) for x in (a.levels or ("1,2" if a.smoke else "1,4,16")).split(",")]
     model = model_dir(a.smoke, a.model)
     cpu = cpu_info()
@@ -546,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m bench.run " + " ".join(argv or sys.argv[1:])}
     if a.paired == "only":
         stamp += "-paired"
+    if a.max_cpu_isa and not a.smoke:
+        stamp += f"-{a.max_cpu_isa}"
     (a.out_dir / f"{stamp}.json").write_text(json.dumps({"meta": meta, "runs": runs, "paired": pairs,
                                                         "conversation": talk}, indent=2))
     from qwen_inference.bench.cli import chart
@@ -554,7 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     if measured:
         chart(measured, a.out_dir / f"{stamp}.png", title=f"{model.name}, {PROMPT_TOKENS}-token prompts, "
                                                           f"{OUTPUT_TOKENS} tokens out")
-    md = (f"Run {meta['date']} on {cpu['model']} ({cpu['cpus']} CPUs; {', '.join(cpu['flags'])}), model {model.name}: "
+    held = f", held to {a.max_cpu_isa} (QWEN_MAX_CPU_ISA, ONEDNN_MAX_CPU_ISA, llama.cpp built for it)" \
+        if a.max_cpu_isa else ""
+    md = (f"Run {meta['date']} on {cpu['model']} ({cpu['cpus']} CPUs; {', '.join(cpu['flags'])}{held}), model "
+          f"{model.name}: "
           f"`{meta['command']}`\n\n" + (table(measured) + "\n" if measured else "")
           + "".join(structured_table(r) for r in runs if "structured" in r) + (paired_table(pairs) if pairs else "")
           + (conversation_table(talk) if talk else ""))

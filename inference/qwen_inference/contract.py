@@ -73,6 +73,8 @@ OTHER_ENV: frozenset[str] = frozenset({
     "QWEN_TEST_KEDA",
     # where the engine's compiled CPU kernels live (read wherever the engine runs, qwen-serve or not)
     "QWEN_KERNELS_DIR",
+    # the most the engine's kernels (and torch's oneDNN) may use of the CPU's instruction sets (sysinfo.max_cpu_isa)
+    "QWEN_MAX_CPU_ISA",
     # scripts/devcluster.py: where the local control plane keeps its state
     "QWEN_DEV_CLUSTER_STATE", "QWEN_DEV_CLUSTER_PROCESS_NODES",
     # scripts/nodeagent: where the process nodes keep their shared network registry

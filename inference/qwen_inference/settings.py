@@ -18,7 +18,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .contract import ENV_PREFIX, env_name, is_other_program_env
-from .sysinfo import cgroup_cpu_limit
+from .sysinfo import cgroup_cpu_limit, max_cpu_isa
 
 
 def default_cache_dir() -> Path:
@@ -50,7 +50,8 @@ class ServeSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32."
+        "auto", description="auto: bfloat16 on CUDA and on CPUs with AVX512 (where the engine's kernels run), "
+        "else float32."
     )
     quantize: Literal["none", "int8", "int4"] = Field(
         "none", description="CPU only. int8: int8 weights and per-token int8 activations: half the memory of "
@@ -116,6 +117,10 @@ class ServeSettings(BaseSettings):
     @classmethod
     def _refuse_unknown_env(cls, data: Any) -> Any:
         problems = unknown_env(os.environ)
+        try:
+            max_cpu_isa()
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise PydanticCustomError("unknown_env", "{problems}", {"problems": "; ".join(problems)})
         return data

@@ -75,16 +75,46 @@ def available_memory() -> int:
     return max(0, min(host, limit - used))
 
 
+# caps the instructions the engine uses below what the CPU has, as ONEDNN_MAX_CPU_ISA caps oneDNN's (which the
+# engine's torch operators use): to measure or reproduce on one machine what a CPU of an older kind does
+MAX_CPU_ISA_ENV = "QWEN_MAX_CPU_ISA"
+_AMX = {"amx_bf16", "amx_int8", "amx_tile", "amx_fp16"}
+# each cap, the flags it hides: avx512_bf16 (Zen 4, Sapphire Rapids without AMX), avx512_vnni (Cascade Lake, Ice
+# Lake), avx512 (Skylake-SP), avx2 (no AVX512: Zen 2 and 3, Haswell, Broadwell)
+MAX_CPU_ISAS: dict[str, frozenset[str]] = {
+    "avx512_bf16": frozenset(_AMX),
+    "avx512_vnni": frozenset(_AMX | {"avx512_bf16", "avx512_fp16"}),
+    "avx512": frozenset(_AMX | {"avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni"}),
+}
+# ONEDNN_MAX_CPU_ISA's name for each cap (oneDNN reads it once, at its first primitive)
+ONEDNN_ISAS = {"avx512_bf16": "AVX512_CORE_BF16", "avx512_vnni": "AVX512_CORE_VNNI", "avx512": "AVX512_CORE",
+               "avx2": "AVX2"}
+
+
+def max_cpu_isa() -> str | None:
+    """The cap QWEN_MAX_CPU_ISA sets, or None; ValueError for a value that names no cap."""
+    value = os.environ.get(MAX_CPU_ISA_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in ONEDNN_ISAS:
+        raise ValueError(f"{MAX_CPU_ISA_ENV}={value!r} names no instruction set; one of {', '.join(ONEDNN_ISAS)}")
+    return value
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (read once: the engine asks every step)."""
+    """The CPU's feature flags (read once: the engine asks every step), less those above QWEN_MAX_CPU_ISA."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
+            flags = frozenset(line.split(":", 1)[1].split())
+            cap = max_cpu_isa()
+            if cap == "avx2":
+                return frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+            return flags - MAX_CPU_ISAS[cap] if cap else flags
     return frozenset()
 
 

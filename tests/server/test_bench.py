@@ -162,3 +162,25 @@ def test_a_server_that_fails_mid_conversation_ends_the_rounds_and_keeps_the_run(
     assert talk["failed"].startswith("gone failed in round 1: ConnectError")
     table = conversation_table(talk)
     assert "Not finished: gone failed in round 1" in table and "| qwen-serve |" not in table
+
+
+def test_a_run_held_to_an_older_cpu_names_the_cap_and_builds_llama_cpp_for_it(monkeypatch):
+    """`make bench --max-cpu-isa`: the CPU's record says what the run was held to, without the flags above it, and
+    llama.cpp is configured for that CPU instead of for this one."""
+    from bench import llamacpp
+    from bench.run import cpu_info
+    from qwen_inference import sysinfo
+
+    monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, "avx512_vnni")
+    sysinfo.cpu_flags.cache_clear()
+    try:
+        info = cpu_info()
+    finally:
+        monkeypatch.delenv(sysinfo.MAX_CPU_ISA_ENV)
+        sysinfo.cpu_flags.cache_clear()
+    assert info["max_cpu_isa"] == "avx512_vnni" and "avx512_bf16" not in info["flags"]
+    assert "max_cpu_isa" not in cpu_info()
+    for cap, flags in llamacpp.ISA_FLAGS.items():
+        assert cap in sysinfo.ONEDNN_ISAS and "-DGGML_NATIVE=OFF" in llamacpp.COMMON_ISA
+        assert ("-DGGML_AVX512=ON" in flags) == cap.startswith("avx512")
+        assert ("-DGGML_AVX512_VNNI=ON" in flags) == (cap == "avx512_vnni") and "-DGGML_AVX512_BF16=ON" not in flags

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -503,3 +504,93 @@ def test_qwen3_5_decode_rows_run_the_fused_operators_and_agree_with_torch(k, tin
         assert torch.allclose(got, want, atol=tol, rtol=tol)
     for layer, states in results[0][1].tensors.items():
         assert torch.allclose(states["ssm"], results[1][1][layer]["ssm"], atol=tol, rtol=tol)
+
+
+@pytest.fixture
+def held_to(k, monkeypatch):
+    """Hold the engine to an older CPU's instruction sets, as QWEN_MAX_CPU_ISA does at start: the flags the
+    platform reads and the kernels' own choice; both set back afterwards."""
+    from qwen_inference import sysinfo
+
+    def hold(cap: str) -> None:
+        monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, cap)
+        sysinfo.cpu_flags.cache_clear()
+        k.set_max_isa(cap)
+
+    yield hold
+    monkeypatch.delenv(sysinfo.MAX_CPU_ISA_ENV, raising=False)
+    sysinfo.cpu_flags.cache_clear()
+    k.set_max_isa("")
+
+
+def test_the_kernels_hold_to_the_instruction_sets_they_are_allowed(k, held_to):
+    native_vnni, native_isa = k.has_vnni(), k.isa()
+    x, w = torch.randn(3, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+    held_to("avx512_vnni")
+    assert k.isa() == "avx512f" and k.has_vnni() == native_vnni
+    with pytest.raises(RuntimeError, match="unknown isa avx512_bf16"):
+        k.linear_bf16(x, w, None, False, "avx512_bf16")
+    assert torch.allclose(k.linear_bf16(x, w, None, True), x.float() @ w.float().T, atol=1e-3, rtol=1e-4)
+    held_to("avx512")
+    assert k.isa() == "avx512f" and not k.has_vnni()
+    with pytest.raises(RuntimeError, match="unknown instruction set avx513"):
+        k.set_max_isa("avx513")
+    k.set_max_isa("")
+    assert k.isa() == native_isa and k.has_vnni() == native_vnni
+
+
+def test_cap_isa_holds_torchs_operators_to_the_same_instruction_sets(monkeypatch):
+    from qwen_inference import sysinfo
+
+    for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, "avx512_vnni")
+    assert kernels.cap_isa() == "avx512_vnni"
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_VNNI" and "ATEN_CPU_CAPABILITY" not in os.environ
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")  # one set by hand stays
+    monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, "avx2")
+    assert kernels.cap_isa() == "avx2"
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE" and os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
+    monkeypatch.delenv(sysinfo.MAX_CPU_ISA_ENV)
+    assert kernels.cap_isa() is None
+
+
+def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_widened(k, held_to, tiny_model,
+                                                                                      monkeypatch):
+    """On an AVX512 CPU without AVX512-BF16 (Cascade Lake, Ice Lake), `--dtype auto` is bf16 where the kernels load
+    (float32 where they do not), and every step short of float32's widening runs the kernel, which gives torch's
+    logits; from the widening on, torch's float32 matmuls."""
+    from qwen_inference.engine.models import load_model
+    from qwen_inference.engine.platform import CPU_WIDEN_MIN_TOKENS, KERNEL_ROWS, LOGIT_KERNEL_ROWS, Platform
+    from qwen_inference.engine.weights import linear
+
+    from .test_engine import prompt_logits
+
+    if "avx512_bf16" in cpu_flags():
+        native = Platform.resolve("cpu", "auto")
+        assert native.dtype == torch.bfloat16 and native.matmul_kernel_rows == KERNEL_ROWS
+        assert native.logit_kernel_rows == LOGIT_KERNEL_ROWS and native.widen_min_tokens is None
+    held_to("avx512_vnni")
+    platform = Platform.resolve("cpu", "auto")
+    assert platform.dtype == torch.bfloat16 and platform.widen_min_tokens == CPU_WIDEN_MIN_TOKENS
+    assert platform.matmul_kernel_rows == platform.logit_kernel_rows == range(1, CPU_WIDEN_MIN_TOKENS)
+    fast = load_model(tiny_model, platform)
+    slow = load_model(tiny_model, platform)
+    slow.linear, slow.fused = linear, False
+    real, calls = torch.ops.qwen.linear_bf16, []
+
+    def counted(x, *args):
+        calls.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(torch.ops.qwen, "linear_bf16", counted)
+    for n in (1, KERNEL_ROWS[-1] + 1, 30, CPU_WIDEN_MIN_TOKENS - 1, CPU_WIDEN_MIN_TOKENS):
+        ids = list(range(900, 900 + n))
+        calls.clear()
+        a = prompt_logits(fast, ids)
+        assert set(calls) == ({n} if n < CPU_WIDEN_MIN_TOKENS else set())
+        b = prompt_logits(slow, ids)
+        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    monkeypatch.setattr(kernels, "load", lambda build_if_missing=True: False)
+    assert Platform.resolve("cpu", "auto").dtype == torch.float32

@@ -75,3 +75,36 @@ def test_memory_limit(tmp_path):
     assert sysinfo.cgroup_memory_limit(tmp_path) == 1 << 30
     (tmp_path / "memory.max").write_text("max\n")
     assert sysinfo.cgroup_memory_limit(tmp_path) is None
+
+
+def test_max_cpu_isa_hides_the_flags_above_it(monkeypatch):
+    """QWEN_MAX_CPU_ISA holds the engine to an older CPU's instruction sets: the flags above the cap are gone from
+    what the engine reads, each cap names oneDNN's, and a name that is no cap is refused, by qwen-serve at start."""
+    sysinfo.cpu_flags.cache_clear()
+    real = sysinfo.cpu_flags()
+    try:
+        for cap, gone in (("avx512_vnni", {"avx512_bf16", "amx_bf16"}),
+                          ("avx512", {"avx512_bf16", "avx512_vnni", "amx_int8"}),
+                          ("avx2", {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"})):
+            monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, cap.upper())
+            sysinfo.cpu_flags.cache_clear()
+            assert sysinfo.max_cpu_isa() == cap and sysinfo.ONEDNN_ISAS[cap]
+            assert not sysinfo.cpu_flags() & gone
+            assert sysinfo.cpu_flags() == real - {f for f in real if f in gone or (cap == "avx2" and
+                                                                                  f.startswith(("avx512", "amx")))}
+            assert not sysinfo.cpu_has_fast_bf16()
+        monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, "avx512_bf16")
+        sysinfo.cpu_flags.cache_clear()
+        assert sysinfo.cpu_flags() == real - {"amx_bf16", "amx_int8", "amx_tile", "amx_fp16"}
+        ServeSettings()  # a known cap is a known variable
+        monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, "avx513")
+        with pytest.raises(ValueError, match="names no instruction set; one of avx512_bf16, avx512_vnni"):
+            sysinfo.max_cpu_isa()
+        with pytest.raises(ValidationError, match="QWEN_MAX_CPU_ISA='avx513' names no instruction set"):
+            ServeSettings()
+        monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, "")
+        assert sysinfo.max_cpu_isa() is None
+    finally:
+        monkeypatch.delenv(sysinfo.MAX_CPU_ISA_ENV, raising=False)
+        sysinfo.cpu_flags.cache_clear()
+    assert sysinfo.cpu_flags() == real

@@ -20,6 +20,9 @@ CPU_WIDEN_MIN_TOKENS = 48
 # four, 60 against 64 at twelve (bf16; int8 10 against 20, 19 against 34, 42 against 46); from 16 rows on oneDNN
 # is level or ahead (bench/README.md)
 KERNEL_ROWS = range(1, 13)
+# on AVX512 CPUs without AVX512-BF16, oneDNN's bf16 matmul converts in software and the kernel (which widens in
+# registers) is ahead at every row count measured (1 to 64; bench/README.md): it takes every step that is not widened
+# to float32 (CPU_WIDEN_MIN_TOKENS and more)
 # the output layer's rows (one per sequence that samples) on the bf16 kernel, float32 out: 9.1 against 12.0 ms at one
 # row and 20.8 against 24.3 at sixteen for Qwen2.5-0.5B's 151 936 × 896 output layer, 39 against 35 at 32
 LOGIT_KERNEL_ROWS = range(1, 17)
@@ -40,7 +43,13 @@ def _dtype(name: str, kind: str) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         from ..sysinfo import cpu_has_fast_bf16
 
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        if cpu_has_fast_bf16():
+            return torch.bfloat16
+        # AVX512 without BF16 (Skylake-SP, Cascade Lake, Ice Lake): the engine's kernels widen bf16 weights in
+        # registers, and a decode step, bound by the bytes it reads, takes a fifth of float32's (bench/README.md)
+        from . import kernels
+
+        return torch.bfloat16 if kernels.load() else torch.float32
     try:
         return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
     except KeyError:
@@ -141,8 +150,9 @@ class Platform:
     # ---- kernels ------------------------------------------------------------------------------------
     @property
     def widen_min_tokens(self) -> int | None:
-        """On CPUs without bfloat16 instructions (bf16 asked for explicitly), bfloat16 matmuls win while
-        memory-bound (decode) but lose to float32 once compute-bound: steps of at least this many tokens run
+        """On CPUs without bfloat16 instructions (bf16 by default on AVX512, where the engine's kernels run; asked
+        for explicitly elsewhere), bfloat16 matmuls win while memory-bound (decode) but lose to float32 once
+        compute-bound: steps of at least this many tokens run
         their matmuls in float32. On CPUs with AVX512-BF16 or AMX, bf16 matmuls win at every size (several times
         over float32 on a prompt chunk, measured): never widen. None: never widen."""
         from ..sysinfo import cpu_has_fast_bf16
@@ -151,6 +161,20 @@ class Platform:
                 and not cpu_has_fast_bf16():
             return CPU_WIDEN_MIN_TOKENS
         return None
+
+    @property
+    def matmul_kernel_rows(self) -> range:
+        """Steps of how many rows the bf16 matmul kernel runs (the fused small operators keep `KERNEL_ROWS`)."""
+        from ..sysinfo import cpu_has_fast_bf16
+
+        return KERNEL_ROWS if cpu_has_fast_bf16() else range(1, CPU_WIDEN_MIN_TOKENS)
+
+    @property
+    def logit_kernel_rows(self) -> range:
+        """Rows of the output layer the bf16 kernel runs, float32 out."""
+        from ..sysinfo import cpu_has_fast_bf16
+
+        return LOGIT_KERNEL_ROWS if cpu_has_fast_bf16() else range(1, CPU_WIDEN_MIN_TOKENS)
 
     def compute_dtype(self, tokens: int) -> torch.dtype:
         """The activations' dtype for a step of `tokens` rows."""
@@ -200,8 +224,10 @@ class Platform:
 
             return linear_int8_small_rows
 
+        rows = self.matmul_kernel_rows
+
         def linear_small_rows(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-            if x.shape[0] in KERNEL_ROWS and x.dtype == torch.bfloat16 and getattr(w, "dtype", None) == \
+            if x.shape[0] in rows and x.dtype == torch.bfloat16 and getattr(w, "dtype", None) == \
                     torch.bfloat16:
                 return ops.linear_bf16(x.contiguous(), w, b)
             return linear(x, w, b)
@@ -220,9 +246,10 @@ class Platform:
         if self.dtype != torch.bfloat16 or not self.cpu_kernels():
             return widened
         op = torch.ops.qwen.linear_bf16
+        rows = self.logit_kernel_rows
 
         def logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            if x.shape[0] in LOGIT_KERNEL_ROWS and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:
+            if x.shape[0] in rows and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:
                 return op(x.contiguous(), w, None, True)
             return widened(x, w)
 

@@ -72,11 +72,27 @@ def build() -> Path:
     return out / f"{name}.so"
 
 
+def cap_isa() -> str | None:
+    """Apply QWEN_MAX_CPU_ISA to torch's own operators: oneDNN's (ONEDNN_MAX_CPU_ISA) and, for a cap below AVX512,
+    ATen's vectorised ones (ATEN_CPU_CAPABILITY); each read at its first use, and left as it is where already set.
+    Returns the cap."""
+    from ...sysinfo import ONEDNN_ISAS, max_cpu_isa
+
+    cap = max_cpu_isa()
+    if cap is not None:
+        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", ONEDNN_ISAS[cap])
+        if cap == "avx2":
+            os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+    return cap
+
+
 def load(build_if_missing: bool = True) -> bool:
     """Make `torch.ops.qwen.*` available: load the library, building it first if it is missing. False (with
-    the reason in `unavailable()`) when it cannot be had here."""
+    the reason in `unavailable()`) when it cannot be had here. QWEN_MAX_CPU_ISA caps the instructions the kernels
+    (and torch's operators) use."""
     with _lock:
         if "ok" not in _state:
+            cap_isa()
             _state["ok"], _state["reason"] = _load(build_if_missing)
             if not _state["ok"]:
                 log.info("CPU kernels unavailable, using torch's: %s", _state["reason"])
@@ -106,6 +122,9 @@ def _load(build_if_missing: bool) -> tuple[bool, str | None]:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as exc:
         return False, f"loading {path} failed: {exc}"
+    from ...sysinfo import max_cpu_isa
+
+    torch.ops.qwen.set_max_isa(max_cpu_isa() or "")
     if not torch.ops.qwen.isa():
         return False, "this CPU has no AVX512"
     return True, None

@@ -32,8 +32,13 @@ inline uint16_t float_to_bf16(float v) {  // round to nearest even, as torch rou
 
 constexpr int MR = 4;  // activation rows per pass over a weight row (which stays in L1 between passes)
 
-inline bool has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16"); }
-inline bool has_avx512_vnni() { return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"); }
+// The most the kernels use, as ONEDNN_MAX_CPU_ISA caps oneDNN (set_max_isa, from QWEN_MAX_CPU_ISA): 2 all the CPU
+// has, 1 AVX512-VNNI without AVX512-BF16 (Cascade Lake, Ice Lake), 0 AVX512F, BW and VL alone (Skylake-SP)
+std::atomic<int> max_isa{2};
+inline bool has_avx512_bf16() { return max_isa.load() >= 2 && __builtin_cpu_supports("avx512bf16"); }
+inline bool has_avx512_vnni() {
+  return max_isa.load() >= 1 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+}
 inline bool has_avx512f() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
@@ -1093,6 +1098,13 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 
 std::string isa_op() { return isa(); }
 
+void set_max_isa(const std::string& cap) {
+  if (cap == "avx512_bf16" || cap.empty()) max_isa = 2;
+  else if (cap == "avx512_vnni") max_isa = 1;
+  else if (cap == "avx512") max_isa = 0;
+  else TORCH_CHECK(false, "set_max_isa: unknown instruction set ", cap, " (avx512_bf16, avx512_vnni or avx512)");
+}
+
 // How many of torch's threads an at::parallel_for over n items runs on (tests check that the kernels are parallel)
 int64_t parallel_threads(int64_t n) {
   std::atomic<uint64_t> seen{0};
@@ -1104,6 +1116,7 @@ int64_t parallel_threads(int64_t n) {
 // and profiles show the kernels by name
 TORCH_LIBRARY(qwen, m) {
   m.def("isa() -> str", &isa_op);
+  m.def("set_max_isa(str isa) -> ()", &set_max_isa);
   m.def("parallel_threads(int n) -> int", &parallel_threads);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None, bool fp32_out=False, str isa=\"\") -> Tensor");
   m.def("has_vnni() -> bool", &has_vnni_op);
