@@ -104,7 +104,7 @@ def convert(model_dir: Path, outtype: str) -> Path:
     return out
 
 
-def quantize(model_dir: Path, qtype: str = "Q4_K_M") -> Path:
+def quantize(model_dir: Path, qtype: str = "Q4_K_M", max_isa: str | None = None) -> Path:
     """The bf16 GGUF quantized by llama.cpp's own llama-quantize (Q4_K_M: the default CPU users know)."""
     out = CACHE / "models" / f"{model_dir.name}-{qtype.lower()}.gguf"
     if out.exists():
@@ -112,7 +112,7 @@ def quantize(model_dir: Path, qtype: str = "Q4_K_M") -> Path:
     source = convert(model_dir, "bf16")
     log(f"quantizing {source.name} to {qtype}")
     tmp = out.with_suffix(".tmp")
-    subprocess.run([str(binaries() / "llama-quantize"), str(source), str(tmp), qtype, "2"], check=True,
+    subprocess.run([str(binaries(max_isa) / "llama-quantize"), str(source), str(tmp), qtype, "2"], check=True,
                    capture_output=True)
     tmp.rename(out)
     return out

@@ -437,9 +437,10 @@ def servers(model: Path, smoke: bool, skip_llamacpp: bool, only: list[str] | Non
     if not smoke and not skip_llamacpp:
         from . import llamacpp
 
-        bins = llamacpp.binaries(os.environ.get("QWEN_MAX_CPU_ISA") or None)
+        cap = os.environ.get(MAX_CPU_ISA_ENV) or None
+        bins = llamacpp.binaries(cap)
         for outtype in ("bf16", "q8_0", "q4_k_m"):
-            gguf = llamacpp.quantize(model, "Q4_K_M") if outtype == "q4_k_m" else llamacpp.convert(model, outtype)
+            gguf = llamacpp.quantize(model, "Q4_K_M", cap) if outtype == "q4_k_m" else llamacpp.convert(model, outtype)
             p = free_port()
             out.append(Server(f"llama.cpp-{outtype}", [str(bins / "llama-server"), "-m", str(gguf), "--port", str(p),
                                                       "--host", "127.0.0.1",

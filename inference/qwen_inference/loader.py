@@ -71,9 +71,9 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
 
     path = resolve(settings.model, settings.model_cache_dir, settings.revision, check=supported)
     platform = Platform.resolve(settings.device, settings.dtype, settings.quantize)
-    log.info("loading %s from %s on %s (%s, %d threads%s)", settings.model, path,
+    log.info("loading %s from %s on %s (%s, %d threads%s; %s)", settings.model, path,
              ",".join(str(d) for d in platform.devices), platform.dtype_name(), threads,
-             ", 2 MiB pages" if platform.use_huge_pages() else "")
+             ", 2 MiB pages" if platform.use_huge_pages() else "", platform.kernels_in_use())
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if not getattr(tokenizer, "chat_template", None):
         from .templates import QWEN25_CHAT_TEMPLATE

@@ -571,3 +571,31 @@ def test_decode_rows_of_one_length_attend_without_a_mask_and_get_the_masked_resu
     a = paged_attention(q, k, v, kc.clone(), vc.clone(), meta)
     b = paged_attention(q, k, v, kc.clone(), vc.clone(), masked)
     assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_widened_weights_reuse_one_buffer_per_thread():
+    """A bf16 weight widened for a float32 prompt chunk lands in the thread's scratch buffer (no fresh memory to
+    fault in on every step), equal to torch's conversion; another thread widens into its own."""
+    import threading
+
+    from qwen_inference.engine.weights import linear, widened
+
+    from qwen_inference.engine import weights
+
+    g = torch.Generator().manual_seed(5)
+    big, small = torch.randn(64, 32, generator=g).bfloat16(), torch.randn(8, 16, generator=g).bfloat16()
+    weights._scratch.__dict__.clear()
+    with torch.inference_mode():  # made in an engine step, written again outside one
+        widened(big, torch.float32)
+    a = widened(big, torch.float32)
+    assert torch.equal(a, big.float()) and a.shape == big.shape
+    b = widened(small, torch.float32)
+    assert torch.equal(b, small.float()) and b.data_ptr() == a.data_ptr()  # the same memory, reused
+    other = {}
+    t = threading.Thread(target=lambda: other.update(p=widened(small, torch.float32).data_ptr()))
+    t.start()
+    t.join()
+    assert other["p"] != a.data_ptr()
+    x = torch.randn(3, 32, generator=g)
+    bias = torch.randn(64, generator=g).bfloat16()
+    assert torch.equal(linear(x, big, bias), torch.nn.functional.linear(x, big.float(), bias.float()))

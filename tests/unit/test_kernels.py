@@ -35,7 +35,7 @@ def test_kernels_split_their_work_over_torchs_threads(k):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("isa", ["native", "avx512f"])
+@pytest.mark.parametrize("isa", ["native", "avx512f", "avx2"])
 @pytest.mark.parametrize("m, k_dim, n", [(1, 896, 1152), (3, 64, 151936), (16, 4864, 896), (5, 50, 33),
                                          (17, 1000, 7), (2, 31, 4)])
 def test_linear_bf16_matches_a_float32_matmul(k, isa, m, k_dim, n):
@@ -533,6 +533,23 @@ def test_the_kernels_hold_to_the_instruction_sets_they_are_allowed(k, held_to):
     assert torch.allclose(k.linear_bf16(x, w, None, True), x.float() @ w.float().T, atol=1e-3, rtol=1e-4)
     held_to("avx512")
     assert k.isa() == "avx512f" and not k.has_vnni()
+    held_to("avx2")  # the bf16 matmul alone: every other kernel refuses, the platform does not call them
+    assert k.isa() == "avx2" and not k.has_vnni()
+    assert torch.allclose(k.linear_bf16(x, w, None, True), x.float() @ w.float().T, atol=1e-3, rtol=1e-4)
+    for name, call in (("silu_mul", lambda: k.silu_mul(torch.randn(2, 8))),
+                       ("add_rms_norm_bf16", lambda: k.add_rms_norm_bf16(x, x, torch.ones(64).bfloat16(), 1e-6)),
+                       ("add_rms_norm_f32w", lambda: k.add_rms_norm_f32w(x.float(), None, torch.ones(64), 1e-6)),
+                       ("linear_int8", lambda: k.linear_int8(x.float(), torch.ones(8, 64, dtype=torch.int8),
+                                                             torch.ones(8), torch.zeros(8, dtype=torch.int32))),
+                       ("linear_bf16", lambda: k.linear_bf16(x, w, None, False, "avx512f")),
+                       ("decode_attention", lambda: k.decode_attention(torch.randn(1, 4, 8), torch.randn(10, 2, 8),
+                                                                       torch.randn(10, 2, 8),
+                                                                       torch.zeros(1, 3, dtype=torch.long),
+                                                                       torch.tensor([3]))),
+                       ("delta_net_decode", lambda: k.delta_net_decode(
+                           **_delta_inputs(2, 2, 4, 16, 32, 4, torch.float32, torch.float32, seed=1)))):
+        with pytest.raises(RuntimeError, match=f"{name}: (this CPU has no AVX512|unknown isa avx)"):
+            call()
     with pytest.raises(RuntimeError, match="unknown instruction set avx513"):
         k.set_max_isa("avx513")
     k.set_max_isa("")
@@ -555,13 +572,16 @@ def test_cap_isa_holds_torchs_operators_to_the_same_instruction_sets(monkeypatch
     assert kernels.cap_isa() is None
 
 
+@pytest.mark.parametrize("cap", ["avx512_vnni", "avx2"])
 def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_widened(k, held_to, tiny_model,
-                                                                                      monkeypatch):
-    """On an AVX512 CPU without AVX512-BF16 (Cascade Lake, Ice Lake), `--dtype auto` is bf16 where the kernels load
-    (float32 where they do not), and every step short of float32's widening runs the kernel, which gives torch's
-    logits; from the widening on, torch's float32 matmuls."""
+                                                                                      monkeypatch, cap):
+    """On an AVX512 CPU without AVX512-BF16 (Cascade Lake, Ice Lake), and on one with AVX2 alone (Zen 3), `--dtype
+    auto` is bf16 where the kernels load (float32 where they do not), and every step short of float32's widening runs
+    the bf16 matmul kernel, which gives torch's logits; from the widening on, torch's float32 matmuls. With AVX2 the
+    matmul is the one kernel that runs: attention, the fused small operators and int8 stay on torch's."""
     from qwen_inference.engine.models import load_model
-    from qwen_inference.engine.platform import CPU_WIDEN_MIN_TOKENS, KERNEL_ROWS, LOGIT_KERNEL_ROWS, Platform
+    from qwen_inference.engine.platform import (CPU_WIDEN_MIN_TOKENS, KERNEL_ROWS, KERNEL_WIDEN_MIN_TOKENS,
+                                                LOGIT_KERNEL_ROWS, Platform)
     from qwen_inference.engine.weights import linear
 
     from .test_engine import prompt_logits
@@ -570,11 +590,19 @@ def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_wi
         native = Platform.resolve("cpu", "auto")
         assert native.dtype == torch.bfloat16 and native.matmul_kernel_rows == KERNEL_ROWS
         assert native.logit_kernel_rows == LOGIT_KERNEL_ROWS and native.widen_min_tokens is None
-    held_to("avx512_vnni")
+    held_to(cap)
     platform = Platform.resolve("cpu", "auto")
-    assert platform.dtype == torch.bfloat16 and platform.widen_min_tokens == CPU_WIDEN_MIN_TOKENS
-    assert platform.matmul_kernel_rows == platform.logit_kernel_rows == range(1, CPU_WIDEN_MIN_TOKENS)
+    widen = KERNEL_WIDEN_MIN_TOKENS
+    assert platform.dtype == torch.bfloat16 and platform.widen_min_tokens == widen > CPU_WIDEN_MIN_TOKENS
+    assert platform.matmul_kernel_rows == platform.logit_kernel_rows == range(1, widen)
+    assert platform.bf16_kernel() and platform.cpu_kernels() == (cap != "avx2")
+    assert platform.kernels_in_use() == ("the engine's kernels on avx2 (the bf16 matmul alone)" if cap == "avx2"
+                                         else "the engine's kernels on avx512f")
+    assert platform.fused_small_ops() == (cap != "avx2")
+    assert platform.attention_backend == ("sdpa-gather" if cap == "avx2" else "cpu-kernel")
+    assert Platform.cpu(torch.bfloat16, "int8").vnni_kernels() == (cap != "avx2" and k.has_vnni())
     fast = load_model(tiny_model, platform)
+    assert fast.linear.__name__ == "linear_small_rows" and fast.fused == (cap != "avx2")
     slow = load_model(tiny_model, platform)
     slow.linear, slow.fused = linear, False
     real, calls = torch.ops.qwen.linear_bf16, []
@@ -584,13 +612,16 @@ def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_wi
         return real(x, *args)
 
     monkeypatch.setattr(torch.ops.qwen, "linear_bf16", counted)
-    for n in (1, KERNEL_ROWS[-1] + 1, 30, CPU_WIDEN_MIN_TOKENS - 1, CPU_WIDEN_MIN_TOKENS):
+    for n in (1, KERNEL_ROWS[-1] + 1, 50, widen - 1, widen):
         ids = list(range(900, 900 + n))
         calls.clear()
         a = prompt_logits(fast, ids)
-        assert set(calls) == ({n} if n < CPU_WIDEN_MIN_TOKENS else set())
+        assert set(calls) == ({n} if n < widen else set())
         b = prompt_logits(slow, ids)
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
     monkeypatch.setattr(kernels, "load", lambda build_if_missing=True: False)
+    monkeypatch.setattr(kernels, "unavailable", lambda: "this CPU has neither AVX512 nor AVX2")
     assert Platform.resolve("cpu", "auto").dtype == torch.float32
+    assert Platform.cpu(torch.bfloat16).widen_min_tokens == CPU_WIDEN_MIN_TOKENS  # torch's bf16 matmuls up to there
+    assert Platform.cpu().kernels_in_use() == "torch's kernels (this CPU has neither AVX512 nor AVX2)"

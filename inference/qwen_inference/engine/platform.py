@@ -20,9 +20,11 @@ CPU_WIDEN_MIN_TOKENS = 48
 # four, 60 against 64 at twelve (bf16; int8 10 against 20, 19 against 34, 42 against 46); from 16 rows on oneDNN
 # is level or ahead (bench/README.md)
 KERNEL_ROWS = range(1, 13)
-# on AVX512 CPUs without AVX512-BF16, oneDNN's bf16 matmul converts in software and the kernel (which widens in
-# registers) is ahead at every row count measured (1 to 64; bench/README.md): it takes every step that is not widened
-# to float32 (CPU_WIDEN_MIN_TOKENS and more)
+# on CPUs without AVX512-BF16 (AVX512F, or AVX2), oneDNN's bf16 matmul converts in software and is behind the kernel
+# (which widens the weights in registers, the activations once) at every row count measured, 1 to 256, by 1.4-2.9
+# times; float32 matmuls on weights widened for the step draw level with it at 64 rows and ahead from 128, widening
+# included (bench/README.md): the kernel takes every step of fewer rows than this
+KERNEL_WIDEN_MIN_TOKENS = 128
 # the output layer's rows (one per sequence that samples) on the bf16 kernel, float32 out: 9.1 against 12.0 ms at one
 # row and 20.8 against 24.3 at sixteen for Qwen2.5-0.5B's 151 936 × 896 output layer, 39 against 35 at 32
 LOGIT_KERNEL_ROWS = range(1, 17)
@@ -45,8 +47,9 @@ def _dtype(name: str, kind: str) -> torch.dtype:
 
         if cpu_has_fast_bf16():
             return torch.bfloat16
-        # AVX512 without BF16 (Skylake-SP, Cascade Lake, Ice Lake): the engine's kernels widen bf16 weights in
-        # registers, and a decode step, bound by the bytes it reads, takes a fifth of float32's (bench/README.md)
+        # AVX512 without BF16 (Skylake-SP, Cascade Lake, Ice Lake) and AVX2 (Zen 2 and 3, Haswell): the engine's
+        # bf16 matmul widens bf16 weights in registers, and a decode step, bound by the bytes it reads, takes a
+        # fraction of float32's (bench/README.md)
         from . import kernels
 
         return torch.bfloat16 if kernels.load() else torch.float32
@@ -159,7 +162,7 @@ class Platform:
 
         if self.kind == "cpu" and self.dtype == torch.bfloat16 and self.quantize == "none" \
                 and not cpu_has_fast_bf16():
-            return CPU_WIDEN_MIN_TOKENS
+            return KERNEL_WIDEN_MIN_TOKENS if self.bf16_kernel() else CPU_WIDEN_MIN_TOKENS
         return None
 
     @property
@@ -167,14 +170,14 @@ class Platform:
         """Steps of how many rows the bf16 matmul kernel runs (the fused small operators keep `KERNEL_ROWS`)."""
         from ..sysinfo import cpu_has_fast_bf16
 
-        return KERNEL_ROWS if cpu_has_fast_bf16() else range(1, CPU_WIDEN_MIN_TOKENS)
+        return KERNEL_ROWS if cpu_has_fast_bf16() else range(1, KERNEL_WIDEN_MIN_TOKENS)
 
     @property
     def logit_kernel_rows(self) -> range:
         """Rows of the output layer the bf16 kernel runs, float32 out."""
         from ..sysinfo import cpu_has_fast_bf16
 
-        return LOGIT_KERNEL_ROWS if cpu_has_fast_bf16() else range(1, CPU_WIDEN_MIN_TOKENS)
+        return LOGIT_KERNEL_ROWS if cpu_has_fast_bf16() else range(1, KERNEL_WIDEN_MIN_TOKENS)
 
     def compute_dtype(self, tokens: int) -> torch.dtype:
         """The activations' dtype for a step of `tokens` rows."""
@@ -205,11 +208,12 @@ class Platform:
     def linear_fn(self):
         """The matmul the model's layers call: x @ w.T (+ b). On CPUs with AVX512, steps of `KERNEL_ROWS` rows (decode
         of up to 12 sequences) run on the engine's own kernels, which stream each weight row once for all rows,
-        add the bias and round in the same pass: bfloat16 weights, and int8 ones where the CPU has AVX512-VNNI
-        (activations quantized per row inside the kernel, as torch's path does). Everything else runs on torch's."""
+        add the bias and round in the same pass: bfloat16 weights (`matmul_kernel_rows`; on AVX2 CPUs too), and
+        int8 ones where the CPU has AVX512-VNNI (activations quantized per row inside the kernel, as torch's path
+        does). Everything else runs on torch's."""
         from .weights import Int8Weight, linear
 
-        if (self.quantize == "none" and self.dtype != torch.bfloat16) or not self.cpu_kernels():
+        if (self.quantize == "none" and self.dtype != torch.bfloat16) or not self.bf16_kernel():
             return linear
         ops = torch.ops.qwen
         if self.quantize in ("int8", "int4"):
@@ -243,7 +247,7 @@ class Platform:
         def widened(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return linear(x, w).float()
 
-        if self.dtype != torch.bfloat16 or not self.cpu_kernels():
+        if self.dtype != torch.bfloat16 or not self.bf16_kernel():
             return widened
         op = torch.ops.qwen.linear_bf16
         rows = self.logit_kernel_rows
@@ -266,7 +270,23 @@ class Platform:
         return self.cpu_kernels()
 
     def cpu_kernels(self) -> bool:
-        """Whether the engine's own kernels run here: on CPU, where they load (AVX512)."""
+        """Whether all of the engine's own kernels run here: on CPU, where they load with AVX512."""
+        return self.bf16_kernel() and torch.ops.qwen.isa().startswith("avx512")
+
+    def kernels_in_use(self) -> str:
+        """The CPU kernels this platform runs, in a few words (the server's start-up log)."""
+        if self.kind != "cpu":
+            return self.kind
+        from . import kernels
+
+        if not kernels.load():
+            return f"torch's kernels ({kernels.unavailable()})"
+        isa = torch.ops.qwen.isa()
+        return f"the engine's kernels on {isa}" + ("" if isa.startswith("avx512") else " (the bf16 matmul alone)")
+
+    def bf16_kernel(self) -> bool:
+        """Whether the engine's bf16 matmul kernel runs here: on CPU, where the kernels load (AVX512, or AVX2
+        and FMA, where it is the one kernel that runs)."""
         if self.kind != "cpu":
             return False
         from . import kernels

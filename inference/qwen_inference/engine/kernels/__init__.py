@@ -4,8 +4,9 @@ The library is built once per machine and torch version with torch's C++ extensi
 ninja), into `${QWEN_KERNELS_DIR:-~/.cache/qwen-operator/kernels}/<key>/`, keyed by the source, torch's version
 and the flags; the key's name is the library's, so a library found there is loaded as it is, with no compiler
 (the container image builds it at image build time: `qwen-model build-kernels`). One library serves every x86
-CPU: each kernel picks AVX512-BF16 or AVX512F at run time. Where it cannot be built or the CPU has no AVX512,
-the engine runs on torch's kernels and says why once in the log.
+CPU: each kernel picks AVX512-BF16 or AVX512F at run time; on CPUs with AVX2 and FMA but no AVX512 the bf16 matmul
+alone runs (`isa()` says "avx2"). Where it cannot be built or the CPU has neither, the engine runs on torch's
+kernels and says why once in the log.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def supported_cpu() -> str | None:
     """Why this CPU cannot run the kernels, or None."""
     from ...sysinfo import cpu_flags
 
-    return None if {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags() else "this CPU has no AVX512"
+    flags = cpu_flags()
+    return None if {"avx512f", "avx512bw", "avx512vl"} <= flags or {"avx2", "fma"} <= flags \
+        else "this CPU has neither AVX512 nor AVX2"
 
 
 def build() -> Path:
@@ -126,5 +129,5 @@ def _load(build_if_missing: bool) -> tuple[bool, str | None]:
 
     torch.ops.qwen.set_max_isa(max_cpu_isa() or "")
     if not torch.ops.qwen.isa():
-        return False, "this CPU has no AVX512"
+        return False, "this CPU has neither AVX512 nor AVX2"
     return True, None

@@ -33,15 +33,18 @@ inline uint16_t float_to_bf16(float v) {  // round to nearest even, as torch rou
 constexpr int MR = 4;  // activation rows per pass over a weight row (which stays in L1 between passes)
 
 // The most the kernels use, as ONEDNN_MAX_CPU_ISA caps oneDNN (set_max_isa, from QWEN_MAX_CPU_ISA): 2 all the CPU
-// has, 1 AVX512-VNNI without AVX512-BF16 (Cascade Lake, Ice Lake), 0 AVX512F, BW and VL alone (Skylake-SP)
+// has, 1 AVX512-VNNI without AVX512-BF16 (Cascade Lake, Ice Lake), 0 AVX512F, BW and VL alone (Skylake-SP), -1 AVX2
+// and FMA (Zen 2 and 3, Haswell), where only linear_bf16 runs
 std::atomic<int> max_isa{2};
 inline bool has_avx512_bf16() { return max_isa.load() >= 2 && __builtin_cpu_supports("avx512bf16"); }
 inline bool has_avx512_vnni() {
   return max_isa.load() >= 1 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
 }
 inline bool has_avx512f() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return max_isa.load() >= 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
 }
+inline bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 inline __m512 widen(__m256i v) {  // 16 bf16 -> 16 fp32
@@ -107,9 +110,11 @@ void rows_bf16_dp(const uint16_t* x, const uint16_t* w, float* out, int64_t K, i
   }
 }
 
+// Without AVX512-BF16 the weights are widened in registers; the activations were widened to float32 once per call
+// (xf [M, K]), so each weight vector costs a load, a widening and one FMA per activation row.
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void rows_bf16_f(const uint16_t* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1,
+void rows_bf16_f(const float* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1,
                  int64_t base) {
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* wr = w + n * K;
@@ -120,16 +125,53 @@ void rows_bf16_f(const uint16_t* x, const uint16_t* w, float* out, int64_t K, in
       const __m512 w0 = widen(_mm256_loadu_si256((const __m256i*)(wr + k)));
       const __m512 w1 = widen(_mm256_loadu_si256((const __m256i*)(wr + k + 16)));
       for (int j = 0; j < R; j++) {
-        a0[j] = _mm512_fmadd_ps(w0, widen(_mm256_loadu_si256((const __m256i*)(x + j * K + k))), a0[j]);
-        a1[j] = _mm512_fmadd_ps(w1, widen(_mm256_loadu_si256((const __m256i*)(x + j * K + k + 16))), a1[j]);
+        a0[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + j * K + k), a0[j]);
+        a1[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + j * K + k + 16), a1[j]);
       }
     }
     for (; k < K; k += 16) {
       const __mmask16 m = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
       const __m512 w0 = widen(_mm256_maskz_loadu_epi16(m, wr + k));
-      for (int j = 0; j < R; j++) a0[j] = _mm512_fmadd_ps(w0, widen(_mm256_maskz_loadu_epi16(m, x + j * K + k)), a0[j]);
+      for (int j = 0; j < R; j++) a0[j] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x + j * K + k), a0[j]);
     }
     for (int j = 0; j < R; j++) out[j * ldo + n - base] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
+  }
+}
+
+// The same on AVX2 and FMA: 8 floats a register, the bf16 values widened by a shift
+__attribute__((target("avx2,fma")))
+inline __m256 widen8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+__attribute__((target("avx2,fma")))
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int R>
+__attribute__((target("avx2,fma")))
+void rows_bf16_avx2(const float* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1,
+                    int64_t base) {
+  for (int64_t n = n0; n < n1; n++) {
+    const uint16_t* wr = w + n * K;
+    __m256 a0[R], a1[R];
+    for (int j = 0; j < R; j++) a0[j] = a1[j] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      const __m256 w0 = widen8(wr + k), w1 = widen8(wr + k + 8);
+      for (int j = 0; j < R; j++) {
+        a0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j * K + k), a0[j]);
+        a1[j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + j * K + k + 8), a1[j]);
+      }
+    }
+    float tail[R] = {};
+    for (; k < K; k++)
+      for (int j = 0; j < R; j++) tail[j] += bf16_to_float(wr[k]) * x[j * K + k];
+    for (int j = 0; j < R; j++) out[j * ldo + n - base] = hsum8(_mm256_add_ps(a0[j], a1[j])) + tail[j];
   }
 }
 
@@ -151,22 +193,36 @@ struct Out {
 
 // All M activation rows against weight rows n0..n1: groups of up to MR rows per pass; a pass over a block of
 // weight rows small enough for L1 serves every group before the next block is read.
-template <bool DP>
-void block_rows(const uint16_t* x, const uint16_t* w, const Out& out, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+enum class Isa { avx2, avx512f, avx512_bf16 };
+
+// the activations as each instruction set reads them: bf16 for AVX512-BF16's dot products, float32 otherwise
+template <Isa I>
+using Act = std::conditional_t<I == Isa::avx512_bf16, uint16_t, float>;
+
+template <Isa I, int R>
+inline void rows_bf16(const Act<I>* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0,
+                      int64_t n1, int64_t base) {
+  if constexpr (I == Isa::avx512_bf16) rows_bf16_dp<R>(x, w, out, K, ldo, n0, n1, base);
+  else if constexpr (I == Isa::avx512f) rows_bf16_f<R>(x, w, out, K, ldo, n0, n1, base);
+  else rows_bf16_avx2<R>(x, w, out, K, ldo, n0, n1, base);
+}
+
+template <Isa I>
+void block_rows(const Act<I>* x, const uint16_t* w, const Out& out, int64_t M, int64_t K, int64_t n0, int64_t n1) {
   const int64_t block = std::max<int64_t>(1, 16384 / (2 * K));  // weight rows per L1 block
   float tmp[MR * 64];
   const int64_t rows = std::min<int64_t>(block, 64);
   for (int64_t b0 = n0; b0 < n1; b0 += rows) {
     const int64_t b1 = std::min(n1, b0 + rows);
     for (int64_t m = 0; m < M; m += MR) {
-      const uint16_t* xr = x + m * K;
+      const Act<I>* xr = x + m * K;
       const int64_t r = std::min<int64_t>(MR, M - m);
       float* o = tmp;  // o[j * 64 + (n - b0)]
       switch (r) {
-        case 1: DP ? rows_bf16_dp<1>(xr, w, o, K, 64, b0, b1, b0) : rows_bf16_f<1>(xr, w, o, K, 64, b0, b1, b0); break;
-        case 2: DP ? rows_bf16_dp<2>(xr, w, o, K, 64, b0, b1, b0) : rows_bf16_f<2>(xr, w, o, K, 64, b0, b1, b0); break;
-        case 3: DP ? rows_bf16_dp<3>(xr, w, o, K, 64, b0, b1, b0) : rows_bf16_f<3>(xr, w, o, K, 64, b0, b1, b0); break;
-        default: DP ? rows_bf16_dp<4>(xr, w, o, K, 64, b0, b1, b0) : rows_bf16_f<4>(xr, w, o, K, 64, b0, b1, b0);
+        case 1: rows_bf16<I, 1>(xr, w, o, K, 64, b0, b1, b0); break;
+        case 2: rows_bf16<I, 2>(xr, w, o, K, 64, b0, b1, b0); break;
+        case 3: rows_bf16<I, 3>(xr, w, o, K, 64, b0, b1, b0); break;
+        default: rows_bf16<I, 4>(xr, w, o, K, 64, b0, b1, b0);
       }
       for (int64_t j = 0; j < r; j++)
         for (int64_t n = b0; n < b1; n++) out.store(m + j, n, tmp[j * 64 + (n - b0)]);
@@ -301,10 +357,12 @@ void dequant_int4_blocks(const uint8_t* w, const uint16_t* sm, uint16_t* out, in
 
 }  // namespace
 
-// Which instruction set linear_bf16 uses here: "avx512_bf16", "avx512f", or "" (none: use torch).
+// Which instruction set linear_bf16 uses here: "avx512_bf16", "avx512f", "avx2" (linear_bf16 alone runs there), or
+// "" (none: use torch).
 std::string isa() {
   if (has_avx512_bf16()) return "avx512_bf16";
   if (has_avx512f()) return "avx512f";
+  if (has_avx2()) return "avx2";
   return "";
 }
 
@@ -315,8 +373,9 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "linear_bf16: bf16 only");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "linear_bf16: contiguous tensors only");
   const std::string set = use_isa.empty() ? isa() : use_isa;  // tests pick the AVX512F path on BF16 CPUs
-  TORCH_CHECK(!set.empty(), "linear_bf16: this CPU has no AVX512");
-  TORCH_CHECK(set == "avx512f" || (set == "avx512_bf16" && has_avx512_bf16()), "linear_bf16: unknown isa ", set);
+  TORCH_CHECK(!set.empty(), "linear_bf16: this CPU has neither AVX512 nor AVX2");
+  TORCH_CHECK((set == "avx512f" && has_avx512f()) || (set == "avx512_bf16" && has_avx512_bf16()) ||
+                  (set == "avx2" && has_avx2()), "linear_bf16: unknown isa ", set);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto result = torch::empty({M, N}, torch::dtype(fp32_out ? torch::kFloat32 : torch::kBFloat16));
   Out out{fp32_out ? result.data_ptr<float>() : nullptr,
@@ -330,10 +389,17 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
   }
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  const bool dp = set == "avx512_bf16";
+  if (set == "avx512_bf16") {
+    at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+      block_rows<Isa::avx512_bf16>(xp, wp, out, M, K, n0, n1);
+    });
+    return result;
+  }
+  const auto xf32 = x.to(torch::kFloat32);  // widened once, not once per weight row
+  const float* xf = xf32.data_ptr<float>();
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    if (dp) block_rows<true>(xp, wp, out, M, K, n0, n1);
-    else block_rows<false>(xp, wp, out, M, K, n0, n1);
+    if (set == "avx512f") block_rows<Isa::avx512f>(xf, wp, out, M, K, n0, n1);
+    else block_rows<Isa::avx2>(xf, wp, out, M, K, n0, n1);
   });
   return result;
 }
@@ -750,7 +816,8 @@ void decode_attention_impl(const TQ* q, const T* kc, const T* vc, const int64_t*
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                const torch::Tensor& gather, const torch::Tensor& lens, const std::string& use_isa) {
   const std::string set = use_isa.empty() ? isa() : use_isa;  // tests pick the AVX512F path on BF16 CPUs
-  TORCH_CHECK(set == "avx512f" || (set == "avx512_bf16" && has_avx512_bf16()), "decode_attention: unknown isa ", set);
+  TORCH_CHECK((set == "avx512f" && has_avx512f()) || (set == "avx512_bf16" && has_avx512_bf16()),
+              "decode_attention: unknown isa ", set);
   const bool use_bf16 = set == "avx512_bf16";
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && gather.dim() == 2 &&
               lens.dim() == 1 && gather.size(0) == q.size(0) && lens.size(0) == q.size(0) &&
@@ -936,6 +1003,7 @@ torch::Tensor delta_net_decode(const torch::Tensor& proj, const torch::Tensor& c
                                const torch::Tensor& ssm, const torch::Tensor& slots, const torch::Tensor& neg_a,
                                const torch::Tensor& dt_bias, const torch::Tensor& norm_w, int64_t key_heads,
                                double eps) {
+  TORCH_CHECK(has_avx512f(), "delta_net_decode: this CPU has no AVX512");
   TORCH_CHECK(proj.dim() == 2 && conv_state.dim() == 3 && conv_w.dim() == 2 && ssm.dim() == 4 && slots.dim() == 1 &&
               neg_a.dim() == 1 && dt_bias.dim() == 1 && norm_w.dim() == 1, "delta_net_decode: shapes");
   const int64_t B = proj.size(0), S = ssm.size(0), Hv = ssm.size(1), Dk = ssm.size(2), Dv = ssm.size(3);
@@ -1041,6 +1109,7 @@ void silu_mul_rows(const T* gu, T* out, int64_t I, int64_t j0, int64_t j1) {
 // s = x + residual (rounded to bf16), h = bf16(bf16(s / rms(s)) * w), rms in float32 -> (h, s)
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& residual,
                                                           const torch::Tensor& w, double eps) {
+  TORCH_CHECK(has_avx512f(), "add_rms_norm_bf16: this CPU has no AVX512");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0) && residual.sizes() == x.sizes(),
               "add_rms_norm_bf16: shapes");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
@@ -1057,6 +1126,7 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_bf16(const torch::Tensor& 
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_f32w(const torch::Tensor& x,
                                                            const c10::optional<torch::Tensor>& residual,
                                                            const torch::Tensor& w, double eps) {
+  TORCH_CHECK(has_avx512f(), "add_rms_norm_f32w: this CPU has no AVX512");
   const bool res = residual.has_value() && residual->defined();
   TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0) && (!res || residual->sizes() == x.sizes()),
               "add_rms_norm_f32w: shapes");
@@ -1081,6 +1151,7 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_f32w(const torch::Tensor& 
 
 // gu [T, 2I] (gate, then up; float32 or bf16) -> round(round(silu(gate)) * up) [T, I], as F.silu(gate) * up rounds
 torch::Tensor silu_mul(const torch::Tensor& gu) {
+  TORCH_CHECK(has_avx512f(), "silu_mul: this CPU has no AVX512");
   TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0, "silu_mul: shapes");
   TORCH_CHECK((gu.scalar_type() == at::kBFloat16 || gu.scalar_type() == at::kFloat) && gu.is_contiguous(),
               "silu_mul: contiguous float32 or bf16 only");
@@ -1102,7 +1173,8 @@ void set_max_isa(const std::string& cap) {
   if (cap == "avx512_bf16" || cap.empty()) max_isa = 2;
   else if (cap == "avx512_vnni") max_isa = 1;
   else if (cap == "avx512") max_isa = 0;
-  else TORCH_CHECK(false, "set_max_isa: unknown instruction set ", cap, " (avx512_bf16, avx512_vnni or avx512)");
+  else if (cap == "avx2") max_isa = -1;
+  else TORCH_CHECK(false, "set_max_isa: unknown instruction set ", cap, " (avx512_bf16, avx512_vnni, avx512 or avx2)");
 }
 
 // How many of torch's threads an at::parallel_for over n items runs on (tests check that the kernels are parallel)
