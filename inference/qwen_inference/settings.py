@@ -50,8 +50,8 @@ class ServeSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto: bfloat16 on CUDA and on CPUs with AVX512 (where the engine's kernels run), "
-        "else float32."
+        "auto", description="auto: bfloat16 on CUDA and on CPUs with AVX512 or AVX2 (where the engine's bf16 matmul "
+        "runs), else float32."
     )
     quantize: Literal["none", "int8", "int4"] = Field(
         "none", description="CPU only. int8: int8 weights and per-token int8 activations: half the memory of "

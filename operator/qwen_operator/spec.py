@@ -246,7 +246,8 @@ class QwenDeploymentSpec(Base):
     gpus: int | None = Field(None, ge=1, le=16, description="GPUs per pod for device gpu (default 1); one worker "
                              "spans them all.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Weight dtype; auto picks bfloat16 on GPUs and on CPUs with AVX512, else float32.")
+        "auto", description="Weight dtype; auto picks bfloat16 on GPUs and on CPUs with AVX512 or AVX2, else "
+                            "float32.")
     resources: ResourceRequirements | None = Field(
         None, description="Pod resources (default: sized from the model and the device).")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="Inference engine settings.")

@@ -110,20 +110,36 @@ void rows_bf16_dp(const uint16_t* x, const uint16_t* w, float* out, int64_t K, i
   }
 }
 
-// Without AVX512-BF16 the weights are widened in registers; the activations were widened to float32 once per call
-// (xf [M, K]), so each weight vector costs a load, a widening and one FMA per activation row.
+// Without AVX512-BF16 the weights are widened in registers: one load of B bf16 values (B = 32 with AVX512F, 16 with
+// AVX2) and two unpacks with zero (a bf16 value is the upper half of its float32) give two vectors of floats, each
+// 128-bit lane's first four values and its last four. The activations were widened once per call into that order
+// (`permuted`: each block of B values as its lanes' first fours, then their last fours; a tail shorter than B left
+// in order), so each weight vector costs a load, an unpack and one FMA per activation row.
+inline void permuted(const uint16_t* x, float* out, int64_t K, int64_t B) {
+  const int64_t full = K / B * B;
+  for (int64_t k = 0; k < full; k += B)
+    for (int64_t l = 0; l < B / 8; l++)
+      for (int64_t i = 0; i < 4; i++) {
+        out[k + l * 4 + i] = bf16_to_float(x[k + l * 8 + i]);
+        out[k + B / 2 + l * 4 + i] = bf16_to_float(x[k + l * 8 + 4 + i]);
+      }
+  for (int64_t k = full; k < K; k++) out[k] = bf16_to_float(x[k]);
+}
+
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void rows_bf16_f(const float* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1,
                  int64_t base) {
+  const __m512i zero = _mm512_setzero_si512();
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* wr = w + n * K;
     __m512 a0[R], a1[R];
     for (int j = 0; j < R; j++) a0[j] = a1[j] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-      const __m512 w0 = widen(_mm256_loadu_si256((const __m256i*)(wr + k)));
-      const __m512 w1 = widen(_mm256_loadu_si256((const __m256i*)(wr + k + 16)));
+      const __m512i wv = _mm512_loadu_si512(wr + k);
+      const __m512 w0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, wv));
+      const __m512 w1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, wv));
       for (int j = 0; j < R; j++) {
         a0[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + j * K + k), a0[j]);
         a1[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + j * K + k + 16), a1[j]);
@@ -138,12 +154,6 @@ void rows_bf16_f(const float* x, const uint16_t* w, float* out, int64_t K, int64
   }
 }
 
-// The same on AVX2 and FMA: 8 floats a register, the bf16 values widened by a shift
-__attribute__((target("avx2,fma")))
-inline __m256 widen8(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-
 __attribute__((target("avx2,fma")))
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -156,13 +166,16 @@ template <int R>
 __attribute__((target("avx2,fma")))
 void rows_bf16_avx2(const float* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1,
                     int64_t base) {
+  const __m256i zero = _mm256_setzero_si256();
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* wr = w + n * K;
     __m256 a0[R], a1[R];
     for (int j = 0; j < R; j++) a0[j] = a1[j] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-      const __m256 w0 = widen8(wr + k), w1 = widen8(wr + k + 8);
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + k));
+      const __m256 w0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, wv));
+      const __m256 w1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, wv));
       for (int j = 0; j < R; j++) {
         a0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j * K + k), a0[j]);
         a1[j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + j * K + k + 8), a1[j]);
@@ -395,8 +408,10 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
     });
     return result;
   }
-  const auto xf32 = x.to(torch::kFloat32);  // widened once, not once per weight row
-  const float* xf = xf32.data_ptr<float>();
+  // widened once, not once per weight row, in the order the weight vectors unpack to
+  auto xf32 = torch::empty({M, K}, torch::dtype(torch::kFloat32));
+  float* xf = xf32.data_ptr<float>();
+  for (int64_t m = 0; m < M; m++) permuted(xp + m * K, xf + m * K, K, set == "avx512f" ? 32 : 16);
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
     if (set == "avx512f") block_rows<Isa::avx512f>(xf, wp, out, M, K, n0, n1);
     else block_rows<Isa::avx2>(xf, wp, out, M, K, n0, n1);
