@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         lines = [f"# Profile of one engine step: {a.model}, {mode}", "",
                  f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} on {cpu['model']} "
-                 f"({cpu['cpus']} CPUs; {', '.join(cpu['flags'])}; load {cpu['loadavg']:.1f}); torch "
+                 f"({cpu['cpus']} CPUs; {', '.join(cpu['flags'])}"
+                 + (f", held to {cpu['max_cpu_isa']} (QWEN_MAX_CPU_ISA)" if "max_cpu_isa" in cpu else "")
+                 + f"; load {cpu['loadavg']:.1f}); torch "
                  f"{torch.__version__}; `python -m bench.profile {' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
         for name, chunks_for in cases.items():
             steps(runner, chunks_for, 3)  # warm
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "" if ctx == 128 else f"-ctx{ctx}"
+    suffix = ("" if ctx == 128 else f"-ctx{ctx}") + (f"-{cpu['max_cpu_isa']}" if "max_cpu_isa" in cpu else "")
     (a.out_dir / f"profile-{dt.date.today().isoformat()}-{a.model}-{mode}{suffix}.md").write_text(text)
     return 0
 

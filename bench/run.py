@@ -513,14 +513,16 @@ def main(argv: list[str] | None = None) -> int:
                          f"this many tokens (default {LONG_CONTEXT_TOKENS}, {SMOKE_LONG_CONTEXT} in --smoke; 0: not)")
     ap.add_argument("--max-cpu-isa", choices=("avx512_vnni", "avx512", "avx2"), default=None,
                     help="measure as on a CPU with these instruction sets at most: qwen-serve and the transformers "
-                         "baselines run with QWEN_MAX_CPU_ISA and ONEDNN_MAX_CPU_ISA set, llama.cpp is built for it "
+                         "baselines run with QWEN_MAX_CPU_ISA, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS set, "
+                         "llama.cpp is built for it "
                          "(avx512_vnni: Cascade Lake and Ice Lake; avx512: Skylake-SP; avx2: Zen 2 and 3)")
     a = ap.parse_args(argv)
     if a.max_cpu_isa:
-        from qwen_inference.sysinfo import ONEDNN_ISAS
+        from qwen_inference.sysinfo import MKL_ISAS, ONEDNN_ISAS
 
         os.environ[MAX_CPU_ISA_ENV] = a.max_cpu_isa  # before cpu_info reads the flags; every server inherits it
         os.environ["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISAS[a.max_cpu_isa]
+        os.environ["MKL_ENABLE_INSTRUCTIONS"] = MKL_ISAS[a.max_cpu_isa]
         if a.max_cpu_isa == "avx2":
             os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
     levels = [int(x) for x in (a.levels or ("1,2" if a.smoke else "1,4,16")).split(",")]
@@ -574,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     if measured:
         chart(measured, a.out_dir / f"{stamp}.png", title=f"{model.name}, {PROMPT_TOKENS}-token prompts, "
                                                           f"{OUTPUT_TOKENS} tokens out")
-    held = f", held to {a.max_cpu_isa} (QWEN_MAX_CPU_ISA, ONEDNN_MAX_CPU_ISA, llama.cpp built for it)" \
+    held = f", held to {a.max_cpu_isa} (QWEN_MAX_CPU_ISA, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, llama.cpp " \
+        "built for it)" \
         if a.max_cpu_isa else ""
     md = (f"Run {meta['date']} on {cpu['model']} ({cpu['cpus']} CPUs; {', '.join(cpu['flags'])}{held}), model "
           f"{model.name}: "

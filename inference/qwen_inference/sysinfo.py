@@ -86,9 +86,11 @@ MAX_CPU_ISAS: dict[str, frozenset[str]] = {
     "avx512_vnni": frozenset(_AMX | {"avx512_bf16", "avx512_fp16"}),
     "avx512": frozenset(_AMX | {"avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni"}),
 }
-# ONEDNN_MAX_CPU_ISA's name for each cap (oneDNN reads it once, at its first primitive)
+# ONEDNN_MAX_CPU_ISA's name for each cap (oneDNN reads it once, at its first primitive), and MKL_ENABLE_INSTRUCTIONS'
+# (MKL runs torch's float32 matmuls)
 ONEDNN_ISAS = {"avx512_bf16": "AVX512_CORE_BF16", "avx512_vnni": "AVX512_CORE_VNNI", "avx512": "AVX512_CORE",
                "avx2": "AVX2"}
+MKL_ISAS = {"avx512_bf16": "AVX512_E3", "avx512_vnni": "AVX512_E1", "avx512": "AVX512", "avx2": "AVX2"}
 
 
 def max_cpu_isa() -> str | None:

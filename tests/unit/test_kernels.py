@@ -54,13 +54,17 @@ def test_linear_bf16_matches_a_float32_matmul(k, isa, m, k_dim, n):
 
 @pytest.mark.parametrize("m, k_dim, n", [(1, 896, 1152), (2, 4864, 896), (3, 64, 1517), (4, 50, 33), (1, 31, 7),
                                          (5, 1000, 17), (2, 200, 3)])
-def test_linear_int8_gives_exactly_the_torch_int8_paths_result(k, m, k_dim, n):
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_linear_int8_gives_exactly_the_torch_int8_paths_result(k, held_to, isa, m, k_dim, n):
     """Same per-row activation quantization, exact integer sums, the same float products in the same order: the
-    same bits as torch's integer matmul path, with and without a bias, tails of K included."""
+    same bits as torch's integer matmul path, with and without a bias, tails of K included; on AVX512-VNNI and on
+    AVX2 (where the weights' signs move onto the activations to keep vpmaddubsw's pair sums from saturating)."""
     from qwen_inference.engine.weights import Int8Weight, int8_linear
 
-    if not k.has_vnni():
-        pytest.skip("this CPU has no AVX512-VNNI (the engine uses torch's int8 path)")
+    if isa == "avx2":
+        held_to("avx2")
+    elif not k.has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI (its int8 kernel is the AVX2 one)")
     g = torch.Generator().manual_seed(m * 7 + k_dim + n)
     w = Int8Weight.of(torch.randn(n, k_dim, generator=g))
     x = torch.randn(m, k_dim, generator=g) * torch.rand(m, 1, generator=g) * 10
@@ -68,6 +72,11 @@ def test_linear_int8_gives_exactly_the_torch_int8_paths_result(k, m, k_dim, n):
     assert torch.equal(w.rowsum, w.q.sum(dim=1, dtype=torch.int32))
     assert torch.equal(k.linear_int8(x, w.q, w.scale, w.rowsum, b), int8_linear(x, w, b))
     assert torch.equal(k.linear_int8(x, w.q, w.scale, w.rowsum, None), int8_linear(x, w))
+    if isa == "avx2":  # the largest pair sums: weights and activations of full size, of every sign
+        q = torch.tensor([[127, 127, -127, -127] * 16, [-128, -128, 127, -127] * 16], dtype=torch.int8)
+        edge = Int8Weight(q, torch.ones(2), q.sum(dim=1, dtype=torch.int32))
+        xe = torch.tensor([[1.0, 1.0, -1.0, -1.0] * 16, [-1.0, -1.0, 1.0, 1.0] * 16])
+        assert torch.equal(k.linear_int8(xe, edge.q, edge.scale, edge.rowsum), int8_linear(xe, edge))
 
 
 def test_linear_bf16_rounds_and_adds_the_bias_as_torch_does(k):
@@ -533,14 +542,12 @@ def test_the_kernels_hold_to_the_instruction_sets_they_are_allowed(k, held_to):
     assert torch.allclose(k.linear_bf16(x, w, None, True), x.float() @ w.float().T, atol=1e-3, rtol=1e-4)
     held_to("avx512")
     assert k.isa() == "avx512f" and not k.has_vnni()
-    held_to("avx2")  # the bf16 matmul alone: every other kernel refuses, the platform does not call them
+    held_to("avx2")  # the matmuls alone: every other kernel refuses, the platform does not call them
     assert k.isa() == "avx2" and not k.has_vnni()
     assert torch.allclose(k.linear_bf16(x, w, None, True), x.float() @ w.float().T, atol=1e-3, rtol=1e-4)
     for name, call in (("silu_mul", lambda: k.silu_mul(torch.randn(2, 8))),
                        ("add_rms_norm_bf16", lambda: k.add_rms_norm_bf16(x, x, torch.ones(64).bfloat16(), 1e-6)),
                        ("add_rms_norm_f32w", lambda: k.add_rms_norm_f32w(x.float(), None, torch.ones(64), 1e-6)),
-                       ("linear_int8", lambda: k.linear_int8(x.float(), torch.ones(8, 64, dtype=torch.int8),
-                                                             torch.ones(8), torch.zeros(8, dtype=torch.int32))),
                        ("linear_bf16", lambda: k.linear_bf16(x, w, None, False, "avx512f")),
                        ("decode_attention", lambda: k.decode_attention(torch.randn(1, 4, 8), torch.randn(10, 2, 8),
                                                                        torch.randn(10, 2, 8),
@@ -559,15 +566,17 @@ def test_the_kernels_hold_to_the_instruction_sets_they_are_allowed(k, held_to):
 def test_cap_isa_holds_torchs_operators_to_the_same_instruction_sets(monkeypatch):
     from qwen_inference import sysinfo
 
-    for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+    for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, "avx512_vnni")
     assert kernels.cap_isa() == "avx512_vnni"
     assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_VNNI" and "ATEN_CPU_CAPABILITY" not in os.environ
+    assert os.environ["MKL_ENABLE_INSTRUCTIONS"] == "AVX512_E1"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")  # one set by hand stays
     monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, "avx2")
     assert kernels.cap_isa() == "avx2"
     assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE" and os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert os.environ["MKL_ENABLE_INSTRUCTIONS"] == "AVX512_E1"  # the first cap's, kept
     monkeypatch.delenv(sysinfo.MAX_CPU_ISA_ENV)
     assert kernels.cap_isa() is None
 
@@ -595,12 +604,13 @@ def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_wi
     widen = KERNEL_WIDEN_MIN_TOKENS
     assert platform.dtype == torch.bfloat16 and platform.widen_min_tokens == widen > CPU_WIDEN_MIN_TOKENS
     assert platform.matmul_kernel_rows == platform.logit_kernel_rows == range(1, widen)
-    assert platform.bf16_kernel() and platform.cpu_kernels() == (cap != "avx2")
-    assert platform.kernels_in_use() == ("the engine's kernels on avx2 (the bf16 matmul alone)" if cap == "avx2"
+    assert platform.matmul_kernels() and platform.cpu_kernels() == (cap != "avx2")
+    assert platform.kernels_in_use() == ("the engine's kernels on avx2 (the matmuls alone)" if cap == "avx2"
                                          else "the engine's kernels on avx512f")
     assert platform.fused_small_ops() == (cap != "avx2")
     assert platform.attention_backend == ("sdpa-gather" if cap == "avx2" else "cpu-kernel")
     assert Platform.cpu(torch.bfloat16, "int8").vnni_kernels() == (cap != "avx2" and k.has_vnni())
+    assert Platform.cpu(torch.bfloat16, "int8").linear_fn().__name__ == "linear_int8_small_rows"  # VNNI's or AVX2's
     fast = load_model(tiny_model, platform)
     assert fast.linear.__name__ == "linear_small_rows" and fast.fused == (cap != "avx2")
     slow = load_model(tiny_model, platform)

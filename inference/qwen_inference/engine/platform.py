@@ -162,7 +162,7 @@ class Platform:
 
         if self.kind == "cpu" and self.dtype == torch.bfloat16 and self.quantize == "none" \
                 and not cpu_has_fast_bf16():
-            return KERNEL_WIDEN_MIN_TOKENS if self.bf16_kernel() else CPU_WIDEN_MIN_TOKENS
+            return KERNEL_WIDEN_MIN_TOKENS if self.matmul_kernels() else CPU_WIDEN_MIN_TOKENS
         return None
 
     @property
@@ -201,25 +201,22 @@ class Platform:
         return w
 
     def vnni_kernels(self) -> bool:
-        """Whether the engine's int8 and int4 kernels run here: on CPU, where the kernels load and the CPU has
-        AVX512-VNNI."""
+        """Whether the engine's int4 kernel (and its block layout) and its AVX512-VNNI int8 kernel run here: on CPU,
+        where the kernels load and the CPU has AVX512-VNNI."""
         return self.cpu_kernels() and torch.ops.qwen.has_vnni()
 
     def linear_fn(self):
         """The matmul the model's layers call: x @ w.T (+ b). On CPUs with AVX512, steps of `KERNEL_ROWS` rows (decode
         of up to 12 sequences) run on the engine's own kernels, which stream each weight row once for all rows,
-        add the bias and round in the same pass: bfloat16 weights (`matmul_kernel_rows`; on AVX2 CPUs too), and
-        int8 ones where the CPU has AVX512-VNNI (activations quantized per row inside the kernel, as torch's path
-        does). Everything else runs on torch's."""
+        add the bias and round in the same pass: bfloat16 weights (`matmul_kernel_rows`) and int8 ones
+        (activations quantized per row inside the kernel, as torch's path does; AVX512-VNNI's dot products, or
+        AVX2's), on AVX2 CPUs too. Everything else runs on torch's."""
         from .weights import Int8Weight, linear
 
-        if (self.quantize == "none" and self.dtype != torch.bfloat16) or not self.bf16_kernel():
+        if (self.quantize == "none" and self.dtype != torch.bfloat16) or not self.matmul_kernels():
             return linear
         ops = torch.ops.qwen
         if self.quantize in ("int8", "int4"):
-            if not self.vnni_kernels():
-                return linear
-
             def linear_int8_small_rows(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
                 # int4 models keep their output layer in int8 and run bf16 activations: widened for the kernel
                 if x.shape[0] in KERNEL_ROWS and isinstance(w, Int8Weight):
@@ -247,7 +244,7 @@ class Platform:
         def widened(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return linear(x, w).float()
 
-        if self.dtype != torch.bfloat16 or not self.bf16_kernel():
+        if self.dtype != torch.bfloat16 or not self.matmul_kernels():
             return widened
         op = torch.ops.qwen.linear_bf16
         rows = self.logit_kernel_rows
@@ -271,7 +268,7 @@ class Platform:
 
     def cpu_kernels(self) -> bool:
         """Whether all of the engine's own kernels run here: on CPU, where they load with AVX512."""
-        return self.bf16_kernel() and torch.ops.qwen.isa().startswith("avx512")
+        return self.matmul_kernels() and torch.ops.qwen.isa().startswith("avx512")
 
     def kernels_in_use(self) -> str:
         """The CPU kernels this platform runs, in a few words (the server's start-up log)."""
@@ -282,11 +279,11 @@ class Platform:
         if not kernels.load():
             return f"torch's kernels ({kernels.unavailable()})"
         isa = torch.ops.qwen.isa()
-        return f"the engine's kernels on {isa}" + ("" if isa.startswith("avx512") else " (the bf16 matmul alone)")
+        return f"the engine's kernels on {isa}" + ("" if isa.startswith("avx512") else " (the matmuls alone)")
 
-    def bf16_kernel(self) -> bool:
-        """Whether the engine's bf16 matmul kernel runs here: on CPU, where the kernels load (AVX512, or AVX2
-        and FMA, where it is the one kernel that runs)."""
+    def matmul_kernels(self) -> bool:
+        """Whether the engine's bf16 and int8 matmul kernels run here: on CPU, where the kernels load (AVX512, or
+        AVX2 and FMA, where they are the only ones that run)."""
         if self.kind != "cpu":
             return False
         from . import kernels

@@ -275,6 +275,45 @@ void rows_int8(const uint8_t* xu, int64_t ldx, const int8_t* w, const int32_t* r
   }
 }
 
+// The same on AVX2, where there is no unsigned-by-signed dot product into 32 bits: vpmaddubsw multiplies unsigned by
+// signed bytes into 16-bit pair sums, which saturate unless both factors stay within 127 in size, so the activations
+// are signed (no offset) and each weight's sign moves onto its activation (|w| by x·sign(w), as llama.cpp does): a
+// pair sums to at most 2 · 128 · 127, the sums stay exact, and so does the result.
+__attribute__((target("avx2,fma")))
+inline int32_t hsum8_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int R>
+__attribute__((target("avx2,fma")))
+void rows_int8_avx2(const int8_t* xs, int64_t ldx, const int8_t* w, const float* sx, const float* scale,
+                    const Out& out, int64_t m0, int64_t K, int64_t n0, int64_t n1) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* wr = w + n * K;
+    __m256i a[R];
+    for (int j = 0; j < R; j++) a[j] = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + k));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w| (as unsigned bytes)
+      for (int j = 0; j < R; j++) {
+        const __m256i xw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(xs + j * ldx + k)), wv);
+        a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xw), ones));
+      }
+    }
+    int32_t tail[R] = {};
+    for (; k < K; k++)
+      for (int j = 0; j < R; j++) tail[j] += int32_t(wr[k]) * int32_t(xs[j * ldx + k]);
+    for (int j = 0; j < R; j++) {
+      const int32_t acc = hsum8_epi32(a[j]) + tail[j];
+      out.store(m0 + j, n, float(acc) * sx[j] * scale[n]);
+    }
+  }
+}
 
 // int4: weights in blocks of 16 rows; each 64-byte word holds, for 8 consecutive inputs k..k+7 of the block's 16
 // rows, one 32-bit lane per row whose 4 bytes carry q[k+j] in their low nibble and q[k+4+j] in their high one, so
@@ -451,7 +490,8 @@ void quantize_rows(const float* xp, int64_t M, int64_t K, float* sx, Put put) {
 // int8 path does with torch's integer matmul, with the same rounding and the same order of the float products).
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                           const torch::Tensor& rowsum, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(has_avx512_vnni(), "linear_int8: this CPU has no AVX512-VNNI");
+  const bool vnni = has_avx512_vnni();
+  TORCH_CHECK(vnni || has_avx2(), "linear_int8: this CPU has neither AVX512-VNNI nor AVX2");
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "linear_int8: shapes");
   TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
               rowsum.scalar_type() == at::kInt, "linear_int8: float32 x, int8 q, float32 scale, int32 rowsum");
@@ -462,14 +502,30 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
   auto result = torch::empty({M, N}, torch::dtype(torch::kFloat32));
   Out out{result.data_ptr<float>(), nullptr, nullptr, nullptr, N};
   const torch::Tensor b = float_bias(bias, out, "linear_int8");
-  // the activations, quantized: [M, K] unsigned bytes (value + 128), and each row's scale
+  // the activations, quantized: [M, K] unsigned bytes (value + 128) for VNNI, signed ones for AVX2, and each row's
+  // scale
   std::vector<uint8_t> xu(M * K);
   std::vector<float> sx(M);
   quantize_rows(x.data_ptr<float>(), M, K, sx.data(),
-                [&](int64_t m, int64_t k, int v) { xu[m * K + k] = uint8_t(v + 128); });
+                [&](int64_t m, int64_t k, int v) { xu[m * K + k] = vnni ? uint8_t(v + 128) : uint8_t(int8_t(v)); });
   const auto* qp = q.data_ptr<int8_t>();
   const int32_t* rs = rowsum.data_ptr<int32_t>();
   const float* sp = scale.data_ptr<float>();
+  if (!vnni) {
+    const auto* xs = reinterpret_cast<const int8_t*>(xu.data());
+    at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+      for (int64_t m = 0; m < M; m += MR) {
+        const int8_t* xr = xs + m * K;
+        switch (std::min<int64_t>(MR, M - m)) {
+          case 1: rows_int8_avx2<1>(xr, K, qp, &sx[m], sp, out, m, K, n0, n1); break;
+          case 2: rows_int8_avx2<2>(xr, K, qp, &sx[m], sp, out, m, K, n0, n1); break;
+          case 3: rows_int8_avx2<3>(xr, K, qp, &sx[m], sp, out, m, K, n0, n1); break;
+          default: rows_int8_avx2<4>(xr, K, qp, &sx[m], sp, out, m, K, n0, n1);
+        }
+      }
+    });
+    return result;
+  }
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < M; m += MR) {
       const uint8_t* xr = xu.data() + m * K;
