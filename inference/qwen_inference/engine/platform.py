@@ -153,11 +153,11 @@ class Platform:
     # ---- kernels ------------------------------------------------------------------------------------
     @property
     def widen_min_tokens(self) -> int | None:
-        """On CPUs without bfloat16 instructions (bf16 by default on AVX512, where the engine's kernels run; asked
-        for explicitly elsewhere), bfloat16 matmuls win while memory-bound (decode) but lose to float32 once
-        compute-bound: steps of at least this many tokens run
-        their matmuls in float32. On CPUs with AVX512-BF16 or AMX, bf16 matmuls win at every size (several times
-        over float32 on a prompt chunk, measured): never widen. None: never widen."""
+        """On CPUs without bfloat16 instructions (bf16 by default where the engine's matmul kernels run, on AVX512 or
+        AVX2; asked for explicitly elsewhere), bfloat16 matmuls win while memory-bound (decode) but lose to float32
+        once compute-bound: steps of at least this many tokens run their matmuls in float32 (from 128 on the
+        engine's kernel, from 48 on torch's bf16 matmuls). On CPUs with AVX512-BF16 or AMX, bf16 matmuls win at every
+        size (several times over float32 on a prompt chunk, measured): never widen. None: never widen."""
         from ..sysinfo import cpu_has_fast_bf16
 
         if self.kind == "cpu" and self.dtype == torch.bfloat16 and self.quantize == "none" \
