@@ -12,7 +12,20 @@ from qwen_inference.engine import kernels
 from qwen_inference.sysinfo import cpu_flags
 
 AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
-pytestmark = pytest.mark.skipif(not AVX512, reason="the kernels need AVX512 (the engine uses torch's without)")
+AVX2 = {"avx2", "fma"} <= cpu_flags()
+pytestmark = pytest.mark.skipif(not (AVX512 or AVX2),
+                                reason="the kernels need AVX512 or AVX2 (the engine uses torch's without)")
+# the kernels that run with AVX512 alone (on AVX2 only the matmuls run); `QWEN_MAX_CPU_ISA=avx2 pytest` runs this
+# module as an AVX2 CPU would
+avx512 = pytest.mark.skipif(not AVX512, reason="an AVX512 kernel (this CPU runs the engine's matmuls alone)")
+
+
+def exact_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm's integer products summed exactly (oneDNN's own saturates without VNNI)."""
+    return (a.long() @ b.long()).int()
+
+
+VNNI = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +52,14 @@ def test_kernels_split_their_work_over_torchs_threads(k):
 @pytest.mark.parametrize("m, k_dim, n", [(1, 896, 1152), (3, 64, 151936), (16, 4864, 896), (5, 50, 33),
                                          (17, 1000, 7), (2, 31, 4)])
 def test_linear_bf16_matches_a_float32_matmul(k, isa, m, k_dim, n):
+    if isa == "avx512f" and not AVX512:
+        pytest.skip("an AVX512 path")
     g = torch.Generator().manual_seed(m * 1000 + n)
     x = torch.randn(m, k_dim, generator=g).bfloat16()
     w = torch.randn(n, k_dim, generator=g).bfloat16()
     b = torch.randn(n, generator=g).bfloat16()
     want = torch.nn.functional.linear(x.float(), w.float(), b.float())
-    use = "" if isa == "native" else "avx512f"
+    use = "" if isa == "native" else isa
     got = k.linear_bf16(x, w, b, True, use)
     assert torch.allclose(got, want, atol=1e-3 * k_dim ** 0.5, rtol=1e-4)
     got16 = k.linear_bf16(x, w, None, False, use)
@@ -55,7 +70,7 @@ def test_linear_bf16_matches_a_float32_matmul(k, isa, m, k_dim, n):
 @pytest.mark.parametrize("m, k_dim, n", [(1, 896, 1152), (2, 4864, 896), (3, 64, 1517), (4, 50, 33), (1, 31, 7),
                                          (5, 1000, 17), (2, 200, 3)])
 @pytest.mark.parametrize("isa", ["native", "avx2"])
-def test_linear_int8_gives_exactly_the_torch_int8_paths_result(k, held_to, isa, m, k_dim, n):
+def test_linear_int8_gives_exactly_the_torch_int8_paths_result(k, held_to, monkeypatch, isa, m, k_dim, n):
     """Same per-row activation quantization, exact integer sums, the same float products in the same order: the
     same bits as torch's integer matmul path, with and without a bias, tails of K included; on AVX512-VNNI and on
     AVX2 (where the weights' signs move onto the activations to keep vpmaddubsw's pair sums from saturating)."""
@@ -63,6 +78,7 @@ def test_linear_int8_gives_exactly_the_torch_int8_paths_result(k, held_to, isa, 
 
     if isa == "avx2":
         held_to("avx2")
+        monkeypatch.setattr(torch, "_int_mm", exact_int_mm)
     elif not k.has_vnni():
         pytest.skip("this CPU has no AVX512-VNNI (its int8 kernel is the AVX2 one)")
     g = torch.Generator().manual_seed(m * 7 + k_dim + n)
@@ -92,8 +108,6 @@ def test_linear_bf16_rounds_and_adds_the_bias_as_torch_does(k):
 def test_linear_int8_refuses_what_it_cannot_do(k):
     from qwen_inference.engine.weights import Int8Weight
 
-    if not k.has_vnni():
-        pytest.skip("this CPU has no AVX512-VNNI")
     w = Int8Weight.of(torch.randn(8, 64))
     x = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="float32 x"):
@@ -106,17 +120,18 @@ def test_linear_int8_refuses_what_it_cannot_do(k):
         k.linear_int8(x, w.q, w.scale, w.rowsum, torch.zeros(3))
 
 
-def test_int8_models_use_the_kernel_for_decode_rows_with_the_same_logits(k, tiny_model):
-    """An int8 model's steps of up to `KERNEL_ROWS` rows on the kernel give exactly the logits of torch's int8 path."""
+def test_int8_models_use_the_kernel_for_decode_rows_with_the_same_logits(k, tiny_model, monkeypatch):
+    """An int8 model's steps of up to `KERNEL_ROWS` rows on the kernel give exactly the logits of torch's int8 path
+    (without VNNI, every step runs the kernel, and the reference sums its integer products exactly)."""
     from qwen_inference.engine.models import load_model
     from qwen_inference.engine.platform import KERNEL_ROWS, Platform
     from qwen_inference.engine.weights import linear
 
     from .test_engine import prompt_logits
 
-    if not torch.ops.qwen.has_vnni():
-        pytest.skip("this CPU has no AVX512-VNNI")
-    fast = load_model(tiny_model, Platform.cpu(torch.float32, "int8"))
+    if not VNNI:
+        monkeypatch.setattr(torch, "_int_mm", exact_int_mm)
+    fast = load_model(tiny_model, Platform.cpu(torch.float32, "int8"))  # AVX512-VNNI's kernel, or AVX2's
     assert fast.linear.__name__ == "linear_int8_small_rows"
     slow = load_model(tiny_model, Platform.cpu(torch.float32, "int8"))
     slow.linear = linear
@@ -126,6 +141,7 @@ def test_int8_models_use_the_kernel_for_decode_rows_with_the_same_logits(k, tiny
         assert torch.equal(prompt_logits(fast, ids), prompt_logits(slow, ids))
 
 
+@avx512
 @pytest.mark.parametrize("t, d", [(1, 896), (2, 4864), (1, 7)])
 def test_fused_small_ops_round_as_torchs_operators_do(k, t, d):
     """Residual add with RMSNorm, and SiLU times the up-projection, in one operator each: torch's results for the
@@ -148,6 +164,7 @@ def test_fused_small_ops_round_as_torchs_operators_do(k, t, d):
         k.silu_mul(gu.half())
 
 
+@avx512
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t, d", [(1, 2048), (3, 896), (2, 7)])
 def test_float32_weight_norm_and_silu_mul_round_as_torchs_operators_do(k, dtype, t, d):
@@ -245,6 +262,7 @@ def test_linear_bf16_refuses_what_it_cannot_do(k):
         k.linear_bf16(x, w, None, False, "sse")
 
 
+@avx512
 def test_bf16_models_use_the_kernel_for_decode_rows_and_agree_with_torch(k, tiny_model):
     """A bf16 model's step on the kernel gives the logits of torch's own bf16 matmuls (to bf16 rounding), and
     steps of other row counts go to torch."""
@@ -293,6 +311,7 @@ def test_a_built_library_loads_without_a_compiler(k, tmp_path):
     assert missing.stdout.startswith("False not built"), missing.stderr[-2000:]
 
 
+@avx512
 @pytest.mark.parametrize("dtype, cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                 (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("b, h, kv, d, n", [(1, 14, 2, 64, 40), (5, 8, 2, 256, 40), (3, 4, 4, 24, 40),
@@ -327,6 +346,7 @@ def test_decode_attention_reads_the_paged_cache_as_sdpa_over_the_gathered_rows_d
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
 
 
+@avx512
 def test_decode_attention_refuses_what_it_cannot_read(k):
     q, kc, gather = torch.randn(1, 4, 8), torch.randn(10, 2, 8), torch.zeros(1, 3, dtype=torch.long)
     lens = torch.tensor([3])
@@ -343,6 +363,7 @@ def test_decode_attention_refuses_what_it_cannot_read(k):
         k.decode_attention(q, kc, kc, gather, lens, "sse2")
 
 
+@avx512
 def test_models_use_the_attention_kernel_for_decode_rows_and_agree_with_sdpa(k, tiny_model):
     """A float32 model on the "cpu-kernel" backend: decode rows (of different lengths) attend on the kernel and give
     the logits SDPA over gathered rows gives."""
@@ -377,10 +398,13 @@ def test_models_use_the_attention_kernel_for_decode_rows_and_agree_with_sdpa(k, 
 
 def test_bf16_logits_come_from_the_kernel_in_float32(k, tiny_model):
     """The output layer's rows on the bf16 kernel come out in float32 (not rounded to bf16 first), close to torch's
-    float32 matmul of the same bf16 values; more rows than `LOGIT_KERNEL_ROWS` go to torch."""
-    from qwen_inference.engine.platform import LOGIT_KERNEL_ROWS, Platform
+    float32 matmul of the same bf16 values; more rows than the platform's `logit_kernel_rows` (`LOGIT_KERNEL_ROWS`
+    with AVX512-BF16) go to torch."""
+    from qwen_inference.engine.platform import Platform
 
-    logits = Platform.cpu(torch.bfloat16).logits_fn()
+    platform = Platform.cpu(torch.bfloat16)
+    LOGIT_KERNEL_ROWS = platform.logit_kernel_rows  # noqa: N806
+    logits = platform.logits_fn()
     assert logits.__name__ == "logits"
     g = torch.Generator().manual_seed(3)
     w = torch.randn(1000, 64, generator=g).bfloat16()
@@ -411,6 +435,7 @@ def _delta_inputs(b, hk, hv, dk, dv, kernel, dtype, norm_dtype, seed):
         key_heads=hk, eps=1e-6)
 
 
+@avx512
 @pytest.mark.parametrize("dtype, norm_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("b, hk, hv, dk, dv, kernel", [(1, 16, 16, 128, 128, 4), (3, 2, 4, 16, 32, 4),
@@ -443,6 +468,7 @@ def test_delta_net_decode_updates_the_states_as_torchs_operators_do(k, dtype, no
     assert torch.equal(mine["conv_state"][untouched], conv0[untouched])
 
 
+@avx512
 def test_delta_net_decode_refuses_what_it_cannot_do(k):
     args = _delta_inputs(2, 2, 4, 16, 32, 4, torch.float32, torch.float32, seed=1)
     assert k.delta_net_decode(**args).shape == (2, 128)
@@ -462,6 +488,7 @@ def test_delta_net_decode_refuses_what_it_cannot_do(k):
         k.delta_net_decode(**{**args, "slots": torch.tensor([3, 3])})
 
 
+@avx512
 @pytest.mark.parametrize("dtype, quantize", [(torch.float32, "none"), (torch.bfloat16, "none"), (torch.float32, "int8")])
 def test_qwen3_5_decode_rows_run_the_fused_operators_and_agree_with_torch(k, tiny_qwen35_text_model, dtype, quantize):
     """A Qwen3.5 model's decode rows (two sequences, beside a prompt chunk in the same step) go through the fused
@@ -518,22 +545,32 @@ def test_qwen3_5_decode_rows_run_the_fused_operators_and_agree_with_torch(k, tin
 @pytest.fixture
 def held_to(k, monkeypatch):
     """Hold the engine to an older CPU's instruction sets, as QWEN_MAX_CPU_ISA does at start: the flags the
-    platform reads and the kernels' own choice; both set back afterwards."""
+    platform reads and the kernels' own choice; both set back afterwards (to the cap the tests run under, if any)."""
     from qwen_inference import sysinfo
 
+    before = os.environ.get(sysinfo.MAX_CPU_ISA_ENV)
+
     def hold(cap: str) -> None:
+        order = ["avx2", "avx512", "avx512_vnni", "avx512_bf16"]
+        if before and order.index(cap) > order.index(before):
+            pytest.skip(f"holds to {cap}, above the tests' own QWEN_MAX_CPU_ISA={before}")
         monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, cap)
         sysinfo.cpu_flags.cache_clear()
         k.set_max_isa(cap)
 
     yield hold
-    monkeypatch.delenv(sysinfo.MAX_CPU_ISA_ENV, raising=False)
+    if before is None:
+        monkeypatch.delenv(sysinfo.MAX_CPU_ISA_ENV, raising=False)
+    else:
+        monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, before)
     sysinfo.cpu_flags.cache_clear()
-    k.set_max_isa("")
+    k.set_max_isa(before or "")
 
 
+@avx512
 def test_the_kernels_hold_to_the_instruction_sets_they_are_allowed(k, held_to):
     native_vnni, native_isa = k.has_vnni(), k.isa()
+    own = os.environ.get("QWEN_MAX_CPU_ISA", "")  # the cap the tests run under, if any
     x, w = torch.randn(3, 64).bfloat16(), torch.randn(8, 64).bfloat16()
     held_to("avx512_vnni")
     assert k.isa() == "avx512f" and k.has_vnni() == native_vnni
@@ -559,7 +596,7 @@ def test_the_kernels_hold_to_the_instruction_sets_they_are_allowed(k, held_to):
             call()
     with pytest.raises(RuntimeError, match="unknown instruction set avx513"):
         k.set_max_isa("avx513")
-    k.set_max_isa("")
+    k.set_max_isa(own)
     assert k.isa() == native_isa and k.has_vnni() == native_vnni
 
 
@@ -595,6 +632,8 @@ def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_wi
 
     from .test_engine import prompt_logits
 
+    if cap.startswith("avx512") and not AVX512:
+        pytest.skip("an AVX512 CPU's path")
     if "avx512_bf16" in cpu_flags():
         native = Platform.resolve("cpu", "auto")
         assert native.dtype == torch.bfloat16 and native.matmul_kernel_rows == KERNEL_ROWS
@@ -610,7 +649,10 @@ def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_wi
     assert platform.fused_small_ops() == (cap != "avx2")
     assert platform.attention_backend == ("sdpa-gather" if cap == "avx2" else "cpu-kernel")
     assert Platform.cpu(torch.bfloat16, "int8").vnni_kernels() == (cap != "avx2" and k.has_vnni())
-    assert Platform.cpu(torch.bfloat16, "int8").linear_fn().__name__ == "linear_int8_small_rows"  # VNNI's or AVX2's
+    int8 = Platform.cpu(torch.bfloat16, "int8")
+    assert int8.linear_fn().__name__ == "linear_int8_small_rows"  # VNNI's or AVX2's
+    # without VNNI oneDNN's integer matmul saturates: every int8 step runs the kernel
+    assert (100000 in int8.int8_kernel_rows) == (cap == "avx2" or not VNNI)
     fast = load_model(tiny_model, platform)
     assert fast.linear.__name__ == "linear_small_rows" and fast.fused == (cap != "avx2")
     slow = load_model(tiny_model, platform)

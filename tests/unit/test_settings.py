@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,7 @@ def test_memory_limit(tmp_path):
 def test_max_cpu_isa_hides_the_flags_above_it(monkeypatch):
     """QWEN_MAX_CPU_ISA holds the engine to an older CPU's instruction sets: the flags above the cap are gone from
     what the engine reads, each cap names oneDNN's, and a name that is no cap is refused, by qwen-serve at start."""
+    before = os.environ.pop(sysinfo.MAX_CPU_ISA_ENV, None)  # the CPU's own flags, whatever cap the tests run under
     sysinfo.cpu_flags.cache_clear()
     real = sysinfo.cpu_flags()
     try:
@@ -108,3 +110,6 @@ def test_max_cpu_isa_hides_the_flags_above_it(monkeypatch):
         monkeypatch.delenv(sysinfo.MAX_CPU_ISA_ENV, raising=False)
         sysinfo.cpu_flags.cache_clear()
     assert sysinfo.cpu_flags() == real
+    if before is not None:
+        os.environ[sysinfo.MAX_CPU_ISA_ENV] = before
+        sysinfo.cpu_flags.cache_clear()

@@ -7,6 +7,7 @@ Model modules, the runner, the cache and the sampler ask the platform instead of
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,6 +180,16 @@ class Platform:
 
         return LOGIT_KERNEL_ROWS if cpu_has_fast_bf16() else range(1, KERNEL_WIDEN_MIN_TOKENS)
 
+    @property
+    def int8_kernel_rows(self) -> range:
+        """Steps of how many rows the int8 matmul kernel runs: `KERNEL_ROWS` where the CPU has VNNI (or AMX), and
+        every step where it has not, since torch's integer matmul (oneDNN's) then multiplies with vpmaddubsw, whose
+        16-bit pair sums saturate: its results were off by up to 35 on outputs in the tens (random rows, held to AVX2),
+        where the kernel's sums are exact (the weights' signs moved onto the activations)."""
+        from ..sysinfo import cpu_flags
+
+        return KERNEL_ROWS if {"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags() else range(1, sys.maxsize)
+
     def compute_dtype(self, tokens: int) -> torch.dtype:
         """The activations' dtype for a step of `tokens` rows."""
         if self.quantize == "int8":
@@ -217,9 +228,11 @@ class Platform:
             return linear
         ops = torch.ops.qwen
         if self.quantize in ("int8", "int4"):
+            rows = self.int8_kernel_rows
+
             def linear_int8_small_rows(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
                 # int4 models keep their output layer in int8 and run bf16 activations: widened for the kernel
-                if x.shape[0] in KERNEL_ROWS and isinstance(w, Int8Weight):
+                if x.shape[0] in rows and isinstance(w, Int8Weight):
                     return ops.linear_int8(x.float().contiguous(), w.q, w.scale, w.rowsum, b)
                 return linear(x, w, b)
 

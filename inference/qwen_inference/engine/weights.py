@@ -124,7 +124,9 @@ class Int8Weight(Quantized):
 
 
 def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T with x quantized per row (token) on the fly: int8 products, int32 sums, float32 out."""
+    """x @ w.T with x quantized per row (token) on the fly: int8 products, int32 sums, float32 out. The sums are
+    exact where oneDNN has VNNI (or AMX); without it its pair sums can saturate, and the platform sends every int8
+    step to the engine's kernel instead (`Platform.int8_kernel_rows`)."""
     xf = x.float()
     sx = xf.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)
     xq = (xf / sx).round_().to(torch.int8)  # |x| / (max|x| / 127) never rounds past 127
