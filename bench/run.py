@@ -518,13 +518,10 @@ def main(argv: list[str] | None = None) -> int:
                          "(avx512_vnni: Cascade Lake and Ice Lake; avx512: Skylake-SP; avx2: Zen 2 and 3)")
     a = ap.parse_args(argv)
     if a.max_cpu_isa:
-        from qwen_inference.sysinfo import MKL_ISAS, ONEDNN_ISAS
+        from qwen_inference.sysinfo import torch_isa_env
 
         os.environ[MAX_CPU_ISA_ENV] = a.max_cpu_isa  # before cpu_info reads the flags; every server inherits it
-        os.environ["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISAS[a.max_cpu_isa]
-        os.environ["MKL_ENABLE_INSTRUCTIONS"] = MKL_ISAS[a.max_cpu_isa]
-        if a.max_cpu_isa == "avx2":
-            os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+        os.environ.update(torch_isa_env(a.max_cpu_isa))
     levels = [int(x) for x in (a.levels or ("1,2" if a.smoke else "1,4,16")).split(",")]
     model = model_dir(a.smoke, a.model)
     cpu = cpu_info()

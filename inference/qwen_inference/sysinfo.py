@@ -93,6 +93,15 @@ ONEDNN_ISAS = {"avx512_bf16": "AVX512_CORE_BF16", "avx512_vnni": "AVX512_CORE_VN
 MKL_ISAS = {"avx512_bf16": "AVX512_E3", "avx512_vnni": "AVX512_E1", "avx512": "AVX512", "avx2": "AVX2"}
 
 
+def torch_isa_env(cap: str) -> dict[str, str]:
+    """The environment that holds torch's own operators to `cap`: oneDNN's, MKL's and, below AVX512, ATen's
+    vectorised ones (each read at its first use)."""
+    env = {"ONEDNN_MAX_CPU_ISA": ONEDNN_ISAS[cap], "MKL_ENABLE_INSTRUCTIONS": MKL_ISAS[cap]}
+    if cap == "avx2":
+        env["ATEN_CPU_CAPABILITY"] = "avx2"
+    return env
+
+
 def max_cpu_isa() -> str | None:
     """The cap QWEN_MAX_CPU_ISA sets, or None; ValueError for a value that names no cap."""
     value = os.environ.get(MAX_CPU_ISA_ENV, "").strip().lower()

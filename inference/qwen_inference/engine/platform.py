@@ -291,8 +291,8 @@ class Platform:
 
         if not kernels.load():
             return f"torch's kernels ({kernels.unavailable()})"
-        isa = torch.ops.qwen.isa()
-        return f"the engine's kernels on {isa}" + ("" if isa.startswith("avx512") else " (the matmuls alone)")
+        alone = "" if self.cpu_kernels() else " (the matmuls alone)"
+        return f"the engine's kernels on {torch.ops.qwen.isa()}{alone}"
 
     def matmul_kernels(self) -> bool:
         """Whether the engine's bf16 and int8 matmul kernels run here: on CPU, where the kernels load (AVX512, or

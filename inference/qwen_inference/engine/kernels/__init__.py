@@ -76,17 +76,15 @@ def build() -> Path:
 
 
 def cap_isa() -> str | None:
-    """Apply QWEN_MAX_CPU_ISA to torch's own operators: oneDNN's (ONEDNN_MAX_CPU_ISA), MKL's
-    (MKL_ENABLE_INSTRUCTIONS) and, for a cap below AVX512, ATen's vectorised ones (ATEN_CPU_CAPABILITY); each read at
-    its first use, and left as it is where already set. Returns the cap."""
-    from ...sysinfo import MKL_ISAS, ONEDNN_ISAS, max_cpu_isa
+    """Apply QWEN_MAX_CPU_ISA to torch's own operators (`sysinfo.torch_isa_env`: ONEDNN_MAX_CPU_ISA,
+    MKL_ENABLE_INSTRUCTIONS and, for a cap below AVX512, ATEN_CPU_CAPABILITY), each left as it is where already set.
+    Returns the cap."""
+    from ...sysinfo import max_cpu_isa, torch_isa_env
 
     cap = max_cpu_isa()
     if cap is not None:
-        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", ONEDNN_ISAS[cap])
-        os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", MKL_ISAS[cap])
-        if cap == "avx2":
-            os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+        for name, value in torch_isa_env(cap).items():
+            os.environ.setdefault(name, value)
     return cap
 
 
