@@ -399,7 +399,7 @@ def test_models_use_the_attention_kernel_for_decode_rows_and_agree_with_sdpa(k, 
 def test_bf16_logits_come_from_the_kernel_in_float32(k, tiny_model):
     """The output layer's rows on the bf16 kernel come out in float32 (not rounded to bf16 first), close to torch's
     float32 matmul of the same bf16 values; more rows than the platform's `logit_kernel_rows` (`LOGIT_KERNEL_ROWS`
-    with AVX512-BF16) go to torch."""
+    with AVX512-BF16, every row count without it) go to torch."""
     from qwen_inference.engine.platform import Platform
 
     platform = Platform.cpu(torch.bfloat16)
@@ -408,7 +408,7 @@ def test_bf16_logits_come_from_the_kernel_in_float32(k, tiny_model):
     assert logits.__name__ == "logits"
     g = torch.Generator().manual_seed(3)
     w = torch.randn(1000, 64, generator=g).bfloat16()
-    for n in (1, LOGIT_KERNEL_ROWS[-1], LOGIT_KERNEL_ROWS[-1] + 1):
+    for n in (1, min(LOGIT_KERNEL_ROWS[-1], 40), min(LOGIT_KERNEL_ROWS[-1] + 1, 41)):
         x = torch.randn(n, 64, generator=g).bfloat16()
         got = logits(x, w)
         want = x.float() @ w.float().T
@@ -622,12 +622,11 @@ def test_cap_isa_holds_torchs_operators_to_the_same_instruction_sets(monkeypatch
 def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_widened(k, held_to, tiny_model,
                                                                                       monkeypatch, cap):
     """On an AVX512 CPU without AVX512-BF16 (Cascade Lake, Ice Lake), and on one with AVX2 alone (Zen 3), `--dtype
-    auto` is bf16 where the kernels load (float32 where they do not), and every step short of float32's widening runs
-    the bf16 matmul kernel, which gives torch's logits; from the widening on, torch's float32 matmuls. With AVX2 the
-    matmul is the one kernel that runs: attention, the fused small operators and int8 stay on torch's."""
+    auto` is bf16 where the kernels load (float32 where they do not), and every step, decode rows and prompt chunks
+    alike, runs the bf16 matmul kernel, never widened to float32, and gives torch's logits. With AVX2 the matmul is
+    the one kernel that runs: attention, the fused small operators and int8 stay on torch's."""
     from qwen_inference.engine.models import load_model
-    from qwen_inference.engine.platform import (CPU_WIDEN_MIN_TOKENS, KERNEL_ROWS, KERNEL_WIDEN_MIN_TOKENS,
-                                                LOGIT_KERNEL_ROWS, Platform)
+    from qwen_inference.engine.platform import ALL_ROWS, CPU_WIDEN_MIN_TOKENS, KERNEL_ROWS, LOGIT_KERNEL_ROWS, Platform
     from qwen_inference.engine.weights import linear
 
     from .test_engine import prompt_logits
@@ -640,9 +639,9 @@ def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_wi
         assert native.logit_kernel_rows == LOGIT_KERNEL_ROWS and native.widen_min_tokens is None
     held_to(cap)
     platform = Platform.resolve("cpu", "auto")
-    widen = KERNEL_WIDEN_MIN_TOKENS
-    assert platform.dtype == torch.bfloat16 and platform.widen_min_tokens == widen > CPU_WIDEN_MIN_TOKENS
-    assert platform.matmul_kernel_rows == platform.logit_kernel_rows == range(1, widen)
+    assert platform.dtype == torch.bfloat16 and platform.widen_min_tokens is None
+    assert platform.matmul_kernel_rows == platform.logit_kernel_rows == ALL_ROWS
+    assert platform.compute_dtype(4096) == torch.bfloat16
     assert platform.matmul_kernels() and platform.cpu_kernels() == (cap != "avx2")
     assert platform.kernels_in_use() == ("the engine's kernels on avx2 (the matmuls alone)" if cap == "avx2"
                                          else "the engine's kernels on avx512f")
@@ -664,11 +663,11 @@ def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_wi
         return real(x, *args)
 
     monkeypatch.setattr(torch.ops.qwen, "linear_bf16", counted)
-    for n in (1, KERNEL_ROWS[-1] + 1, 50, widen - 1, widen):
+    for n in (1, 2, KERNEL_ROWS[-1] + 1, 50, 200):  # block_rows, then the tiles (GEMM_MIN_ROWS, cpu.cpp)
         ids = list(range(900, 900 + n))
         calls.clear()
         a = prompt_logits(fast, ids)
-        assert set(calls) == ({n} if n < widen else set())
+        assert set(calls) == {n}
         b = prompt_logits(slow, ids)
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9

@@ -21,11 +21,11 @@ CPU_WIDEN_MIN_TOKENS = 48
 # four, 60 against 64 at twelve (bf16; int8 10 against 20, 19 against 34, 42 against 46); from 16 rows on oneDNN
 # is level or ahead (bench/README.md)
 KERNEL_ROWS = range(1, 13)
-# on CPUs without AVX512-BF16 (AVX512F, or AVX2), oneDNN's bf16 matmul converts in software and is behind the kernel
-# (which widens the weights in registers, the activations once) at every row count measured, 1 to 256, by 1.4-2.9
-# times; float32 matmuls on weights widened for the step draw level with it at 64 rows and ahead from 128, widening
-# included (bench/README.md): the kernel takes every step of fewer rows than this
-KERNEL_WIDEN_MIN_TOKENS = 128
+# on CPUs without AVX512-BF16 (AVX512F, or AVX2) the kernel takes every step: oneDNN's bf16 matmul converts in
+# software there and is behind it at every row count measured, 1 to 256, and torch's float32 matmuls on weights
+# widened for the step are behind its register tiles too (1.45 against 0.96 s for a 256-token chunk's matmuls of
+# Qwen2.5-0.5B's 24 layers, 2 threads of a Zen 4 held to AVX512F; bench/README.md)
+ALL_ROWS = range(1, sys.maxsize)
 # the output layer's rows (one per sequence that samples) on the bf16 kernel, float32 out: 9.1 against 12.0 ms at one
 # row and 20.8 against 24.3 at sixteen for Qwen2.5-0.5B's 151 936 × 896 output layer, 39 against 35 at 32
 LOGIT_KERNEL_ROWS = range(1, 17)
@@ -154,31 +154,33 @@ class Platform:
     # ---- kernels ------------------------------------------------------------------------------------
     @property
     def widen_min_tokens(self) -> int | None:
-        """On CPUs without bfloat16 instructions (bf16 by default where the engine's matmul kernels run, on AVX512 or
-        AVX2; asked for explicitly elsewhere), bfloat16 matmuls win while memory-bound (decode) but lose to float32
-        once compute-bound: steps of at least this many tokens run their matmuls in float32 (from 128 on the
-        engine's kernel, from 48 on torch's bf16 matmuls). On CPUs with AVX512-BF16 or AMX, bf16 matmuls win at every
-        size (several times over float32 on a prompt chunk, measured): never widen. None: never widen."""
+        """On CPUs without bfloat16 instructions where the engine's matmul kernel does not run (bf16 asked for
+        explicitly), torch's bfloat16 matmuls win while memory-bound (decode) but lose to float32 once
+        compute-bound: steps of at least this many tokens run their matmuls in float32. Where the kernel runs it
+        takes every step, prompt chunks in register tiles (`ALL_ROWS`), and on CPUs with AVX512-BF16 or AMX bf16
+        matmuls win at every size (several times over float32 on a prompt chunk, measured): never widen. None:
+        never widen."""
         from ..sysinfo import cpu_has_fast_bf16
 
         if self.kind == "cpu" and self.dtype == torch.bfloat16 and self.quantize == "none" \
-                and not cpu_has_fast_bf16():
-            return KERNEL_WIDEN_MIN_TOKENS if self.matmul_kernels() else CPU_WIDEN_MIN_TOKENS
+                and not cpu_has_fast_bf16() and not self.matmul_kernels():
+            return CPU_WIDEN_MIN_TOKENS
         return None
 
     @property
     def matmul_kernel_rows(self) -> range:
-        """Steps of how many rows the bf16 matmul kernel runs (the fused small operators keep `KERNEL_ROWS`)."""
+        """Steps of how many rows the bf16 matmul kernel runs: `KERNEL_ROWS` beside oneDNN's AVX512-BF16 or AMX
+        matmuls, every step without them (the fused small operators keep `KERNEL_ROWS`)."""
         from ..sysinfo import cpu_has_fast_bf16
 
-        return KERNEL_ROWS if cpu_has_fast_bf16() else range(1, KERNEL_WIDEN_MIN_TOKENS)
+        return KERNEL_ROWS if cpu_has_fast_bf16() else ALL_ROWS
 
     @property
     def logit_kernel_rows(self) -> range:
         """Rows of the output layer the bf16 kernel runs, float32 out."""
         from ..sysinfo import cpu_has_fast_bf16
 
-        return LOGIT_KERNEL_ROWS if cpu_has_fast_bf16() else range(1, KERNEL_WIDEN_MIN_TOKENS)
+        return LOGIT_KERNEL_ROWS if cpu_has_fast_bf16() else ALL_ROWS
 
     @property
     def int8_kernel_rows(self) -> range:
@@ -219,9 +221,9 @@ class Platform:
     def linear_fn(self):
         """The matmul the model's layers call: x @ w.T (+ b). On CPUs with AVX512, steps of `KERNEL_ROWS` rows (decode
         of up to 12 sequences) run on the engine's own kernels, which stream each weight row once for all rows,
-        add the bias and round in the same pass: bfloat16 weights (`matmul_kernel_rows`) and int8 ones
-        (activations quantized per row inside the kernel, as torch's path does; AVX512-VNNI's dot products, or
-        AVX2's), on AVX2 CPUs too. Everything else runs on torch's."""
+        add the bias and round in the same pass: bfloat16 weights (`matmul_kernel_rows`: every step on CPUs
+        without AVX512-BF16) and int8 ones (activations quantized per row inside the kernel, as torch's path does;
+        AVX512-VNNI's dot products, or AVX2's), on AVX2 CPUs too. Everything else runs on torch's."""
         from .weights import Int8Weight, linear
 
         if (self.quantize == "none" and self.dtype != torch.bfloat16) or not self.matmul_kernels():

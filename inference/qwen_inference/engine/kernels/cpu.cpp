@@ -2,9 +2,11 @@
 // against bfloat16, int8 or int4 weights, decode attention over the paged KV cache, and a decode layer's small
 // operators fused. A decode step reads every weight once and is bound by memory bandwidth; these kernels stream
 // each weight row once for all the step's rows, with AVX512-BF16 dot products where the CPU has them and AVX512F
-// (bf16 widened by a shift) where it does not, and AVX512-VNNI for int8 and int4. The bias and the output's
-// rounding happen in the same pass, so a projection is one operator. Threads come from ATen's pool: the library
-// is compiled with OpenMP, without which ATen's parallel_for runs on the calling thread alone.
+// (bf16 widened by a shift) where it does not, and AVX512-VNNI for int8 and int4. Without AVX512-BF16 the bf16
+// matmul also takes every larger step (prompt chunks), in register tiles, as torch has no fast bf16 GEMM there.
+// The bias and the output's rounding happen in the same pass, so a projection is one operator. Threads come from
+// ATen's pool: the library is compiled with OpenMP, without which ATen's parallel_for runs on the calling thread
+// alone.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -49,6 +51,19 @@ inline bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 inline __m512 widen(__m256i v) {  // 16 bf16 -> 16 fp32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// the lane sums of a[0..15], in order, as one vector
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 sums16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; i++)  // per 128-bit lane: x0+x2, y0+y2, x1+x3, y1+y3
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; i++)  // per 128-bit lane: the lane's sums of a[4i..4i+3]
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
 }
 
 // exp of 16 floats (Cephes' expf: a degree-7 polynomial after reduction by ln 2; within 1 ulp of the true value, as
@@ -110,27 +125,29 @@ void rows_bf16_dp(const uint16_t* x, const uint16_t* w, float* out, int64_t K, i
   }
 }
 
-// Without AVX512-BF16 the weights are widened in registers: one load of B bf16 values (B = 32 with AVX512F, 16 with
-// AVX2) and two unpacks with zero (a bf16 value is the upper half of its float32) give two vectors of floats, each
-// 128-bit lane's first four values and its last four. The activations were widened once per call into that order
-// (`permuted`: each block of B values as its lanes' first fours, then their last fours; a tail shorter than B left
-// in order), so each weight vector costs a load, an unpack and one FMA per activation row.
+// Without AVX512-BF16 the weights are widened in registers: a load of B bf16 values (B = 32 with AVX512F, 16 with
+// AVX2) is B / 2 32-bit words, each two bf16 values of which the upper is already its float32 (the lower half
+// masked off) and the lower becomes one by a shift; so one load, a shift and an and give two vectors of floats, the
+// block's even values and its odd ones, with no shuffle (Intel's 512-bit shuffles share a port with FMAs). The
+// activations were widened once per call into that order (`permuted`: each block of B values as its even values,
+// then its odd ones; a tail shorter than B left in order), so each weight vector costs a load and two integer ops.
 inline void permuted(const uint16_t* x, float* out, int64_t K, int64_t B) {
   const int64_t full = K / B * B;
   for (int64_t k = 0; k < full; k += B)
-    for (int64_t l = 0; l < B / 8; l++)
-      for (int64_t i = 0; i < 4; i++) {
-        out[k + l * 4 + i] = bf16_to_float(x[k + l * 8 + i]);
-        out[k + B / 2 + l * 4 + i] = bf16_to_float(x[k + l * 8 + 4 + i]);
-      }
+    for (int64_t i = 0; i < B / 2; i++) {
+      out[k + i] = bf16_to_float(x[k + 2 * i]);
+      out[k + B / 2 + i] = bf16_to_float(x[k + 2 * i + 1]);
+    }
   for (int64_t k = full; k < K; k++) out[k] = bf16_to_float(x[k]);
 }
+
+constexpr uint32_t ODD = 0xFFFF0000u;  // the upper bf16 value of a 32-bit word, in place: a float32
 
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void rows_bf16_f(const float* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1,
                  int64_t base) {
-  const __m512i zero = _mm512_setzero_si512();
+  const __m512i odd = _mm512_set1_epi32(ODD);
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* wr = w + n * K;
     __m512 a0[R], a1[R];
@@ -138,8 +155,8 @@ void rows_bf16_f(const float* x, const uint16_t* w, float* out, int64_t K, int64
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
       const __m512i wv = _mm512_loadu_si512(wr + k);
-      const __m512 w0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, wv));
-      const __m512 w1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, wv));
+      const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+      const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(wv, odd));
       for (int j = 0; j < R; j++) {
         a0[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + j * K + k), a0[j]);
         a1[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + j * K + k + 16), a1[j]);
@@ -166,7 +183,7 @@ template <int R>
 __attribute__((target("avx2,fma")))
 void rows_bf16_avx2(const float* x, const uint16_t* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1,
                     int64_t base) {
-  const __m256i zero = _mm256_setzero_si256();
+  const __m256i odd = _mm256_set1_epi32(ODD);
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* wr = w + n * K;
     __m256 a0[R], a1[R];
@@ -174,8 +191,8 @@ void rows_bf16_avx2(const float* x, const uint16_t* w, float* out, int64_t K, in
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + k));
-      const __m256 w0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, wv));
-      const __m256 w1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, wv));
+      const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+      const __m256 w1 = _mm256_castsi256_ps(_mm256_and_si256(wv, odd));
       for (int j = 0; j < R; j++) {
         a0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j * K + k), a0[j]);
         a1[j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + j * K + k + 8), a1[j]);
@@ -409,6 +426,128 @@ void dequant_int4_blocks(const uint8_t* w, const uint16_t* sm, uint16_t* out, in
 
 }  // namespace
 
+// Steps of many rows without AVX512-BF16 (prompt chunks, many sequences' decode rows) are bound by arithmetic, not
+// by the weights' bytes: a tile of RM activation rows by RN weight rows keeps its RM·RN dot products in registers
+// (as llama.cpp's tinyBLAS does), so each block of k's loads (RM activation vectors, RN weight vectors widened as
+// above) feed 2·RM·RN FMAs, where a pass of block_rows loads an activation vector for every FMA. A block of weight
+// rows sized for L2 serves every tile of activation rows before the next block is read. c[i * RN + j] gets the
+// dot product of activation row i with weight row j.
+template <int RM, int RN>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void tile_bf16_f(const float* x, const uint16_t* w, float* c, int64_t K) {
+  __m512 acc[RM][RN];
+  for (int i = 0; i < RM; i++)
+    for (int j = 0; j < RN; j++) acc[i][j] = _mm512_setzero_ps();
+  const __m512i odd = _mm512_set1_epi32(ODD);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512 xe[RM], xo[RM];
+    for (int i = 0; i < RM; i++) {
+      xe[i] = _mm512_loadu_ps(x + i * K + k);
+      xo[i] = _mm512_loadu_ps(x + i * K + k + 16);
+    }
+    for (int j = 0; j < RN; j++) {
+      const __m512i wv = _mm512_loadu_si512(w + j * K + k);
+      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(wv, odd));
+      for (int i = 0; i < RM; i++) acc[i][j] = _mm512_fmadd_ps(wo, xo[i], _mm512_fmadd_ps(we, xe[i], acc[i][j]));
+    }
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+    for (int j = 0; j < RN; j++) {
+      const __m512 wv = widen(_mm256_maskz_loadu_epi16(m, w + j * K + k));
+      for (int i = 0; i < RM; i++) acc[i][j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + i * K + k), acc[i][j]);
+    }
+  }
+  if constexpr (RM * RN == 16) {
+    _mm512_storeu_ps(c, sums16(&acc[0][0]));
+  } else {
+    for (int i = 0; i < RM; i++)
+      for (int j = 0; j < RN; j++) c[i * RN + j] = _mm512_reduce_add_ps(acc[i][j]);
+  }
+}
+
+template <int RM, int RN>
+__attribute__((target("avx2,fma")))
+void tile_bf16_avx2(const float* x, const uint16_t* w, float* c, int64_t K) {
+  __m256 acc[RM][RN];
+  for (int i = 0; i < RM; i++)
+    for (int j = 0; j < RN; j++) acc[i][j] = _mm256_setzero_ps();
+  const __m256i odd = _mm256_set1_epi32(ODD);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 xe[RM], xo[RM];
+    for (int i = 0; i < RM; i++) {
+      xe[i] = _mm256_loadu_ps(x + i * K + k);
+      xo[i] = _mm256_loadu_ps(x + i * K + k + 8);
+    }
+    for (int j = 0; j < RN; j++) {
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + j * K + k));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, odd));
+      for (int i = 0; i < RM; i++) acc[i][j] = _mm256_fmadd_ps(wo, xo[i], _mm256_fmadd_ps(we, xe[i], acc[i][j]));
+    }
+  }
+  float tail[RM][RN] = {};
+  for (; k < K; k++)
+    for (int i = 0; i < RM; i++)
+      for (int j = 0; j < RN; j++) tail[i][j] += bf16_to_float(w[j * K + k]) * x[i * K + k];
+  for (int i = 0; i < RM; i++)
+    for (int j = 0; j < RN; j++) c[i * RN + j] = hsum8(acc[i][j]) + tail[i][j];
+}
+
+// The tile shape per instruction set: AVX512F's 32 vector registers hold 4 x 4 (16 sums, 8 activation vectors, a
+// weight vector's two halves), AVX2's 16 hold 3 x 3 (some activation vectors read from L1 as operands)
+template <Isa I>
+struct TileShape {
+  static constexpr int RM = I == Isa::avx2 ? 3 : 4, RN = I == Isa::avx2 ? 3 : 4;
+};
+
+// a tile of rm <= RM rows by rn <= RN: the instance of that size
+template <Isa I, int RM, int RN>
+inline void tile_bf16(int rm, int rn, const float* x, const uint16_t* w, float* c, int64_t K) {
+  if constexpr (RM > 0 && RN > 0) {
+    if (rm < RM) return tile_bf16<I, RM - 1, RN>(rm, rn, x, w, c, K);
+    if (rn < RN) return tile_bf16<I, RM, RN - 1>(rm, rn, x, w, c, K);
+    if constexpr (I == Isa::avx512f) tile_bf16_f<RM, RN>(x, w, c, K);
+    else tile_bf16_avx2<RM, RN>(x, w, c, K);
+  }
+}
+
+// steps of fewer rows stream each weight row once for all of them (block_rows): at one row a tile's four weight
+// streams gain nothing, from three rows on the tiles win (24 layers of Qwen2.5-0.5B's shapes, 2 threads of a Zen 4:
+// 38 against 42 ms at three rows, 83 against 109 at sixteen, 0.96 against 1.60 s at 256)
+constexpr int64_t GEMM_MIN_ROWS = 3;
+constexpr int64_t GEMM_BLOCK_BYTES = 256 * 1024;  // weight rows per block: a quarter of a Zen 4 core's L2
+
+template <Isa I>
+void gemm_rows(const float* x, const uint16_t* w, const Out& out, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+  constexpr int RM = TileShape<I>::RM, RN = TileShape<I>::RN;
+  const int64_t block = std::max<int64_t>(RN, GEMM_BLOCK_BYTES / (2 * K) / RN * RN);
+  float c[RM * RN];
+  for (int64_t b0 = n0; b0 < n1; b0 += block) {
+    const int64_t b1 = std::min(n1, b0 + block);
+    // the next block's weights fetched into L2 a slice per tile, so that memory is read while the FMAs run instead
+    // of before them (a first pass over a block from memory would wait on it)
+    const char* next = reinterpret_cast<const char*>(w + b1 * K);
+    const int64_t lines = (std::min(n1, b1 + block) - b1) * K * 2 / 64;
+    const int64_t tiles = (M + RM - 1) / RM * ((b1 - b0 + RN - 1) / RN), per = (lines + tiles - 1) / tiles;
+    int64_t line = 0;
+    for (int64_t m = 0; m < M; m += RM) {
+      const int rm = int(std::min<int64_t>(RM, M - m));
+      for (int64_t n = b0; n < b1; n += RN) {
+        const int rn = int(std::min<int64_t>(RN, b1 - n));
+        for (const int64_t end = std::min(lines, line + per); line < end; line++)
+          _mm_prefetch(next + line * 64, _MM_HINT_T1);
+        tile_bf16<I, RM, RN>(rm, rn, x + m * K, w + n * K, c, K);
+        for (int i = 0; i < rm; i++)
+          for (int j = 0; j < rn; j++) out.store(m + i, n + j, c[i * rn + j]);
+      }
+    }
+  }
+}
+
 // Which instruction set linear_bf16 uses here: "avx512_bf16", "avx512f", "avx2" (linear_bf16 alone runs there), or
 // "" (none: use torch).
 std::string isa() {
@@ -447,12 +586,18 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
     });
     return result;
   }
-  // widened once, not once per weight row, in the order the weight vectors unpack to
+  // widened once, not once per weight row, in the order the weight vectors widen to
   auto xf32 = torch::empty({M, K}, torch::dtype(torch::kFloat32));
   float* xf = xf32.data_ptr<float>();
-  for (int64_t m = 0; m < M; m++) permuted(xp + m * K, xf + m * K, K, set == "avx512f" ? 32 : 16);
+  const bool f = set == "avx512f";
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) permuted(xp + m * K, xf + m * K, K, f ? 32 : 16);
+  });
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    if (set == "avx512f") block_rows<Isa::avx512f>(xf, wp, out, M, K, n0, n1);
+    if (M >= GEMM_MIN_ROWS) {
+      if (f) gemm_rows<Isa::avx512f>(xf, wp, out, M, K, n0, n1);
+      else gemm_rows<Isa::avx2>(xf, wp, out, M, K, n0, n1);
+    } else if (f) block_rows<Isa::avx512f>(xf, wp, out, M, K, n0, n1);
     else block_rows<Isa::avx2>(xf, wp, out, M, K, n0, n1);
   });
   return result;
@@ -630,19 +775,6 @@ inline float round_as(float v, const uint16_t*) { return bf16_to_float(float_to_
 // rescaled to the row's maximum).
 constexpr int64_t ATT_BLOCK = 16;
 constexpr int64_t ATT_PART = 512;
-
-// the lane sums of a[0..15], in order, as one vector
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-inline __m512 sums16(const __m512* a) {
-  __m512 b[8], c[4];
-  for (int i = 0; i < 8; i++)  // per 128-bit lane: x0+x2, y0+y2, x1+x3, y1+y3
-    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 4; i++)  // per 128-bit lane: the lane's sums of a[4i..4i+3]
-    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
-  const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-  const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
-}
 
 // One query head's online-softmax step over a block: the block's 16 dot products `dots` (lanes past the block's
 // end masked off by `valid`) scaled into scores, the running maximum m and sum l updated, the weighted values acc
