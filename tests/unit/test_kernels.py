@@ -199,14 +199,15 @@ def test_float32_weight_norm_and_silu_mul_round_as_torchs_operators_do(k, dtype,
 
 
 @pytest.mark.parametrize("m, k_dim, n", [(1, 896, 1152), (2, 4864, 896), (5, 64, 32), (17, 896, 160)])
-def test_linear_int4_computes_the_quantized_activations_against_the_dequantized_weights(k, m, k_dim, n):
+def test_linear_int4_computes_the_quantized_activations_against_the_dequantized_weights(k, held_to, m, k_dim, n):
     """The engine's int4 layout holds what torch's layout holds (the same groups, scales and minimums), and its
     kernel gives x, quantized per row to int8, times the dequantized weights, to float32 rounding: one row, a few,
-    and more rows than a pass takes (a prompt chunk); float32 and bf16 activations; with a bias."""
+    and more rows than a pass takes (a prompt chunk); float32 and bf16 activations; with a bias. Without VNNI
+    (Skylake-SP) the byte and word multiplies give the same sums, bit for bit."""
     from qwen_inference.engine.weights import Int4BlockWeight, Int4Weight
 
-    if not k.has_vnni():
-        pytest.skip("this CPU has no AVX512-VNNI (the engine keeps torch's int4 layout and kernel)")
+    if k.isa() == "avx2":
+        pytest.skip("an AVX512 kernel (the engine keeps torch's int4 layout and kernel)")
     g = torch.Generator().manual_seed(m + k_dim + n)
     w = torch.randn(n, k_dim, generator=g)
     q = Int4BlockWeight.of(w)
@@ -230,13 +231,18 @@ def test_linear_int4_computes_the_quantized_activations_against_the_dequantized_
     # and torch's own int4 kernel, on its layout of the same weight, nearly agrees (it multiplies bf16 activations)
     theirs = Int4Weight.of(w).matmul(x.bfloat16()).float()
     assert torch.nn.functional.cosine_similarity(theirs.flatten(), got.flatten(), dim=0) > 0.999
+    if k.has_vnni():
+        held_to("avx512")  # no VNNI: vpmaddubsw and vpmaddwd, the same integer sums
+        assert not k.has_vnni()
+        assert torch.equal(k.linear_int4(x, q.packed, q.scale_min, None), got)
+        assert torch.equal(k.linear_int4(x.bfloat16(), q.packed, q.scale_min, b), got16)
 
 
 def test_linear_int4_refuses_what_it_cannot_do(k):
     from qwen_inference.engine.weights import Int4BlockWeight, UnsupportedModel
 
-    if not k.has_vnni():
-        pytest.skip("this CPU has no AVX512-VNNI")
+    if k.isa() == "avx2":
+        pytest.skip("an AVX512 kernel")
     q = Int4BlockWeight.of(torch.randn(32, 64))
     with pytest.raises(RuntimeError, match="shapes"):
         k.linear_int4(torch.randn(2, 32), q.packed, q.scale_min, None)
@@ -569,6 +575,8 @@ def held_to(k, monkeypatch):
 
 @avx512
 def test_the_kernels_hold_to_the_instruction_sets_they_are_allowed(k, held_to):
+    from qwen_inference.engine.weights import Int4BlockWeight
+
     native_vnni, native_isa = k.has_vnni(), k.isa()
     own = os.environ.get("QWEN_MAX_CPU_ISA", "")  # the cap the tests run under, if any
     x, w = torch.randn(3, 64).bfloat16(), torch.randn(8, 64).bfloat16()
@@ -579,6 +587,7 @@ def test_the_kernels_hold_to_the_instruction_sets_they_are_allowed(k, held_to):
     assert torch.allclose(k.linear_bf16(x, w, None, True), x.float() @ w.float().T, atol=1e-3, rtol=1e-4)
     held_to("avx512")
     assert k.isa() == "avx512f" and not k.has_vnni()
+    q4 = Int4BlockWeight.of(torch.randn(16, 64))
     held_to("avx2")  # the matmuls alone: every other kernel refuses, the platform does not call them
     assert k.isa() == "avx2" and not k.has_vnni()
     assert torch.allclose(k.linear_bf16(x, w, None, True), x.float() @ w.float().T, atol=1e-3, rtol=1e-4)
@@ -586,6 +595,7 @@ def test_the_kernels_hold_to_the_instruction_sets_they_are_allowed(k, held_to):
                        ("add_rms_norm_bf16", lambda: k.add_rms_norm_bf16(x, x, torch.ones(64).bfloat16(), 1e-6)),
                        ("add_rms_norm_f32w", lambda: k.add_rms_norm_f32w(x.float(), None, torch.ones(64), 1e-6)),
                        ("linear_bf16", lambda: k.linear_bf16(x, w, None, False, "avx512f")),
+                       ("linear_int4", lambda: k.linear_int4(x, q4.packed, q4.scale_min, None)),
                        ("decode_attention", lambda: k.decode_attention(torch.randn(1, 4, 8), torch.randn(10, 2, 8),
                                                                        torch.randn(10, 2, 8),
                                                                        torch.zeros(1, 3, dtype=torch.long),
@@ -647,7 +657,7 @@ def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_wi
                                          else "the engine's kernels on avx512f")
     assert platform.fused_small_ops() == (cap != "avx2")
     assert platform.attention_backend == ("sdpa-gather" if cap == "avx2" else "cpu-kernel")
-    assert Platform.cpu(torch.bfloat16, "int8").vnni_kernels() == (cap != "avx2" and k.has_vnni())
+    assert Platform.cpu(torch.bfloat16, "int4").int4_kernels() == (cap != "avx2")
     int8 = Platform.cpu(torch.bfloat16, "int8")
     assert int8.linear_fn().__name__ == "linear_int8_small_rows"  # VNNI's or AVX2's
     # without VNNI oneDNN's integer matmul saturates: every int8 step runs the kernel

@@ -204,19 +204,19 @@ class Platform:
     def quantize_weight(self, w: torch.Tensor, output: bool = False):
         """A projection's weight as this platform stores it. int4 keeps the output layer in int8, as llama.cpp's
         Q4_K_M keeps it at 6 bits: it decides every token. int4 weights take the engine's block layout where its
-        kernel runs (AVX512-VNNI), torch's int4 layout elsewhere."""
+        kernel runs (AVX512), torch's int4 layout elsewhere."""
         from .weights import Int4BlockWeight, Int4Weight, Int8Weight
 
         if self.quantize == "int8" or (self.quantize == "int4" and output):
             return Int8Weight.of(w)
         if self.quantize == "int4":
-            return Int4BlockWeight.of(w) if self.vnni_kernels() and Int4BlockWeight.fits(w) else Int4Weight.of(w)
+            return Int4BlockWeight.of(w) if self.int4_kernels() and Int4BlockWeight.fits(w) else Int4Weight.of(w)
         return w
 
-    def vnni_kernels(self) -> bool:
-        """Whether the engine's int4 kernel (and its block layout) and its AVX512-VNNI int8 kernel run here: on CPU,
-        where the kernels load and the CPU has AVX512-VNNI."""
-        return self.cpu_kernels() and torch.ops.qwen.has_vnni()
+    def int4_kernels(self) -> bool:
+        """Whether the engine's int4 kernel (and its block layout) runs here: on CPU, where the kernels load with
+        AVX512 (its dot products on AVX512-VNNI, or on AVX512BW's byte and word multiplies, the same sums)."""
+        return self.cpu_kernels()
 
     def linear_fn(self):
         """The matmul the model's layers call: x @ w.T (+ b). On CPUs with AVX512, steps of `KERNEL_ROWS` rows (decode

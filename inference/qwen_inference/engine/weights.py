@@ -187,11 +187,12 @@ INT4_GEMM_ROWS = 64
 @dataclass
 class Int4BlockWeight(Quantized):
     """A 4-bit weight in groups of 32 inputs (a scale and a minimum each, in bfloat16: w = q * scale + min, as
-    `Int4Weight`), laid out for the engine's AVX512-VNNI kernel (`linear_int4`): blocks of 16 rows, each 64-byte
-    word holding 8 inputs of the block's 16 rows, so that one load gives two dot-product operands. The kernel
-    quantizes each activation row to int8 on the way, as llama.cpp does for its 4-bit formats, and serves every
-    row count up to `INT4_GEMM_ROWS`: a decode row streams the weights once, a few rows reuse each block from L1;
-    longer prompt chunks dequantize to bf16 (`int4_to_bf16`) for one GEMM."""
+    `Int4Weight`), laid out for the engine's AVX512 kernel (`linear_int4`, on VNNI's dot products where the CPU
+    has them): blocks of 16 rows, each 64-byte word holding 8 inputs of the block's 16 rows, so that one load gives
+    two dot-product operands. The kernel quantizes each activation row to int8 on the way, as llama.cpp does for
+    its 4-bit formats, and serves every row count up to `INT4_GEMM_ROWS`: a decode row streams the weights once, a
+    few rows reuse each block from L1; longer prompt chunks dequantize to bf16 (`int4_to_bf16`) for one GEMM where
+    the CPU has AVX512-BF16, and stay on the kernel where it has not."""
 
     packed: torch.Tensor  # [out / 16, in / 8, 64] uint8
     scale_min: torch.Tensor  # [out / 16, in / 32, 32] bfloat16: 16 scales, then 16 minimums

@@ -332,13 +332,29 @@ void rows_int8_avx2(const int8_t* xs, int64_t ldx, const int8_t* w, const float*
   }
 }
 
+// Each 32-bit lane's four unsigned-by-signed byte products added to it: AVX512-VNNI's vpdpbusd or, without VNNI
+// (Skylake-SP), vpmaddubsw and vpmaddwd, the same sums while no pair of products passes 32767 in size (int4's
+// nibbles against int8 activations: at most 2 · 15 · 127). vpdpbusd is written as assembly so that one function
+// serves both: its intrinsic would need the VNNI target for the whole function, which lets the compiler use VNNI
+// instructions anywhere in it.
+template <bool VNNI>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512i dot4(__m512i acc, __m512i u, __m512i s) {
+  if constexpr (VNNI) {
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+    return acc;
+  } else {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+  }
+}
+
 // int4: weights in blocks of 16 rows; each 64-byte word holds, for 8 consecutive inputs k..k+7 of the block's 16
 // rows, one 32-bit lane per row whose 4 bytes carry q[k+j] in their low nibble and q[k+4+j] in their high one, so
-// one load and a mask or a shift give two operands of AVX512-VNNI's unsigned-by-signed dot product (16 rows by 4
-// inputs each). Each group of 32 inputs has a scale and a minimum per row (w = q * scale + min): the group's
-// integer sums are scaled, and the minimum meets the sum of the group's quantized activations.
-template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+// one load and a mask or a shift give two operands of an unsigned-by-signed dot product (16 rows by 4 inputs each,
+// `dot4`). Each group of 32 inputs has a scale and a minimum per row (w = q * scale + min): the group's integer sums
+// are scaled, and the minimum meets the sum of the group's quantized activations.
+template <int R, bool VNNI>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
 void blocks_int4(const int8_t* xq, int64_t ldx, const int32_t* xsum, const float* sx, const uint8_t* w,
                  const uint16_t* sm, const Out& out, int64_t m0, int64_t K, int64_t b0, int64_t b1) {
   const int64_t G = K / 32;
@@ -360,8 +376,8 @@ void blocks_int4(const int8_t* xq, int64_t ldx, const int32_t* xsum, const float
           int32_t x0, x1;
           memcpy(&x0, xq + j * ldx + k, 4);
           memcpy(&x1, xq + j * ldx + k + 4, 4);
-          acc[j] = _mm512_dpbusd_epi32(acc[j], lo, _mm512_set1_epi32(x0));
-          acc[j] = _mm512_dpbusd_epi32(acc[j], hi, _mm512_set1_epi32(x1));
+          acc[j] = dot4<VNNI>(acc[j], lo, _mm512_set1_epi32(x0));
+          acc[j] = dot4<VNNI>(acc[j], hi, _mm512_set1_epi32(x1));
         }
       }
       const __m512i smv = _mm512_loadu_si512(sb + g * 32);  // 16 scales, then 16 minimums, bf16
@@ -706,7 +722,7 @@ torch::Tensor int4_to_bf16(const torch::Tensor& packed, const torch::Tensor& sca
 // row to int8 (scale max|x| / 127) as llama.cpp quantizes activations for its 4-bit dot products.
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale_min,
                           const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(has_avx512_vnni(), "linear_int4: this CPU has no AVX512-VNNI");
+  TORCH_CHECK(has_avx512f(), "linear_int4: this CPU has no AVX512");
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 64 && packed.size(1) * 8 == x.size(1) &&
               x.size(1) % 32 == 0, "linear_int4: shapes");
   TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
@@ -732,17 +748,23 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   });
   const auto* wp = packed.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scale_min.data_ptr());
-  at::parallel_for(0, NB, 8, [&](int64_t b0, int64_t b1) {
+  const auto rows = [&](auto vnni, int64_t b0, int64_t b1) {
+    constexpr bool V = decltype(vnni)::value;
     for (int64_t m = 0; m < M; m += MR) {
       const int8_t* xr = xq.data() + m * K;
       const int32_t* xs = xsum.data() + m * G;
       switch (std::min<int64_t>(MR, M - m)) {
-        case 1: blocks_int4<1>(xr, K, xs, &sx[m], wp, sp, out, m, K, b0, b1); break;
-        case 2: blocks_int4<2>(xr, K, xs, &sx[m], wp, sp, out, m, K, b0, b1); break;
-        case 3: blocks_int4<3>(xr, K, xs, &sx[m], wp, sp, out, m, K, b0, b1); break;
-        default: blocks_int4<4>(xr, K, xs, &sx[m], wp, sp, out, m, K, b0, b1);
+        case 1: blocks_int4<1, V>(xr, K, xs, &sx[m], wp, sp, out, m, K, b0, b1); break;
+        case 2: blocks_int4<2, V>(xr, K, xs, &sx[m], wp, sp, out, m, K, b0, b1); break;
+        case 3: blocks_int4<3, V>(xr, K, xs, &sx[m], wp, sp, out, m, K, b0, b1); break;
+        default: blocks_int4<4, V>(xr, K, xs, &sx[m], wp, sp, out, m, K, b0, b1);
       }
     }
+  };
+  const bool vnni = has_avx512_vnni();
+  at::parallel_for(0, NB, 8, [&](int64_t b0, int64_t b1) {
+    if (vnni) rows(std::true_type{}, b0, b1);
+    else rows(std::false_type{}, b0, b1);
   });
   return result;
 }
