@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -133,9 +134,15 @@ class Server:
         return f"http://127.0.0.1:{self.port}/v1/chat/completions"
 
     def __enter__(self) -> "Server":
+        self.start()
+        return self.ready()
+
+    def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
+
+    def ready(self) -> "Server":
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -149,12 +156,27 @@ class Server:
         raise RuntimeError(f"{self.label} did not become healthy")
 
     def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def side_by_side(*servers: Server):
+    """Servers up together: all started at once, then each waited for, so that their loading overlaps."""
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            stack.callback(server.stop)
+            server.start()
+        for server in servers:
+            server.ready()
+        yield servers
 
 
 async def structured(server: Server, words: int, smoke: bool) -> dict:
@@ -541,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     for x, y in (SMOKE_PAIRS if a.smoke else PAIRS) if a.paired != "off" else ():
         if x in by_label and y in by_label:
             log(f"starting {x} and {y} side by side")
-            with by_label[x], by_label[y]:
+            with side_by_side(by_label[x], by_label[y]):
                 pairs.append(asyncio.run(paired(by_label[x], by_label[y], words, a.smoke)))
     context = a.long_context if a.long_context is not None else (SMOKE_LONG_CONTEXT if a.smoke else LONG_CONTEXT_TOKENS)
     x, y = (SMOKE_PAIRS if a.smoke else PAIRS)[0]
@@ -549,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         a_long, b_long = [s for s in servers(model, a.smoke, a.skip_llamacpp, [x, y], context=context)
                           if s.label in (x, y)]
         log(f"starting {x} and {y} side by side for {context}-token prompts")
-        with a_long, b_long:
+        with side_by_side(a_long, b_long):
             pairs.append(asyncio.run(paired(a_long, b_long, words_for(context, model), a.smoke, LONG_CONTEXT_ROUNDS,
                                             context)))
             # the next turn (the history, a reply and a question) must fit the servers' window too

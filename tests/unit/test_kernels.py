@@ -203,11 +203,9 @@ def test_linear_int4_computes_the_quantized_activations_against_the_dequantized_
     """The engine's int4 layout holds what torch's layout holds (the same groups, scales and minimums), and its
     kernel gives x, quantized per row to int8, times the dequantized weights, to float32 rounding: one row, a few,
     and more rows than a pass takes (a prompt chunk); float32 and bf16 activations; with a bias. Without VNNI
-    (Skylake-SP) the byte and word multiplies give the same sums, bit for bit."""
+    (Skylake-SP), and with AVX2 alone (Zen 3), the byte and word multiplies give the same results, bit for bit."""
     from qwen_inference.engine.weights import Int4BlockWeight, Int4Weight
 
-    if k.isa() == "avx2":
-        pytest.skip("an AVX512 kernel (the engine keeps torch's int4 layout and kernel)")
     g = torch.Generator().manual_seed(m + k_dim + n)
     w = torch.randn(n, k_dim, generator=g)
     q = Int4BlockWeight.of(w)
@@ -231,8 +229,10 @@ def test_linear_int4_computes_the_quantized_activations_against_the_dequantized_
     # and torch's own int4 kernel, on its layout of the same weight, nearly agrees (it multiplies bf16 activations)
     theirs = Int4Weight.of(w).matmul(x.bfloat16()).float()
     assert torch.nn.functional.cosine_similarity(theirs.flatten(), got.flatten(), dim=0) > 0.999
-    if k.has_vnni():
-        held_to("avx512")  # no VNNI: vpmaddubsw and vpmaddwd, the same integer sums
+    for cap in ("avx512", "avx2"):  # no VNNI, then AVX2 alone: vpmaddubsw and vpmaddwd, the same integer sums
+        if (cap == "avx512") == (k.isa() == "avx2"):
+            continue  # a cap above what this CPU has, or what it runs anyway
+        held_to(cap)
         assert not k.has_vnni()
         assert torch.equal(k.linear_int4(x, q.packed, q.scale_min, None), got)
         assert torch.equal(k.linear_int4(x.bfloat16(), q.packed, q.scale_min, b), got16)
@@ -241,8 +241,6 @@ def test_linear_int4_computes_the_quantized_activations_against_the_dequantized_
 def test_linear_int4_refuses_what_it_cannot_do(k):
     from qwen_inference.engine.weights import Int4BlockWeight, UnsupportedModel
 
-    if k.isa() == "avx2":
-        pytest.skip("an AVX512 kernel")
     q = Int4BlockWeight.of(torch.randn(32, 64))
     with pytest.raises(RuntimeError, match="shapes"):
         k.linear_int4(torch.randn(2, 32), q.packed, q.scale_min, None)
@@ -596,11 +594,12 @@ def test_the_kernels_hold_to_the_instruction_sets_they_are_allowed(k, held_to):
     held_to("avx2")  # the matmuls alone: every other kernel refuses, the platform does not call them
     assert k.isa() == "avx2" and not k.has_vnni()
     assert torch.allclose(k.linear_bf16(x, w, None, True), x.float() @ w.float().T, atol=1e-3, rtol=1e-4)
+    assert torch.allclose(k.linear_int4(x, q4.packed, q4.scale_min, None).float(), x.float() @ q4.dequantized().T,
+                          atol=0.05 * 64 ** 0.5, rtol=0.05)
     for name, call in (("silu_mul", lambda: k.silu_mul(torch.randn(2, 8))),
                        ("add_rms_norm_bf16", lambda: k.add_rms_norm_bf16(x, x, torch.ones(64).bfloat16(), 1e-6)),
                        ("add_rms_norm_f32w", lambda: k.add_rms_norm_f32w(x.float(), None, torch.ones(64), 1e-6)),
                        ("linear_bf16", lambda: k.linear_bf16(x, w, None, False, "avx512f")),
-                       ("linear_int4", lambda: k.linear_int4(x, q4.packed, q4.scale_min, None)),
                        ("decode_attention", lambda: k.decode_attention(torch.randn(1, 4, 8), torch.randn(10, 2, 8),
                                                                        torch.randn(10, 2, 8),
                                                                        torch.zeros(1, 3, dtype=torch.long),
@@ -638,8 +637,8 @@ def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_wi
                                                                                       monkeypatch, cap):
     """On an AVX512 CPU without AVX512-BF16 (Cascade Lake, Ice Lake), and on one with AVX2 alone (Zen 3), `--dtype
     auto` is bf16 where the kernels load (float32 where they do not), and every step, decode rows and prompt chunks
-    alike, runs the bf16 matmul kernel, never widened to float32, and gives torch's logits. With AVX2 the matmul is
-    the one kernel that runs: attention, the fused small operators and int8 stay on torch's."""
+    alike, runs the bf16 matmul kernel, never widened to float32, and gives torch's logits. With AVX2 the matmuls
+    (bf16, int8, int4) are the kernels that run: attention and the fused small operators stay on torch's."""
     from qwen_inference.engine.models import load_model
     from qwen_inference.engine.platform import ALL_ROWS, CPU_WIDEN_MIN_TOKENS, KERNEL_ROWS, LOGIT_KERNEL_ROWS, Platform
     from qwen_inference.engine.weights import linear
@@ -662,7 +661,7 @@ def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_wi
                                          else "the engine's kernels on avx512f")
     assert platform.fused_small_ops() == (cap != "avx2")
     assert platform.attention_backend == ("sdpa-gather" if cap == "avx2" else "cpu-kernel")
-    assert Platform.cpu(torch.bfloat16, "int4").int4_kernels() == (cap != "avx2")
+    assert Platform.cpu(torch.bfloat16, "int4").int4_kernels()
     int8 = Platform.cpu(torch.bfloat16, "int8")
     assert int8.linear_fn().__name__ == "linear_int8_small_rows"  # VNNI's or AVX2's
     # without VNNI oneDNN's integer matmul saturates: every int8 step runs the kernel

@@ -204,7 +204,7 @@ class Platform:
     def quantize_weight(self, w: torch.Tensor, output: bool = False):
         """A projection's weight as this platform stores it. int4 keeps the output layer in int8, as llama.cpp's
         Q4_K_M keeps it at 6 bits: it decides every token. int4 weights take the engine's block layout where its
-        kernel runs (AVX512), torch's int4 layout elsewhere."""
+        kernel runs (AVX512 or AVX2), torch's int4 layout elsewhere."""
         from .weights import Int4BlockWeight, Int4Weight, Int8Weight
 
         if self.quantize == "int8" or (self.quantize == "int4" and output):
@@ -214,9 +214,9 @@ class Platform:
         return w
 
     def int4_kernels(self) -> bool:
-        """Whether the engine's int4 kernel (and its block layout) runs here: on CPU, where the kernels load with
-        AVX512 (its dot products on AVX512-VNNI, or on AVX512BW's byte and word multiplies, the same sums)."""
-        return self.cpu_kernels()
+        """Whether the engine's int4 kernel (and its block layout) runs here: on CPU, where the kernels load (its dot
+        products on AVX512-VNNI, or on AVX512BW's or AVX2's byte and word multiplies, the same sums)."""
+        return self.matmul_kernels()
 
     def linear_fn(self):
         """The matmul the model's layers call: x @ w.T (+ b). On CPUs with AVX512, steps of `KERNEL_ROWS` rows (decode

@@ -4,8 +4,8 @@ The library is built once per machine and torch version with torch's C++ extensi
 ninja), into `${QWEN_KERNELS_DIR:-~/.cache/qwen-operator/kernels}/<key>/`, keyed by the source, torch's version
 and the flags; the key's name is the library's, so a library found there is loaded as it is, with no compiler
 (the container image builds it at image build time: `qwen-model build-kernels`). One library serves every x86
-CPU: each kernel picks AVX512-BF16 or AVX512F at run time; on CPUs with AVX2 and FMA but no AVX512 the bf16 matmul
-alone runs (`isa()` says "avx2"). Where it cannot be built or the CPU has neither, the engine runs on torch's
+CPU: each kernel picks AVX512-BF16 or AVX512F at run time; on CPUs with AVX2 and FMA but no AVX512 the matmuls
+alone run (bf16, int8 and int4; `isa()` says "avx2"). Where it cannot be built or the CPU has neither, the engine runs on torch's
 kernels and says why once in the log.
 """
 

@@ -36,7 +36,7 @@ constexpr int MR = 4;  // activation rows per pass over a weight row (which stay
 
 // The most the kernels use, as ONEDNN_MAX_CPU_ISA caps oneDNN (set_max_isa, from QWEN_MAX_CPU_ISA): 2 all the CPU
 // has, 1 AVX512-VNNI without AVX512-BF16 (Cascade Lake, Ice Lake), 0 AVX512F, BW and VL alone (Skylake-SP), -1 AVX2
-// and FMA (Zen 2 and 3, Haswell), where only linear_bf16 runs
+// and FMA (Zen 2 and 3, Haswell), where the matmuls alone run (linear_bf16, linear_int8, linear_int4)
 std::atomic<int> max_isa{2};
 inline bool has_avx512_bf16() { return max_isa.load() >= 2 && __builtin_cpu_supports("avx512bf16"); }
 inline bool has_avx512_vnni() {
@@ -398,6 +398,62 @@ void blocks_int4(const int8_t* xq, int64_t ldx, const int32_t* xsum, const float
   }
 }
 
+// The same on AVX2 (Zen 2 and 3), a 64-byte word as two halves of 8 rows each: vpmaddubsw and vpmaddwd give VNNI's
+// sums, and the float steps are the same operations in the same order per row, so the results are AVX512's, bit for
+// bit. Two activation rows per pass, as 16 vector registers hold them.
+__attribute__((target("avx2,fma")))
+inline __m256 widen8(const uint16_t* p) {  // 8 bf16 -> 8 fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+template <int R>
+__attribute__((target("avx2,fma")))
+void blocks_int4_avx2(const int8_t* xq, int64_t ldx, const int32_t* xsum, const float* sx, const uint8_t* w,
+                      const uint16_t* sm, const Out& out, int64_t m0, int64_t K, int64_t b0, int64_t b1) {
+  const int64_t G = K / 32;
+  const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  for (int64_t b = b0; b < b1; b++) {
+    const uint8_t* wb = w + b * (K / 8) * 64;
+    const uint16_t* sb = sm + b * G * 32;
+    __m256 y[R][2];
+    for (int j = 0; j < R; j++) y[j][0] = y[j][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+      __m256i acc[R][2];
+      for (int j = 0; j < R; j++) acc[j][0] = acc[j][1] = _mm256_setzero_si256();
+      for (int o = 0; o < 4; o++) {
+        const int64_t k = g * 32 + o * 8;
+        for (int h = 0; h < 2; h++) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + (g * 4 + o) * 64 + h * 32));
+          const __m256i lo = _mm256_and_si256(v, nib);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+          for (int j = 0; j < R; j++) {
+            int32_t x0, x1;
+            memcpy(&x0, xq + j * ldx + k, 4);
+            memcpy(&x1, xq + j * ldx + k + 4, 4);
+            acc[j][h] = _mm256_add_epi32(acc[j][h], _mm256_madd_epi16(
+                _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)), ones));
+            acc[j][h] = _mm256_add_epi32(acc[j][h], _mm256_madd_epi16(
+                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)), ones));
+          }
+        }
+      }
+      for (int h = 0; h < 2; h++) {
+        const __m256 scale = widen8(sb + g * 32 + h * 8), mn = widen8(sb + g * 32 + 16 + h * 8);
+        for (int j = 0; j < R; j++) {
+          y[j][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j][h]), scale, y[j][h]);
+          y[j][h] = _mm256_fmadd_ps(_mm256_set1_ps(float(xsum[j * G + g])), mn, y[j][h]);
+        }
+      }
+    }
+    for (int j = 0; j < R; j++)
+      for (int h = 0; h < 2; h++) {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, _mm256_mul_ps(y[j][h], _mm256_set1_ps(sx[j])));
+        for (int r = 0; r < 8; r++) out.store(m0 + j, b * 16 + h * 8 + r, tmp[r]);
+      }
+  }
+}
+
 // The int4 block layout back to bfloat16 weights [N, K]: a prompt chunk's rows then run one bf16 GEMM (oneDNN)
 // instead of reusing the GEMV once per four rows. Per block of 16 rows and group of 32 inputs, the group's four
 // words are transposed so that each row's four 32-bit lanes sit together, unpacked in input order, scaled and
@@ -564,7 +620,7 @@ void gemm_rows(const float* x, const uint16_t* w, const Out& out, int64_t M, int
   }
 }
 
-// Which instruction set linear_bf16 uses here: "avx512_bf16", "avx512f", "avx2" (linear_bf16 alone runs there), or
+// Which instruction set linear_bf16 uses here: "avx512_bf16", "avx512f", "avx2" (the matmuls alone run there), or
 // "" (none: use torch).
 std::string isa() {
   if (has_avx512_bf16()) return "avx512_bf16";
@@ -722,7 +778,7 @@ torch::Tensor int4_to_bf16(const torch::Tensor& packed, const torch::Tensor& sca
 // row to int8 (scale max|x| / 127) as llama.cpp quantizes activations for its 4-bit dot products.
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale_min,
                           const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(has_avx512f(), "linear_int4: this CPU has no AVX512");
+  TORCH_CHECK(has_avx512f() || has_avx2(), "linear_int4: this CPU has neither AVX512 nor AVX2");
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 64 && packed.size(1) * 8 == x.size(1) &&
               x.size(1) % 32 == 0, "linear_int4: shapes");
   TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
@@ -761,10 +817,15 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
       }
     }
   };
-  const bool vnni = has_avx512_vnni();
+  const bool vnni = has_avx512_vnni(), avx512 = has_avx512f();
   at::parallel_for(0, NB, 8, [&](int64_t b0, int64_t b1) {
     if (vnni) rows(std::true_type{}, b0, b1);
-    else rows(std::false_type{}, b0, b1);
+    else if (avx512) rows(std::false_type{}, b0, b1);
+    else
+      for (int64_t m = 0; m < M; m += 2) {
+        if (M - m == 1) blocks_int4_avx2<1>(&xq[m * K], K, &xsum[m * G], &sx[m], wp, sp, out, m, K, b0, b1);
+        else blocks_int4_avx2<2>(&xq[m * K], K, &xsum[m * G], &sx[m], wp, sp, out, m, K, b0, b1);
+      }
   });
   return result;
 }
