@@ -33,6 +33,9 @@ inline uint16_t float_to_bf16(float v) {  // round to nearest even, as torch rou
 }
 
 constexpr int MR = 4;  // activation rows per pass over a weight row (which stays in L1 between passes)
+// the fewest weight rows a thread takes of a matmul: a 896-row projection is 14 slices, so that every core of a
+// many-core CPU streams (or multiplies) part of it, where slices of 256 rows left all but four idle
+constexpr int64_t GRAIN_ROWS = 64;
 
 // The most the kernels use, as ONEDNN_MAX_CPU_ISA caps oneDNN (set_max_isa, from QWEN_MAX_CPU_ISA): 2 all the CPU
 // has, 1 AVX512-VNNI without AVX512-BF16 (Cascade Lake, Ice Lake), 0 AVX512F, BW and VL alone (Skylake-SP), -1 AVX2
@@ -653,7 +656,7 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   if (set == "avx512_bf16") {
-    at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, N, GRAIN_ROWS, [&](int64_t n0, int64_t n1) {
       block_rows<Isa::avx512_bf16>(xp, wp, out, M, K, n0, n1);
     });
     return result;
@@ -665,7 +668,7 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const 
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; m++) permuted(xp + m * K, xf + m * K, K, f ? 32 : 16);
   });
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, GRAIN_ROWS, [&](int64_t n0, int64_t n1) {
     if (M >= GEMM_MIN_ROWS) {
       if (f) gemm_rows<Isa::avx512f>(xf, wp, out, M, K, n0, n1);
       else gemm_rows<Isa::avx2>(xf, wp, out, M, K, n0, n1);
@@ -730,7 +733,7 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
   const float* sp = scale.data_ptr<float>();
   if (!vnni) {
     const auto* xs = reinterpret_cast<const int8_t*>(xu.data());
-    at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, N, GRAIN_ROWS, [&](int64_t n0, int64_t n1) {
       for (int64_t m = 0; m < M; m += MR) {
         const int8_t* xr = xs + m * K;
         switch (std::min<int64_t>(MR, M - m)) {
@@ -743,7 +746,7 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const 
     });
     return result;
   }
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, GRAIN_ROWS, [&](int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < M; m += MR) {
       const uint8_t* xr = xu.data() + m * K;
       switch (std::min<int64_t>(MR, M - m)) {
@@ -818,7 +821,7 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
     }
   };
   const bool vnni = has_avx512_vnni(), avx512 = has_avx512f();
-  at::parallel_for(0, NB, 8, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, NB, GRAIN_ROWS / 16, [&](int64_t b0, int64_t b1) {
     if (vnni) rows(std::true_type{}, b0, b1);
     else if (avx512) rows(std::false_type{}, b0, b1);
     else
