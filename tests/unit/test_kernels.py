@@ -560,8 +560,8 @@ def held_to(k, monkeypatch):
     before = os.environ.get(sysinfo.MAX_CPU_ISA_ENV)
 
     def hold(cap: str) -> None:
-        order = ["avx2", "avx512", "avx512_vnni", "avx512_bf16"]
-        if before and order.index(cap) > order.index(before):
+        order = list(sysinfo.ONEDNN_ISAS)  # the caps, highest first
+        if before and order.index(cap) < order.index(before):
             pytest.skip(f"holds to {cap}, above the tests' own QWEN_MAX_CPU_ISA={before}")
         monkeypatch.setenv(sysinfo.MAX_CPU_ISA_ENV, cap)
         sysinfo.cpu_flags.cache_clear()

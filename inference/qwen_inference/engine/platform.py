@@ -190,7 +190,7 @@ class Platform:
         where the kernel's sums are exact (the weights' signs moved onto the activations)."""
         from ..sysinfo import cpu_flags
 
-        return KERNEL_ROWS if {"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags() else range(1, sys.maxsize)
+        return KERNEL_ROWS if {"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags() else ALL_ROWS
 
     def compute_dtype(self, tokens: int) -> torch.dtype:
         """The activations' dtype for a step of `tokens` rows."""
