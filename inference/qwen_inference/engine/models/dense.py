@@ -6,7 +6,6 @@ batch together; every layer is attention over the paged KV cache.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from ..cache import Caches, PagedAttentionSpec
 from ..platform import KERNEL_ROWS, Platform
 from ..weights import Checkpoint, Quantized, UnsupportedModel, Weight
 from .base import CausalLM, ForwardBatch
+from .rope import RotaryEmbedding
 
 
 @dataclass
@@ -42,13 +42,6 @@ class DenseLayer:
             for name in ("ln1", "ln2", "q_norm", "k_norm", "bqkv"):
                 if getattr(self, name) is not None:
                     setattr(self, name, getattr(self, name).float())
-
-
-def rotary_module(config, device: torch.device):
-    """The model's own rotary embedding (every rope scaling transformers knows), built without weights."""
-    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
-    cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding") and "Vision" not in n)
-    return cls(config=config).to(device)
 
 
 def rope_tables(rotary, positions: torch.Tensor, dtypes) -> dict:
@@ -97,7 +90,7 @@ class DenseDecoder(CausalLM):
             self.embed = ckpt.get("model.embed_tokens.weight", dtype, first)
             self.norm = ckpt.get("model.norm.weight", dtype, last)
             self._load_output_layer(ckpt, tied, dtype)
-        self.rotary = {d: rotary_module(config, d) for d in set(self.layer_devices)}
+        self.rotary = {d: RotaryEmbedding(config).to(d) for d in set(self.layer_devices)}
 
     def _layer(self, ckpt: Checkpoint, i: int, device: torch.device) -> DenseLayer:
         p = f"model.layers.{i}."

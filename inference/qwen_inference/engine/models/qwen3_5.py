@@ -32,6 +32,7 @@ from ..cache import Caches, PagedAttentionSpec, RecurrentStateSpec
 from ..platform import KERNEL_ROWS, Platform
 from ..weights import Checkpoint, CheckpointError, Quantized, UnsupportedModel, Weight
 from .base import CausalLM, DeviceBatch, ForwardBatch
+from .rope import RotaryEmbedding
 
 DELTA_CHUNK = 64  # tokens per chunk of the chunked delta rule
 
@@ -251,9 +252,7 @@ class Qwen3_5Decoder(CausalLM):
     @staticmethod
     def _rope(text) -> tuple[torch.Tensor, float]:
         """The rotary frequencies of the model's own rotary class (so every rope scaling it knows applies)."""
-        from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
-
-        rotary = Qwen3_5TextRotaryEmbedding(config=text)
+        rotary = RotaryEmbedding(text)
         return rotary.inv_freq.float(), float(rotary.attention_scaling)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,67 @@
+"""Rotary position embeddings computed as transformers computes them, without importing a modeling module.
+
+Every text model's rotary class in transformers (`Qwen2RotaryEmbedding`, `Qwen3RotaryEmbedding`,
+`LlamaRotaryEmbedding`, `Qwen3_5TextRotaryEmbedding`'s frequencies) is the same module: frequencies from
+`modeling_rope_utils.ROPE_INIT_FUNCTIONS` for the scaled types (or the original RoPE's for "default"), updated on
+each call by `modeling_rope_utils.dynamic_rope_update` for the dynamic and longrope types. This module is that
+class, built on the same two functions. Importing a model's modeling module instead costs about two seconds of a
+server's start (it pulls in torch._dynamo, torch.distributed and transformers' generation code); the rope
+utilities cost next to nothing once the tokenizer has imported transformers. tests/unit/test_rope.py holds it to
+each model's own class, table for table, for every rope type.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def _rope_utils():
+    from transformers import modeling_rope_utils
+
+    return modeling_rope_utils
+
+
+def default_parameters(config, device=None, **_) -> tuple[torch.Tensor, float]:
+    """The original RoPE's inverse frequencies over the rotated part of a head (all of it unless the rope
+    parameters give a `partial_rotary_factor`), and no scaling."""
+    base = config.rope_parameters["rope_theta"]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    return inv_freq.to(device), 1.0
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """`forward(x, position_ids)` → (cos, sin) in x's dtype, `[batch, positions, rotary dim]`, as the model's own
+    rotary class gives them (its attributes carry the same names, which `dynamic_rope_update` reads and writes)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        init = default_parameters if self.rope_type == "default" else _rope_utils().ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _updating_tables()(self, x, position_ids)
+
+    def tables(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the current frequencies (no update)."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+@functools.cache
+def _updating_tables():
+    """`RotaryEmbedding.tables` under transformers' own per-call frequency update."""
+    return _rope_utils().dynamic_rope_update(RotaryEmbedding.tables)
