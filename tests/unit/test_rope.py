@@ -114,15 +114,14 @@ def test_scaled_models_prompt_logits_match_transformers(scaled_model):
 
 
 def test_loading_a_model_imports_no_modeling_module(tiny_model, tiny_qwen35_model):
-    """What qwen-serve loads (tokenizer, weights, rotary tables) imports no model's modeling module from
-    transformers, which would add about two seconds to every server's start. (`auto.modeling_auto`, the table of
-    names the tokenizer's auto class reads, imports none.)"""
+    """Loading a model (weights, rotary tables) imports no model's modeling module from transformers, which would
+    add about two seconds to every server's start. (`auto.modeling_auto`, a table of names, imports none.)"""
     code = (
         "import sys, torch\n"
-        "from qwen_inference.settings import ServeSettings\n"
-        "from qwen_inference import loader\n"
+        "from qwen_inference.engine.models import load_model\n"
+        "from qwen_inference.engine.platform import Platform\n"
         "for m in sys.argv[1:]:\n"
-        "    loader.load(ServeSettings(model=m)).engine.runner\n"
+        "    load_model(m, Platform.cpu(torch.float32))\n"
         "print([m for m in sys.modules if m.startswith('transformers.models.') and '.modeling_' in m\n"
         "       and not m.startswith('transformers.models.auto.')])\n"
     )
