@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -24,6 +24,31 @@ from .sysinfo import cgroup_cpu_limit, max_cpu_isa
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "qwen-operator" / "models"
+
+
+class RopeScaling(BaseModel):
+    """A longer context than the model was trained for, by scaling its rotary embedding: the `rope_scaling` of a
+    model's config.json (`{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}`, as
+    Qwen's model cards give it for Qwen2.5 and Qwen3), without editing the file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rope_type: Literal["yarn", "linear"] = Field(
+        description="yarn (what Qwen's model cards use) or linear (position interpolation).")
+    factor: float = Field(gt=1, le=64, description="How many times the positions the model was trained for.")
+    original_max_position_embeddings: int | None = Field(
+        None, ge=16,
+        description="yarn: the positions the model was trained for (default: its max_position_embeddings).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RopeScaling":
+        if self.rope_type != "yarn" and self.original_max_position_embeddings is not None:
+            raise ValueError("original_max_position_embeddings goes with rope_type yarn only")
+        return self
+
+    def parameters(self) -> dict[str, Any]:
+        """The keys transformers' rope parameters take."""
+        return self.model_dump(exclude_none=True)
 
 
 class ServeSettings(BaseSettings):
@@ -61,6 +86,10 @@ class ServeSettings(BaseSettings):
     max_model_len: int | None = Field(
         None, ge=16, description="Longest prompt plus reply, in tokens (default: the model's, at most 8192)."
     )
+    rope_scaling: RopeScaling | None = Field(
+        None, description="A longer context by rotary scaling, replacing the model's own, in config.json's form: "
+        "'{\"rope_type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}' (the model "
+        "then takes original_max_position_embeddings × factor positions; raise --max-model-len to use them).")
     max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none.")
     max_concurrency: int = Field(16, ge=1, le=1024, description="Sequences decoded together in one batch.")

@@ -118,6 +118,28 @@ def test_demo_model_banner_and_first_use(tmp_path):
     assert any("qwen-model download Qwen/Qwen3.5-2B" in line for line in head)
 
 
+def test_rope_scaling_takes_prompts_past_the_models_positions(tiny_model, tmp_path):
+    """--rope-scaling (yarn, twice the tiny model's 4096 positions) lets --max-model-len 8192 through, and a
+    prompt past 4096 tokens is answered; without it that --max-model-len is refused with the reason."""
+    yarn = '{"rope_type": "yarn", "factor": 2.0}'
+    p, url = start("--model", str(tiny_model), "--dtype", "float32", "--rope-scaling", yarn,
+                   "--max-model-len", "8192", "--kv-cache-tokens", "8192", "--max-concurrency", "1")
+    try:
+        wait_health(url, p)
+        assert httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"] == 8192
+        r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": " hello" * 5000}], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 5000
+    finally:
+        err = stop(p)
+    assert any("the model takes 8192 positions" in json.loads(line)["message"] for line in err.splitlines())
+    from qwen_inference import loader
+    from qwen_inference.settings import ServeSettings
+
+    with pytest.raises(ValueError, match="--max-model-len 8192 exceeds the model's 4096 positions"):
+        loader.load(ServeSettings(model=str(tiny_model), dtype="float32", max_model_len=8192))
+
+
 def test_a_model_that_cannot_load_ends_the_process_with_the_reason(tmp_path):
     """The reason goes to stderr and to the termination message, and the exit code is 1, so on Kubernetes the
     pod restarts with back-off and says why instead of sitting unready until its startup probe gives up."""

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from qwen_inference.engine.models import load_model
-from qwen_inference.engine.models.rope import RotaryEmbedding
+from qwen_inference.engine.models.rope import RotaryEmbedding, max_positions, scale
 from qwen_inference.engine.platform import Platform
+from qwen_inference.engine.weights import UnsupportedModel
 
 from .test_engine import prompt_logits
 
@@ -83,19 +84,25 @@ def test_qwen3_5_frequencies_equal_its_own_rotary_class(rope):
     assert (ours.attention_scaling != 1.0) == (rope["rope_type"] == "yarn")
 
 
-@pytest.fixture(scope="module", params=["yarn", "dynamic"])
-def scaled_model(request, tiny_model, tmp_path_factory):
-    """The tiny model with rope scaling added to its config.json (its weights linked, not copied), 32 positions."""
-    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    for f in tiny_model.iterdir():
+def edited(model, folder, change):
+    """`model` in `folder` (its weights linked, not copied) with `change(config)` applied to its config.json."""
+    for f in model.iterdir():
         if f.name != "config.json":
             (folder / f.name).symlink_to(f)
-    config = json.loads((tiny_model / "config.json").read_text())
-    config["max_position_embeddings"] = 32
-    config["rope_scaling"] = {"rope_type": request.param, "factor": 4.0,
-                              **({"original_max_position_embeddings": 8} if request.param == "yarn" else {})}
+    config = json.loads((model / "config.json").read_text())
+    change(config)
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+@pytest.fixture(scope="module", params=["yarn", "dynamic"])
+def scaled_model(request, tiny_model, tmp_path_factory):
+    """The tiny model with rope scaling added to its config.json, 32 positions."""
+    def change(config):
+        config["max_position_embeddings"] = 32
+        config["rope_scaling"] = {"rope_type": request.param, "factor": 4.0,
+                                  **({"original_max_position_embeddings": 8} if request.param == "yarn" else {})}
+    return edited(tiny_model, tmp_path_factory.mktemp(f"tiny-{request.param}"), change)
 
 
 def test_scaled_models_prompt_logits_match_transformers(scaled_model):
@@ -111,6 +118,63 @@ def test_scaled_models_prompt_logits_match_transformers(scaled_model):
         ref = hf(torch.tensor([ids])).logits[0].float()
     got = prompt_logits(ours, ids)
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("preset", ["tiny_model", "tiny_qwen35_text_model"])
+def test_an_override_gives_the_logits_of_a_config_that_says_so(preset, request, tmp_path):
+    """`--rope-scaling` on a model equals transformers on the same model whose config.json says so, and it changes
+    the logits (the override reaches the rotary tables)."""
+    from transformers import AutoModelForCausalLM
+
+    model = request.getfixturevalue(preset)
+    slots = 1 if "qwen35" in preset else 0
+
+    def change(config):
+        if "rope_parameters" in config:  # Qwen3.5: its sections and rotated quarter stay
+            config["rope_parameters"] = {**config["rope_parameters"], **YARN}
+        else:
+            config["rope_scaling"] = YARN
+
+    said = edited(model, tmp_path, change)
+    ours = load_model(model, Platform.cpu(torch.float32), dict(YARN))
+    plain = load_model(model, Platform.cpu(torch.float32))
+    assert ours.max_position_embeddings == 64 and plain.max_position_embeddings == 4096
+    hf = AutoModelForCausalLM.from_pretrained(str(said), dtype=torch.float32).eval()
+    ids = list(range(900, 948))
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    got = prompt_logits(ours, ids, state_slots=slots)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+    assert not torch.allclose(prompt_logits(plain, ids, state_slots=slots), ref, atol=1e-3, rtol=1e-3)
+
+
+def test_positions_under_each_scaling():
+    from transformers import Qwen3Config
+
+    def positions(**rope):
+        config = Qwen3Config(max_position_embeddings=40960, rope_parameters={"rope_theta": 1e6, "rope_type": "default"})
+        if rope:
+            scale(config, rope)
+        return max_positions(config)
+
+    assert positions() == 40960
+    assert positions(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768) == 131072  # Qwen3's card
+    assert positions(rope_type="yarn", factor=2.0) == 81920
+    assert positions(rope_type="linear", factor=2.0) == 81920
+    assert positions(rope_type="dynamic", factor=2.0) == 81920
+    assert positions(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0) == 40960
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_qwen3_5_refuses_the_rope_types_that_change_as_sequences_grow(rope_type, tiny_qwen35_text_model):
+    scaling = {"rope_type": rope_type, "factor": 2.0}
+    if rope_type == "longrope":
+        scaling = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
+    with pytest.raises(UnsupportedModel, match=f"rope type '{rope_type}' is not supported for Qwen3.5"):
+        load_model(tiny_qwen35_text_model, Platform.cpu(torch.float32), scaling)
 
 
 def test_loading_a_model_imports_no_modeling_module(tiny_model, tiny_qwen35_model):

@@ -113,3 +113,28 @@ def test_max_cpu_isa_hides_the_flags_above_it(monkeypatch):
     if before is not None:
         os.environ[sysinfo.MAX_CPU_ISA_ENV] = before
         sysinfo.cpu_flags.cache_clear()
+
+
+def test_rope_scaling_from_flag_and_env(monkeypatch):
+    yarn = '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
+    s = CliApp.run(ServeSettings, cli_args=["--rope-scaling", yarn])
+    assert s.rope_scaling.parameters() == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    monkeypatch.setenv("QWEN_ROPE_SCALING", '{"rope_type": "linear", "factor": 2}')
+    assert ServeSettings().rope_scaling.parameters() == {"rope_type": "linear", "factor": 2.0}
+    assert ServeSettings(rope_scaling=None).rope_scaling is None
+
+
+@pytest.mark.parametrize("scaling, says", [
+    ({"rope_type": "yarn", "factor": 4.0, "beta_fast": 16}, "beta_fast"),  # a key it does not take: refused
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope_type"),  # its frequencies would depend on the batch
+    ({"rope_type": "yarn", "factor": 1.0}, "greater than 1"),
+    ({"rope_type": "yarn"}, "factor"),
+    ({"rope_type": "linear", "factor": 2.0, "original_max_position_embeddings": 4096}, "yarn only"),
+])
+def test_rope_scalings_it_does_not_take_are_refused(scaling, says, capsys):
+    import json
+
+    with pytest.raises(ValidationError, match=says):
+        ServeSettings(rope_scaling=scaling)
+    assert serve_main(["--rope-scaling", json.dumps(scaling)]) == 2
+    assert "rope-scaling" in capsys.readouterr().err

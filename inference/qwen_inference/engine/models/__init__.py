@@ -12,6 +12,7 @@ from pathlib import Path
 from ..platform import Platform
 from ..weights import UnsupportedModel
 from .base import CausalLM, ForwardBatch
+from .rope import scale
 
 # model_type -> "module:Class"
 FAMILIES: dict[str, str] = {
@@ -53,13 +54,16 @@ def family(model_type: str) -> type[CausalLM]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
-def load_model(folder: Path, platform: Platform) -> CausalLM:
-    """Read the model in `folder` onto `platform` with the family its `model_type` names."""
+def load_model(folder: Path, platform: Platform, rope_scaling: dict | None = None) -> CausalLM:
+    """Read the model in `folder` onto `platform` with the family its `model_type` names; `rope_scaling` (transformers'
+    rope parameters: rope_type, factor, ...) replaces the scaling its config.json gives, if any."""
     from transformers import AutoConfig
 
     cls = family(model_type_of(folder))  # before transformers reads a config it may not know
     platform.use_huge_pages()  # before the weights are allocated
     config = AutoConfig.from_pretrained(str(folder))
+    if rope_scaling:
+        scale(config.get_text_config(), rope_scaling)
     return cls(Path(folder), config, platform)
 
 

@@ -17,7 +17,7 @@ from ..cache import Caches, PagedAttentionSpec
 from ..platform import KERNEL_ROWS, Platform
 from ..weights import Checkpoint, Quantized, UnsupportedModel, Weight
 from .base import CausalLM, ForwardBatch
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, max_positions
 
 
 @dataclass
@@ -75,7 +75,7 @@ class DenseDecoder(CausalLM):
         self.eps = config.rms_norm_eps
         self.vocab_size = config.vocab_size
         self.num_layers = config.num_hidden_layers
-        self.max_position_embeddings = int(getattr(config, "max_position_embeddings", 0) or 0)
+        self.max_position_embeddings = max_positions(config)
         self.layer_devices = platform.layer_devices(self.num_layers)
         first, last = platform.first_device, self.layer_devices[-1]
         tied = bool(getattr(config, "tie_word_embeddings", False))

@@ -32,7 +32,7 @@ from ..cache import Caches, PagedAttentionSpec, RecurrentStateSpec
 from ..platform import KERNEL_ROWS, Platform
 from ..weights import Checkpoint, CheckpointError, Quantized, UnsupportedModel, Weight
 from .base import CausalLM, DeviceBatch, ForwardBatch
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, max_positions
 
 DELTA_CHUNK = 64  # tokens per chunk of the chunked delta rule
 
@@ -154,7 +154,7 @@ class Qwen3_5Decoder(CausalLM):
         self.hidden = text.hidden_size
         self.num_layers = text.num_hidden_layers
         self.vocab_size = text.vocab_size
-        self.max_position_embeddings = int(text.max_position_embeddings)
+        self.max_position_embeddings = max_positions(text)
         self.eps = text.rms_norm_eps
         self.layer_types = list(text.layer_types)
         if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"linear_attention", "full_attention"}:
@@ -167,6 +167,7 @@ class Qwen3_5Decoder(CausalLM):
         self.head_dim = text.head_dim
         rope = dict(text.rope_parameters or {})
         self.rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 0.25))
+        self.inv_freq, self.rope_scaling = self._rope(text)
         # Gated DeltaNet
         self.hk, self.hv = text.linear_num_key_heads, text.linear_num_value_heads
         self.dk, self.dv = text.linear_key_head_dim, text.linear_value_head_dim
@@ -192,7 +193,6 @@ class Qwen3_5Decoder(CausalLM):
             self.embed = ckpt.get(self.prefix + "embed_tokens.weight", dt, first)
             self.norm = 1.0 + ckpt.get(self.prefix + "norm.weight", torch.float32, last)
             self._load_output_layer(ckpt, tied, dt)
-        self.inv_freq, self.rope_scaling = self._rope(text)
 
     # ---- loading -----------------------------------------------------------------------------------
     def _mlp(self, ckpt: Checkpoint, p: str, device: torch.device) -> MLP:
@@ -253,6 +253,9 @@ class Qwen3_5Decoder(CausalLM):
     def _rope(text) -> tuple[torch.Tensor, float]:
         """The rotary frequencies of the model's own rotary class (so every rope scaling it knows applies)."""
         rotary = RotaryEmbedding(text)
+        if rotary.rope_type in ("dynamic", "longrope"):  # they change the frequencies as sequences grow
+            raise UnsupportedModel(f"rope type {rotary.rope_type!r} is not supported for Qwen3.5 (yarn, linear and "
+                                   "llama3 are)")
         return rotary.inv_freq.float(), float(rotary.attention_scaling)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,3 +65,26 @@ class RotaryEmbedding(torch.nn.Module):
 def _updating_tables():
     """`RotaryEmbedding.tables` under transformers' own per-call frequency update."""
     return _rope_utils().dynamic_rope_update(RotaryEmbedding.tables)
+
+
+# what a rope scaling keeps of the model's own rotary embedding: its base, the rotated part of a head, Qwen3.5's
+# multimodal sections
+BASE_KEYS = ("rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved")
+
+
+def scale(config, scaling: dict) -> None:
+    """Give a (text) config the rope scaling `scaling` in place of its own, as if its config.json said so."""
+    own = dict(getattr(config, "rope_parameters", None) or {})
+    config.rope_parameters = {k: own[k] for k in BASE_KEYS if k in own} | dict(scaling)
+
+
+def max_positions(config) -> int:
+    """The positions a model takes: its max_position_embeddings, times the factor of a linear, dynamic or yarn
+    rope scaling (yarn's of the positions the model was trained for), as vLLM derives its context length."""
+    native = int(getattr(config, "max_position_embeddings", 0) or 0)
+    params = getattr(config, "rope_parameters", None) or {}
+    kind, factor = params.get("rope_type"), params.get("factor")
+    if kind not in ("linear", "dynamic", "yarn") or not factor:
+        return native
+    trained = int(params.get("original_max_position_embeddings") or native) if kind == "yarn" else native
+    return int(trained * factor)
