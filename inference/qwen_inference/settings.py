@@ -89,7 +89,7 @@ class ServeSettings(BaseSettings):
     rope_scaling: RopeScaling | None = Field(
         None, description="A longer context by rotary scaling, replacing the model's own, in config.json's form: "
         "'{\"rope_type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}' (the model "
-        "then takes original_max_position_embeddings × factor positions; raise --max-model-len to use them).")
+        "then takes factor times the positions it was trained for; raise --max-model-len to use them).")
     max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none.")
     max_concurrency: int = Field(16, ge=1, le=1024, description="Sequences decoded together in one batch.")

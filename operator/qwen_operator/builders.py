@@ -285,6 +285,9 @@ def server_env(spec: QwenDeploymentSpec, key: ModelKey) -> list[dict[str, Any]]:
         env.append({"name": ServerEnv.MAX_MODEL_LEN, "value": str(e.max_model_len)})
     if e.kv_cache_tokens is not None:
         env.append({"name": ServerEnv.KV_CACHE_TOKENS, "value": str(e.kv_cache_tokens)})
+    if e.rope_scaling is not None:  # config.json's form, which qwen-serve takes
+        env.append({"name": ServerEnv.ROPE_SCALING,
+                    "value": json.dumps(e.rope_scaling.model_dump(exclude_none=True), separators=(",", ":"))})
     if e.threads is not None:
         env.append({"name": ServerEnv.THREADS, "value": str(e.threads)})
     else:  # threads from the container's CPU limit, rounded up, as the downward API gives it

@@ -71,6 +71,22 @@ class ModelSpec(Base):
                                      pattern=r"^https?://[^\s]+$", max_length=512)
 
 
+class RopeScalingSpec(Base):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            ("self.ropeType == 'yarn' || !has(self.originalMaxPositionEmbeddings)",
+             "engine.ropeScaling.originalMaxPositionEmbeddings goes with ropeType yarn only"),
+        )
+    )
+
+    rope_type: Literal["yarn", "linear"] = Field(
+        description="yarn (what Qwen's model cards use for Qwen2.5 and Qwen3) or linear (position interpolation).")
+    factor: float = Field(gt=1, le=64, description="How many times the positions the model was trained for.")
+    original_max_position_embeddings: int | None = Field(
+        None, ge=16, le=16777216,
+        description="yarn: the positions the model was trained for (default: its max_position_embeddings).")
+
+
 class EngineSpec(Base):
     quantize: Literal["none", "int8", "int4"] = Field(
         "none", description="Device cpu only. int8: int8 weights, half the memory of bfloat16, the fastest single "
@@ -80,6 +96,10 @@ class EngineSpec(Base):
     max_queue: int = Field(64, ge=0, le=100000, description="Requests that may wait for a slot before 429.")
     max_model_len: int | None = Field(None, ge=16, le=1048576,
                                       description="Context length in tokens (default: the model's, at most 8192).")
+    rope_scaling: RopeScalingSpec | None = Field(
+        None, description="A longer context than the model was trained for, by rotary scaling in place of the "
+        "model's own: the model then takes factor times the positions it was trained for (raise maxModelLen to use "
+        "them).")
     max_tokens: int = Field(2048, ge=1, le=1048576, description="Largest max_tokens a request may ask for.")
     request_timeout_seconds: int = Field(600, ge=1, le=86400, description="Seconds a request may take.")
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (default: the CPU limit).")

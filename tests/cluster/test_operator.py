@@ -50,6 +50,11 @@ def test_crd_is_structural_and_established(cluster):
     ({}, "spec.model: Required value"),
     ({"model": {"name": "Qwen/X"}, "device": "gpu", "engine": {"quantize": "int8"}},
      "engine.quantize runs on device 'cpu' only"),
+    ({"model": {"name": "Qwen/X"}, "engine": {"ropeScaling": {"ropeType": "linear", "factor": 2,
+                                                              "originalMaxPositionEmbeddings": 4096}}},
+     "engine.ropeScaling.originalMaxPositionEmbeddings goes with ropeType yarn only"),
+    ({"model": {"name": "Qwen/X"}, "engine": {"ropeScaling": {"ropeType": "dynamic", "factor": 2}}},
+     'spec.engine.ropeScaling.ropeType: Unsupported value: "dynamic"'),
 ])
 def test_api_server_rejects_invalid_specs(cluster, spec, message):
     obj = {"apiVersion": "qwen-operator.io/v1alpha1", "kind": "QwenDeployment",

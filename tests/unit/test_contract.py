@@ -33,6 +33,7 @@ SPECS = [
                "servedModelName": "chat"},
      "device": "gpu", "gpus": 2, "dtype": "bfloat16",
      "engine": {"maxConcurrency": 8, "maxQueue": 3, "threads": 3, "maxModelLen": 4096, "kvCacheTokens": 32768,
+                "ropeScaling": {"ropeType": "yarn", "factor": 4, "originalMaxPositionEmbeddings": 32768},
                 "maxTokens": 100, "requestTimeoutSeconds": 60},
      "auth": {"apiKeySecretRef": {"name": "keys"}}},
     {"model": {"name": "Qwen/Qwen2.5-0.5B-Instruct"}, "engine": {"quantize": "int8"}},
@@ -85,6 +86,7 @@ def test_the_pod_environment_configures_the_server_as_the_spec_says(monkeypatch,
                                                           "bfloat16")
     assert (s.max_concurrency, s.max_queue, s.threads, s.max_model_len, s.kv_cache_tokens) == (8, 3, 3, 4096, 32768)
     assert (s.max_tokens_cap, s.request_timeout, s.host, s.port) == (100, 60.0, "0.0.0.0", builders.SERVER_PORT)
+    assert s.rope_scaling.parameters() == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     assert s.api_keys() == ["k1"]
     assert (s.peer_url, s.peer_key()) == (f"http://10.1.2.3:{builders.SERVER_PORT}", b"a" * 43)
 

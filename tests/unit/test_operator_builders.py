@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import typing
 from pathlib import Path
 
@@ -296,6 +297,12 @@ def test_full_spec_reaches_the_pods():
     assert e["QWEN_QUANTIZE"] == "int8" and env(builders.build_deployment(OWNER, SPECS["cpu"], DEFAULTS, builders.model_key(
         SPECS["cpu"])))["QWEN_QUANTIZE"] == "none"
     assert e["QWEN_THREADS"] == "3" and e["QWEN_MAX_MODEL_LEN"] == "4096" and e["QWEN_KV_CACHE_TOKENS"] == "32768"
+    assert "QWEN_ROPE_SCALING" not in e  # the model's own rotary embedding, unless the spec scales it
+    scaled = QwenDeploymentSpec.model_validate(
+        {**s.model_dump(by_alias=True, exclude_none=True),
+         "engine": {"ropeScaling": {"ropeType": "yarn", "factor": 4, "originalMaxPositionEmbeddings": 32768}}})
+    assert json.loads(env(builders.build_deployment(OWNER, scaled, DEFAULTS, builders.model_key(scaled)))[
+        "QWEN_ROPE_SCALING"]) == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     assert e["QWEN_API_KEY_FILE"] == "/etc/qwen/api-keys/api-keys"
     assert e["X"] == "1" and e["Y"] == {"secretKeyRef": {"name": "s", "key": "k"}}
     assert {"name": "api-keys", "secret": {"secretName": "keys"}} in pod["volumes"]

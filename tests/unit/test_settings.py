@@ -118,7 +118,8 @@ def test_max_cpu_isa_hides_the_flags_above_it(monkeypatch):
 def test_rope_scaling_from_flag_and_env(monkeypatch):
     yarn = '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
     s = CliApp.run(ServeSettings, cli_args=["--rope-scaling", yarn])
-    assert s.rope_scaling.parameters() == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert s.rope_scaling.parameters() == {"rope_type": "yarn", "factor": 4.0,
+                                           "original_max_position_embeddings": 32768}
     monkeypatch.setenv("QWEN_ROPE_SCALING", '{"rope_type": "linear", "factor": 2}')
     assert ServeSettings().rope_scaling.parameters() == {"rope_type": "linear", "factor": 2.0}
     assert ServeSettings(rope_scaling=None).rope_scaling is None
