@@ -128,6 +128,8 @@ class Server:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log = CACHE / "bench-logs" / f"{label}.log"
+        self.started = 0.0
+        self.ready_seconds: float | None = None  # from the process's start to its first healthy answer
 
     @property
     def chat_url(self) -> str:
@@ -139,6 +141,7 @@ class Server:
 
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -149,10 +152,11 @@ class Server:
                 raise RuntimeError(f"{self.label} exited: {self.log.read_text()[-2000:]}")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}{self.health}", timeout=2).status_code == 200:
+                    self.ready_seconds = time.monotonic() - self.started
                     return self
             except httpx.TransportError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise RuntimeError(f"{self.label} did not become healthy")
 
     def __exit__(self, *exc) -> None:
@@ -381,7 +385,7 @@ async def measure(server: Server, levels: list[int], words: int, long_words: int
     # a warm-up request, not counted
     eos = server.ignore_eos
     await run_level(url, None, 1, 1, words, 4, seed=10**6, pid=None, ignore_eos=eos)
-    out = {"label": server.label, "levels": []}
+    out = {"label": server.label, "levels": [], "ready_seconds": server.ready_seconds}
     if server.label == "qwen-serve" and scenario != "off":
         out["structured"] = await structured(server, words, smoke)
         if scenario == "only":
@@ -480,7 +484,8 @@ def table(runs: list[dict], baseline: str = "seeds-design") -> str:
 
     top = max(lv["concurrency"] for lv in runs[0]["levels"])
     rows = ["| server | 1 stream: tok/s | ×baseline | " + f"{top} streams: tok/s | ×baseline | TTFT p50 @{top} | "
-            f"TTFT, {LONG_PROMPT_TOKENS}-token prompt alone | peak RSS |", "|---|---|---|---|---|---|---|---|"]
+            f"TTFT, {LONG_PROMPT_TOKENS}-token prompt alone | peak RSS | start to ready |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         one, many = level(r, 1), level(r, top)
         b1, bm = (level(base, 1), level(base, top)) if base else (None, None)
@@ -488,7 +493,8 @@ def table(runs: list[dict], baseline: str = "seeds-design") -> str:
         secs = lambda t: "–" if t is None else f"{t:.2f} s"  # noqa: E731  (no token streamed: not measured)
         rows.append(f"| {r['label']} | {one['tokens_per_second']:.1f} | {ratio(one, b1)} | "
                     f"{many['tokens_per_second']:.1f} | {ratio(many, bm)} | {secs(many['ttft_p50'])} | "
-                    f"{secs(r['ttft_long_prompt_p50'])} | {r['peak_rss_bytes'] / 2**30:.2f} GiB |")
+                    f"{secs(r['ttft_long_prompt_p50'])} | {r['peak_rss_bytes'] / 2**30:.2f} GiB | "
+                    f"{secs(r.get('ready_seconds'))} |")
     return "\n".join(rows)
 
 

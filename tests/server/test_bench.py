@@ -24,10 +24,12 @@ def test_bench_smoke_run_writes_results_chart_and_table(tmp_path):
         for lv in run["levels"]:
             assert lv["errors"] == 0 and lv["generated_tokens"] > 0 and lv["tokens_per_second"] > 0
             assert lv["ttft_p50"] > 0 and lv["peak_rss_bytes"] > 0
+        assert 0 < run["ready_seconds"] < 300
     png = (tmp_path / "smoke.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     table = (tmp_path / "smoke.md").read_text()
     assert "| qwen-serve |" in table and "| seeds-design |" in table and "×baseline" in table
+    assert "| start to ready |" in table
     # json_schema against free text on the same server: every constrained reply finished and parses
     s = data["runs"][0]["structured"]
     [round_] = s["rounds"]
