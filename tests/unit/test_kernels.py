@@ -690,3 +690,28 @@ def test_without_avx512_bf16_auto_is_bf16_and_the_kernel_takes_every_step_not_wi
     assert Platform.resolve("cpu", "auto").dtype == torch.float32
     assert Platform.cpu(torch.bfloat16).widen_min_tokens == CPU_WIDEN_MIN_TOKENS  # torch's bf16 matmuls up to there
     assert Platform.cpu().kernels_in_use() == "torch's kernels (this CPU has neither AVX512 nor AVX2)"
+
+
+def test_weights_quantized_a_slice_at_a_time_equal_the_whole_weight_formulas():
+    """Int8Weight and Int4BlockWeight quantize QUANTIZE_ROWS rows at a time (in cache); the result is bit for bit
+    the formulas applied to the whole weight at once, across slice edges and a last, shorter slice."""
+    from qwen_inference.engine.weights import QUANTIZE_ROWS, Int4BlockWeight, Int8Weight, int4_groups
+
+    torch.manual_seed(3)
+    n, k = 2 * QUANTIZE_ROWS + 48, 96
+    w = (torch.randn(n, k) * 0.05).to(torch.bfloat16)
+    w[5] = 0  # a row of zeros: the smallest scale, not a division by zero
+    got = Int8Weight.of(w)
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(got.q, q) and torch.equal(got.scale, scale)
+    assert torch.equal(got.rowsum, q.sum(dim=1, dtype=torch.int32)) and not got.q[5].any()
+
+    got4 = Int4BlockWeight.of(w)
+    q4, scale4, low = int4_groups(w)
+    q4 = q4.to(torch.uint8).view(n // 16, 16, k // 8, 8)
+    words = (q4[..., :4] | (q4[..., 4:] << 4)).permute(0, 2, 1, 3).reshape(n // 16, k // 8, 64)
+    per_block = lambda t: t.view(n // 16, 16, -1).permute(0, 2, 1)  # noqa: E731
+    assert torch.equal(got4.packed, words)
+    assert torch.equal(got4.scale_min, torch.cat([per_block(scale4), per_block(low)], dim=-1).to(torch.bfloat16))

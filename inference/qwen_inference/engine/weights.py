@@ -97,6 +97,11 @@ class Quantized:
         raise NotImplementedError
 
 
+# weights are quantized this many rows at a time: each slice's float32 copy and the steps over it stay in cache
+# (a whole weight at once went through memory at every step: 2.7 against 0.5 s for a 151 936 × 896 output layer)
+QUANTIZE_ROWS = 256
+
+
 @dataclass
 class Int8Weight(Quantized):
     """An int8 weight with one float32 scale per output channel (symmetric). Activations are quantized per
@@ -110,10 +115,18 @@ class Int8Weight(Quantized):
 
     @classmethod
     def of(cls, w: torch.Tensor) -> "Int8Weight":
-        wf = w.float()
-        scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q.contiguous(), scale.contiguous(), q.sum(dim=1, dtype=torch.int32).contiguous())
+        n = w.shape[0]
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scale = torch.empty(n, dtype=torch.float32, device=w.device)
+        rowsum = torch.empty(n, dtype=torch.int32, device=w.device)
+        for lo in range(0, n, QUANTIZE_ROWS):
+            hi = lo + QUANTIZE_ROWS
+            wf = w[lo:hi].float()
+            s = wf.abs().amax(dim=1).div_(127.0).clamp_(min=1e-12)
+            q[lo:hi] = wf.div_(s[:, None]).round_().clamp_(-127, 127)
+            scale[lo:hi] = s
+            torch.sum(q[lo:hi], dim=1, dtype=torch.int32, out=rowsum[lo:hi])
+        return cls(q, scale, rowsum)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight, in float32 (an embedding table tied to this output layer)."""
@@ -208,12 +221,17 @@ class Int4BlockWeight(Quantized):
         if not cls.fits(w):
             raise UnsupportedModel(f"int4 needs output sizes that are multiples of 16 and input sizes that are "
                                    f"multiples of {INT4_GROUP} (this weight is {n} × {k})")
-        q, scale, lo = int4_groups(w)
-        q = q.to(torch.uint8).view(n // 16, 16, k // 8, 8)
-        words = (q[..., :4] | (q[..., 4:] << 4)).permute(0, 2, 1, 3).reshape(n // 16, k // 8, 64)
-        per_block = lambda t: t.view(n // 16, 16, -1).permute(0, 2, 1)  # noqa: E731  [blocks, groups, 16 rows]
-        sm = torch.cat([per_block(scale), per_block(lo)], dim=-1).to(torch.bfloat16)
-        return cls(words.contiguous(), sm.contiguous(), (n, k))
+        words = torch.empty(n // 16, k // 8, 64, dtype=torch.uint8, device=w.device)
+        sm = torch.empty(n // 16, k // INT4_GROUP, 32, dtype=torch.bfloat16, device=w.device)
+        for lo in range(0, n, QUANTIZE_ROWS):  # QUANTIZE_ROWS is a multiple of 16: whole blocks at a time
+            part = w[lo:lo + QUANTIZE_ROWS]
+            b, blocks = lo // 16, part.shape[0] // 16
+            q, scale, low = int4_groups(part)
+            q = q.to(torch.uint8).view(blocks, 16, k // 8, 8)
+            words[b:b + blocks] = (q[..., :4] | (q[..., 4:] << 4)).permute(0, 2, 1, 3).reshape(blocks, k // 8, 64)
+            per_block = lambda t: t.view(blocks, 16, -1).permute(0, 2, 1)  # noqa: E731  [blocks, groups, 16 rows]
+            sm[b:b + blocks] = torch.cat([per_block(scale), per_block(low)], dim=-1)
+        return cls(words, sm, (n, k))
 
     def dequantized(self) -> torch.Tensor:
         """The weight these bits stand for, float32 `[out, in]` (for tests and for checking)."""
