@@ -483,18 +483,19 @@ def table(runs: list[dict], baseline: str = "seeds-design") -> str:
         return next((lv for lv in run["levels"] if lv["concurrency"] == c), None)
 
     top = max(lv["concurrency"] for lv in runs[0]["levels"])
-    rows = ["| server | 1 stream: tok/s | ×baseline | " + f"{top} streams: tok/s | ×baseline | TTFT p50 @{top} | "
+    many_head = f"{top} streams: tok/s | ×baseline | " if top > 1 else ""  # one level only: its columns once
+    rows = [f"| server | 1 stream: tok/s | ×baseline | {many_head}TTFT p50 @{top} | "
             f"TTFT, {LONG_PROMPT_TOKENS}-token prompt alone | peak RSS | start to ready |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "|---" * (9 if top > 1 else 7) + "|"]
     for r in runs:
         one, many = level(r, 1), level(r, top)
         b1, bm = (level(base, 1), level(base, top)) if base else (None, None)
         ratio = lambda x, y: f"{x['tokens_per_second'] / y['tokens_per_second']:.1f}×" if x and y and y["tokens_per_second"] else "–"  # noqa: E731
         secs = lambda t: "–" if t is None else f"{t:.2f} s"  # noqa: E731  (no token streamed: not measured)
-        rows.append(f"| {r['label']} | {one['tokens_per_second']:.1f} | {ratio(one, b1)} | "
-                    f"{many['tokens_per_second']:.1f} | {ratio(many, bm)} | {secs(many['ttft_p50'])} | "
-                    f"{secs(r['ttft_long_prompt_p50'])} | {r['peak_rss_bytes'] / 2**30:.2f} GiB | "
-                    f"{secs(r.get('ready_seconds'))} |")
+        many_cells = f"{many['tokens_per_second']:.1f} | {ratio(many, bm)} | " if top > 1 else ""
+        rows.append(f"| {r['label']} | {one['tokens_per_second']:.1f} | {ratio(one, b1)} | {many_cells}"
+                    f"{secs(many['ttft_p50'])} | {secs(r['ttft_long_prompt_p50'])} | "
+                    f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {secs(r.get('ready_seconds'))} |")
     return "\n".join(rows)
 
 

@@ -186,3 +186,17 @@ def test_a_run_held_to_an_older_cpu_names_the_cap_and_builds_llama_cpp_for_it(mo
         assert cap in sysinfo.ONEDNN_ISAS and "-DGGML_NATIVE=OFF" in llamacpp.COMMON_ISA
         assert ("-DGGML_AVX512=ON" in flags) == cap.startswith("avx512")
         assert ("-DGGML_AVX512_VNNI=ON" in flags) == (cap == "avx512_vnni") and "-DGGML_AVX512_BF16=ON" not in flags
+
+
+def test_the_results_table_at_one_level_shows_it_once():
+    from bench.run import table
+
+    def run(label, tps, ready):
+        return {"label": label, "levels": [{"concurrency": 1, "tokens_per_second": tps, "ttft_p50": 0.2}],
+                "ttft_long_prompt_p50": None, "peak_rss_bytes": 2**30, "ready_seconds": ready}
+
+    rows = table([run("qwen-serve", 30.0, 6.1), run("seeds-design", 10.0, None)]).splitlines()
+    assert rows[0] == ("| server | 1 stream: tok/s | ×baseline | TTFT p50 @1 | TTFT, 256-token prompt alone | "
+                       "peak RSS | start to ready |") and rows[1] == "|---" * 7 + "|"
+    assert rows[2] == "| qwen-serve | 30.0 | 3.0× | 0.20 s | – | 1.00 GiB | 6.10 s |"
+    assert rows[3] == "| seeds-design | 10.0 | 1.0× | 0.20 s | – | 1.00 GiB | – |"
