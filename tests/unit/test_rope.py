@@ -13,7 +13,7 @@ import torch
 from qwen_inference.engine.models import load_model
 from qwen_inference.engine.models.rope import RotaryEmbedding, max_positions, scale
 from qwen_inference.engine.platform import Platform
-from qwen_inference.engine.weights import UnsupportedModel
+from qwen_inference.engine.weights import CheckpointError, UnsupportedModel
 
 from .test_engine import prompt_logits
 
@@ -21,14 +21,16 @@ MAX_POSITIONS = 64
 ROPE_TYPES = {
     "default": {},
     "linear": {"factor": 2.0},
-    "dynamic": {"factor": 2.0},
     "yarn": {"factor": 4.0, "original_max_position_embeddings": MAX_POSITIONS // 4},
-    "longrope": {"short_factor": [1.0] * 8, "long_factor": [1.0 + i for i in range(8)],
-                 "original_max_position_embeddings": MAX_POSITIONS // 4},
     "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": MAX_POSITIONS // 4},
 }
-# within the positions, past them (dynamic grows its base; longrope takes its long factors), further on, back
+CHANGING = {  # refused: their frequencies change with each call's length
+    "dynamic": {"factor": 2.0},
+    "longrope": {"short_factor": [1.0] * 8, "long_factor": [1.0 + i for i in range(8)],
+                 "original_max_position_embeddings": MAX_POSITIONS // 4},
+}
+# within the positions, past them, further on, back
 POSITION_RUNS = [(0, 10), (0, 3 * MAX_POSITIONS), (2 * MAX_POSITIONS, 4 * MAX_POSITIONS), (0, 20)]
 
 
@@ -53,7 +55,6 @@ def test_tables_equal_the_models_own_rotary_class(model_type, rope_type):
                     max_position_embeddings=MAX_POSITIONS,
                     rope_parameters={"rope_type": rope_type, "rope_theta": 10000.0, **ROPE_TYPES[rope_type]})
     ours, theirs = RotaryEmbedding(config), Rotary(config)
-    frequencies = set()
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.zeros(1, dtype=dtype)
         for lo, hi in POSITION_RUNS:
@@ -62,9 +63,19 @@ def test_tables_equal_the_models_own_rotary_class(model_type, rope_type):
             ref_cos, ref_sin = theirs(x, positions)
             assert cos.dtype == dtype and cos.shape == (1, hi - lo, 16)
             assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin), (rope_type, lo, hi)
-            frequencies.add(tuple(ours.inv_freq.tolist()))
-    # the runs reach the per-call updates: the dynamic types' frequencies change with the positions, the others not
-    assert len(frequencies) == (3 if rope_type == "dynamic" else 2 if rope_type == "longrope" else 1)
+
+
+@pytest.mark.parametrize("rope_type", list(CHANGING))
+def test_the_rope_types_that_change_with_each_call_are_refused(rope_type):
+    """Their frequencies follow the length of each call (transformers': one per sequence), which prompt chunks and
+    batches would change: a reply would depend on its neighbours. Refused, the way out named."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=MAX_POSITIONS,
+                         rope_parameters={"rope_type": rope_type, "rope_theta": 10000.0, **CHANGING[rope_type]})
+    with pytest.raises(UnsupportedModel, match=f"rope type '{rope_type}' is not supported: .*--rope-scaling"):
+        RotaryEmbedding(config)
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "default"}, {"rope_type": "yarn", "factor": 4.0,
@@ -95,7 +106,7 @@ def edited(model, folder, change):
     return folder
 
 
-@pytest.fixture(scope="module", params=["yarn", "dynamic"])
+@pytest.fixture(scope="module", params=["yarn", "linear"])
 def scaled_model(request, tiny_model, tmp_path_factory):
     """The tiny model with rope scaling added to its config.json, 32 positions."""
     def change(config):
@@ -106,7 +117,7 @@ def scaled_model(request, tiny_model, tmp_path_factory):
 
 
 def test_scaled_models_prompt_logits_match_transformers(scaled_model):
-    """A prompt past the model's positions (dynamic scaling grows its base there) gives transformers' logits."""
+    """A prompt past the model's 32 positions gives transformers' logits."""
     from transformers import AutoModelForCausalLM
 
     ours = load_model(scaled_model, Platform.cpu(torch.float32))
@@ -164,17 +175,25 @@ def test_positions_under_each_scaling():
     assert positions(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768) == 131072  # Qwen3's card
     assert positions(rope_type="yarn", factor=2.0) == 81920
     assert positions(rope_type="linear", factor=2.0) == 81920
-    assert positions(rope_type="dynamic", factor=2.0) == 81920
     assert positions(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0) == 40960
 
 
-@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
-def test_qwen3_5_refuses_the_rope_types_that_change_as_sequences_grow(rope_type, tiny_qwen35_text_model):
-    scaling = {"rope_type": rope_type, "factor": 2.0}
-    if rope_type == "longrope":
-        scaling = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
-    with pytest.raises(UnsupportedModel, match=f"rope type '{rope_type}' is not supported for Qwen3.5"):
-        load_model(tiny_qwen35_text_model, Platform.cpu(torch.float32), scaling)
+@pytest.mark.parametrize("preset", ["tiny_model", "tiny_qwen35_text_model"])
+def test_a_model_whose_config_says_dynamic_is_refused_before_its_weights_are_read(preset, request, tmp_path):
+    def change(config):
+        if "rope_parameters" in config:
+            config["rope_parameters"] = {**config["rope_parameters"], "rope_type": "dynamic", "factor": 2.0}
+        else:
+            config["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+
+    folder = edited(request.getfixturevalue(preset), tmp_path, change)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()  # nothing to read: the refusal comes first
+    with pytest.raises(UnsupportedModel, match="rope type 'dynamic' is not supported"):
+        load_model(folder, Platform.cpu(torch.float32))
+    # --rope-scaling serves it in its place: the weights are read (and found missing) only then
+    with pytest.raises(CheckpointError, match="has no model.safetensors"):
+        load_model(folder, Platform.cpu(torch.float32), {"rope_type": "yarn", "factor": 2.0})
 
 
 def test_loading_a_model_imports_no_modeling_module(tiny_model, tiny_qwen35_model):

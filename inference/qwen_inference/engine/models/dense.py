@@ -79,6 +79,7 @@ class DenseDecoder(CausalLM):
         self.layer_devices = platform.layer_devices(self.num_layers)
         first, last = platform.first_device, self.layer_devices[-1]
         tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.rotary = {d: RotaryEmbedding(config).to(d) for d in set(self.layer_devices)}
         quantized = platform.quantize != "none"
         with Checkpoint(folder) as ckpt:
             self.layers: list[DenseLayer] = []
@@ -90,7 +91,6 @@ class DenseDecoder(CausalLM):
             self.embed = ckpt.get("model.embed_tokens.weight", dtype, first)
             self.norm = ckpt.get("model.norm.weight", dtype, last)
             self._load_output_layer(ckpt, tied, dtype)
-        self.rotary = {d: RotaryEmbedding(config).to(d) for d in set(self.layer_devices)}
 
     def _layer(self, ckpt: Checkpoint, i: int, device: torch.device) -> DenseLayer:
         p = f"model.layers.{i}."

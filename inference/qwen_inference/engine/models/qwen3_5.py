@@ -253,9 +253,6 @@ class Qwen3_5Decoder(CausalLM):
     def _rope(text) -> tuple[torch.Tensor, float]:
         """The rotary frequencies of the model's own rotary class (so every rope scaling it knows applies)."""
         rotary = RotaryEmbedding(text)
-        if rotary.rope_type in ("dynamic", "longrope"):  # they change the frequencies as sequences grow
-            raise UnsupportedModel(f"rope type {rotary.rope_type!r} is not supported for Qwen3.5 (yarn, linear and "
-                                   "llama3 are)")
         return rotary.inv_freq.float(), float(rotary.attention_scaling)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

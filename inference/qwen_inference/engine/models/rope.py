@@ -2,12 +2,16 @@
 
 Every text model's rotary class in transformers (`Qwen2RotaryEmbedding`, `Qwen3RotaryEmbedding`,
 `LlamaRotaryEmbedding`, `Qwen3_5TextRotaryEmbedding`'s frequencies) is the same module: frequencies from
-`modeling_rope_utils.ROPE_INIT_FUNCTIONS` for the scaled types (or the original RoPE's for "default"), updated on
-each call by `modeling_rope_utils.dynamic_rope_update` for the dynamic and longrope types. This module is that
-class, built on the same two functions. Importing a model's modeling module instead costs about two seconds of a
-server's start (it pulls in torch._dynamo, torch.distributed and transformers' generation code); the rope
-utilities cost next to nothing once the tokenizer has imported transformers. tests/unit/test_rope.py holds it to
-each model's own class, table for table, for every rope type.
+`modeling_rope_utils.ROPE_INIT_FUNCTIONS` for the scaled types (or the original RoPE's for "default"). This module is
+that class, built on the same functions. Importing a model's modeling module instead costs about two seconds of a
+server's start (it pulls in torch._dynamo, torch.distributed and transformers' generation code); the rope utilities
+cost next to nothing once the tokenizer has imported transformers. tests/unit/test_rope.py holds it to each model's
+own class, table for table, for every rope type it takes.
+
+The two types whose frequencies change on each call, with the length of what the call holds (dynamic: past the
+trained positions; longrope: short or long factors either side of them), are refused: prompts prefilled in chunks
+and sequences batched together make those lengths differ from transformers' one call per sequence, so a reply
+would depend on its neighbours. (vLLM makes them static instead; `--rope-scaling` yarn or linear takes their place.)
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from ..weights import UnsupportedModel
+
+# rope types whose frequencies change on each call with its length (refused, above)
+CHANGING = ("dynamic", "longrope")
 
 
 @functools.cache
@@ -36,35 +45,27 @@ def default_parameters(config, device=None, **_) -> tuple[torch.Tensor, float]:
 
 class RotaryEmbedding(torch.nn.Module):
     """`forward(x, position_ids)` → (cos, sin) in x's dtype, `[batch, positions, rotary dim]`, as the model's own
-    rotary class gives them (its attributes carry the same names, which `dynamic_rope_update` reads and writes)."""
+    rotary class gives them."""
 
     def __init__(self, config) -> None:
         super().__init__()
-        self.max_seq_len_cached = config.max_position_embeddings
-        self.original_max_seq_len = config.max_position_embeddings
         self.config = config
         self.rope_type = config.rope_parameters["rope_type"]
+        if self.rope_type in CHANGING:
+            raise UnsupportedModel(
+                f"rope type {self.rope_type!r} is not supported: its frequencies change with each call's length, "
+                "which prompt chunks and batches make differ from transformers' (--rope-scaling, yarn or linear, "
+                "can serve the model in its place)")
         init = default_parameters if self.rope_type == "default" else _rope_utils().ROPE_INIT_FUNCTIONS[self.rope_type]
         inv_freq, self.attention_scaling = init(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _updating_tables()(self, x, position_ids)
-
-    def tables(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of the current frequencies (no update)."""
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
-
-
-@functools.cache
-def _updating_tables():
-    """`RotaryEmbedding.tables` under transformers' own per-call frequency update."""
-    return _rope_utils().dynamic_rope_update(RotaryEmbedding.tables)
 
 
 # what a rope scaling keeps of the model's own rotary embedding: its base, the rotated part of a head, Qwen3.5's
@@ -79,12 +80,12 @@ def scale(config, scaling: dict) -> None:
 
 
 def max_positions(config) -> int:
-    """The positions a model takes: its max_position_embeddings, times the factor of a linear, dynamic or yarn
-    rope scaling (yarn's of the positions the model was trained for), as vLLM derives its context length."""
+    """The positions a model takes: its max_position_embeddings, times the factor of a linear or yarn rope scaling
+    (yarn's of the positions the model was trained for), as vLLM derives its context length."""
     native = int(getattr(config, "max_position_embeddings", 0) or 0)
     params = getattr(config, "rope_parameters", None) or {}
     kind, factor = params.get("rope_type"), params.get("factor")
-    if kind not in ("linear", "dynamic", "yarn") or not factor:
+    if kind not in ("linear", "yarn") or not factor:
         return native
     trained = int(params.get("original_max_position_embeddings") or native) if kind == "yarn" else native
     return int(trained * factor)
