@@ -601,3 +601,44 @@ def test_widened_weights_reuse_one_buffer_per_thread():
     x = torch.randn(3, 32, generator=g)
     bias = torch.randn(64, generator=g).bfloat16()
     assert torch.equal(linear(x, big, bias), torch.nn.functional.linear(x, big.float(), bias.float()))
+
+
+def test_checkpoint_reads_straight_from_the_file_what_safetensors_reads(tmp_path):
+    """Tensors stored in the dtype wanted are read from the file into their tensor (stacked ones into their rows);
+    the rest go through safetensors and a conversion. Either way the values are safetensors' own, across shards;
+    a file that ends inside a tensor is an error, not a short tensor."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from qwen_inference.engine.weights import Checkpoint, CheckpointError
+
+    torch.manual_seed(5)
+    shards = {
+        "a.safetensors": {"q": torch.randn(6, 8).bfloat16(), "k": torch.randn(2, 8).bfloat16(),
+                          "norm": torch.randn(8), "scalar": torch.tensor(3.5)},
+        "b.safetensors": {"v": torch.randn(2, 8).bfloat16(), "h": torch.randn(4, 8, dtype=torch.float16)},
+    }
+    for file, tensors in shards.items():
+        save_file(tensors, str(tmp_path / file))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {name: file for file, tensors in shards.items() for name in tensors}}))
+    every = {name: t for tensors in shards.values() for name, t in tensors.items()}
+    cpu = torch.device("cpu")
+    with Checkpoint(tmp_path) as ck:
+        for name, t in every.items():
+            for dtype in (t.dtype, torch.float32, torch.bfloat16):
+                got = ck.get(name, dtype, cpu)
+                assert got.dtype == dtype and got.shape == t.shape and torch.equal(got, t.to(dtype)), (name, dtype)
+        direct = ck.cat(["q", "k", "v"], torch.bfloat16, cpu)  # across two shards, each read into its rows
+        assert torch.equal(direct, torch.cat([every["q"], every["k"], every["v"]]))
+        widened = ck.cat(["q", "k", "v"], torch.float32, cpu)  # stored bf16, wanted float32: converted
+        assert torch.equal(widened, torch.cat([every["q"], every["k"], every["v"]]).float())
+        with pytest.raises(CheckpointError, match="the checkpoint has no tensor nope"):
+            ck.get("nope", torch.float32, cpu)
+    data = (tmp_path / "b.safetensors").read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    last = max((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][1])
+    (tmp_path / "b.safetensors").write_bytes(data[:-10])
+    with Checkpoint(tmp_path) as ck, pytest.raises(CheckpointError, match="ends inside a tensor"):
+        ck.get(last, every[last].dtype, cpu)
