@@ -65,6 +65,16 @@ def test_tables_equal_the_models_own_rotary_class(model_type, rope_type):
             assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin), (rope_type, lo, hi)
 
 
+def test_a_rope_type_transformers_does_not_know_is_refused_by_name():
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config.rope_parameters = {"rope_type": "spiral", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(UnsupportedModel, match="rope type 'spiral' is not one transformers knows .*yarn"):
+        RotaryEmbedding(config)
+
+
 @pytest.mark.parametrize("rope_type", list(CHANGING))
 def test_the_rope_types_that_change_with_each_call_are_refused(rope_type):
     """Their frequencies follow the length of each call (transformers': one per sequence), which prompt chunks and

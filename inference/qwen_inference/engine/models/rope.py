@@ -56,7 +56,11 @@ class RotaryEmbedding(torch.nn.Module):
                 f"rope type {self.rope_type!r} is not supported: its frequencies change with each call's length, "
                 "which prompt chunks and batches make differ from transformers' (--rope-scaling, yarn or linear, "
                 "can serve the model in its place)")
-        init = default_parameters if self.rope_type == "default" else _rope_utils().ROPE_INIT_FUNCTIONS[self.rope_type]
+        known = _rope_utils().ROPE_INIT_FUNCTIONS
+        if self.rope_type != "default" and self.rope_type not in known:
+            raise UnsupportedModel(f"rope type {self.rope_type!r} is not one transformers knows "
+                                   f"({', '.join(['default', *known])})")
+        init = default_parameters if self.rope_type == "default" else known[self.rope_type]
         inv_freq, self.attention_scaling = init(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
