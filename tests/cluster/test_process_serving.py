@@ -48,6 +48,14 @@ def ready_addresses(cluster, ns: str, service: str) -> list[tuple[str, int]]:
     return sorted(out)
 
 
+def wait_ready_addresses(cluster, ns: str, service: str, count: int) -> list[tuple[str, int]]:
+    """`ready_addresses` once the EndpointSlice controller lists `count` of them: it follows the pods' readiness
+    (which the QwenDeployment's phase reports) on its own, a moment later."""
+    return cluster.wait(f"{count} ready endpoints of {service}",
+                        lambda: (lambda a: a if len(a) == count else None)(ready_addresses(cluster, ns, service)), 30,
+                        0.2)
+
+
 def container(p: dict, name: str) -> dict:
     return next(c for c in p["status"].get("containerStatuses") or [] if c["name"] == name)
 
@@ -84,7 +92,7 @@ def test_the_demo_really_serves_and_survives_a_killed_server(cluster, operator):
     assert "ok: /cache/demo" in cluster.kubectl("logs", "-n", ns, job_pod["metadata"]["name"]).stdout
 
     (p,) = server_pods(cluster, ns, "demo")
-    addresses = ready_addresses(cluster, ns, "demo")
+    addresses = wait_ready_addresses(cluster, ns, "demo", 1)
     assert addresses == [(p["status"]["podIP"], 8000)]
     text, finish, chunks = chat_stream(*addresses[0], model="demo")
     assert finish == "length" and chunks > 2 and text
@@ -165,7 +173,7 @@ def test_a_hub_model_downloads_with_progress_resumes_after_its_pod_is_killed_and
     failed = [p for p in cluster.get("pods", namespace=ns, selector="app.kubernetes.io/component=fetch")
               if p["status"]["phase"] == "Failed"]
     assert len(failed) == 1 and container(failed[0], "fetch")["state"]["terminated"]["exitCode"] == 137
-    (address,) = ready_addresses(cluster, ns, "tiny")
+    (address,) = wait_ready_addresses(cluster, ns, "tiny", 1)
     assert chat_stream(*address, model="qwen-test/tiny")[1] == "length"
 
 
@@ -208,7 +216,8 @@ def test_a_rolling_update_drains_in_flight_requests_while_the_operator_restarts(
     cluster.apply(obj, ns)
     cluster.wait_phase("roll", ns, "Ready", timeout=300)
     old = {p["metadata"]["name"]: p["status"]["podIP"] for p in server_pods(cluster, ns, "roll")}
-    assert len(old) == 2 and sorted(a for a, _ in ready_addresses(cluster, ns, "roll")) == sorted(old.values())
+    assert len(old) == 2
+    assert sorted(a for a, _ in wait_ready_addresses(cluster, ns, "roll", 2)) == sorted(old.values())
     # the replicas read each other's responses: a conversation begun on one goes on on the other
     one, other = sorted(old.values())
     first = httpx.post(f"http://{one}:8000/v1/responses", timeout=60,
