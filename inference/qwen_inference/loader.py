@@ -80,10 +80,10 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
 
         log.warning("the tokenizer has no chat template; using Qwen2.5's ChatML template")
         tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
-    model = load_model(path, platform, settings.rope_scaling.parameters() if settings.rope_scaling else None)
-    if settings.rope_scaling is not None:
-        log.info("rope scaling %s: the model takes %d positions", json.dumps(settings.rope_scaling.parameters()),
-                 model.max_position_embeddings)
+    scaling = settings.rope_scaling.parameters() if settings.rope_scaling is not None else None
+    model = load_model(path, platform, scaling)
+    if scaling is not None:
+        log.info("rope scaling %s: the model takes %d positions", json.dumps(scaling), model.max_position_embeddings)
     model_max = model.max_position_embeddings or DEFAULT_MAX_MODEL_LEN
     if settings.max_model_len is not None and settings.max_model_len > model_max:
         raise ValueError(f"--max-model-len {settings.max_model_len} exceeds the model's {model_max} positions")

@@ -642,3 +642,8 @@ def test_checkpoint_reads_straight_from_the_file_what_safetensors_reads(tmp_path
     (tmp_path / "b.safetensors").write_bytes(data[:-10])
     with Checkpoint(tmp_path) as ck, pytest.raises(CheckpointError, match="ends inside a tensor"):
         ck.get(last, every[last].dtype, cpu)
+    single = tmp_path / "garbage"
+    single.mkdir()
+    (single / "model.safetensors").write_bytes((20).to_bytes(8, "little") + b"not json at all, no.")
+    with pytest.raises(CheckpointError, match="model.safetensors is not a safetensors file"):
+        Checkpoint(single)

@@ -48,18 +48,15 @@ class Checkpoint:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
+        self.files: dict[str, Any] = {}
+        self.headers: dict[str, tuple[dict, int]] = {}
         if index.is_file():
             self.where = json.loads(index.read_text())["weight_map"]
         else:
-            from safetensors import safe_open
-
-            single = self.folder / "model.safetensors"
-            if not single.is_file():
+            if not (self.folder / "model.safetensors").is_file():
                 raise CheckpointError(f"{self.folder} has no model.safetensors or model.safetensors.index.json")
-            with safe_open(str(single), framework="pt") as f:
-                self.where = {k: "model.safetensors" for k in f.keys()}
-        self.files: dict[str, Any] = {}
-        self.headers: dict[str, tuple[dict, int]] = {}
+            header, _ = self._header("model.safetensors")
+            self.where = {k: "model.safetensors" for k in header if k != "__metadata__"}
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -70,16 +67,26 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.where
 
+    def _header(self, shard: str) -> tuple[dict, int]:
+        """A shard's safetensors header (each tensor's dtype, shape and byte range) and where its data begins."""
+        if shard not in self.headers:
+            with open(self.folder / shard, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                try:
+                    header = json.loads(fh.read(size))
+                except ValueError:
+                    header = None
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{shard} is not a safetensors file (its header does not parse)")
+            self.headers[shard] = (header, 8 + size)
+        return self.headers[shard]
+
     def _entry(self, name: str) -> tuple[str, dict, int]:
         """(shard, the tensor's header entry, where the shard's data begins)."""
         if name not in self.where:
             raise CheckpointError(f"the checkpoint has no tensor {name}")
         shard = self.where[name]
-        if shard not in self.headers:
-            with open(self.folder / shard, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                self.headers[shard] = (json.loads(fh.read(size)), 8 + size)
-        header, start = self.headers[shard]
+        header, start = self._header(shard)
         if name not in header:
             raise CheckpointError(f"{shard} has no tensor {name}")
         return shard, header[name], start

@@ -167,7 +167,7 @@ class Qwen3_5Decoder(CausalLM):
         self.head_dim = text.head_dim
         rope = dict(text.rope_parameters or {})
         self.rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 0.25))
-        self.inv_freq, self.rope_scaling = self._rope(text)
+        self.rotary = RotaryEmbedding(text)  # the rope type is checked here, before any weight is read
         # Gated DeltaNet
         self.hk, self.hv = text.linear_num_key_heads, text.linear_num_value_heads
         self.dk, self.dv = text.linear_key_head_dim, text.linear_value_head_dim
@@ -249,17 +249,10 @@ class Qwen3_5Decoder(CausalLM):
             setattr(layer, name, platform.quantize_weight(getattr(layer, name)))
         layer.mlp = MLP(platform.quantize_weight(layer.mlp.w_gate_up), platform.quantize_weight(layer.mlp.w_down))
 
-    @staticmethod
-    def _rope(text) -> tuple[torch.Tensor, float]:
-        """The rotary frequencies of the model's own rotary class (so every rope scaling it knows applies)."""
-        rotary = RotaryEmbedding(text)
-        return rotary.inv_freq.float(), float(rotary.attention_scaling)
-
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin `[T, rotary_dim]` (float32) of text positions."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
+        cos, sin = self.rotary(torch.empty(0, device=positions.device), positions[None])
+        return cos[0], sin[0]
 
     # ---- caches ------------------------------------------------------------------------------------
     def cache_specs(self) -> list:

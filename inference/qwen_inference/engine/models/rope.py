@@ -33,14 +33,14 @@ def _rope_utils():
     return modeling_rope_utils
 
 
-def default_parameters(config, device=None, **_) -> tuple[torch.Tensor, float]:
+def default_parameters(config) -> tuple[torch.Tensor, float]:
     """The original RoPE's inverse frequencies over the rotated part of a head (all of it unless the rope
     parameters give a `partial_rotary_factor`), and no scaling."""
     base = config.rope_parameters["rope_theta"]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dim = int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-    return inv_freq.to(device), 1.0
+    return inv_freq, 1.0
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -49,7 +49,6 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, config) -> None:
         super().__init__()
-        self.config = config
         self.rope_type = config.rope_parameters["rope_type"]
         if self.rope_type in CHANGING:
             raise UnsupportedModel(
