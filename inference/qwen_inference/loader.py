@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ class LoadedModel:
     device: str
     eos_token_ids: set[int]
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    images: Any = None  # `images.ImageInput` for a model that reads images (and --max-images above 0)
 
 
 def _generation_config(path: Path) -> dict[str, Any]:
@@ -81,7 +83,17 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
         log.warning("the tokenizer has no chat template; using Qwen2.5's ChatML template")
         tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
     scaling = settings.rope_scaling.parameters() if settings.rope_scaling is not None else None
-    model = load_model(path, platform, scaling)
+    model = load_model(path, platform, scaling, images=settings.max_images > 0)
+    images = None
+    if model.image_token_id is not None:
+        from .images import ImageProcessor
+        from .multimodal import ImageInput
+
+        images = ImageInput(ImageProcessor.from_folder(path), model.image_token_id, settings.max_images,
+                            settings.max_image_bytes)
+        log.info("images: up to %d a request (%s)", settings.max_images, images.describe())
+        # the image processor's import takes a second or more: in the background, not before the model serves
+        threading.Thread(target=images.processor.load, name="image-processor", daemon=True).start()
     if scaling is not None:
         log.info("rope scaling %s: the model takes %d positions", json.dumps(scaling), model.max_position_embeddings)
     model_max = model.max_position_embeddings or DEFAULT_MAX_MODEL_LEN
@@ -124,4 +136,5 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
         device=platform.describe(),
         eos_token_ids=eos,
         generation_defaults=defaults,
+        images=images,
     )

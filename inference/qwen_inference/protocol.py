@@ -109,6 +109,39 @@ def _text_parts(v: Any) -> Any:
     return v
 
 
+class ImageURL(OpenAIModel):
+    url: str = Field(min_length=1)  # a data URL: data:image/png;base64,...
+    detail: str | None = None
+
+    @field_validator("detail")
+    @classmethod
+    def _detail(cls, v: str | None) -> str | None:
+        if v not in (None, "auto"):
+            raise ValueError("only detail 'auto' is supported: every image is read at the resolution the model's "
+                             "image processor gives it")
+        return v
+
+
+class ImagePart(OpenAIModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+def _chat_parts(v: Any) -> Any:
+    """Chat content parts: text, and images (`image_url`, for a model that reads them); audio and files refused."""
+    if isinstance(v, list):
+        for i, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in _NOT_TEXT and kind != "image_url":
+                raise FieldError(f"{i}.type", f"{kind} parts are not supported: send text and image_url parts")
+            if kind == "refusal":
+                raise FieldError(f"{i}.type", "refusal parts are not supported; send the text as text")
+    return v
+
+
+ChatPart = Annotated[TextPart | ImagePart, Discriminator("type")]
+
+
 class ToolCallFunction(OpenAIModel):
     name: str = Field(min_length=1)
     arguments: str  # a JSON object, as text
@@ -124,7 +157,7 @@ class ToolCallParam(OpenAIModel):
 
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | Annotated[list[TextPart], BeforeValidator(_text_parts)] | None = None
+    content: str | Annotated[list[ChatPart], BeforeValidator(_chat_parts)] | None = None
     name: str | None = None  # passed to the chat template (Qwen's templates do not show it)
     tool_calls: list[ToolCallParam] | None = None  # assistant
     tool_call_id: str | None = None  # tool
@@ -148,6 +181,8 @@ class ChatMessage(OpenAIModel):
         elif self.content is None and not self.tool_calls and self.reasoning is None \
                 and self.reasoning_content is None:
             raise FieldError("content", "an assistant message needs content or tool_calls")
+        if role != "user" and self.images:
+            raise FieldError("content", f"images are allowed in user messages only, not in {role} messages")
         if role == "tool" and not self.tool_call_id:
             raise FieldError("tool_call_id", "a tool message needs tool_call_id")
         if role != "tool" and self.tool_call_id is not None:
@@ -195,7 +230,11 @@ class ChatMessage(OpenAIModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.content if isinstance(p, ImagePart)] if isinstance(self.content, list) else []
 
     @property
     def thought(self) -> str | None:

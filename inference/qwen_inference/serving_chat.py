@@ -15,8 +15,8 @@ from fastapi.responses import Response
 from .engine import FinishEvent, Request as EngineRequest, TokenEvent
 from .errors import bad_request
 from .protocol import (THINKING_BY_EFFORT, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage,
-                       Choice, ChoiceLogprobs, ChunkChoice, Delta, FunctionOut, ResponseMessage, ToolCallOut,
-                       error_body, now)
+                       Choice, ChoiceLogprobs, ChunkChoice, Delta, FunctionOut, ImagePart, ResponseMessage, TextPart,
+                       ToolCallOut, error_body, now)
 from .reasoning import Thinking, thinking_mode
 from .serving import (_TEMPLATE_RESERVED, THINKING_KWARGS, ChoiceText, GenerationService, Pending, Submission,
                       event_stream, sse, sse_event, until_disconnect, usage)
@@ -110,6 +110,9 @@ def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
     """A message as Qwen's chat templates read it: tool-call arguments as an object, reasoning as
     `reasoning_content`, content always a string."""
     out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.images:  # the parts in order, each image as the template's image part
+        out["content"] = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+                          for p in m.content]
     if m.name is not None:
         out["name"] = m.name
     if m.tool_calls:
@@ -194,16 +197,39 @@ class ChatService(GenerationService):
     def messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
         return [_template_message(i, m) for i, m in enumerate(messages)]
 
-    def prompt(self, req: ChatCompletionRequest) -> tuple[ToolPlan, dict[str, Any], list[dict], str, list[int]]:
-        """The request's prompt: its tool plan, template variables, messages as the template reads them, and the
-        rendered text with its token ids."""
+    def prompt(self, req: ChatCompletionRequest) -> tuple[ToolPlan, dict[str, Any], list[dict], str, list[int], Any]:
+        """The request's prompt: its tool plan, template variables, messages as the template reads them, the
+        rendered text with its token ids (each image's placeholder as wide as the image), and its images
+        (`engine.media.Media`, or None)."""
         self.check_model(req.model)
+        urls = self.image_urls(req.messages)
         tools = self.tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
         kwargs = self.template_kwargs(req.chat_template_kwargs, req.reasoning_effort)
         messages = self.messages(req.messages)
         text = self.render(messages, tools.tools, kwargs, add_generation_prompt=req.add_generation_prompt,
                            continue_final_message=req.continue_final_message)
-        return tools, kwargs, messages, text, self.state.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.state.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        media = None
+        if urls:
+            from .multimodal import BadImage
+
+            try:
+                ids, media = self.state.model.images.prepare(ids, urls)
+            except BadImage as exc:
+                raise bad_request(str(exc), exc.param) from None
+        return tools, kwargs, messages, text, ids, media
+
+    def image_urls(self, messages: list[ChatMessage]) -> list[tuple[str, str]]:
+        """(request field, URL) of every image in the messages, in order; a model that reads no images refuses."""
+        urls = []
+        for i, m in enumerate(messages):
+            if isinstance(m.content, list):
+                urls += [(f"messages.{i}.content.{j}.image_url.url", p.image_url.url)
+                         for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
+        if urls and self.state.model.images is None:
+            raise bad_request("this model reads no images (it has no vision tower, or the server runs with "
+                              "--max-images 0): send text parts", urls[0][0])
+        return urls
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None,
                       reasoning_budget: int | None = None) -> ChatPlan:
@@ -213,7 +239,7 @@ class ChatService(GenerationService):
             reasoning_budget = req.thinking_token_budget
         n = req.choices
         self.check_n(n)
-        tools, kwargs, messages, text, prompt_ids = self.prompt(req)
+        tools, kwargs, messages, text, prompt_ids, media = self.prompt(req)
         structured = req.structured_outputs is not None or (
             isinstance(req.response_format, dict) and req.response_format.get("type") != "text")
         if tools.forced and structured:
@@ -238,7 +264,8 @@ class ChatService(GenerationService):
         return ChatPlan(
             # with tools (or every turn's reasoning kept), the next prompt likely repeats this reply as written
             submission=Submission(prompt_ids, params, EngineRequest(
-                n=n, constraint=constraint, continues=bool(tools.tools) or kwargs.get("preserve_thinking") is True)),
+                n=n, constraint=constraint, continues=bool(tools.tools) or kwargs.get("preserve_thinking") is True,
+                media=media)),
             stops=req.stop,  # type: ignore[arg-type]
             keep_stop=req.include_stop_str_in_output,
             n=n,

@@ -27,6 +27,14 @@ class TokenizeService:
             text = req.prompt or ""
             special = req.add_special_tokens is not False
         ids = tok(text, add_special_tokens=special)["input_ids"]
+        urls = self.chat.image_urls(req.messages) if req.messages is not None else []
+        if urls:  # each image's placeholder as wide as the image, as the model reads it
+            from .multimodal import BadImage
+
+            try:
+                ids, _ = model.images.prepare(ids, urls)
+            except BadImage as exc:
+                raise bad_request(str(exc), exc.param) from None
         strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=model.max_model_len, tokens=ids, token_strs=strs)
 

@@ -112,6 +112,13 @@ class ServeSettings(BaseSettings):
                                 "state (default: --max-concurrency, fewer where memory is short; 0: no prefix "
                                 "caching for such models)."
     )
+    max_images: int = Field(
+        8, ge=0, le=64, description="Images a chat request may hold, for a model with a vision tower (Qwen3.5's "
+                                    "published checkpoints); 0: no images, and the vision tower is not loaded."
+    )
+    max_image_bytes: int = Field(
+        20 * 2**20, ge=1024, description="Largest image a request may send, in bytes as sent (decoded base64)."
+    )
     responses_store: int = Field(
         256, ge=0, description="Responses (/v1/responses) kept in memory for previous_response_id and GET, least "
                                "recently used dropped first (0: none; requests must then send store: false)."

@@ -65,21 +65,24 @@ def prompts(count, base=1000):
     return [[248045] + list(range(base + 37 * i, base + 37 * i + 5 + 13 * i)) for i in range(count)]
 
 
-def test_only_the_language_model_is_read(layout_path, layout):
-    """The multimodal layout's vision tower (`model.visual.*`) stays on disk; every language-model tensor is
-    loaded, once."""
+@pytest.mark.parametrize("images", [True, False])
+def test_the_language_model_and_the_vision_tower_are_read(layout_path, layout, images):
+    """Every language-model tensor is loaded, once; the multimodal layout's vision tower (`model.visual.*`) too,
+    unless images are off (it then stays on disk)."""
     import math
 
     from safetensors import safe_open
 
-    model = load_model(layout_path, Platform.cpu(torch.float32))
+    model = load_model(layout_path, Platform.cpu(torch.float32), images=images)
     with safe_open(str(model.folder / "model.safetensors"), framework="pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     visual = [k for k in shapes if k.startswith("model.visual.")]
     assert bool(visual) == (layout == "multimodal")
-    on_disk = sum(math.prod(s) for k, s in shapes.items() if not k.startswith(("model.visual.", "mtp.")))
+    skipped = ("mtp.",) if images else ("model.visual.", "mtp.")
+    on_disk = sum(math.prod(s) for k, s in shapes.items() if not k.startswith(skipped))
     loaded = {id(t): t.numel() for t in model.tensors() if t is not None}
     assert sum(loaded.values()) == on_disk
+    assert (model.image_token_id is not None) == (images and layout == "multimodal")
     assert {type(layer).__name__ for layer in model.layers} == {"DeltaNetLayer", "AttentionLayer"}
 
 

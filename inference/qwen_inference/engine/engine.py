@@ -138,6 +138,7 @@ class Request:
     # next prompt renders token for token): a model with recurrent layers keeps its state at the reply's last block
     # boundary for that prompt to start from
     continues: bool = False
+    media: Any = None  # the prompt's images (`media.Media`), for a model that takes them
 
 
 @dataclass(eq=False)
@@ -164,6 +165,7 @@ class Sequence:
     reply_row_at: int = 0  # ...this many tokens in
     prompt_lp: list = field(default_factory=list)  # prompt log-probabilities gathered while prefilling
     prompt_top: list = field(default_factory=list)
+    image_rows: dict = field(default_factory=dict)  # image -> its encoding, while the prompt is prefilled
     admitted_at: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
@@ -175,6 +177,13 @@ class Sequence:
     def token_at(self, i: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    @property
+    def key_ids(self) -> list[int]:
+        """The prompt as the prefix cache names its blocks: its ids, an image's placeholders told apart by the
+        image's content."""
+        media = self.request.media
+        return self.prompt_ids if media is None else media.key_ids(self.prompt_ids)
 
 
 class EngineMetrics:
@@ -422,7 +431,7 @@ class Engine:
                 if self.runner.has_state and self.runner.free_state_slots < n:
                     break
                 if seq.hashes is None:
-                    seq.hashes = (self.allocator.block_hashes(seq.prompt_ids, len(seq.prompt_ids))
+                    seq.hashes = (self.allocator.block_hashes(seq.key_ids, len(seq.prompt_ids))
                                   if self.allocator.prefix_caching else [])
                 # the last prompt token is always computed: its logits give the first reply token
                 cached = self.allocator.match(seq.hashes[: (len(seq.prompt_ids) - 1) // self.block_size])
@@ -501,7 +510,8 @@ class Engine:
         for s in decode:
             pos = s.computed
             self._ensure_blocks(s, pos + 1)
-            chunks.append(SeqChunk([s.token_at(pos)], pos, s.blocks, s.state_slot, logits=True))
+            chunks.append(SeqChunk([s.token_at(pos)], pos, s.blocks, s.state_slot, logits=True,
+                                   rope_offset=s.request.media.delta if s.request.media is not None else 0))
             owners.append(s)
         for s, n in prefill:
             first, end = s.computed, s.computed + n
@@ -516,11 +526,28 @@ class Engine:
                     row = self.runner.claim_checkpoint(name)
                     if row is not None:
                         saves.append((name, row))
-                chunks.append(SeqChunk(s.prompt_ids[a:b], a, s.blocks, s.state_slot,
-                                       logits=b == len(s.prompt_ids), all_logits=s.request.prompt_logprobs is not None,
-                                       save_state_to=row, prompt=True))
+                chunk = SeqChunk(s.prompt_ids[a:b], a, s.blocks, s.state_slot, logits=b == len(s.prompt_ids),
+                                 all_logits=s.request.prompt_logprobs is not None, save_state_to=row, prompt=True)
+                if s.request.media is not None:
+                    self._with_images(s, chunk, a, b)
+                chunks.append(chunk)
                 owners.append(s)
         return chunks, owners, saves
+
+    def _with_images(self, s: Sequence, chunk: SeqChunk, a: int, b: int) -> None:
+        """A prompt chunk `[a, b)` of a sequence with images: its rotary positions per section, and the encodings
+        of the images it holds part of in place of their placeholders (each image encoded once, when its first
+        placeholder is computed: not at all when the prefix cache holds it)."""
+        media = s.request.media
+        chunk.mrope = media.positions[:, a:b]
+        for i, (start, n) in enumerate(media.spans):
+            lo, hi = max(a, start), min(b, start + n)
+            if lo >= hi:
+                continue
+            if i not in s.image_rows:
+                grid = torch.tensor([media.grids[i]], dtype=torch.long)
+                s.image_rows[i] = self.runner.model.encode_image(media.pixel_values[i], grid)
+            chunk.embeds.append((lo - a, s.image_rows[i][lo - start: hi - start]))
 
     def _execute(self, batch, out: list) -> None:
         decode, prefill = batch
@@ -601,6 +628,8 @@ class Engine:
                 self._keep_reply_state(s)
         for s, n in prefill:
             s.computed += n
+            if s.image_rows and s.computed >= len(s.prompt_ids):
+                s.image_rows = {}
             self._offer_prefix(s)
             s.checkpoint_at = [m for m in s.checkpoint_at if m > s.computed]
         finished: list[Sequence] = []
@@ -776,7 +805,7 @@ class Engine:
         full = min(seq.computed // bs, len(seq.blocks))
         if not self.prefix_caching or full <= max(seq.registered, len(seq.prompt_ids) // bs):
             return
-        hashes = self.allocator.block_hashes(seq.prompt_ids + seq.output_ids, full * bs, seq.hashes)
+        hashes = self.allocator.block_hashes(seq.key_ids + seq.output_ids, full * bs, seq.hashes)
         for i in range(seq.registered, full):
             self.allocator.register(seq.blocks[i], hashes[i])
         if seq.reply_row is not None:

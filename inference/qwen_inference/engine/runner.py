@@ -7,7 +7,7 @@ knows both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,12 @@ class SeqChunk:
     all_logits: bool = False  # the logits after every token of the chunk (prompt log-probabilities)
     save_state_to: int | None = None  # a checkpoint row for the recurrent state after the chunk
     prompt: bool = False  # a prompt chunk even when it holds one token (else one token is a decode row)
+    # a sequence with images: its rotary positions are not its tokens' indices. `mrope`: the chunk's positions per
+    # section `[3, len(tokens)]` (prompt chunks); `rope_offset`: position minus index (decode rows, past the
+    # prompt); `embeds`: (offset in the chunk, `[n, hidden]`) image encodings in place of placeholder tokens
+    mrope: torch.Tensor | None = None
+    rope_offset: int = 0
+    embeds: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -129,15 +135,20 @@ class ModelRunner:
         positions: list[int] = []
         segments: list[tuple[int, int]] = []
         rows_of: dict[int, range] = {}
+        mrope: list[tuple[int, torch.Tensor]] = []
+        embeds: list[tuple[int, torch.Tensor]] = []
         for c in singles:
             rows_of[id(c)] = range(len(tokens), len(tokens) + 1)
             tokens.append(c.tokens[0])
-            positions.append(c.start)
+            positions.append(c.start + c.rope_offset)
         for c in multis:
             segments.append((len(tokens), len(c.tokens)))
             rows_of[id(c)] = range(len(tokens), len(tokens) + len(c.tokens))
+            if c.mrope is not None:
+                mrope.append((len(tokens), c.mrope))
+            embeds += [(len(tokens) + at, e) for at, e in c.embeds]
             tokens.extend(c.tokens)
-            positions.extend(range(c.start, c.start + len(c.tokens)))
+            positions.extend(range(c.start + c.rope_offset, c.start + c.rope_offset + len(c.tokens)))
         logit_rows: list[int] = []
         for c in chunks:
             if c.all_logits:
@@ -150,7 +161,14 @@ class ModelRunner:
             num_decode=len(singles),
             segments=segments,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long),
+            embeds=embeds,
         )
+        if embeds and self.model.image_token_id is None:
+            raise ValueError(f"{type(self.model).__name__} takes no images")
+        if mrope:
+            batch.mrope = batch.positions[None].repeat(3, 1)
+            for row, p in mrope:
+                batch.mrope[:, row: row + p.shape[1]] = p
         if self.caches.kv is not None:
             batch.attention = build_metadata([(c.start, c.block_table) for c in singles],
                                              [(c.start, len(c.tokens), c.block_table) for c in multis],

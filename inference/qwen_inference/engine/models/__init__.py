@@ -54,9 +54,10 @@ def family(model_type: str) -> type[CausalLM]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
-def load_model(folder: Path, platform: Platform, rope_scaling: dict | None = None) -> CausalLM:
+def load_model(folder: Path, platform: Platform, rope_scaling: dict | None = None, images: bool = True) -> CausalLM:
     """Read the model in `folder` onto `platform` with the family its `model_type` names; `rope_scaling` (transformers'
-    rope parameters: rope_type, factor, ...) replaces the scaling its config.json gives, if any."""
+    rope parameters: rope_type, factor, ...) replaces the scaling its config.json gives, if any. `images` False:
+    a vision tower is not read (the model then takes text only)."""
     from transformers import AutoConfig
 
     cls = family(model_type_of(folder))  # before transformers reads a config it may not know
@@ -64,6 +65,8 @@ def load_model(folder: Path, platform: Platform, rope_scaling: dict | None = Non
     config = AutoConfig.from_pretrained(str(folder))
     if rope_scaling:
         scale(config.get_text_config(), rope_scaling)
+    if not images and getattr(config, "vision_config", None) is not None:
+        config.vision_config = None
     return cls(Path(folder), config, platform)
 
 

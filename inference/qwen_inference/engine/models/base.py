@@ -37,6 +37,10 @@ class ForwardBatch:
     # segment j -> row: after segment j, copy its sequence's recurrent state to that row of the pool (a checkpoint).
     # A sequence may have two segments in one step, in order: the second starts from the state the first left.
     state_saves: dict[int, int] = field(default_factory=dict)
+    # images: rotary positions per section (time, height, width) `[3, T]` when a row has its own, and rows whose
+    # input embeddings are an image's encoding in place of the placeholder token's: (first row, `[n, hidden]`)
+    mrope: torch.Tensor | None = None
+    embeds: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     _on: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -50,6 +54,7 @@ class ForwardBatch:
                 positions=self.positions.to(device),
                 attention=self.attention.to(device) if self.attention is not None else None,
                 state_slots=self.state_slots.to(device) if self.state_slots is not None else None,
+                mrope=self.mrope.to(device) if self.mrope is not None else None,
             )
         return self._on[device]
 
@@ -59,6 +64,7 @@ class DeviceBatch:
     positions: torch.Tensor
     attention: AttentionMetadata | None
     state_slots: torch.Tensor | None
+    mrope: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # per-family values computed once per step and device
 
 
@@ -115,6 +121,13 @@ class CausalLM(ABC):
             if tied and isinstance(self.lm_head, Int8Weight):
                 self.embed = None
             release_memory()
+
+    # images: the placeholder token's id and the encoder, for a family whose checkpoint has a vision tower
+    image_token_id: int | None = None
+
+    def encode_image(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """One image's patches to the rows its placeholder tokens take, `[tokens, hidden]` (families with images)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no images")
 
     @abstractmethod
     def cache_specs(self) -> list[CacheSpec]:

@@ -14,10 +14,12 @@ convolution window and the delta-rule matrix of each DeltaNet layer. In one step
   starting from the state its previous chunk left, so long prompts prefill in pieces.
 
 Both checkpoint layouts load: the published multimodal one (`Qwen3_5ForConditionalGeneration`, language
-model under `model.language_model.*`; the vision tower under `model.visual.*` is never read) and the
+model under `model.language_model.*`, the vision tower under `model.visual.*`) and the
 text-only one (`Qwen3_5ForCausalLM`, under `model.*`). Multi-token-prediction weights (`mtp.*`) are ignored.
-With text only, the interleaved multimodal rotary embedding gives every section the same position, so it is
-the ordinary rotary embedding of the token's position.
+The vision tower (`qwen3_5_vision`), where the checkpoint has one, encodes each image into the rows of its
+placeholder tokens. With text only, the interleaved multimodal rotary embedding gives every section the same
+position, so it is the ordinary rotary embedding of the token's position; an image's tokens take their row and
+column as the height's and width's positions (`rope_sections`).
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ class Qwen3_5Decoder(CausalLM):
         rope = dict(text.rope_parameters or {})
         self.rotary_dim = int(self.head_dim * rope.get("partial_rotary_factor", 0.25))
         self.rotary = RotaryEmbedding(text)  # the rope type is checked here, before any weight is read
+        self.mrope_section = list(rope.get("mrope_section") or (11, 11, 10))
         # Gated DeltaNet
         self.hk, self.hv = text.linear_num_key_heads, text.linear_num_value_heads
         self.dk, self.dv = text.linear_key_head_dim, text.linear_value_head_dim
@@ -193,6 +196,13 @@ class Qwen3_5Decoder(CausalLM):
             self.embed = ckpt.get(self.prefix + "embed_tokens.weight", dt, first)
             self.norm = 1.0 + ckpt.get(self.prefix + "norm.weight", torch.float32, last)
             self._load_output_layer(ckpt, tied, dt)
+            self.visual = None
+            if config.model_type == "qwen3_5" and getattr(config, "vision_config", None) is not None \
+                    and ckpt.has("model.visual.patch_embed.proj.weight"):
+                from .qwen3_5_vision import VisionEncoder
+
+                self.visual = VisionEncoder(ckpt, "model.visual.", config.vision_config, dt, first)
+                self.image_token_id = int(config.image_token_id)
 
     # ---- loading -----------------------------------------------------------------------------------
     def _mlp(self, ckpt: Checkpoint, p: str, device: torch.device) -> MLP:
@@ -254,6 +264,23 @@ class Qwen3_5Decoder(CausalLM):
         cos, sin = self.rotary(torch.empty(0, device=positions.device), positions[None])
         return cos[0], sin[0]
 
+    def rope_sections(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin `[T, rotary_dim]` (float32) of positions per section `[3, T]` (time, height, width: an
+        image's tokens), interleaved as Qwen3.5's multimodal rotary embedding does: frequency i takes the height's
+        position where i % 3 == 1, the width's where i % 3 == 2 (within their sections), else the time's."""
+        freqs = positions[..., None].float() * self.rotary.inv_freq.to(positions.device)  # [3, T, R/2]
+        mixed = freqs[0].clone()
+        for dim in (1, 2):
+            idx = slice(dim, self.mrope_section[dim] * 3, 3)
+            mixed[..., idx] = freqs[dim, ..., idx]
+        emb = torch.cat((mixed, mixed), dim=-1)
+        return emb.cos() * self.rotary.attention_scaling, emb.sin() * self.rotary.attention_scaling
+
+    def encode_image(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        if self.visual is None:
+            return super().encode_image(pixel_values, grid_thw)
+        return self.visual(pixel_values.to(self.platform.first_device), grid_thw)
+
     # ---- caches ------------------------------------------------------------------------------------
     def cache_specs(self) -> list:
         attn = tuple(i for i, t in enumerate(self.layer_types) if t == "full_attention")
@@ -268,7 +295,7 @@ class Qwen3_5Decoder(CausalLM):
         return specs
 
     def tensors(self) -> list:
-        out = [self.embed, self.norm, self.lm_head]
+        out = [self.embed, self.norm, self.lm_head] + (self.visual.tensors() if self.visual is not None else [])
         for layer in self.layers:
             out += [getattr(layer, f) for f in layer.__dataclass_fields__ if f not in ("device", "mlp")]
             out += [layer.mlp.w_gate_up, layer.mlp.w_down]
@@ -283,6 +310,8 @@ class Qwen3_5Decoder(CausalLM):
             x = self.lm_head.rows(batch.token_ids.to(self.platform.first_device)).to(act)
         else:
             x = F.embedding(batch.token_ids.to(self.platform.first_device), self.embed).to(act)
+        for row, e in batch.embeds:  # an image's encoding in place of its placeholder tokens
+            x[row: row + e.shape[0]] = e.to(device=x.device, dtype=x.dtype)
         mlp_out = None  # each layer's MLP output, added to the residual stream by the next layer's first norm
         for li, layer in enumerate(self.layers):
             if x.device != layer.device:
@@ -326,7 +355,7 @@ class Qwen3_5Decoder(CausalLM):
         q = _zc_norm(q, layer.q_norm, self.eps)
         k = _zc_norm(k, layer.k_norm, self.eps)
         if "rope" not in m.extra:
-            m.extra["rope"] = self.rope(m.positions)
+            m.extra["rope"] = self.rope(m.positions) if m.mrope is None else self.rope_sections(m.mrope)
         cos, sin = m.extra["rope"]
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         out = paged_attention(q, k, v, k_cache, v_cache, m.attention)
