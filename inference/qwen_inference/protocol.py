@@ -93,7 +93,7 @@ class TextPart(OpenAIModel):
     text: str
 
 
-_TEXT_ONLY = "this server serves text models: send text parts"
+_TEXT_ONLY = "this API reads text parts (images: /v1/chat/completions, as image_url parts)"
 _NOT_TEXT = ("image_url", "input_audio", "file", "input_image", "input_file", "audio")
 
 
@@ -1210,7 +1210,8 @@ def _text_block(v: Any, where: str) -> Any:
 def _block(v: Any) -> Any:
     kind = v.get("type") if isinstance(v, dict) else None
     if isinstance(kind, str) and kind not in _BLOCKS:
-        why = ("this server serves text models" if kind in ("image", "document", "search_result", "container_upload")
+        why = ("images are read in /v1/chat/completions only (image_url parts)" if kind == "image"
+               else "this server reads text and images" if kind in ("document", "search_result", "container_upload")
                else "this server runs client tools only" if "tool" in kind
                else "only thinking it wrote itself can be sent back" if kind == "redacted_thinking"
                else "not supported")

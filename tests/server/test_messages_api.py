@@ -317,7 +317,7 @@ def test_errors_in_anthropic_shape(server, tiny_model):
                          thinking={"type": "enabled", "budget_tokens": 4}), 400,
                     "invalid_request_error").startswith("thinking cannot be combined with a prefilled reply")
     for content, why in (([{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}],
-                          "text models"),
+                          "/v1/chat/completions only"),
                          ([{"type": "server_tool_use", "id": "s", "name": "web_search", "input": {}}], "client tools"),
                          ([{"type": "redacted_thinking", "data": "x"}], "thinking it wrote itself"),
                          ([{"type": "tool_use", "id": "t", "name": "f", "input": {}}], "may not hold tool_use")):
