@@ -11,7 +11,8 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, SerializerFunctionWrapHandler, Tag,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr,
+                      SerializerFunctionWrapHandler, Tag,
                       ValidationError, WithJsonSchema, field_validator, model_serializer, model_validator)
 
 MAX_TOP_LOGPROBS = 20
@@ -116,15 +117,26 @@ class ImageURL(OpenAIModel):
     @field_validator("detail")
     @classmethod
     def _detail(cls, v: str | None) -> str | None:
-        if v not in (None, "auto"):
-            raise ValueError("only detail 'auto' is supported: every image is read at the resolution the model's "
-                             "image processor gives it")
-        return v
+        return _image_detail(v)
+
+
+def _image_detail(v: str | None) -> str | None:
+    if v not in (None, "auto", "high"):
+        raise ValueError(f"detail {v!r} is not supported: every image is read at the full resolution the model's "
+                         "image processor gives it (detail 'auto' or 'high')")
+    return v
 
 
 class ImagePart(OpenAIModel):
     type: Literal["image_url"]
     image_url: ImageURL
+    _param: str | None = PrivateAttr(None)  # the field of another API's request it came from, for errors
+
+    @classmethod
+    def of(cls, url: str, param: str) -> "ImagePart":
+        part = cls(type="image_url", image_url=ImageURL(url=url))
+        part._param = param
+        return part
 
 
 def _chat_parts(v: Any) -> Any:
@@ -725,16 +737,63 @@ class InputText(OpenAIModel):
 TextParts = Annotated[list[InputText], BeforeValidator(_text_parts)]
 
 
+class InputImage(OpenAIModel):
+    type: Literal["input_image"]
+    image_url: str | None = None  # a data URL
+    detail: str | None = None
+    file_id: Refused("file_id is not supported: send the image as a data URL in image_url") = None
+
+    @field_validator("detail")
+    @classmethod
+    def _detail(cls, v: str | None) -> str | None:
+        return _image_detail(v)
+
+    @model_validator(mode="after")
+    def _url(self) -> "InputImage":
+        if not self.image_url:
+            raise FieldError("image_url", "an input_image needs image_url (a data URL)")
+        return self
+
+
+def _message_parts(v: Any) -> Any:
+    """Message content parts: text, and images (input_image, for a model that reads them)."""
+    if isinstance(v, list):
+        for i, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in _NOT_TEXT and kind != "input_image":
+                raise FieldError(f"{i}.type", f"{kind} parts are not supported: send input_text and input_image "
+                                              "parts")
+    return v
+
+
+MessagePart = Annotated[InputText | InputImage, Discriminator("type")]
+
+
 class InputMessage(OpenAIModel):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
-    content: str | TextParts
+    content: str | Annotated[list[MessagePart], BeforeValidator(_message_parts)]
     id: str | None = None  # an output message sent back whole
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     phase: Literal["commentary", "final_answer"] | None = None
 
+    @model_validator(mode="after")
+    def _images_from_users(self) -> "InputMessage":
+        if self.role != "user" and isinstance(self.content, list):
+            for i, part in enumerate(self.content):
+                if isinstance(part, InputImage):
+                    raise FieldError(f"content.{i}", f"images are allowed in user messages only, not in {self.role} "
+                                                     "messages")
+        return self
+
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, InputText))
+
+    @property
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(isinstance(p, InputImage) for p in self.content)
 
 
 _NO_PROGRAMS = "programmatic tool calling is not supported"
@@ -1169,6 +1228,32 @@ class MText(OpenAIModel):
     citations: Refused("citations are not supported", []) = None
 
 
+class MImageSource(OpenAIModel):
+    type: Literal["base64", "url", "file"]
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
+    file_id: str | None = None
+
+    @model_validator(mode="after")
+    def _base64(self) -> "MImageSource":
+        if self.type != "base64":
+            raise FieldError("type", f"image sources of type {self.type!r} are not supported: the server fetches "
+                                     "nothing; send the image as base64")
+        if not self.media_type or self.data is None:
+            raise FieldError("data", "a base64 image source needs media_type and data")
+        return self
+
+    def data_url(self) -> str:
+        return f"data:{self.media_type};base64,{self.data}"
+
+
+class MImage(OpenAIModel):
+    type: Literal["image"]
+    source: MImageSource
+    cache_control: CacheControl | None = None
+
+
 class MToolUse(OpenAIModel):
     type: Literal["tool_use"]
     id: str = Field(min_length=1)
@@ -1197,7 +1282,7 @@ class MThinking(OpenAIModel):
     signature: str
 
 
-_BLOCKS = {"text": MText, "tool_use": MToolUse, "tool_result": MToolResult, "thinking": MThinking}
+_BLOCKS = {"text": MText, "tool_use": MToolUse, "tool_result": MToolResult, "thinking": MThinking, "image": MImage}
 
 
 def _text_block(v: Any, where: str) -> Any:
@@ -1210,8 +1295,7 @@ def _text_block(v: Any, where: str) -> Any:
 def _block(v: Any) -> Any:
     kind = v.get("type") if isinstance(v, dict) else None
     if isinstance(kind, str) and kind not in _BLOCKS:
-        why = ("images are read in /v1/chat/completions only (image_url parts)" if kind == "image"
-               else "this server reads text and images" if kind in ("document", "search_result", "container_upload")
+        why = ("this server reads text and images" if kind in ("document", "search_result", "container_upload")
                else "this server runs client tools only" if "tool" in kind
                else "only thinking it wrote itself can be sent back" if kind == "redacted_thinking"
                else "not supported")
@@ -1226,11 +1310,13 @@ def _block_kind(v: Any) -> str | None:
 
 MBlock = Annotated[
     Annotated[MText, Tag("block[text]")] | Annotated[MToolUse, Tag("block[tool_use]")]
-    | Annotated[MToolResult, Tag("block[tool_result]")] | Annotated[MThinking, Tag("block[thinking]")],
+    | Annotated[MToolResult, Tag("block[tool_result]")] | Annotated[MThinking, Tag("block[thinking]")]
+    | Annotated[MImage, Tag("block[image]")],
     Discriminator(_block_kind, custom_error_type="invalid_block",
-                  custom_error_message="a content block needs a type: text, tool_use, tool_result or thinking"),
+                  custom_error_message="a content block needs a type: text, image, tool_use, tool_result or thinking"),
     BeforeValidator(_block)]
-_BLOCKS_BY_ROLE = {"system": {"text"}, "user": {"text", "tool_result"}, "assistant": {"text", "tool_use", "thinking"}}
+_BLOCKS_BY_ROLE = {"system": {"text"}, "user": {"text", "image", "tool_result"},
+                   "assistant": {"text", "tool_use", "thinking"}}
 
 
 class MMessage(OpenAIModel):

@@ -224,7 +224,7 @@ class ChatService(GenerationService):
         urls = []
         for i, m in enumerate(messages):
             if isinstance(m.content, list):
-                urls += [(f"messages.{i}.content.{j}.image_url.url", p.image_url.url)
+                urls += [(p._param or f"messages.{i}.content.{j}.image_url.url", p.image_url.url)
                          for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
         if urls and self.state.model.images is None:
             raise bad_request("this model reads no images (it has no vision tower, or the server runs with "

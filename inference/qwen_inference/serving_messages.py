@@ -20,8 +20,9 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from .errors import APIError, bad_request, renaming
-from .protocol import (ChatCompletionRequest, ChatMessage, MessageObject, MessagesInput, MessagesRequest,
-                       MessageTokens, MToolResult, MUsage, ToolCallFunction, ToolCallParam, first_error)
+from .protocol import (ChatCompletionRequest, ChatMessage, ImagePart, MessageObject, MessagesInput, MessagesRequest,
+                       MessageTokens, MToolResult, MUsage, TextPart, ToolCallFunction, ToolCallParam,
+                       first_error)
 from .serving import event_stream, named_event
 from .serving_chat import ChatChoice, ChatPlan, ChatService
 from .serving_responses import encrypt_reasoning, reasoning_from
@@ -113,18 +114,26 @@ def to_messages(req: MessagesInput) -> list[ChatMessage]:
             out.append(ChatMessage(role=m.role, content=m.content))
             continue
         if m.role != "assistant":
-            text: list[str] | None = None
-            for block in m.content:
+            parts: list[TextPart | ImagePart] | None = None
+
+            def flush(parts: list[TextPart | ImagePart]) -> None:
+                images = any(isinstance(p, ImagePart) for p in parts)
+                out.append(ChatMessage(role=m.role, content=parts if images else "".join(p.text for p in parts)))
+
+            for j, block in enumerate(m.content):
                 if block.type == "tool_result":
-                    if text is not None:
-                        out.append(ChatMessage(role=m.role, content="".join(text)))
-                        text = None
+                    if parts is not None:
+                        flush(parts)
+                        parts = None
                     out.append(ChatMessage(role="tool", content=tool_result_text(block),
                                            tool_call_id=block.tool_use_id))
+                elif block.type == "image":
+                    parts = (parts or []) + [ImagePart.of(block.source.data_url(),
+                                                          f"messages.{i}.content.{j}.source.data")]
                 else:
-                    text = (text or []) + [block.text]
-            if text is not None or not m.content:
-                out.append(ChatMessage(role=m.role, content="".join(text or [])))
+                    parts = (parts or []) + [TextPart(type="text", text=block.text)]
+            if parts is not None or not m.content:
+                flush(parts or [])
             continue
         reasoning, content, calls = [], [], []
         for j, block in enumerate(m.content):

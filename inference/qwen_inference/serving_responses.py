@@ -29,10 +29,11 @@ from pydantic import ValidationError
 
 from .errors import APIError, bad_request, renaming
 from .protocol import (ENCRYPTED_REASONING, ChatCompletionRequest, ChatMessage, FunctionCallItem,
-                       FunctionCallOutputItem, IncompleteDetails, InputItemList, InputMessage, InputTokens,
+                       FunctionCallOutputItem, ImagePart, IncompleteDetails, InputItemList, InputMessage, InputText,
+                       InputTokens,
                        InputTokensDetails, InputTokensRequest, OutputTokensDetails, ReasoningItem, ResponseDeleted,
                        ResponseError, ResponseInput, ResponseObject, ResponsesRequest, ResponseUsage,
-                       ToolCallFunction, ToolCallParam, first_error, now, parse_item)
+                       TextPart, ToolCallFunction, ToolCallParam, first_error, now, parse_item)
 from .peers import Peers
 from .serving import event_stream, named_event
 from .serving_chat import ChatChoice, ChatPlan, ChatService
@@ -128,6 +129,11 @@ def to_messages(items: list[Any], instructions: str | None, offset: int = 0) -> 
             flush()
             if isinstance(item, FunctionCallOutputItem):
                 messages.append(ChatMessage(role="tool", content=item.text(), tool_call_id=item.call_id))
+            elif item.has_images:  # text and images in order, as chat completions reads them
+                messages.append(ChatMessage(role=item.role, content=[
+                    TextPart(type="text", text=part.text) if isinstance(part, InputText)
+                    else ImagePart.of(part.image_url, f"input.{i}.content.{j}.image_url")
+                    for j, part in enumerate(item.content)]))
             else:
                 messages.append(ChatMessage(role=item.role, content=item.text()))
     flush()

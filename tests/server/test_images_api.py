@@ -33,9 +33,9 @@ def http(qwen35_server):
         yield c
 
 
-def ask(oai, *urls, stream=False, **kw):
+def ask(oai, *urls, stream=False, ignore_eos=True, **kw):
     return oai.chat.completions.create(model="tiny", messages=[image_message(*urls)], max_tokens=8, temperature=0,
-                                       stream=stream, extra_body={"ignore_eos": True}, **kw)
+                                       stream=stream, extra_body={"ignore_eos": ignore_eos}, **kw)
 
 
 def test_an_image_is_read_and_counted(oai, http, qwen35_server):
@@ -107,3 +107,61 @@ def test_a_model_without_a_vision_tower_refuses_images(server):
     assert r.status_code == 400
     err = r.json()["error"]
     assert "reads no images" in err["message"] and err["param"] == "messages.0.content.1.image_url.url"
+
+
+def test_responses_read_input_image_parts(http, oai):
+    url = picture(64, 96, 7)
+    chat = ask(oai, url, ignore_eos=False)
+    r = oai.responses.create(model="tiny", max_output_tokens=8, temperature=0, store=False,
+                             input=[{"role": "user", "content": [
+                                 {"type": "input_text", "text": "What is in the picture?"},
+                                 {"type": "input_image", "image_url": url, "detail": "auto"}]}])
+    assert r.usage.input_tokens == chat.usage.prompt_tokens  # the same prompt as chat completions renders
+    assert r.output_text == chat.choices[0].message.content
+    counted = http.post("/v1/responses/input_tokens", json={"model": "tiny", "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "What is in the picture?"}, {"type": "input_image", "image_url": url}]}]})
+    assert counted.json()["input_tokens"] == chat.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("part, param, words", [
+    ({"type": "input_image", "image_url": "https://example.com/cat.png"}, "input.0.content.1.image_url", "data URL"),
+    ({"type": "input_image", "file_id": "file-1"}, "file_id", "data URL"),
+    ({"type": "input_image"}, "image_url", "needs image_url"),
+    ({"type": "input_image", "image_url": picture(64, 64, 1), "detail": "low"}, "detail", "detail"),
+    ({"type": "input_file", "file_data": "x"}, "type", "not supported"),
+])
+def test_responses_refuse_bad_images_naming_the_field(http, part, param, words):
+    body = {"model": "tiny", "store": False,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}, part]}]}
+    r = http.post("/v1/responses", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert param in err["param"] and words.lower() in err["message"].lower(), err
+
+
+def test_messages_read_base64_image_blocks(http, oai):
+    url = picture(96, 64, 8)
+    chat = ask(oai, url, ignore_eos=False)
+    media, data = url[len("data:"):].split(";base64,")
+    body = {"model": "tiny", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in the picture?"},
+        {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}]}]}
+    r = http.post("/v1/messages", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["input_tokens"] == chat.usage.prompt_tokens
+    assert r.json()["content"][-1]["text"] == chat.choices[0].message.content
+    counted = http.post("/v1/messages/count_tokens", json={k: v for k, v in body.items() if k in ("model", "messages")})
+    assert counted.json()["input_tokens"] == chat.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("block, words", [
+    ({"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}, "fetches nothing"),
+    ({"type": "image", "source": {"type": "base64", "media_type": "image/png"}}, "needs media_type and data"),
+    ({"type": "image", "source": {"type": "base64", "media_type": "image/tiff", "data": "AAAA"}}, "image/tiff"),
+    ({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "@@"}}, "base64"),
+])
+def test_messages_refuse_bad_images(http, block, words):
+    body = {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": [block]}]}
+    r = http.post("/v1/messages", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["type"] == "error" and words.lower() in r.json()["error"]["message"].lower(), r.json()
