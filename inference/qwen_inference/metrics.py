@@ -75,6 +75,9 @@ class ServerMetrics(EngineMetrics):
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("qwen_request_queue_seconds", "Time requests wait for a slot.",
                                buckets=QUEUE_BUCKETS, registry=r)
+        self.image_encode = Histogram("qwen_image_encode_seconds", "Time the engine spent encoding an image with the "
+                                      "model's vision tower (one observation an image).",
+                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.running = Gauge("qwen_requests_running", "Sequences in the running batch.", registry=r)
         self.waiting = Gauge("qwen_requests_waiting", "Requests waiting for a slot.", registry=r)
         self.kv_usage = Gauge("qwen_kv_cache_usage_ratio", "Share of KV cache blocks in use (0 to 1).", registry=r)
@@ -122,6 +125,9 @@ class ServerMetrics(EngineMetrics):
 
     def on_prefix_hit(self, tokens: int) -> None:
         self.prefix_hits.inc(tokens)
+
+    def on_image(self, seconds: float) -> None:
+        self.image_encode.observe(seconds)
 
     def on_finish(self, reason: str, e2e: float, tpot: float | None, inference: float) -> None:
         if reason in ("stop", "length"):

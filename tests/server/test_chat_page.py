@@ -163,3 +163,36 @@ def test_reasoning_shows_collapsed_above_the_answer(qwen3_server, page):
         assert body["chat_template_kwargs"] == {"enable_thinking": False}
         page.wait_for_function("document.querySelectorAll('.msg.assistant').length == 2 && "
                                "!document.querySelector('.streaming')", timeout=60000)
+
+
+def test_an_attached_image_is_sent_with_the_message(qwen35_server, server, page, tmp_path):
+    import base64
+
+    import httpx
+
+    from ..unit.test_qwen3_5_images import picture
+
+    url = picture(64, 96, 9)
+    png = tmp_path / "picture.png"
+    png.write_bytes(base64.b64decode(url.split(",", 1)[1]))
+    page.goto(qwen35_server.url + "/")
+    page.fill("#max-tokens", "8")
+    page.fill("#temperature", "0")
+    page.select_option("#thinking", "off")
+    page.set_input_files("#image", str(png))
+    page.wait_for_function("document.getElementById('attached').textContent === '1 image'")
+    send(page, "What is this?")
+    page.wait_for_function("document.getElementById('status').textContent.includes('tokens/s')", timeout=60000)
+    assert page.locator(".msg.user img").count() == 1 and page.inner_text("#attached") == ""
+    api = httpx.post(qwen35_server.url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                  {"type": "image_url", "image_url": {"url": url}}]}],
+        "max_tokens": 8, "temperature": 0, "chat_template_kwargs": {"enable_thinking": False}}).json()
+    assert page.inner_text(".msg.assistant .answer") == api["choices"][0]["message"]["content"]
+    # a model without a vision tower says so
+    page.goto(server.url + "/")
+    page.set_input_files("#image", str(png))
+    page.wait_for_function("document.getElementById('attached').textContent === '1 image'")
+    send(page, "What is this?")
+    page.wait_for_selector(".msg.error")
+    assert "reads no images" in page.inner_text(".msg.error")

@@ -38,9 +38,19 @@ def ask(oai, *urls, stream=False, ignore_eos=True, **kw):
                                        stream=stream, extra_body={"ignore_eos": ignore_eos}, **kw)
 
 
+def encoded(http) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("qwen_image_encode_seconds_count"):
+            return float(line.split()[-1])
+    raise AssertionError("no qwen_image_encode_seconds_count")
+
+
 def test_an_image_is_read_and_counted(oai, http, qwen35_server):
-    one, other = picture(64, 64, 1), picture(64, 64, 2)
+    one, other = picture(64, 64, 11), picture(64, 64, 12)
+    before = encoded(http)
     first, again, different = ask(oai, one), ask(oai, one), ask(oai, other)
+    # prompts shorter than the 64 tokens a hybrid model's state is kept for at the least: each image encoded again
+    assert encoded(http) - before == 3
     assert first.choices[0].message.content == again.choices[0].message.content
     assert first.choices[0].message.content != different.choices[0].message.content  # the pixels matter
     text_only = oai.chat.completions.create(model="tiny", messages=[image_message()], max_tokens=1)
@@ -165,3 +175,15 @@ def test_messages_refuse_bad_images(http, block, words):
     r = http.post("/v1/messages", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["type"] == "error" and words.lower() in r.json()["error"]["message"].lower(), r.json()
+
+
+def test_a_cached_prompt_does_not_encode_its_image_again(oai, http):
+    url = picture(64, 64, 13)
+    long = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                        {"type": "text", "text": "Describe it. " * 60}]}
+    before = encoded(http)
+    replies = [oai.chat.completions.create(model="tiny", messages=[long], max_tokens=4, temperature=0)
+               for _ in range(2)]
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    assert replies[1].usage.prompt_tokens_details.cached_tokens > 64
+    assert encoded(http) - before == 1  # the second found the image in the prefix cache
