@@ -216,7 +216,7 @@ class ChatService(GenerationService):
             try:
                 ids, media = self.state.model.images.prepare(ids, urls)
             except BadImage as exc:
-                raise bad_request(str(exc), exc.param) from None
+                raise bad_request(f"{exc.param}: {exc}", exc.param) from None
         return tools, kwargs, messages, text, ids, media
 
     def image_urls(self, messages: list[ChatMessage]) -> list[tuple[str, str]]:
@@ -227,8 +227,8 @@ class ChatService(GenerationService):
                 urls += [(p._param or f"messages.{i}.content.{j}.image_url.url", p.image_url.url)
                          for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
         if urls and self.state.model.images is None:
-            raise bad_request("this model reads no images (it has no vision tower, or the server runs with "
-                              "--max-images 0): send text parts", urls[0][0])
+            raise bad_request(f"{urls[0][0]}: this model reads no images (it has no vision tower, or the server runs "
+                              "with --max-images 0): send text parts", urls[0][0])
         return urls
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None,

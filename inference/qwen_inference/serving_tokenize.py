@@ -34,7 +34,7 @@ class TokenizeService:
             try:
                 ids, _ = model.images.prepare(ids, urls)
             except BadImage as exc:
-                raise bad_request(str(exc), exc.param) from None
+                raise bad_request(f"{exc.param}: {exc}", exc.param) from None
         strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=model.max_model_len, tokens=ids, token_strs=strs)
 

@@ -174,7 +174,9 @@ def test_messages_refuse_bad_images(http, block, words):
     body = {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": [block]}]}
     r = http.post("/v1/messages", json=body)
     assert r.status_code == 400, r.text
-    assert r.json()["type"] == "error" and words.lower() in r.json()["error"]["message"].lower(), r.json()
+    msg = r.json()["error"]["message"]
+    assert r.json()["type"] == "error" and words.lower() in msg.lower(), r.json()
+    assert msg.startswith("messages.0.content.0.source."), msg  # Anthropic's errors name the field in the message
 
 
 def test_a_cached_prompt_does_not_encode_its_image_again(oai, http):

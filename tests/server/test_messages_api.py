@@ -316,9 +316,10 @@ def test_errors_in_anthropic_shape(server, tiny_model):
     assert error_of(post(server, messages=[prefill[0], {"role": "assistant", "content": "b"}], max_tokens=8,
                          thinking={"type": "enabled", "budget_tokens": 4}), 400,
                     "invalid_request_error").startswith("thinking cannot be combined with a prefilled reply")
-    for content, why in (([{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}],
-                          "/v1/chat/completions only"),
-                         ([{"type": "server_tool_use", "id": "s", "name": "web_search", "input": {}}], "client tools"),
+    image = [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}]
+    msg = error_of(post(server, messages=[{"role": "user", "content": image}]), 400, "invalid_request_error")
+    assert msg.startswith("messages.0.content.0.source.data: this model reads no images"), msg
+    for content, why in (([{"type": "server_tool_use", "id": "s", "name": "web_search", "input": {}}], "client tools"),
                          ([{"type": "redacted_thinking", "data": "x"}], "thinking it wrote itself"),
                          ([{"type": "tool_use", "id": "t", "name": "f", "input": {}}], "may not hold tool_use")):
         msg = error_of(post(server, messages=[{"role": "user", "content": content}]), 400, "invalid_request_error")
