@@ -151,7 +151,18 @@ def _chat_parts(v: Any) -> Any:
     return v
 
 
-ChatPart = Annotated[TextPart | ImagePart, Discriminator("type")]
+def _part_tags(tags: dict[str, str]):
+    """A discriminator of content parts by their type, tagged `part[...]` (a tag first_error leaves out of the
+    location)."""
+    def kind(v: Any) -> str | None:
+        t = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+        return f"part[{tags[t]}]" if t in tags else None
+    return Discriminator(kind, custom_error_type="invalid_part",
+                         custom_error_message=f"a content part needs a type: {', '.join(tags)}")
+
+
+ChatPart = Annotated[Annotated[TextPart, Tag("part[text]")] | Annotated[ImagePart, Tag("part[image]")],
+                     _part_tags({"text": "text", "image_url": "image"})]
 
 
 class ToolCallFunction(OpenAIModel):
@@ -766,7 +777,8 @@ def _message_parts(v: Any) -> Any:
     return v
 
 
-MessagePart = Annotated[InputText | InputImage, Discriminator("type")]
+MessagePart = Annotated[Annotated[InputText, Tag("part[text]")] | Annotated[InputImage, Tag("part[image]")],
+                        _part_tags({"input_text": "text", "output_text": "text", "input_image": "image"})]
 
 
 class InputMessage(OpenAIModel):
