@@ -175,3 +175,80 @@ def test_a_model_without_images_refuses_image_rows(path):
     chunk = SeqChunk([1, 2], 0, [1], 0, logits=True, prompt=True, embeds=[(0, torch.zeros(1, 64))])
     with pytest.raises(ValueError, match="takes no images"):
         runner.execute([chunk])
+
+
+def test_an_image_is_encoded_a_block_a_step_while_other_sequences_decode(path, hf, images):
+    """The vision tower runs one block per engine step: a text request decoding beside it gets a token in each
+    of those steps, and the image request's reply is still transformers'."""
+    model = load_model(path, Platform.cpu(torch.float32))
+    engine = make_engine(model, prefill_chunk=512)
+    resumed: list[tuple[int, int]] = []  # (engine step, tokens the text request has) at each resumption
+    text_tokens: list[int] = []
+    encode = model.encode_image_steps
+
+    def spying(pixel_values, grid):
+        steps = encode(pixel_values, grid)
+        while True:
+            text = [s for s in engine._running if s.handle.request_id == "text"]
+            resumed.append((engine.steps, len(text[0].output_ids) if text else -1))
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+            yield
+
+    model.encode_image_steps = spying
+    ids, media = images.prepare(prompt_with(1), [("a", picture(128, 96, 10))])
+
+    async def go():
+        text = engine.submit("text", prompt_with(0, 1500), SamplingParams(temperature=0.0, max_tokens=40,
+                                                                          ignore_eos=True), 60.0)
+
+        async def collect():
+            async for ev in text.events():
+                if isinstance(ev, TokenEvent):
+                    text_tokens.append(ev.token_id)
+                    if len(text_tokens) == 3:
+                        started.set()
+        started = asyncio.Event()
+        task = asyncio.create_task(collect())
+        await started.wait()
+        reply, _ = await _run(engine, ids, media, 8, "image")
+        await task
+        return reply
+    try:
+        reply = asyncio.run(go())
+    finally:
+        engine.stop()
+    assert reply == reference(hf, ids, media, 8)
+    depth = len(model.visual.blocks)
+    assert len(resumed) == depth + 1  # a resumption a block, and the last one returns the rows
+    steps = [s for s, _ in resumed]
+    assert steps == sorted(set(steps))  # one block a step, never two
+    assert all(b[1] > a[1] for a, b in zip(resumed, resumed[1:]))  # the text request decoded in between
+
+
+def test_an_image_that_fails_to_encode_fails_its_request_alone(path, images):
+    model = load_model(path, Platform.cpu(torch.float32))
+
+    def broken(pixel_values, grid):
+        yield
+        raise RuntimeError("out of memory")
+
+    model.encode_image_steps = broken
+    engine = make_engine(model, prefill_chunk=512)
+    ids, media = images.prepare(prompt_with(1), [("a", picture(64, 64, 1))])
+    try:
+        (toks, h), = run_all(engine, [(ids, media)])
+        finish = asyncio.run(_finish_of(engine, ids, media))
+        (text, _), = run_all(engine, [(prompt_with(0), None)])
+        alive = engine.alive
+    finally:
+        engine.stop()
+    assert toks == [] and finish.reason == "error" and "encoding an image failed: out of memory" in finish.error
+    assert len(text) == 8 and alive  # the engine goes on
+
+
+async def _finish_of(engine, ids, media):
+    h = engine.submit("again", ids, SamplingParams(temperature=0.0, max_tokens=4), 60.0, Request(media=media))
+    return [ev async for ev in h.events()][-1]

@@ -166,6 +166,7 @@ class Sequence:
     prompt_lp: list = field(default_factory=list)  # prompt log-probabilities gathered while prefilling
     prompt_top: list = field(default_factory=list)
     image_rows: dict = field(default_factory=dict)  # image -> its encoding, while the prompt is prefilled
+    encoding: tuple | None = None  # (image, the vision tower's generator, seconds so far): an image being encoded
     admitted_at: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
@@ -381,6 +382,7 @@ class Engine:
         now = time.monotonic()
         self._reap(now, out)
         self._admit(now)
+        self._encode_images(out)
         batch = self._schedule()
         if batch:
             self._execute(batch, out)
@@ -484,6 +486,46 @@ class Engine:
         self._finish(seq, "error", out, error="the request needs more KV cache than the server has")
         self._deliver(out)
 
+    @staticmethod
+    def _image_due(s: Sequence) -> int | None:
+        """The next image of a sequence's prompt still to be encoded (its prefill stops at its first placeholder
+        until it is), or None."""
+        media = s.request.media
+        if media is None or s.computed >= len(s.prompt_ids):
+            return None
+        for i, (start, n) in enumerate(media.spans):
+            if start + n > s.computed and i not in s.image_rows:
+                return i
+        return None
+
+    def _encode_images(self, out: list) -> None:
+        """One block of the vision tower a step, for the first running sequence whose prompt has an image to
+        encode: a large image takes as many steps as the tower has blocks, and every other sequence steps on
+        between them instead of waiting seconds for the whole tower."""
+        for s in self._running:
+            i = self._image_due(s)
+            if i is None:
+                continue
+            media = s.request.media
+            if s.encoding is None or s.encoding[0] != i:
+                grid = torch.tensor([media.grids[i]], dtype=torch.long)
+                s.encoding = (i, self.runner.model.encode_image_steps(media.pixel_values[i], grid), 0.0)
+            image, steps, spent = s.encoding
+            started = time.perf_counter()
+            try:
+                next(steps)
+                s.encoding = (image, steps, spent + time.perf_counter() - started)
+            except StopIteration as done:
+                s.image_rows[image] = done.value
+                s.encoding = None
+                self.metrics.on_image(spent + time.perf_counter() - started)
+            except Exception as exc:  # noqa: BLE001: this sequence's image, not the step
+                log.exception("encoding an image failed for request %s", s.handle.request_id)
+                s.encoding = None
+                self._running.remove(s)
+                self._finish(s, "error", out, error=f"encoding an image failed: {exc}")
+            return
+
     def _schedule(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]] | None:
         decode = [s for s in self._running if s.computed >= len(s.prompt_ids) and s.computed == s.length - 1]
         budget = max(self.prefill_chunk - len(decode), self.block_size)
@@ -491,6 +533,11 @@ class Engine:
         for s in self._running:
             if s.computed < len(s.prompt_ids) and budget > 0:
                 n = min(len(s.prompt_ids) - s.computed, budget)
+                due = self._image_due(s)
+                if due is not None:  # up to the image's first placeholder while it is being encoded
+                    n = min(n, s.request.media.spans[due][0] - s.computed)
+                    if n <= 0:
+                        continue
                 prefill.append((s, n))
                 budget -= n
         if not decode and not prefill:
@@ -537,19 +584,15 @@ class Engine:
 
     def _with_images(self, s: Sequence, chunk: SeqChunk, a: int, b: int) -> None:
         """A prompt chunk `[a, b)` of a sequence with images: its rotary positions per section, and the encodings
-        of the images it holds part of in place of their placeholders (each image encoded once, when its first
-        placeholder is computed: not at all when the prefix cache holds it)."""
+        of the images it holds part of in place of their placeholders (each encoded once by `_encode_images`
+        before its first placeholder is computed: not at all when the prefix cache holds it)."""
         media = s.request.media
         chunk.mrope = media.positions[:, a:b]
         for i, (start, n) in enumerate(media.spans):
             lo, hi = max(a, start), min(b, start + n)
             if lo >= hi:
                 continue
-            if i not in s.image_rows:
-                grid = torch.tensor([media.grids[i]], dtype=torch.long)
-                started = time.perf_counter()
-                s.image_rows[i] = self.runner.model.encode_image(media.pixel_values[i], grid)
-                self.metrics.on_image(time.perf_counter() - started)
+            assert i in s.image_rows, "_schedule stops a prompt chunk at an image not yet encoded"
             chunk.embeds.append((lo - a, s.image_rows[i][lo - start: hi - start]))
 
     def _execute(self, batch, out: list) -> None:

@@ -129,6 +129,11 @@ class CausalLM(ABC):
         """One image's patches to the rows its placeholder tokens take, `[tokens, hidden]` (families with images)."""
         raise NotImplementedError(f"{type(self).__name__} takes no images")
 
+    def encode_image_steps(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        """`encode_image` as a generator that yields between pieces of the work and returns the rows."""
+        return self.encode_image(pixel_values, grid_thw)
+        yield  # noqa: unreachable: makes this a generator
+
     @abstractmethod
     def cache_specs(self) -> list[CacheSpec]:
         """What this model keeps between steps, for the runner to allocate and the loader to size."""

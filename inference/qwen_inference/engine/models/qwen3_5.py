@@ -281,6 +281,11 @@ class Qwen3_5Decoder(CausalLM):
             return super().encode_image(pixel_values, grid_thw)
         return self.visual(pixel_values.to(self.platform.first_device), grid_thw)
 
+    def encode_image_steps(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        if self.visual is None:
+            return super().encode_image(pixel_values, grid_thw)
+        return (yield from self.visual.steps(pixel_values.to(self.platform.first_device), grid_thw))
+
     # ---- caches ------------------------------------------------------------------------------------
     def cache_specs(self) -> list:
         attn = tuple(i for i, t in enumerate(self.layer_types) if t == "full_attention")

@@ -141,11 +141,20 @@ class VisionEncoder:
         return freqs.cos(), freqs.sin()
 
     # ---- the tower -------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values `[patches, in_channels * temporal_patch * patch * patch]` (as the image processor gives
         them), grid_thw `[images, 3]` -> merged image tokens `[patches // merge**2, out_hidden_size]` in the
         weights' dtype, in the order the language model's image placeholders take them."""
+        steps = self.steps(pixel_values, grid_thw)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def steps(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        """The tower as a generator that yields after each block and returns what `__call__` does: the engine runs
+        one block a step, so the other sequences go on between them."""
         grid_thw = grid_thw.to(device="cpu", dtype=torch.long)
         if grid_thw.ndim != 2 or grid_thw.shape[1] != 3 or (grid_thw <= 0).any():
             raise ValueError("grid_thw must be [images, 3] of positive sizes")
@@ -164,6 +173,7 @@ class VisionEncoder:
         # attention segments: each frame of each image
         lengths = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]).tolist()
         for block in self.blocks:
+            yield
             x = x + self._attention(F.layer_norm(x, (self.hidden_size,), block.norm1_w, block.norm1_b,
                                                  LAYER_NORM_EPS), block, cos, sin, lengths)
             h = F.layer_norm(x, (self.hidden_size,), block.norm2_w, block.norm2_b, LAYER_NORM_EPS)
