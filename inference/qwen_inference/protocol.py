@@ -139,16 +139,22 @@ class ImagePart(OpenAIModel):
         return part
 
 
-def _chat_parts(v: Any) -> Any:
-    """Chat content parts: text, and images (`image_url`, for a model that reads them); audio and files refused."""
-    if isinstance(v, list):
-        for i, part in enumerate(v):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in _NOT_TEXT and kind != "image_url":
-                raise FieldError(f"{i}.type", f"{kind} parts are not supported: send text and image_url parts")
-            if kind == "refusal":
-                raise FieldError(f"{i}.type", "refusal parts are not supported; send the text as text")
-    return v
+def _text_and_images(text: str, image: str):
+    """A check of content parts: text (`text`) and images (`image`, for a model that reads them); audio, files and
+    refusals refused by name."""
+    def check(v: Any) -> Any:
+        if isinstance(v, list):
+            for i, part in enumerate(v):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in _NOT_TEXT and kind != image:
+                    raise FieldError(f"{i}.type", f"{kind} parts are not supported: send {text} and {image} parts")
+                if kind == "refusal":
+                    raise FieldError(f"{i}.type", "refusal parts are not supported; send the text as text")
+        return v
+    return check
+
+
+_chat_parts = _text_and_images("text", "image_url")
 
 
 def _part_tags(tags: dict[str, str]):
@@ -766,15 +772,7 @@ class InputImage(OpenAIModel):
         return self
 
 
-def _message_parts(v: Any) -> Any:
-    """Message content parts: text, and images (input_image, for a model that reads them)."""
-    if isinstance(v, list):
-        for i, part in enumerate(v):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in _NOT_TEXT and kind != "input_image":
-                raise FieldError(f"{i}.type", f"{kind} parts are not supported: send input_text and input_image "
-                                              "parts")
-    return v
+_message_parts = _text_and_images("input_text", "input_image")
 
 
 MessagePart = Annotated[Annotated[InputText, Tag("part[text]")] | Annotated[InputImage, Tag("part[image]")],

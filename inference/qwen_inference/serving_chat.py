@@ -4,6 +4,7 @@ and back as JSON or SSE: reasoning, content and tool calls parsed out of what th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -239,7 +240,10 @@ class ChatService(GenerationService):
             reasoning_budget = req.thinking_token_budget
         n = req.choices
         self.check_n(n)
-        tools, kwargs, messages, text, prompt_ids, media = self.prompt(req)
+        if any(m.images for m in req.messages):  # decoding and resizing images: off the event loop
+            tools, kwargs, messages, text, prompt_ids, media = await asyncio.to_thread(self.prompt, req)
+        else:
+            tools, kwargs, messages, text, prompt_ids, media = self.prompt(req)
         structured = req.structured_outputs is not None or (
             isinstance(req.response_format, dict) and req.response_format.get("type") != "text")
         if tools.forced and structured:

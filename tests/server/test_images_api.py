@@ -93,8 +93,12 @@ def test_two_images_in_one_message_and_a_later_turn(oai):
     ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "type", "not supported"),
 ])
 def test_bad_image_parts_get_400_naming_the_field(http, part, param, words):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, part]}]}
-    r = http.post("/v1/chat/completions", json=body)
+    refused(http, "/v1/chat/completions", {"model": "tiny", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, part]}]}, param, words)
+
+
+def refused(http, route: str, body: dict, param: str, words: str) -> None:
+    r = http.post(route, json=body)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert param in err["param"] and words.lower() in err["message"].lower(), err
@@ -141,12 +145,8 @@ def test_responses_read_input_image_parts(http, oai):
     ({"type": "input_file", "file_data": "x"}, "type", "not supported"),
 ])
 def test_responses_refuse_bad_images_naming_the_field(http, part, param, words):
-    body = {"model": "tiny", "store": False,
-            "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}, part]}]}
-    r = http.post("/v1/responses", json=body)
-    assert r.status_code == 400, r.text
-    err = r.json()["error"]
-    assert param in err["param"] and words.lower() in err["message"].lower(), err
+    refused(http, "/v1/responses", {"model": "tiny", "store": False, "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "Hi"}, part]}]}, param, words)
 
 
 def test_messages_read_base64_image_blocks(http, oai):
