@@ -59,7 +59,7 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
     from .engine.cache import plan_caches
     from .engine.models import family, load_model, model_type_of
     from .engine.platform import Platform
-    from .modelcache import resolve
+    from .modelcache import ModelCacheError, resolve
 
     threads = settings.effective_threads
     torch.set_num_threads(threads)
@@ -76,7 +76,10 @@ def load(settings: ServeSettings, metrics=None) -> LoadedModel:
     log.info("loading %s from %s on %s (%s, %d threads%s; %s)", settings.model, path,
              ",".join(str(d) for d in platform.devices), platform.dtype_name(), threads,
              ", 2 MiB pages" if platform.use_huge_pages() else "", platform.kernels_in_use())
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001: a tokenizer file that does not parse, or does not describe a tokenizer
+        raise ModelCacheError(f"{path}: the tokenizer does not load ({type(exc).__name__}: {exc})") from None
     if not getattr(tokenizer, "chat_template", None):
         from .templates import QWEN25_CHAT_TEMPLATE
 

@@ -317,3 +317,23 @@ def test_resolve_errors(tmp_path):
         resolve("Qwen/Missing", tmp_path)
     with pytest.raises(ModelCacheError, match="neither a folder"):
         resolve("???", tmp_path)
+
+
+def test_verify_refuses_a_tokenizer_json_that_does_not_parse(copy):
+    (copy / "tokenizer.json").write_text('{"model": {"vocab": ')
+    with pytest.raises(ModelCacheError, match="tokenizer.json is unreadable"):
+        verify(copy)
+    assert len(verify(copy, parse_tokenizer=False)) >= 2  # what the server asks: its tokenizer load tells
+
+
+def test_the_server_names_a_tokenizer_that_does_not_load(copy):
+    """The server does not parse tokenizer.json twice: resolve leaves it to the tokenizer's load, which fails
+    with the folder and the reason, before any weight is read."""
+    from qwen_inference import loader
+    from qwen_inference.settings import ServeSettings
+
+    (copy / "tokenizer.json").write_text('{"model": {"vocab": ')
+    assert resolve(str(copy), copy.parent) == copy
+    with pytest.raises(ModelCacheError, match=r"the tokenizer does not load \(") as e:
+        loader.load(ServeSettings(model=str(copy), dtype="float32", device="cpu"))
+    assert str(copy) in str(e.value)
