@@ -113,7 +113,7 @@ class ServeSettings(BaseSettings):
                                 "caching for such models)."
     )
     max_images: int = Field(
-        8, ge=0, le=64, description="Images a chat request may hold, for a model with a vision tower (Qwen3.5's "
+        8, ge=0, le=64, description="Images a request may hold, for a model with a vision tower (Qwen3.5's "
                                     "published checkpoints); 0: no images, and the vision tower is not loaded."
     )
     max_image_bytes: int = Field(
